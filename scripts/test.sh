@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real servers, which it starts itself:
+#   - a throwaway PostgreSQL cluster in a temporary directory (initdb + pg_ctl of the
+#     installed PostgreSQL, on a free port), unless DWH_TEST_DATABASE_URL points at a
+#     running server already;
+# then `cargo test`. Extra arguments go to cargo test (e.g. scripts/test.sh writer).
+# Everything it started is stopped and removed on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tmp=""
+pg_ctl_cmd=()
+cleanup() {
+  if [ ${#pg_ctl_cmd[@]} -gt 0 ]; then
+    "${pg_ctl_cmd[@]}" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  if [ -n "$tmp" ]; then rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+if [ -z "${DWH_TEST_DATABASE_URL:-}" ]; then
+  bindir=$(pg_config --bindir 2>/dev/null || true)
+  if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+    bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+  fi
+  if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
+    echo "scripts/test.sh: PostgreSQL server binaries (initdb, pg_ctl) not found;" >&2
+    echo "install PostgreSQL (e.g. apt-get install postgresql) or set DWH_TEST_DATABASE_URL" >&2
+    exit 1
+  fi
+  tmp=$(mktemp -d /tmp/dwh-helper-test.XXXXXX)
+  chmod 755 "$tmp"
+  as_owner=()
+  if [ "$(id -u)" = 0 ]; then
+    # initdb refuses to run as root: the cluster belongs to the postgres user.
+    chown postgres "$tmp"
+    as_owner=(runuser -u postgres --)
+  fi
+  port=$(free_port)
+  "${as_owner[@]}" "$bindir/initdb" -D "$tmp/data" -U postgres -A trust -E UTF8 --no-sync >"$tmp/initdb.log" 2>&1 \
+    || { cat "$tmp/initdb.log" >&2; exit 1; }
+  pg_ctl_cmd=("${as_owner[@]}" "$bindir/pg_ctl")
+  # fsync off: these tests do not measure durability across power loss.
+  "${pg_ctl_cmd[@]}" -D "$tmp/data" -l "$tmp/server.log" -w -t 60 \
+    -o "-p $port -k $tmp -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    start >/dev/null || { cat "$tmp/server.log" >&2; exit 1; }
+  export DWH_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  # For tests that stop and start the server (database outage).
+  export DWH_TEST_PG_CTL="${pg_ctl_cmd[*]}" DWH_TEST_PGDATA="$tmp/data"
+  echo "scripts/test.sh: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+fi
+
+cargo test --locked "$@"

@@ -1,0 +1,608 @@
+//! The table catalogue: the single place that knows the seven DWH tables.
+//!
+//! Guarantees: [`decode_record`] turns a JSON object into a [`Row`] whose values are
+//! aligned with [`TableSpec::columns`], typed, checked and complete (every required
+//! column present, derived columns filled in), or into a [`RecordError`] whose text
+//! names the field and the problem. It performs no I/O.
+
+mod tables;
+pub mod value;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{Map, Value as Json};
+
+pub use tables::{Check, Column, ConflictPolicy, TableSpec};
+use value::FieldProblem;
+pub use value::{ColumnType, Value};
+
+/// One of the seven DWH tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    EventsPart,
+    MobileDevices,
+    PermanentUserProperties,
+    TechnicalData,
+    TmpEventProperties,
+    TmpUserProperties,
+    UserLocations,
+}
+
+impl Table {
+    pub const ALL: [Table; 7] = [
+        Table::EventsPart,
+        Table::MobileDevices,
+        Table::PermanentUserProperties,
+        Table::TechnicalData,
+        Table::TmpEventProperties,
+        Table::TmpUserProperties,
+        Table::UserLocations,
+    ];
+
+    pub fn spec(self) -> &'static TableSpec {
+        match self {
+            Table::EventsPart => &tables::EVENTS_PART,
+            Table::MobileDevices => &tables::MOBILE_DEVICES,
+            Table::PermanentUserProperties => &tables::PERMANENT_USER_PROPERTIES,
+            Table::TechnicalData => &tables::TECHNICAL_DATA,
+            Table::TmpEventProperties => &tables::TMP_EVENT_PROPERTIES,
+            Table::TmpUserProperties => &tables::TMP_USER_PROPERTIES,
+            Table::UserLocations => &tables::USER_LOCATIONS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// The valid names, comma-separated, for error messages.
+    pub fn valid_names() -> String {
+        Table::ALL.map(Table::name).join(", ")
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A table name that is not one of the seven.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown table \"{0}\"; valid tables: {valid}", valid = Table::valid_names())]
+pub struct UnknownTable(pub String);
+
+impl FromStr for Table {
+    type Err = UnknownTable;
+
+    /// Accepts `user_locations` and `user-locations` alike.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let normalized = s.trim().replace('-', "_").to_ascii_lowercase();
+        Table::ALL
+            .into_iter()
+            .find(|t| t.name() == normalized)
+            .ok_or_else(|| UnknownTable(s.to_owned()))
+    }
+}
+
+/// A decoded record: one value per column of its table, in catalogue order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub values: Vec<Value>,
+}
+
+impl Row {
+    /// Size estimate used to bound database statements by bytes. Backend-independent,
+    /// so that the same records are chunked the same way on PostgreSQL and SQLite.
+    pub fn approx_bytes(&self) -> usize {
+        self.values.iter().map(|v| v.approx_bytes() + 1).sum()
+    }
+
+    pub fn get(&self, spec: &TableSpec, column: &str) -> Option<&Value> {
+        spec.index_of(column).map(|i| &self.values[i])
+    }
+}
+
+/// Why a record was rejected. The text is what producers and ops read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record is not valid UTF-8 (first bad byte at {0})")]
+    NotUtf8(usize),
+    #[error("record is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("record must be a JSON object, got {0}")]
+    NotAnObject(String),
+    #[error("missing required field \"{0}\"")]
+    Missing(&'static str),
+    #[error("field \"{field}\": {problem}")]
+    Field { field: &'static str, problem: FieldProblem },
+    #[error("record is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+}
+
+/// A decoded record and what was noticed on the way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub row: Row,
+    /// Fields the table does not have; ignored, counted for metrics.
+    pub unknown_fields: usize,
+}
+
+/// Decodes raw bytes (a Kafka record value) into a row of `table`.
+pub fn decode_bytes(table: Table, bytes: &[u8]) -> Result<Decoded, RecordError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| RecordError::NotUtf8(e.valid_up_to()))?;
+    let json: Json = serde_json::from_str(text).map_err(|e| RecordError::InvalidJson(e.to_string()))?;
+    decode_json(table, json)
+}
+
+/// Decodes any JSON value, rejecting what is not an object.
+pub fn decode_json(table: Table, json: Json) -> Result<Decoded, RecordError> {
+    match json {
+        Json::Object(map) => decode_record(table, &map),
+        other => Err(RecordError::NotAnObject(value::describe(&other))),
+    }
+}
+
+/// Decodes one JSON object into a row of `table`.
+pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded, RecordError> {
+    let spec = table.spec();
+    let mut values = Vec::with_capacity(spec.columns.len());
+    for column in spec.columns {
+        let value = match record.get(column.name) {
+            None | Some(Json::Null) => Value::Null,
+            Some(raw) => decode_field(table, column, raw)?,
+        };
+        values.push(value);
+    }
+    let unknown_fields = record.keys().filter(|k| spec.index_of(k).is_none()).count();
+    let mut row = Row { values };
+    // Fields the producer must send are named before those derived from them, so a
+    // missing event_timestamp is reported as such, not as a missing event_date.
+    let derived = derived_columns(table);
+    missing(spec, &row, |c| !derived.contains(&c))?;
+    derive(table, &mut row)?;
+    missing(spec, &row, |_| true)?;
+    Ok(Decoded { row, unknown_fields })
+}
+
+fn decode_field(table: Table, column: &'static Column, raw: &Json) -> Result<Value, RecordError> {
+    let field_error = |problem| RecordError::Field {
+        field: column.name,
+        problem,
+    };
+    // Event properties sent as a JSON string (AppMetrica's `event_json`) are parsed;
+    // a string that is not a JSON object is kept verbatim by `derive`.
+    if table == Table::TmpEventProperties && column.name == "properties" {
+        if let Json::String(text) = raw {
+            return match serde_json::from_str::<Json>(text) {
+                Ok(parsed @ Json::Object(_)) => decode_field(table, column, &parsed),
+                _ => Ok(Value::Text(text.clone())),
+            };
+        }
+    }
+    let value = value::decode(column.ty, raw).map_err(field_error)?;
+    check(column, &value, raw).map_err(field_error)?;
+    Ok(value)
+}
+
+fn check(column: &Column, value: &Value, raw: &Json) -> Result<(), FieldProblem> {
+    match (column.check, value) {
+        (Check::None, _) => Ok(()),
+        (Check::Range(lo, hi), Value::Float(v)) if (lo..=hi).contains(v) => Ok(()),
+        (Check::Range(lo, hi), _) => Err(FieldProblem::Invalid(format!(
+            "{} is outside {lo}..{hi}",
+            value::describe(raw)
+        ))),
+        (Check::OneOf(allowed), Value::Text(v)) if allowed.contains(&v.as_str()) => Ok(()),
+        (Check::OneOf(allowed), _) => Err(FieldProblem::Invalid(format!(
+            "{} is not one of {}",
+            value::describe(raw),
+            allowed.join(", ")
+        ))),
+        (Check::Object, Value::Json(Json::Object(_))) => Ok(()),
+        (Check::Object, _) => Err(FieldProblem::Expected {
+            expected: "JSON object",
+            got: value::describe(raw),
+        }),
+    }
+}
+
+fn missing(spec: &TableSpec, row: &Row, consider: impl Fn(&str) -> bool) -> Result<(), RecordError> {
+    let absent = spec
+        .columns
+        .iter()
+        .zip(&row.values)
+        .find(|(c, v)| c.required && v.is_null() && consider(c.name));
+    match absent {
+        Some((column, _)) => Err(RecordError::Missing(column.name)),
+        None => Ok(()),
+    }
+}
+
+/// Required columns that [`derive`] can fill in.
+fn derived_columns(table: Table) -> &'static [&'static str] {
+    match table {
+        Table::EventsPart => &["event_date", "event_hash", "dup_seq"],
+        Table::TmpEventProperties => &["event_date", "dup_seq"],
+        Table::MobileDevices => &["first_seen_at", "last_seen_at"],
+        _ => &[],
+    }
+}
+
+/// Fills in the columns TABLES.md derives when a producer leaves them out.
+fn derive(table: Table, row: &mut Row) -> Result<(), RecordError> {
+    let spec = table.spec();
+    let set_if_null = |row: &mut Row, column: &str, value: Value| {
+        if let Some(i) = spec.index_of(column) {
+            if row.values[i].is_null() {
+                row.values[i] = value;
+            }
+        }
+    };
+    match table {
+        Table::EventsPart | Table::TmpEventProperties => {
+            set_if_null(row, "dup_seq", Value::Int(0));
+            if row.get(spec, "event_date").is_some_and(Value::is_null) {
+                if let Some(Value::Int(secs)) = row.get(spec, "event_timestamp") {
+                    let date = chrono::DateTime::from_timestamp(*secs, 0)
+                        .map(|t| t.date_naive())
+                        .filter(|d| (1..=9999).contains(&chrono::Datelike::year(d)))
+                        .ok_or(RecordError::Field {
+                            field: "event_timestamp",
+                            problem: FieldProblem::Invalid(format!(
+                                "{secs} is outside years 1..9999, so event_date cannot be derived"
+                            )),
+                        })?;
+                    set_if_null(row, "event_date", Value::Date(date));
+                }
+            }
+            if table == Table::EventsPart {
+                if row.get(spec, "event_hash").is_some_and(Value::is_null) {
+                    let hash = event_hash(spec, row);
+                    set_if_null(row, "event_hash", Value::Text(hash));
+                }
+            } else if let Some(i) = spec.index_of("properties") {
+                // `properties` that arrived as text that is not a JSON object is kept
+                // verbatim in raw_properties, and properties becomes `{}`.
+                if let Value::Text(raw) = &row.values[i] {
+                    let raw = Value::Text(raw.clone());
+                    row.values[i] = Value::Json(Json::Object(Map::new()));
+                    set_if_null(row, "raw_properties", raw);
+                }
+            }
+        }
+        Table::MobileDevices => {
+            // A device seen once has one timestamp; either bound defaults to the other.
+            let first = row.get(spec, "first_seen_at").cloned().unwrap_or(Value::Null);
+            let last = row.get(spec, "last_seen_at").cloned().unwrap_or(Value::Null);
+            set_if_null(row, "first_seen_at", last);
+            set_if_null(row, "last_seen_at", first);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The stable hash that identifies an event when the producer sends none: 128 bits
+/// of XXH3 over every column but `event_hash` and `dup_seq`, in catalogue order,
+/// from the values' canonical text, so `"123"` and `123` hash alike. Lowercase hex.
+pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for (column, value) in spec.columns.iter().zip(&row.values) {
+        if matches!(column.name, "event_hash" | "dup_seq") {
+            continue;
+        }
+        hasher.update(column.name.as_bytes());
+        hasher.update(b"\x1f");
+        match value.canonical_text() {
+            Some(text) => hasher.update(text.as_bytes()),
+            None => hasher.update(b"\x00"),
+        }
+        hasher.update(b"\x1e");
+    }
+    format!("{:032x}", hasher.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Json) -> Map<String, Json> {
+        match v {
+            Json::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
+    }
+
+    fn decode(table: Table, v: Json) -> Result<Decoded, String> {
+        decode_record(table, &obj(v)).map_err(|e| e.to_string())
+    }
+
+    fn valid_event() -> Json {
+        json!({
+            "application_id": "4242",
+            "event_name": "app_open",
+            "event_timestamp": 1_709_296_200,
+            "appmetrica_device_id": "18446744073709551615",
+            "mcc": "250",
+            "os_name": "android",
+            "unexpected": 1
+        })
+    }
+
+    /// One minimal valid record per table, as a producer would send it.
+    fn minimal(table: Table) -> Json {
+        match table {
+            Table::EventsPart => valid_event(),
+            Table::MobileDevices => json!({
+                "application_id": 1, "appmetrica_device_id": "77",
+                "first_seen_at": "2024-03-01T00:00:00Z", "last_seen_at": 1_709_300_000
+            }),
+            Table::PermanentUserProperties => json!({
+                "application_id": 1, "profile_id": "p1", "notifications_enabled": "true",
+                "first_session_date": "2024-01-02", "updated_at": "2024-03-01T00:00:00Z"
+            }),
+            Table::TechnicalData => json!({
+                "uuid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "app": 5, "event_type": "click",
+                "server_upload_time": "2024-03-01 10:00:00.123", "data": {"k": [1, 2]},
+                "paying": false, "sample_rate": 0.5
+            }),
+            Table::TmpEventProperties => json!({
+                "application_id": 1, "event_hash": "abc", "event_name": "purchase",
+                "event_timestamp": 1_709_296_200, "properties": "{\"sum\": 10}", "source": "appmetrica"
+            }),
+            Table::TmpUserProperties => json!({
+                "application_id": 1, "profile_id": "p1", "property_name": "plan",
+                "property_kind": "temporary", "value_text": "gold", "snapshot_date": "2024-03-01",
+                "source": "appmetrica"
+            }),
+            Table::UserLocations => json!({
+                "uuid": "b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "event_time": 1_709_296_200,
+                "latitude": "55.75", "longitude": 37.61
+            }),
+        }
+    }
+
+    #[test]
+    fn table_names_accept_dashes_and_list_valid_ones_when_unknown() {
+        assert_eq!("user-locations".parse::<Table>(), Ok(Table::UserLocations));
+        assert_eq!("events_part".parse::<Table>(), Ok(Table::EventsPart));
+        let err = "users".parse::<Table>().expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            "unknown table \"users\"; valid tables: events_part, mobile_devices, \
+             permanent_user_properties, technical_data, tmp_event_properties, \
+             tmp_user_properties, user_locations"
+        );
+    }
+
+    #[test]
+    fn every_table_has_its_key_among_required_columns() {
+        for table in Table::ALL {
+            let spec = table.spec();
+            for i in spec.key_indexes() {
+                assert!(
+                    spec.columns[i].required,
+                    "{table}: key column {} nullable",
+                    spec.columns[i].name
+                );
+            }
+            if let ConflictPolicy::NewestWins {
+                version: Some(v),
+                keep_earliest,
+            } = spec.policy
+            {
+                assert!(spec.column(v).is_some_and(|c| c.required), "{table}: version {v}");
+                if let Some(k) = keep_earliest {
+                    assert!(spec.column(k).is_some(), "{table}: {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_records_of_every_table_decode() {
+        for table in Table::ALL {
+            let decoded = decode(table, minimal(table)).unwrap_or_else(|e| panic!("{table}: {e}"));
+            assert_eq!(decoded.row.values.len(), table.spec().columns.len(), "{table}");
+        }
+    }
+
+    #[test]
+    fn every_required_field_of_every_table_is_named_when_missing() {
+        for table in Table::ALL {
+            let spec = table.spec();
+            for column in spec.columns.iter().filter(|c| c.required) {
+                let mut record = obj(minimal(table));
+                record.remove(column.name);
+                // Derived columns are filled in, not rejected.
+                let derived = derived_columns(table).contains(&column.name);
+                match decode_record(table, &record) {
+                    Ok(_) if derived => {}
+                    Ok(_) => panic!("{table}: missing {} accepted", column.name),
+                    Err(e) if derived => panic!("{table}: derived {} rejected: {e}", column.name),
+                    Err(e) => assert_eq!(
+                        e.to_string(),
+                        format!("missing required field \"{}\"", column.name),
+                        "{table}"
+                    ),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_typed_field_of_every_table_names_itself_when_wrong() {
+        for table in Table::ALL {
+            for column in table.spec().columns {
+                if matches!(column.ty, ColumnType::Text | ColumnType::Json) {
+                    continue;
+                }
+                let mut record = obj(minimal(table));
+                record.insert(column.name.into(), json!("abc"));
+                let err = decode_record(table, &record).expect_err(column.name).to_string();
+                assert!(
+                    err.starts_with(&format!("field \"{}\": expected ", column.name)),
+                    "{table}.{}: {err}",
+                    column.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn events_get_typed_values_and_derived_columns() {
+        let decoded = decode(Table::EventsPart, valid_event()).expect("valid");
+        let spec = Table::EventsPart.spec();
+        let row = &decoded.row;
+        assert_eq!(row.get(spec, "application_id"), Some(&Value::Int(4242)));
+        assert_eq!(row.get(spec, "mcc"), Some(&Value::Int(250)));
+        assert_eq!(
+            row.get(spec, "event_date"),
+            Some(&Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 3, 1).expect("date")))
+        );
+        assert_eq!(row.get(spec, "dup_seq"), Some(&Value::Int(0)));
+        assert_eq!(decoded.unknown_fields, 1);
+        let Some(Value::Text(hash)) = row.get(spec, "event_hash") else {
+            panic!("no hash");
+        };
+        assert_eq!(hash.len(), 32);
+    }
+
+    #[test]
+    fn event_hash_is_stable_across_spellings_and_differs_between_events() {
+        let a = decode(Table::EventsPart, valid_event()).expect("valid");
+        let mut spelled = obj(valid_event());
+        spelled.insert("application_id".into(), json!(4242));
+        spelled.insert("event_timestamp".into(), json!("1709296200"));
+        spelled.insert("event_date".into(), json!("2024-03-01"));
+        let b = decode_record(Table::EventsPart, &spelled).expect("valid");
+        assert_eq!(a.row, b.row);
+        let mut other = obj(valid_event());
+        other.insert("event_name".into(), json!("app_close"));
+        let c = decode_record(Table::EventsPart, &other).expect("valid");
+        let spec = Table::EventsPart.spec();
+        assert_ne!(a.row.get(spec, "event_hash"), c.row.get(spec, "event_hash"));
+        // Pinned, because stored keys depend on it: a change here duplicates events.
+        assert_eq!(
+            a.row.get(spec, "event_hash"),
+            Some(&Value::Text(event_hash(spec, &a.row)))
+        );
+    }
+
+    #[test]
+    fn a_sent_event_hash_is_kept() {
+        let mut record = obj(valid_event());
+        record.insert("event_hash".into(), json!("producer-hash"));
+        let decoded = decode_record(Table::EventsPart, &record).expect("valid");
+        assert_eq!(
+            decoded.row.get(Table::EventsPart.spec(), "event_hash"),
+            Some(&Value::Text("producer-hash".into()))
+        );
+    }
+
+    #[test]
+    fn field_errors_name_field_and_value() {
+        let mut record = obj(valid_event());
+        record.insert("mcc".into(), json!("abc"));
+        assert_eq!(
+            decode_record(Table::EventsPart, &record).map_err(|e| e.to_string()),
+            Err("field \"mcc\": expected integer, got \"abc\"".into())
+        );
+        let mut record = obj(valid_event());
+        record.remove("event_name");
+        assert_eq!(
+            decode_record(Table::EventsPart, &record).map_err(|e| e.to_string()),
+            Err("missing required field \"event_name\"".into())
+        );
+        let mut record = obj(valid_event());
+        record.insert("event_name".into(), Json::Null);
+        assert_eq!(
+            decode_record(Table::EventsPart, &record).map_err(|e| e.to_string()),
+            Err("missing required field \"event_name\"".into())
+        );
+    }
+
+    #[test]
+    fn checks_apply_ranges_and_choices() {
+        let mut record = obj(minimal(Table::UserLocations));
+        record.insert("latitude".into(), json!(91));
+        assert_eq!(
+            decode_record(Table::UserLocations, &record).map_err(|e| e.to_string()),
+            Err("field \"latitude\": 91 is outside -90..90".into())
+        );
+        let mut record = obj(minimal(Table::UserLocations));
+        record.insert("longitude".into(), json!("-180"));
+        assert!(decode_record(Table::UserLocations, &record).is_ok());
+        let mut record = obj(minimal(Table::TmpUserProperties));
+        record.insert("property_kind".into(), json!("forever"));
+        assert_eq!(
+            decode_record(Table::TmpUserProperties, &record).map_err(|e| e.to_string()),
+            Err("field \"property_kind\": \"forever\" is not one of permanent, temporary".into())
+        );
+    }
+
+    #[test]
+    fn event_properties_parse_json_text_and_keep_invalid_text_raw() {
+        let spec = Table::TmpEventProperties.spec();
+        let decoded = decode(Table::TmpEventProperties, minimal(Table::TmpEventProperties)).expect("valid");
+        assert_eq!(
+            decoded.row.get(spec, "properties"),
+            Some(&Value::Json(json!({"sum": 10})))
+        );
+        assert_eq!(decoded.row.get(spec, "raw_properties"), Some(&Value::Null));
+
+        let mut record = obj(minimal(Table::TmpEventProperties));
+        record.insert("properties".into(), json!("{not json"));
+        let decoded = decode_record(Table::TmpEventProperties, &record).expect("valid");
+        assert_eq!(decoded.row.get(spec, "properties"), Some(&Value::Json(json!({}))));
+        assert_eq!(
+            decoded.row.get(spec, "raw_properties"),
+            Some(&Value::Text("{not json".into()))
+        );
+
+        let mut record = obj(minimal(Table::TmpEventProperties));
+        record.insert("properties".into(), json!([1, 2]));
+        assert_eq!(
+            decode_record(Table::TmpEventProperties, &record).map_err(|e| e.to_string()),
+            Err("field \"properties\": expected JSON object, got an array".into())
+        );
+    }
+
+    #[test]
+    fn devices_default_one_seen_bound_to_the_other() {
+        let spec = Table::MobileDevices.spec();
+        let mut record = obj(minimal(Table::MobileDevices));
+        record.remove("first_seen_at");
+        let decoded = decode_record(Table::MobileDevices, &record).expect("valid");
+        assert_eq!(
+            decoded.row.get(spec, "first_seen_at"),
+            decoded.row.get(spec, "last_seen_at")
+        );
+        record.remove("last_seen_at");
+        assert_eq!(
+            decode_record(Table::MobileDevices, &record).map_err(|e| e.to_string()),
+            Err("missing required field \"first_seen_at\"".into())
+        );
+    }
+
+    #[test]
+    fn raw_bytes_are_checked_for_utf8_json_and_shape() {
+        assert_eq!(
+            decode_bytes(Table::EventsPart, b"{\"a\": \"\xff\"}").map_err(|e| e.to_string()),
+            Err("record is not valid UTF-8 (first bad byte at 7)".into())
+        );
+        let err = decode_bytes(Table::EventsPart, b"{oops")
+            .expect_err("bad json")
+            .to_string();
+        assert!(err.starts_with("record is not valid JSON: "), "{err}");
+        assert_eq!(
+            decode_bytes(Table::EventsPart, b"[1]").map_err(|e| e.to_string()),
+            Err("record must be a JSON object, got an array".into())
+        );
+        let good = serde_json::to_vec(&valid_event()).expect("json");
+        assert!(decode_bytes(Table::EventsPart, &good).is_ok());
+    }
+}

@@ -1,0 +1,77 @@
+//! The command line: `dwh-helper <command>`.
+//!
+//! Exit codes: 0 success, 1 a runtime failure, 2 invalid usage or configuration
+//! (one line on stderr naming the variable or flag).
+
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::store::Dwh;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dwh-helper",
+    version,
+    about = "Loads product-analytics data from Kafka into the company DWH, exactly once",
+    long_about = "Loads product-analytics data from Kafka into the company DWH, exactly once.\n\n\
+                  Configuration comes from environment variables (DWH_*, KAFKA_*, S3_*, APPMETRICA_*, \
+                  LOG_*, HTTP_*), after reading .env if present. See README.md and .env.example."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service: apply migrations, then serve the configured roles until SIGINT/SIGTERM
+    Run(run::RunArgs),
+    /// Apply the database migrations and exit
+    Migrate,
+}
+
+/// Parses arguments and configuration, then runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(config, args).await,
+            Command::Migrate => migrate(&config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let dwh = Dwh::connect(&config.dwh)?;
+    dwh.migrate().await?;
+    tracing::info!(database = %config.dwh.database_url, "migrations applied");
+    println!("migrations applied to {}", config.dwh.database_url);
+    Ok(())
+}

@@ -1,0 +1,514 @@
+//! Configuration: environment variables (after `.env`), one block per prefix.
+//!
+//! Guarantees: the environment is read once; each block is read as strings with
+//! `envy`, then validated by pure functions into typed values, so an invalid value
+//! is reported as one line naming the variable (`DWH_MAX_ROWS_PER_INSERT: expected
+//! a positive integer, got "abc"`) before any client is built. Unknown variables are
+//! ignored. Secrets are held in [`Secret`] and never printed.
+
+mod secret;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use secret::{Backend, DatabaseUrl, Secret};
+
+/// A configuration error: which variable, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            variable: variable.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub dwh: DwhConfig,
+    pub kafka: KafkaConfig,
+    pub s3: S3Config,
+    pub appmetrica: AppMetricaConfig,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+}
+
+/// `DWH_`: the warehouse database.
+#[derive(Debug, Clone)]
+pub struct DwhConfig {
+    pub database_url: DatabaseUrl,
+    /// No statement carries more bytes of row data than this.
+    pub max_write_batch_bytes: usize,
+    /// No statement carries more rows than this.
+    pub max_rows_per_insert: usize,
+    pub pool_size: u32,
+}
+
+/// `KAFKA_`: the broker and the ingest batches.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: Option<String>,
+    pub group_id: String,
+    pub topic_prefix: String,
+    pub batch_max_rows: usize,
+    pub batch_max_bytes: usize,
+    pub batch_linger: Duration,
+}
+
+/// `S3_`: the object store.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub region: String,
+    pub endpoint_url: Option<url::Url>,
+    pub bucket_name: String,
+}
+
+/// `APPMETRICA_`: the Logs API.
+#[derive(Debug, Clone)]
+pub struct AppMetricaConfig {
+    pub base_url: url::Url,
+    pub api_key: Option<Secret>,
+    pub application_id: Option<i64>,
+    pub poll_interval: Duration,
+    pub poll_timeout: Duration,
+}
+
+/// `LOG_`: logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A `tracing` filter: a level (`info`) or directives (`info,dwh_helper=debug`).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// `HTTP_`: the API server.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub bind: SocketAddr,
+    pub api_token: Option<Secret>,
+    pub max_body_bytes: usize,
+}
+
+/// Every variable as the string the environment holds; empty counts as unset.
+#[derive(Debug, Default, Deserialize)]
+struct RawDwh {
+    database_url: Option<String>,
+    max_write_batch_bytes: Option<String>,
+    max_rows_per_insert: Option<String>,
+    pool_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawKafka {
+    bootstrap_servers: Option<String>,
+    group_id: Option<String>,
+    topic_prefix: Option<String>,
+    batch_max_rows: Option<String>,
+    batch_max_bytes: Option<String>,
+    batch_linger_ms: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct RawS3 {
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    bucket_name: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct RawAppMetrica {
+    base_url: Option<String>,
+    api_key: Option<String>,
+    application_id: Option<String>,
+    poll_interval_seconds: Option<String>,
+    poll_timeout_seconds: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+struct RawHttp {
+    bind: Option<String>,
+    api_token: Option<String>,
+    max_body_bytes: Option<String>,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://dwh-helper.db";
+const MIB: usize = 1024 * 1024;
+
+impl Config {
+    /// Loads `.env` if present (variables already set win), then reads the process
+    /// environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(ConfigError::new(".env", format!("cannot be read: {e}"))),
+        }
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the configuration from `(name, value)` pairs.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        // Empty values mean "unset", as most deployment tools write them.
+        let vars: Vec<(String, String)> = vars.into_iter().filter(|(_, v)| !v.trim().is_empty()).collect();
+        let read = |prefix: &'static str| vars.clone().into_iter().filter(move |(k, _)| k.starts_with(prefix));
+        Ok(Config {
+            dwh: dwh(block("DWH_", read("DWH_"))?)?,
+            kafka: kafka(block("KAFKA_", read("KAFKA_"))?)?,
+            s3: s3(block("S3_", read("S3_"))?)?,
+            appmetrica: appmetrica(block("APPMETRICA_", read("APPMETRICA_"))?)?,
+            log: log(block("LOG_", read("LOG_"))?)?,
+            http: http(block("HTTP_", read("HTTP_"))?)?,
+        })
+    }
+}
+
+fn block<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    // Every field is an optional string, so envy only fails on things like a
+    // variable name it cannot map; report the block rather than guess.
+    envy::prefixed(prefix)
+        .from_iter(vars)
+        .map_err(|e| ConfigError::new(format!("{prefix}*"), e.to_string()))
+}
+
+fn dwh(raw: RawDwh) -> Result<DwhConfig, ConfigError> {
+    let database_url = DatabaseUrl::parse(raw.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL))
+        .map_err(|p| ConfigError::new("DWH_DATABASE_URL", p))?;
+    Ok(DwhConfig {
+        database_url,
+        max_write_batch_bytes: size("DWH_MAX_WRITE_BATCH_BYTES", raw.max_write_batch_bytes, 10 * MIB, 1024)?,
+        max_rows_per_insert: count("DWH_MAX_ROWS_PER_INSERT", raw.max_rows_per_insert, 1000)?,
+        pool_size: count("DWH_POOL_SIZE", raw.pool_size, 10)?
+            .try_into()
+            .map_err(|_| ConfigError::new("DWH_POOL_SIZE", "is too large"))?,
+    })
+}
+
+fn kafka(raw: RawKafka) -> Result<KafkaConfig, ConfigError> {
+    let group_id = raw.group_id.unwrap_or_else(|| "dwh-helper".into());
+    let topic_prefix = raw.topic_prefix.unwrap_or_else(|| "dwh.".into());
+    let legal = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !legal(&topic_prefix) {
+        return Err(ConfigError::new(
+            "KAFKA_TOPIC_PREFIX",
+            format!("\"{topic_prefix}\" may only hold ASCII letters, digits, '.', '_' and '-'"),
+        ));
+    }
+    Ok(KafkaConfig {
+        bootstrap_servers: raw.bootstrap_servers.map(|s| s.trim().to_owned()),
+        group_id,
+        topic_prefix,
+        batch_max_rows: count("KAFKA_BATCH_MAX_ROWS", raw.batch_max_rows, 10_000)?,
+        batch_max_bytes: size("KAFKA_BATCH_MAX_BYTES", raw.batch_max_bytes, 16 * MIB, 1024)?,
+        batch_linger: Duration::from_millis(count("KAFKA_BATCH_LINGER_MS", raw.batch_linger_ms, 500)? as u64),
+    })
+}
+
+fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
+    let endpoint_url = raw.endpoint_url.map(|u| http_url("S3_ENDPOINT_URL", &u)).transpose()?;
+    let bucket_name = raw.bucket_name.unwrap_or_else(|| "default-bucket".into());
+    let bucket_ok = (3..=63).contains(&bucket_name.len())
+        && bucket_name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !bucket_ok {
+        return Err(ConfigError::new(
+            "S3_BUCKET_NAME",
+            format!("\"{bucket_name}\" is not a valid bucket name (3-63 lowercase letters, digits, '-' or '.')"),
+        ));
+    }
+    Ok(S3Config {
+        access_key_id: raw.access_key_id,
+        secret_access_key: raw.secret_access_key.map(Secret::new),
+        region: raw.region.unwrap_or_else(|| "us-east-1".into()),
+        endpoint_url,
+        bucket_name,
+    })
+}
+
+fn appmetrica(raw: RawAppMetrica) -> Result<AppMetricaConfig, ConfigError> {
+    let base_url = http_url(
+        "APPMETRICA_BASE_URL",
+        raw.base_url.as_deref().unwrap_or("https://api.appmetrica.yandex.ru"),
+    )?;
+    let application_id = raw
+        .application_id
+        .map(|v| {
+            v.trim().parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
+                ConfigError::new(
+                    "APPMETRICA_APPLICATION_ID",
+                    format!("expected a positive integer, got \"{v}\""),
+                )
+            })
+        })
+        .transpose()?;
+    let poll_interval = seconds("APPMETRICA_POLL_INTERVAL_SECONDS", raw.poll_interval_seconds, 5)?;
+    let poll_timeout = seconds("APPMETRICA_POLL_TIMEOUT_SECONDS", raw.poll_timeout_seconds, 300)?;
+    if poll_timeout < poll_interval {
+        return Err(ConfigError::new(
+            "APPMETRICA_POLL_TIMEOUT_SECONDS",
+            "must not be shorter than APPMETRICA_POLL_INTERVAL_SECONDS",
+        ));
+    }
+    Ok(AppMetricaConfig {
+        base_url,
+        api_key: raw.api_key.map(Secret::new),
+        application_id,
+        poll_interval,
+        poll_timeout,
+    })
+}
+
+fn log(raw: RawLog) -> Result<LogConfig, ConfigError> {
+    let level = raw.level.unwrap_or_else(|| "info".into()).trim().to_ascii_lowercase();
+    tracing_subscriber::EnvFilter::builder()
+        .parse(&level)
+        .map_err(|e| ConfigError::new("LOG_LEVEL", format!("\"{level}\" is not a level or filter ({e})")))?;
+    let format = match raw
+        .format
+        .as_deref()
+        .map(str::trim)
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("pretty") | Some("text") => LogFormat::Pretty,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "LOG_FORMAT",
+                format!("expected \"pretty\" or \"json\", got \"{other}\""),
+            ))
+        }
+    };
+    Ok(LogConfig { level, format })
+}
+
+fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
+    let bind_text = raw.bind.unwrap_or_else(|| "127.0.0.1:8000".into());
+    let bind: SocketAddr = bind_text.trim().parse().map_err(|_| {
+        ConfigError::new(
+            "HTTP_BIND",
+            format!("expected an address like 127.0.0.1:8000, got \"{bind_text}\""),
+        )
+    })?;
+    let api_token = raw.api_token.map(Secret::new);
+    if !bind.ip().is_loopback() && api_token.is_none() {
+        return Err(ConfigError::new(
+            "HTTP_BIND",
+            format!("{bind} is reachable from other hosts; set HTTP_API_TOKEN to serve it, or bind 127.0.0.1"),
+        ));
+    }
+    Ok(HttpConfig {
+        bind,
+        api_token,
+        max_body_bytes: size("HTTP_MAX_BODY_BYTES", raw.max_body_bytes, 64 * MIB, 1024)?,
+    })
+}
+
+fn count(variable: &str, raw: Option<String>, default: usize) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    raw.trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| ConfigError::new(variable, format!("expected a positive integer, got \"{raw}\"")))
+}
+
+fn seconds(variable: &str, raw: Option<String>, default: u64) -> Result<Duration, ConfigError> {
+    count(variable, raw, default as usize).map(|s| Duration::from_secs(s as u64))
+}
+
+/// A byte size: `1048576`, `512KiB`, `10MiB`, `1GiB` (also `KB`, `MB`, `GB` as
+/// powers of 1000, and `K`, `M`, `G` as powers of 1024).
+fn size(variable: &str, raw: Option<String>, default: usize, min: usize) -> Result<usize, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    let bad = || {
+        ConfigError::new(
+            variable,
+            format!("expected a size in bytes such as 10485760 or 10MiB, got \"{raw}\""),
+        )
+    };
+    let text = raw.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits.parse().map_err(|_| bad())?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    let bytes = number.checked_mul(multiplier).ok_or_else(bad)?;
+    if bytes < min {
+        return Err(ConfigError::new(
+            variable,
+            format!("must be at least {min} bytes, got \"{raw}\""),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn http_url(variable: &str, raw: &str) -> Result<url::Url, ConfigError> {
+    let parsed = url::Url::parse(raw.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    parsed.ok_or_else(|| ConfigError::new(variable, format!("expected an http(s) URL, got \"{raw}\"")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, String> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let c = config(&[]).expect("defaults");
+        assert_eq!(c.dwh.database_url.expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(c.dwh.database_url.backend(), Backend::Sqlite);
+        assert_eq!(c.dwh.max_write_batch_bytes, 10 * MIB);
+        assert_eq!(c.dwh.max_rows_per_insert, 1000);
+        assert_eq!(c.kafka.topic_prefix, "dwh.");
+        assert_eq!(c.s3.region, "us-east-1");
+        assert_eq!(c.s3.bucket_name, "default-bucket");
+        assert_eq!(c.appmetrica.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.appmetrica.poll_timeout, Duration::from_secs(300));
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.log.format, LogFormat::Pretty);
+        assert_eq!(c.http.bind.to_string(), "127.0.0.1:8000");
+    }
+
+    #[test]
+    fn values_are_read_and_typed() {
+        let c = config(&[
+            ("DWH_DATABASE_URL", "postgres://u:p@h/db"),
+            ("DWH_MAX_WRITE_BATCH_BYTES", "2MiB"),
+            ("DWH_MAX_ROWS_PER_INSERT", "500"),
+            ("LOG_LEVEL", "INFO"),
+            ("LOG_FORMAT", "json"),
+            ("HTTP_BIND", "0.0.0.0:9000"),
+            ("HTTP_API_TOKEN", "t0ken"),
+            ("S3_ENDPOINT_URL", "http://127.0.0.1:9000"),
+            ("APPMETRICA_APPLICATION_ID", "123"),
+            ("SOMETHING_ELSE", "ignored"),
+            ("S3_REGION", ""),
+        ])
+        .expect("valid");
+        assert_eq!(c.dwh.database_url.backend(), Backend::Postgres);
+        assert_eq!(c.dwh.max_write_batch_bytes, 2 * MIB);
+        assert_eq!(c.dwh.max_rows_per_insert, 500);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.http.api_token.as_ref().map(Secret::expose), Some("t0ken"));
+        assert_eq!(c.appmetrica.application_id, Some(123));
+        assert_eq!(c.s3.region, "us-east-1", "an empty value means the default");
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("DWH_MAX_ROWS_PER_INSERT", "abc")],
+                "DWH_MAX_ROWS_PER_INSERT: expected a positive integer, got \"abc\"",
+            ),
+            (
+                &[("DWH_MAX_ROWS_PER_INSERT", "0")],
+                "DWH_MAX_ROWS_PER_INSERT: expected a positive integer, got \"0\"",
+            ),
+            (
+                &[("DWH_DATABASE_URL", "mysql://x")],
+                "DWH_DATABASE_URL: unsupported scheme \"mysql\"; expected postgres://, postgresql:// or sqlite:",
+            ),
+            (
+                &[("DWH_MAX_WRITE_BATCH_BYTES", "10 parsecs")],
+                "DWH_MAX_WRITE_BATCH_BYTES: expected a size in bytes such as 10485760 or 10MiB, got \"10 parsecs\"",
+            ),
+            (&[("LOG_FORMAT", "xml")], "LOG_FORMAT: expected \"pretty\" or \"json\", got \"xml\""),
+            (
+                &[("HTTP_BIND", "localhost")],
+                "HTTP_BIND: expected an address like 127.0.0.1:8000, got \"localhost\"",
+            ),
+            (
+                &[("HTTP_BIND", "0.0.0.0:8000")],
+                "HTTP_BIND: 0.0.0.0:8000 is reachable from other hosts; set HTTP_API_TOKEN to serve it, or bind 127.0.0.1",
+            ),
+            (
+                &[("S3_ENDPOINT_URL", "minio:9000")],
+                "S3_ENDPOINT_URL: expected an http(s) URL, got \"minio:9000\"",
+            ),
+            (
+                &[("APPMETRICA_APPLICATION_ID", "-4")],
+                "APPMETRICA_APPLICATION_ID: expected a positive integer, got \"-4\"",
+            ),
+            (
+                &[("KAFKA_TOPIC_PREFIX", "dwh/")],
+                "KAFKA_TOPIC_PREFIX: \"dwh/\" may only hold ASCII letters, digits, '.', '_' and '-'",
+            ),
+        ];
+        for (vars, expected) in cases {
+            assert_eq!(config(vars).map(|_| ()), Err(expected.to_string()), "{vars:?}");
+        }
+        let err = config(&[("LOG_LEVEL", "loud=[")]).map(|_| ()).expect_err("bad level");
+        assert!(
+            err.starts_with("LOG_LEVEL: \"loud=[\" is not a level or filter"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let c = config(&[
+            ("DWH_DATABASE_URL", "postgres://u:pg-secret@h/db"),
+            ("S3_SECRET_ACCESS_KEY", "s3-secret"),
+            ("APPMETRICA_API_KEY", "am-secret"),
+            ("HTTP_API_TOKEN", "http-secret"),
+        ])
+        .expect("valid");
+        let shown = format!("{c:?}");
+        for secret in ["pg-secret", "s3-secret", "am-secret", "http-secret"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(size("X", Some("2048".into()), 0, 1), Ok(2048));
+        assert_eq!(size("X", Some("16 MiB".into()), 0, 1), Ok(16 * MIB));
+        assert_eq!(size("X", Some("1MB".into()), 0, 1), Ok(1_000_000));
+        assert_eq!(size("X", Some("64k".into()), 0, 1), Ok(65_536));
+        assert!(size("X", Some("12".into()), 0, 1024).is_err());
+    }
+}

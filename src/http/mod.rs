@@ -1,0 +1,65 @@
+//! The HTTP API (axum): tables, health.
+//!
+//! Guarantees: every error is a JSON body `{"error": "..."}` with a fitting status;
+//! when an API token is configured every route but `/health/*` requires it; request
+//! bodies over `HTTP_MAX_BODY_BYTES` get 413.
+
+mod auth;
+mod error;
+mod health;
+pub mod tables;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::config::{HttpConfig, Secret};
+use crate::store::Dwh;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub dwh: Dwh,
+    pub api_token: Option<Arc<Secret>>,
+    pub ready_timeout: Duration,
+}
+
+impl AppState {
+    pub fn new(dwh: Dwh, http: &HttpConfig) -> Self {
+        AppState {
+            dwh,
+            api_token: http.api_token.clone().map(Arc::new),
+            ready_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let protected = Router::new()
+        .merge(tables::router())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .merge(health::router())
+        .merge(protected)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then finishes the
+/// requests in flight.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,11 @@
+//! dwh-helper: Kafka topics to DWH tables, exactly once.
+//!
+//! The modules follow the pipeline: [`config`], the table [`catalogue`], the DWH
+//! [`store`], the [`http`] API, and the [`cli`] that wires them together.
+
+pub mod catalogue;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,79 @@
+//! The store's errors, and the one place where database error codes are mapped.
+
+use super::chunk::Oversized;
+
+/// What can go wrong talking to the DWH.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refuses work for now: retry later.
+    #[error("database unreachable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The offset row did not start where the batch did: another consumer owns the
+    /// partition now. Nothing of the batch was written.
+    #[error(
+        "offset fenced: group {group_id} {topic}[{partition}] batch starts at {batch_start} \
+         but the stored next offset is {}",
+        stored.map_or("absent".to_owned(), |s| s.to_string())
+    )]
+    Fenced {
+        group_id: String,
+        topic: String,
+        partition: i32,
+        batch_start: i64,
+        stored: Option<i64>,
+    },
+    /// A row larger than a statement may be.
+    #[error(transparent)]
+    Oversized(#[from] Oversized),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Any other database error: a bug or a schema out of step with this release.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether the same work may succeed when tried again later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_unavailable(&e) {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Database(e)
+        }
+    }
+}
+
+/// PostgreSQL SQLSTATE of a unique violation.
+pub const UNIQUE_VIOLATION: &str = "23505";
+
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION))
+}
+
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let code = code.as_deref().unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), possibly as extended codes.
+                return code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            }
+            // Class 08: connection exceptions; 57P0x: shutdown / cannot connect now;
+            // 53300: too many connections; 40001/40P01: serialization / deadlock.
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+        }
+        _ => false,
+    }
+}

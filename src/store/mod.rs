@@ -1,0 +1,253 @@
+//! The DWH store: PostgreSQL (production) or SQLite (embedded default), one API.
+//!
+//! Guarantees: [`Dwh::write`] applies a [`Batch`] in one transaction: the fenced
+//! offset advances, the rejected records and the rows (under the table's conflict
+//! policy) commit together or not at all. No statement carries more than
+//! `DWH_MAX_ROWS_PER_INSERT` rows or `DWH_MAX_WRITE_BATCH_BYTES` bytes of row data.
+//! A fenced offset aborts the whole transaction with [`StoreError::Fenced`].
+
+mod chunk;
+mod error;
+mod postgres;
+pub mod sql;
+mod sqlite;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{Datelike as _, NaiveDate};
+use serde_json::{Map, Value as Json};
+
+pub use chunk::{plan as plan_chunks, Oversized};
+pub use error::StoreError;
+
+use crate::catalogue::{Column, Row, Table};
+use crate::config::{Backend, DwhConfig};
+
+/// A record that could not be decoded, kept with where it came from and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRecord {
+    pub table: Table,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub reason: String,
+}
+
+/// Moves a consumer's stored position for one partition from `from` to `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetAdvance {
+    pub group_id: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The offset the batch started at: must equal the stored `next_offset`
+    /// (or no row may be stored yet).
+    pub from: i64,
+    /// The new `next_offset`: one past the last record of the batch.
+    pub to: i64,
+}
+
+/// Everything one flush writes, in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub table: Table,
+    pub rows: &'a [Row],
+    pub rejects: &'a [RejectedRecord],
+    pub offsets: &'a [OffsetAdvance],
+}
+
+impl<'a> Batch<'a> {
+    /// Rows only, as the HTTP API writes them.
+    pub fn rows(table: Table, rows: &'a [Row]) -> Self {
+        Batch {
+            table,
+            rows,
+            rejects: &[],
+            offsets: &[],
+        }
+    }
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Ids of the rows inserted (not of rows that existed already).
+    pub inserted_ids: Vec<i64>,
+    /// Rows that replaced a stored, older version (newest-wins tables).
+    pub updated: u64,
+    /// How many row statements the batch took (chunks by the two limits).
+    pub statements: usize,
+}
+
+/// A read of one table: equality filters, keyset pagination by `id`.
+#[derive(Debug, Clone)]
+pub struct ReadQuery {
+    pub filters: Vec<(&'static Column, crate::catalogue::Value)>,
+    pub after_id: Option<i64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// A handle to the DWH; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Dwh {
+    pool: Pool,
+    max_rows: usize,
+    max_bytes: usize,
+    /// Months of `events_part` known to have their partition (PostgreSQL).
+    partitions: Arc<Mutex<HashSet<NaiveDate>>>,
+}
+
+impl Dwh {
+    /// Connects a pool. Connections are opened lazily, so this succeeds while the
+    /// database is down; [`Dwh::ping`] tells whether it is reachable.
+    pub fn connect(config: &DwhConfig) -> Result<Self, StoreError> {
+        let pool = match config.database_url.backend() {
+            Backend::Postgres => Pool::Postgres(postgres::pool(config)?),
+            Backend::Sqlite => Pool::Sqlite(sqlite::pool(config)?),
+        };
+        Ok(Dwh {
+            pool,
+            max_rows: config.max_rows_per_insert,
+            max_bytes: config.max_write_batch_bytes,
+            partitions: Arc::default(),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Postgres(_) => Backend::Postgres,
+            Pool::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// The statement limits: rows and bytes.
+    pub fn limits(&self) -> (usize, usize) {
+        (self.max_rows, self.max_bytes)
+    }
+
+    /// Applies the migrations of this backend that are not applied yet.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.pool {
+            Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+            Pool::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Checks that the database answers within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
+        let query = async {
+            match &self.pool {
+                Pool::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+                Pool::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+            }
+        };
+        match tokio::time::timeout(timeout, query).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+        }
+    }
+
+    /// Writes one batch in one transaction; see the module guarantees.
+    pub async fn write(&self, batch: Batch<'_>) -> Result<WriteOutcome, StoreError> {
+        let chunks = chunk::plan(batch.rows.iter().map(Row::approx_bytes), self.max_rows, self.max_bytes)?;
+        match &self.pool {
+            Pool::Postgres(pool) => {
+                if batch.table == Table::EventsPart {
+                    self.ensure_partitions(pool, batch.rows).await?;
+                }
+                postgres::write(pool, batch, &chunks).await
+            }
+            Pool::Sqlite(pool) => sqlite::write(pool, batch, &chunks).await,
+        }
+    }
+
+    /// Reads rows as JSON objects, `id` first, in `id` order.
+    pub async fn read(&self, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
+        match &self.pool {
+            Pool::Postgres(pool) => postgres::read(pool, table, query).await,
+            Pool::Sqlite(pool) => sqlite::read(pool, table, query).await,
+        }
+    }
+
+    /// The stored `next_offset` of a consumer group's partition, if any.
+    pub async fn stored_offset(&self, group_id: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let sql = "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3";
+        let offset = match &self.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(group_id)
+                    .bind(topic)
+                    .bind(partition)
+                    .fetch_optional(pool)
+                    .await?
+            }
+            Pool::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(group_id)
+                    .bind(topic)
+                    .bind(partition)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        Ok(offset)
+    }
+
+    /// Number of rows in one of the seven tables or a `dwh_` bookkeeping table.
+    pub async fn count_rows(&self, table: &str) -> Result<i64, StoreError> {
+        const BOOKKEEPING: [&str; 3] = ["dwh_consumer_offsets", "dwh_rejected_records", "dwh_appmetrica_windows"];
+        // Only known names reach the SQL text.
+        let name = match table.parse::<Table>() {
+            Ok(t) => t.name(),
+            Err(_) => BOOKKEEPING.into_iter().find(|b| *b == table).ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Protocol(format!("count_rows: unknown table {table:?}")))
+            })?,
+        };
+        let sql = format!("SELECT count(*) FROM {name}");
+        let count = match &self.pool {
+            Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
+            Pool::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
+        };
+        Ok(count)
+    }
+
+    /// Creates the month partitions of `events_part` these rows need, before the
+    /// batch transaction, so that no row of a month lands in the default partition.
+    async fn ensure_partitions(&self, pool: &sqlx::PgPool, rows: &[Row]) -> Result<(), StoreError> {
+        let Some(index) = Table::EventsPart.spec().index_of("event_date") else {
+            return Ok(());
+        };
+        let months: HashSet<NaiveDate> = rows
+            .iter()
+            .filter_map(|r| match &r.values[index] {
+                crate::catalogue::Value::Date(d) => d.with_day(1),
+                _ => None,
+            })
+            .collect();
+        let missing: Vec<NaiveDate> = {
+            let known = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+            months.into_iter().filter(|m| !known.contains(m)).collect()
+        };
+        for month in missing {
+            let created: bool = sqlx::query_scalar("SELECT dwh_ensure_events_partition($1)")
+                .bind(month)
+                .fetch_one(pool)
+                .await?;
+            if created {
+                tracing::info!(month = %month.format("%Y-%m"), "created events_part partition");
+            }
+            self.partitions.lock().unwrap_or_else(|p| p.into_inner()).insert(month);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,249 @@
+//! PostgreSQL: the bulk path.
+//!
+//! Each chunk first tries a plain `COPY` into the table under a savepoint, with ids
+//! taken from the table's sequence up front, which costs about what `COPY` costs.
+//! When a key already exists (a replay or retry) or the chunk holds two versions of
+//! a key, the savepoint is rolled back and the chunk goes through a staging table:
+//! `COPY` into it, then one `INSERT … SELECT DISTINCT ON (key) … ON CONFLICT`.
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use serde_json::{Map, Value as Json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, PgPool, Row as _};
+
+use super::error::is_unique_violation;
+use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use crate::catalogue::{ColumnType, Row, Table, TableSpec, Value};
+use crate::config::DwhConfig;
+
+pub fn pool(config: &DwhConfig) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(config.database_url.expose())
+        .map_err(StoreError::Database)?
+        .application_name("dwh-helper")
+        // Timestamps travel as UTC whatever the server's default zone.
+        .options([("timezone", "UTC")]);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.pool_size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
+pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> Result<WriteOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    // Offsets first: a fenced batch fails before any row work, and the offset row
+    // lock serialises two writers of the same partition.
+    for advance in batch.offsets {
+        advance_offset(&mut tx, advance).await?;
+    }
+    for reject in batch.rejects {
+        insert_reject(&mut tx, reject).await?;
+    }
+    let spec = batch.table.spec();
+    let mut outcome = WriteOutcome {
+        statements: chunks.len(),
+        ..WriteOutcome::default()
+    };
+    for range in chunks {
+        write_chunk(&mut tx, spec, &batch.rows[range.clone()], &mut outcome).await?;
+    }
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn advance_offset(conn: &mut PgConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
+    let moved = sqlx::query(
+        "UPDATE dwh_consumer_offsets SET next_offset = $4, updated_at = now() \
+         WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $5",
+    )
+    .bind(&a.group_id)
+    .bind(&a.topic)
+    .bind(a.partition)
+    .bind(a.to)
+    .bind(a.from)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if moved == 1 {
+        return Ok(());
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(&a.group_id)
+    .bind(&a.topic)
+    .bind(a.partition)
+    .bind(a.to)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(());
+    }
+    let stored = sqlx::query_scalar(
+        "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(&a.group_id)
+    .bind(&a.topic)
+    .bind(a.partition)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Err(fenced(a, stored))
+}
+
+pub(super) fn fenced(a: &OffsetAdvance, stored: Option<i64>) -> StoreError {
+    StoreError::Fenced {
+        group_id: a.group_id.clone(),
+        topic: a.topic.clone(),
+        partition: a.partition,
+        batch_start: a.from,
+        stored,
+    }
+}
+
+async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO dwh_rejected_records (table_name, topic, partition, \"offset\", record_key, payload, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+    )
+    .bind(r.table.name())
+    .bind(&r.topic)
+    .bind(r.partition)
+    .bind(r.offset)
+    .bind(r.key.as_deref())
+    .bind(&r.payload)
+    .bind(&r.reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// COPY text of the rows, each line prefixed by `first` (the id or ordinal).
+fn copy_text(rows: &[Row], prefixes: impl Iterator<Item = i64>) -> String {
+    let mut out = String::with_capacity(rows.iter().map(|r| r.approx_bytes() + 24).sum());
+    for (row, prefix) in rows.iter().zip(prefixes) {
+        out.push_str(&prefix.to_string());
+        for value in &row.values {
+            out.push('\t');
+            sql::push_copy_value(&mut out, value);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+async fn copy_in(conn: &mut PgConnection, statement: &str, data: String) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(data.into_bytes()).await?;
+    copy.finish().await
+}
+
+async fn write_chunk(
+    tx: &mut PgConnection,
+    spec: &TableSpec,
+    rows: &[Row],
+    outcome: &mut WriteOutcome,
+) -> Result<(), StoreError> {
+    let ids: Vec<i64> =
+        sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence($1, 'id')) FROM generate_series(1, $2)")
+            .bind(spec.name)
+            .bind(rows.len() as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+    let data = copy_text(rows, ids.iter().copied());
+    let mut savepoint = tx.begin().await?;
+    match copy_in(&mut savepoint, &sql::copy_into_table(spec), data).await {
+        Ok(_) => {
+            savepoint.commit().await?;
+            outcome.inserted_ids.extend(ids);
+            return Ok(());
+        }
+        Err(e) if is_unique_violation(&e) => savepoint.rollback().await?,
+        Err(e) => return Err(e.into()),
+    }
+    // Some key exists already, or appears twice in the chunk: merge through staging.
+    sqlx::query(&sql::create_stage(spec)).execute(&mut *tx).await?;
+    sqlx::query(&format!("TRUNCATE {}", sql::stage_name(spec)))
+        .execute(&mut *tx)
+        .await?;
+    copy_in(tx, &sql::copy_into_stage(spec), copy_text(rows, 0..)).await?;
+    let merged = sqlx::query(&sql::merge_stage(spec)).fetch_all(&mut *tx).await?;
+    for row in merged {
+        let id: i64 = row.try_get("id")?;
+        if row.try_get::<bool, _>("inserted")? {
+            outcome.inserted_ids.push(id);
+        } else {
+            outcome.updated += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The select expression of a column, cast where the Rust side reads text.
+fn select_expr(name: &str, ty: ColumnType) -> String {
+    match ty {
+        ColumnType::Int => format!("{name}::bigint AS {name}"),
+        ColumnType::Numeric20 | ColumnType::Uuid | ColumnType::Json => format!("{name}::text AS {name}"),
+        _ => name.to_owned(),
+    }
+}
+
+pub async fn read(pool: &PgPool, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
+    let spec = table.spec();
+    let columns: Vec<String> = spec.columns.iter().map(|c| select_expr(c.name, c.ty)).collect();
+    let mut conditions = Vec::new();
+    for (i, (column, _)) in query.filters.iter().enumerate() {
+        conditions.push(format!("{} = ${}::{}", column.name, i + 1, column.ty.pg_type()));
+    }
+    let n = query.filters.len();
+    conditions.push(format!("id > ${}", n + 1));
+    let statement = format!(
+        "SELECT id, {}, ingested_at FROM {} WHERE {} ORDER BY id LIMIT ${}",
+        columns.join(", "),
+        spec.name,
+        conditions.join(" AND "),
+        n + 2
+    );
+    let mut q = sqlx::query(&statement);
+    for (_, value) in &query.filters {
+        q = q.bind(value.canonical_text());
+    }
+    let rows = q
+        .bind(query.after_id.unwrap_or(i64::MIN))
+        .bind(i64::from(query.limit))
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(|row| to_json(spec, row)).collect()
+}
+
+fn to_json(spec: &TableSpec, row: &PgRow) -> Result<Map<String, Json>, StoreError> {
+    let mut out = Map::new();
+    out.insert("id".into(), Json::from(row.try_get::<i64, _>("id")?));
+    for column in spec.columns {
+        let name = column.name;
+        let value = match column.ty {
+            ColumnType::BigInt | ColumnType::Int => row.try_get::<Option<i64>, _>(name)?.map(Value::Int),
+            ColumnType::Double => row.try_get::<Option<f64>, _>(name)?.map(Value::Float),
+            ColumnType::Bool => row.try_get::<Option<bool>, _>(name)?.map(Value::Bool),
+            ColumnType::Date => row.try_get::<Option<NaiveDate>, _>(name)?.map(Value::Date),
+            ColumnType::Timestamp => row.try_get::<Option<NaiveDateTime>, _>(name)?.map(Value::Timestamp),
+            ColumnType::TimestampTz => row.try_get::<Option<DateTime<Utc>>, _>(name)?.map(Value::TimestampTz),
+            ColumnType::Text | ColumnType::Numeric20 | ColumnType::Uuid => {
+                row.try_get::<Option<String>, _>(name)?.map(Value::Text)
+            }
+            ColumnType::Json => row
+                .try_get::<Option<String>, _>(name)?
+                .map(|text| serde_json::from_str(&text).map(Value::Json))
+                .transpose()
+                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+        };
+        out.insert(name.into(), value.unwrap_or(Value::Null).to_json());
+    }
+    let ingested: DateTime<Utc> = row.try_get("ingested_at")?;
+    out.insert("ingested_at".into(), Value::TimestampTz(ingested).to_json());
+    Ok(out)
+}

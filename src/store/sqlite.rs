@@ -1,0 +1,200 @@
+//! SQLite: the embedded default. A correct, simple path with PostgreSQL's
+//! semantics: one prepared statement per row inside the batch transaction.
+//! Values are stored with the types' canonical text (dates, timestamps, JSON,
+//! device ids, UUIDs), so text order is time order for version comparisons.
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use serde_json::{Map, Value as Json};
+use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row as _, Sqlite, SqliteConnection, SqlitePool};
+
+use super::postgres::fenced;
+use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
+use crate::config::DwhConfig;
+
+pub fn pool(config: &DwhConfig) -> Result<SqlitePool, StoreError> {
+    let url = config.database_url.expose();
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(StoreError::Database)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(30));
+    // An in-memory database exists once per connection: keep exactly one.
+    let max = if url.contains(":memory:") { 1 } else { config.pool_size };
+    Ok(SqlitePoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy_with(options))
+}
+
+type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
+
+fn bind<'q>(q: Query<'q>, value: &Value) -> Query<'q> {
+    match value {
+        Value::Null => q.bind(None::<String>),
+        Value::Int(v) => q.bind(*v),
+        Value::Float(v) => q.bind(*v),
+        Value::Bool(v) => q.bind(*v),
+        other => q.bind(other.canonical_text()),
+    }
+}
+
+pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>]) -> Result<WriteOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    for advance in batch.offsets {
+        advance_offset(&mut tx, advance).await?;
+    }
+    for reject in batch.rejects {
+        insert_reject(&mut tx, reject).await?;
+    }
+    let spec = batch.table.spec();
+    let insert = sql::sqlite_insert(spec, false);
+    let upsert = match spec.policy {
+        ConflictPolicy::InsertOnly => None,
+        ConflictPolicy::NewestWins { .. } => Some(sql::sqlite_insert(spec, true)),
+    };
+    let mut outcome = WriteOutcome {
+        statements: chunks.len(),
+        ..WriteOutcome::default()
+    };
+    for row in chunks.iter().flat_map(|r| &batch.rows[r.clone()]) {
+        let q = row.values.iter().fold(sqlx::query(&insert), bind);
+        if let Some(inserted) = q.fetch_optional(&mut *tx).await? {
+            outcome.inserted_ids.push(inserted.try_get(0)?);
+            continue;
+        }
+        // The key exists: apply the newest-wins update, if the table has one.
+        if let Some(upsert) = &upsert {
+            let q = row.values.iter().fold(sqlx::query(upsert), bind);
+            if q.fetch_optional(&mut *tx).await?.is_some() {
+                outcome.updated += 1;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
+    let moved = sqlx::query(
+        "UPDATE dwh_consumer_offsets SET next_offset = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE group_id = ? AND topic = ? AND partition = ? AND next_offset = ?",
+    )
+    .bind(a.to)
+    .bind(&a.group_id)
+    .bind(&a.topic)
+    .bind(a.partition)
+    .bind(a.from)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if moved == 1 {
+        return Ok(());
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
+         VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&a.group_id)
+    .bind(&a.topic)
+    .bind(a.partition)
+    .bind(a.to)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(());
+    }
+    let stored = sqlx::query_scalar(
+        "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = ? AND topic = ? AND partition = ?",
+    )
+    .bind(&a.group_id)
+    .bind(&a.topic)
+    .bind(a.partition)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Err(fenced(a, stored))
+}
+
+async fn insert_reject(conn: &mut SqliteConnection, r: &RejectedRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO dwh_rejected_records (table_name, topic, partition, \"offset\", record_key, payload, reason) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+    )
+    .bind(r.table.name())
+    .bind(&r.topic)
+    .bind(r.partition)
+    .bind(r.offset)
+    .bind(r.key.as_deref())
+    .bind(&r.payload)
+    .bind(&r.reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn read(pool: &SqlitePool, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
+    let spec = table.spec();
+    let mut conditions: Vec<String> = query.filters.iter().map(|(c, _)| format!("{} = ?", c.name)).collect();
+    conditions.push("id > ?".into());
+    let statement = format!(
+        "SELECT id, {}, ingested_at FROM {} WHERE {} ORDER BY id LIMIT ?",
+        sql::column_list(spec),
+        spec.name,
+        conditions.join(" AND ")
+    );
+    let q = query
+        .filters
+        .iter()
+        .fold(sqlx::query(&statement), |q, (_, v)| bind(q, v));
+    let rows = q
+        .bind(query.after_id.unwrap_or(i64::MIN))
+        .bind(i64::from(query.limit))
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(|row| to_json(spec, row)).collect()
+}
+
+fn decode_error(column: &str, text: &str) -> StoreError {
+    StoreError::Database(sqlx::Error::Decode(
+        format!("column {column}: stored value {text:?} is not in the expected form").into(),
+    ))
+}
+
+fn to_json(spec: &TableSpec, row: &SqliteRow) -> Result<Map<String, Json>, StoreError> {
+    let mut out = Map::new();
+    out.insert("id".into(), Json::from(row.try_get::<i64, _>("id")?));
+    for column in spec.columns {
+        let name = column.name;
+        let value = match column.ty {
+            ColumnType::BigInt | ColumnType::Int => row.try_get::<Option<i64>, _>(name)?.map(Value::Int),
+            ColumnType::Double => row.try_get::<Option<f64>, _>(name)?.map(Value::Float),
+            ColumnType::Bool => row.try_get::<Option<bool>, _>(name)?.map(Value::Bool),
+            ty => match row.try_get::<Option<String>, _>(name)? {
+                None => None,
+                Some(text) => Some(parse_text(ty, &text).ok_or_else(|| decode_error(name, &text))?),
+            },
+        };
+        out.insert(name.into(), value.unwrap_or(Value::Null).to_json());
+    }
+    let ingested: String = row.try_get("ingested_at")?;
+    let value = parse_text(ColumnType::TimestampTz, &ingested).ok_or_else(|| decode_error("ingested_at", &ingested))?;
+    out.insert("ingested_at".into(), value.to_json());
+    Ok(out)
+}
+
+/// The inverse of the canonical text written by [`bind`].
+fn parse_text(ty: ColumnType, text: &str) -> Option<Value> {
+    Some(match ty {
+        ColumnType::Date => Value::Date(NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?),
+        ColumnType::Timestamp => Value::Timestamp(NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok()?),
+        ColumnType::TimestampTz => Value::TimestampTz(DateTime::parse_from_rfc3339(text).ok()?.with_timezone(&Utc)),
+        ColumnType::Json => Value::Json(serde_json::from_str(text).ok()?),
+        _ => Value::Text(text.to_owned()),
+    })
+}

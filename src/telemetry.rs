@@ -1,0 +1,21 @@
+//! Logging: `tracing` to stderr, human-readable (`LOG_FORMAT=pretty`) or one JSON
+//! object per line for log shippers (`LOG_FORMAT=json`), filtered by `LOG_LEVEL`.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global subscriber. The level was validated with the configuration.
+pub fn init(config: &LogConfig) {
+    let filter = EnvFilter::builder()
+        .parse(&config.level)
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests, embedded use) keeps the first subscriber.
+    let _ = match config.format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,518 @@
+//! The DWH writer against real databases: PostgreSQL (bulk path and conflict path)
+//! and SQLite, with the same assertions on both.
+
+mod common;
+
+use common::{dwh, events, Db};
+use dwh_helper::catalogue::{decode_json, Row, Table};
+use dwh_helper::store::{Batch, Dwh, OffsetAdvance, ReadQuery, RejectedRecord, StoreError};
+use serde_json::{json, Value};
+
+const BOTH: [Db; 2] = [Db::Postgres, Db::Sqlite];
+
+fn rows(table: Table, records: &[Value]) -> Vec<Row> {
+    records
+        .iter()
+        .map(|r| decode_json(table, r.clone()).expect("valid record").row)
+        .collect()
+}
+
+async fn read_all(dwh: &Dwh, table: Table) -> Vec<serde_json::Map<String, Value>> {
+    dwh.read(
+        table,
+        &ReadQuery {
+            filters: vec![],
+            after_id: None,
+            limit: 10_000,
+        },
+    )
+    .await
+    .expect("read")
+}
+
+#[tokio::test]
+async fn insert_only_writes_once_and_ignores_redelivery() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let batch = rows(Table::EventsPart, &events(300, 1));
+        let first = dwh.write(Batch::rows(Table::EventsPart, &batch)).await.expect("write");
+        assert_eq!(first.inserted_ids.len(), 300, "{db:?}");
+        let mut ids = first.inserted_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 300, "{db:?}: ids are distinct");
+
+        // The same records again, plus 50 new ones: only the new ones land.
+        let mut again = events(300, 1);
+        again.extend(events(50, 2));
+        let second = dwh
+            .write(Batch::rows(Table::EventsPart, &rows(Table::EventsPart, &again)))
+            .await
+            .expect("write");
+        assert_eq!(second.inserted_ids.len(), 50, "{db:?}");
+        assert!(
+            second.inserted_ids.iter().all(|id| !first.inserted_ids.contains(id)),
+            "{db:?}"
+        );
+        assert_eq!(read_all(&dwh, Table::EventsPart).await.len(), 350, "{db:?}");
+    }
+}
+
+#[tokio::test]
+async fn two_versions_of_a_key_in_one_batch_do_not_fail_it() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        // Insert-only: the first version in the batch stays.
+        let loc = |city: &str| json!({"uuid": "11111111-1111-4111-8111-111111111111", "event_time": 0, "latitude": 1, "longitude": 2, "city": city});
+        let batch = rows(Table::UserLocations, &[loc("first"), loc("second")]);
+        let out = dwh
+            .write(Batch::rows(Table::UserLocations, &batch))
+            .await
+            .expect("write");
+        assert_eq!(out.inserted_ids.len(), 1, "{db:?}");
+        let stored = read_all(&dwh, Table::UserLocations).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0]["city"], "first", "{db:?}");
+
+        // Newest-wins: the newest version in the batch wins, whatever its position.
+        let profile =
+            |ts: &str, name: &str| json!({"application_id": 1, "profile_id": "p", "name": name, "updated_at": ts});
+        let batch = rows(
+            Table::PermanentUserProperties,
+            &[
+                profile("2024-01-02T00:00:00Z", "middle"),
+                profile("2024-01-03T00:00:00Z", "newest"),
+                profile("2024-01-01T00:00:00Z", "oldest"),
+            ],
+        );
+        dwh.write(Batch::rows(Table::PermanentUserProperties, &batch))
+            .await
+            .expect("write");
+        let stored = read_all(&dwh, Table::PermanentUserProperties).await;
+        assert_eq!(stored.len(), 1, "{db:?}");
+        assert_eq!(stored[0]["name"], "newest", "{db:?}");
+    }
+}
+
+#[tokio::test]
+async fn newest_wins_never_goes_back_in_time() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let profile = |ts: &str, gender: &str| {
+            rows(
+                Table::PermanentUserProperties,
+                &[json!({"application_id": 7, "profile_id": "u1", "gender": gender, "updated_at": ts})],
+            )
+        };
+        let write = |r: Vec<Row>| {
+            let dwh = dwh.clone();
+            async move {
+                dwh.write(Batch::rows(Table::PermanentUserProperties, &r))
+                    .await
+                    .expect("write")
+            }
+        };
+        let inserted = write(profile("2024-05-01T00:00:00Z", "f")).await;
+        assert_eq!((inserted.inserted_ids.len(), inserted.updated), (1, 0), "{db:?}");
+        let older = write(profile("2024-04-01T00:00:00Z", "m")).await;
+        assert_eq!(
+            (older.inserted_ids.len(), older.updated),
+            (0, 0),
+            "{db:?}: older version ignored"
+        );
+        assert_eq!(read_all(&dwh, Table::PermanentUserProperties).await[0]["gender"], "f");
+        let newer = write(profile("2024-06-01T00:00:00Z", "x")).await;
+        assert_eq!(
+            (newer.inserted_ids.len(), newer.updated),
+            (0, 1),
+            "{db:?}: newer version replaces"
+        );
+        let stored = read_all(&dwh, Table::PermanentUserProperties).await;
+        assert_eq!(stored[0]["gender"], "x", "{db:?}");
+        assert_eq!(stored[0]["updated_at"], "2024-06-01T00:00:00Z", "{db:?}");
+    }
+}
+
+#[tokio::test]
+async fn devices_keep_newest_fields_and_earliest_first_seen() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let device = |first: &str, last: &str, model: &str| {
+            json!({"application_id": 1, "appmetrica_device_id": "18446744073709551615",
+                   "first_seen_at": first, "last_seen_at": last, "device_model": model})
+        };
+        for batch in [
+            vec![device("2024-03-05T00:00:00Z", "2024-03-10T00:00:00Z", "Pixel 7")],
+            // Older sighting: first_seen moves back, the newer model stays.
+            vec![device("2024-03-01T00:00:00Z", "2024-03-02T00:00:00Z", "Pixel 6")],
+            // Newer sighting in the same batch as an even older one.
+            vec![
+                device("2024-03-12T00:00:00Z", "2024-03-20T00:00:00Z", "Pixel 8"),
+                device("2024-02-01T00:00:00Z", "2024-02-02T00:00:00Z", "Pixel 5"),
+            ],
+        ] {
+            dwh.write(Batch::rows(Table::MobileDevices, &rows(Table::MobileDevices, &batch)))
+                .await
+                .expect("write");
+        }
+        let stored = read_all(&dwh, Table::MobileDevices).await;
+        assert_eq!(stored.len(), 1, "{db:?}");
+        assert_eq!(stored[0]["device_model"], "Pixel 8", "{db:?}");
+        assert_eq!(stored[0]["first_seen_at"], "2024-02-01T00:00:00Z", "{db:?}");
+        assert_eq!(stored[0]["last_seen_at"], "2024-03-20T00:00:00Z", "{db:?}");
+        assert_eq!(
+            stored[0]["appmetrica_device_id"], "18446744073709551615",
+            "{db:?}: exact digits"
+        );
+    }
+}
+
+#[tokio::test]
+async fn user_properties_take_the_latest_write() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let prop = |v: &str| {
+            json!({"application_id": 1, "profile_id": "p", "property_name": "plan", "property_kind": "temporary",
+                   "value_text": v, "snapshot_date": "2024-03-01", "source": "test"})
+        };
+        for v in ["gold", "silver"] {
+            dwh.write(Batch::rows(
+                Table::TmpUserProperties,
+                &rows(Table::TmpUserProperties, &[prop(v)]),
+            ))
+            .await
+            .expect("write");
+        }
+        let stored = read_all(&dwh, Table::TmpUserProperties).await;
+        assert_eq!(stored.len(), 1, "{db:?}");
+        assert_eq!(stored[0]["value_text"], "silver", "{db:?}");
+    }
+}
+
+fn advance(partition: i32, from: i64, to: i64) -> OffsetAdvance {
+    OffsetAdvance {
+        group_id: "g".into(),
+        topic: "dwh.events_part".into(),
+        partition,
+        from,
+        to,
+    }
+}
+
+#[tokio::test]
+async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let reject = |offset| RejectedRecord {
+            table: Table::EventsPart,
+            topic: "dwh.events_part".into(),
+            partition: 0,
+            offset,
+            key: Some(b"k".to_vec()),
+            payload: b"{oops".to_vec(),
+            reason: "record is not valid JSON".into(),
+        };
+        let first = rows(Table::EventsPart, &events(10, 1));
+        let rejects = [reject(10)];
+        let ok = dwh
+            .write(Batch {
+                table: Table::EventsPart,
+                rows: &first,
+                rejects: &rejects,
+                offsets: &[advance(0, 0, 11)],
+            })
+            .await
+            .expect("first batch");
+        assert_eq!(ok.inserted_ids.len(), 10);
+        assert_eq!(
+            dwh.stored_offset("g", "dwh.events_part", 0).await.expect("read"),
+            Some(11)
+        );
+
+        // A consumer that lost the partition still believes it starts at 0.
+        let stale = rows(Table::EventsPart, &events(5, 2));
+        let stale_rejects = [reject(3)];
+        let err = dwh
+            .write(Batch {
+                table: Table::EventsPart,
+                rows: &stale,
+                rejects: &stale_rejects,
+                offsets: &[advance(1, 0, 4), advance(0, 0, 6)],
+            })
+            .await
+            .expect_err("fenced");
+        assert!(
+            matches!(
+                err,
+                StoreError::Fenced {
+                    partition: 0,
+                    batch_start: 0,
+                    stored: Some(11),
+                    ..
+                }
+            ),
+            "{db:?}: {err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "offset fenced: group g dwh.events_part[0] batch starts at 0 but the stored next offset is 11"
+        );
+        assert_eq!(
+            read_all(&dwh, Table::EventsPart).await.len(),
+            10,
+            "{db:?}: no row of the fenced batch"
+        );
+        assert_eq!(
+            dwh.stored_offset("g", "dwh.events_part", 1).await.expect("read"),
+            None,
+            "{db:?}: nor its other offsets"
+        );
+        assert_eq!(count_rejects(&dwh).await, 1, "{db:?}: nor its rejects");
+
+        // The owner continues from where it stopped.
+        dwh.write(Batch {
+            table: Table::EventsPart,
+            rows: &stale,
+            rejects: &[],
+            offsets: &[advance(0, 11, 16)],
+        })
+        .await
+        .expect("owner continues");
+        assert_eq!(
+            dwh.stored_offset("g", "dwh.events_part", 0).await.expect("read"),
+            Some(16)
+        );
+    }
+}
+
+async fn count_rejects(dwh: &Dwh) -> i64 {
+    dwh.count_rows("dwh_rejected_records").await.expect("count")
+}
+
+#[tokio::test]
+async fn statements_are_chunked_by_rows_and_bytes() {
+    for db in BOTH {
+        let (by_rows, _, _guard) = dwh(db, &[("DWH_MAX_ROWS_PER_INSERT", "100")]).await;
+        let out = by_rows
+            .write(Batch::rows(
+                Table::EventsPart,
+                &rows(Table::EventsPart, &events(250, 1)),
+            ))
+            .await
+            .expect("write");
+        assert_eq!((out.inserted_ids.len(), out.statements), (250, 3), "{db:?}");
+
+        let (dwh, _, _guard) = dwh(db, &[("DWH_MAX_WRITE_BATCH_BYTES", "2048")]).await;
+        let batch = rows(Table::EventsPart, &events(40, 1));
+        let per_row = batch[0].approx_bytes();
+        let out = dwh.write(Batch::rows(Table::EventsPart, &batch)).await.expect("write");
+        let expected = 40usize.div_ceil(2048 / per_row);
+        assert_eq!(
+            (out.inserted_ids.len(), out.statements),
+            (40, expected),
+            "{db:?}: {per_row} bytes a row"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_table_round_trips_typed_values() {
+    /// A table, a record as a producer sends it, and stored values to expect.
+    type Sample = (Table, Value, Vec<(&'static str, Value)>);
+    let samples: Vec<Sample> = vec![
+        (
+            Table::EventsPart,
+            json!({"application_id": "4242", "event_name": "open", "event_timestamp": "1709296200",
+                   "event_datetime": "2024-03-01 12:30:00", "appmetrica_device_id": "12345678901234567890", "mcc": "250"}),
+            vec![
+                ("application_id", json!(4242)),
+                ("event_date", json!("2024-03-01")),
+                ("mcc", json!(250)),
+                ("event_datetime", json!("2024-03-01T12:30:00")),
+                ("appmetrica_device_id", json!("12345678901234567890")),
+                ("dup_seq", json!(0)),
+                ("os_name", Value::Null),
+            ],
+        ),
+        (
+            Table::MobileDevices,
+            json!({"application_id": 1, "appmetrica_device_id": 5, "last_seen_at": 1709296200, "app_build_number": "77"}),
+            vec![
+                ("first_seen_at", json!("2024-03-01T12:30:00Z")),
+                ("app_build_number", json!(77)),
+            ],
+        ),
+        (
+            Table::PermanentUserProperties,
+            json!({"application_id": 1, "profile_id": "p", "notifications_enabled": "true",
+                   "first_session_date": "2024-01-02", "updated_at": "2024-03-01T15:30:00+03:00"}),
+            vec![
+                ("notifications_enabled", json!(true)),
+                ("first_session_date", json!("2024-01-02")),
+                ("updated_at", json!("2024-03-01T12:30:00Z")),
+            ],
+        ),
+        (
+            Table::TechnicalData,
+            json!({"uuid": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "app": 5, "event_type": "click",
+                   "server_upload_time": "2024-03-01 10:00:00.123", "data": {"nested": [1, "two", null]},
+                   "paying": false, "sample_rate": "0.25"}),
+            vec![
+                ("uuid", json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")),
+                ("data", json!({"nested": [1, "two", null]})),
+                ("paying", json!(false)),
+                ("sample_rate", json!(0.25)),
+                ("server_upload_time", json!("2024-03-01T10:00:00.123")),
+            ],
+        ),
+        (
+            Table::TmpEventProperties,
+            json!({"application_id": 1, "event_hash": "h", "event_name": "buy", "event_timestamp": 1709296200,
+                   "properties": "{\"sum\": 10.5, \"items\": [\"a\"]}", "source": "appmetrica"}),
+            vec![
+                ("properties", json!({"sum": 10.5, "items": ["a"]})),
+                ("event_date", json!("2024-03-01")),
+                ("raw_properties", Value::Null),
+            ],
+        ),
+        (
+            Table::TmpUserProperties,
+            json!({"application_id": 1, "profile_id": "p", "property_name": "tags", "property_kind": "permanent",
+                   "value_json": ["x", "y"], "snapshot_date": "2024-03-01", "source": "appmetrica"}),
+            vec![("value_json", json!(["x", "y"])), ("property_kind", json!("permanent"))],
+        ),
+        (
+            Table::UserLocations,
+            json!({"uuid": "b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "event_time": "2024-03-01T10:00:00Z",
+                   "latitude": "-33.8688", "longitude": 151.2093, "city": "Sydney\ttab\\slash\nline"}),
+            vec![
+                ("latitude", json!(-33.8688)),
+                ("longitude", json!(151.2093)),
+                ("city", json!("Sydney\ttab\\slash\nline")),
+                ("event_time", json!("2024-03-01T10:00:00")),
+            ],
+        ),
+    ];
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        for (table, record, expect) in &samples {
+            let out = dwh
+                .write(Batch::rows(*table, &rows(*table, std::slice::from_ref(record))))
+                .await
+                .expect("write");
+            assert_eq!(out.inserted_ids.len(), 1, "{db:?} {table}");
+            let stored = read_all(&dwh, *table).await;
+            assert_eq!(stored.len(), 1, "{db:?} {table}");
+            assert_eq!(stored[0]["id"], json!(out.inserted_ids[0]), "{db:?} {table}");
+            assert!(stored[0]["ingested_at"].is_string(), "{db:?} {table}");
+            for (column, value) in expect {
+                assert_eq!(&stored[0][*column], value, "{db:?} {table}.{column}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_filter_on_key_columns_and_page_by_id() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let batch = rows(Table::EventsPart, &events(30, 0));
+        let out = dwh.write(Batch::rows(Table::EventsPart, &batch)).await.expect("write");
+        let spec = Table::EventsPart.spec();
+        let column = spec.column("event_date").expect("column");
+        let page = dwh
+            .read(
+                Table::EventsPart,
+                &ReadQuery {
+                    filters: vec![(
+                        column,
+                        dwh_helper::catalogue::Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 3, 1).expect("date")),
+                    )],
+                    after_id: Some(out.inserted_ids[9]),
+                    limit: 5,
+                },
+            )
+            .await
+            .expect("read");
+        let ids: Vec<i64> = page.iter().map(|r| r["id"].as_i64().expect("id")).collect();
+        assert_eq!(ids, out.inserted_ids[10..15].to_vec(), "{db:?}");
+    }
+}
+
+#[tokio::test]
+async fn events_get_a_partition_per_month_before_writing() {
+    let (dwh, config, _) = dwh(Db::Postgres, &[]).await;
+    let pool = sqlx::PgPool::connect(config.database_url.expose())
+        .await
+        .expect("connect");
+    let month =
+        |ts: i64| json!({"application_id": 1, "event_name": "e", "event_timestamp": ts, "appmetrica_device_id": 1});
+    // 2031-07-16 and 2031-08-03: two months never seen before.
+    let batch = rows(Table::EventsPart, &[month(1_941_926_400), month(1_943_481_600)]);
+    dwh.write(Batch::rows(Table::EventsPart, &batch)).await.expect("write");
+    let placed: Vec<(String, String)> =
+        sqlx::query_as("SELECT tableoid::regclass::text, event_date::text FROM events_part ORDER BY event_date")
+            .fetch_all(&pool)
+            .await
+            .expect("query");
+    assert_eq!(
+        placed,
+        vec![
+            ("events_part_y2031m07".to_owned(), "2031-07-16".to_owned()),
+            ("events_part_y2031m08".to_owned(), "2031-08-03".to_owned())
+        ]
+    );
+
+    // A month whose rows already sit in the default partition stays writable there.
+    sqlx::query("INSERT INTO events_part_default (application_id, event_date, event_hash, event_name, event_timestamp, appmetrica_device_id) VALUES (1, '2032-01-10', 'x', 'e', 0, 1)")
+        .execute(&pool)
+        .await
+        .expect("seed default partition");
+    let batch = rows(Table::EventsPart, &[month(1_957_000_000)]); // 2032-01-06
+    dwh.write(Batch::rows(Table::EventsPart, &batch))
+        .await
+        .expect("write into default");
+    let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM events_part_default")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(in_default, 2);
+}
+
+#[tokio::test]
+async fn the_conflict_path_returns_only_new_ids_on_postgres() {
+    let (dwh, _, _) = dwh(Db::Postgres, &[]).await;
+    let first = dwh
+        .write(Batch::rows(
+            Table::EventsPart,
+            &rows(Table::EventsPart, &events(100, 1)),
+        ))
+        .await
+        .expect("write");
+    // Half old, half new, and one new record twice: the fast COPY fails on the old
+    // keys, the staging merge keeps one of each new key.
+    let mut mixed = events(100, 1)[50..].to_vec();
+    let new = events(50, 2);
+    mixed.extend(new.iter().cloned());
+    mixed.push(new[0].clone());
+    let out = dwh
+        .write(Batch::rows(Table::EventsPart, &rows(Table::EventsPart, &mixed)))
+        .await
+        .expect("write");
+    assert_eq!(out.inserted_ids.len(), 50);
+    assert!(out.inserted_ids.iter().all(|id| !first.inserted_ids.contains(id)));
+    assert_eq!(dwh.count_rows("events_part").await.expect("count"), 150);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_reported_as_unavailable() {
+    let config = common::config_for("postgres://postgres:secret-pw@127.0.0.1:1/none", &[]).dwh;
+    let dwh = Dwh::connect(&config).expect("lazy pool");
+    let err = dwh
+        .ping(std::time::Duration::from_secs(5))
+        .await
+        .expect_err("unreachable");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().starts_with("database unreachable"), "{err}");
+    assert!(!format!("{err} {err:?}").contains("secret-pw"));
+}
