@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a runtime failure, 2 invalid usage or configuration
 //! (one line on stderr naming the variable or flag).
 
+mod bench;
 mod run;
 
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     Run(run::RunArgs),
     /// Apply the database migrations and exit
     Migrate,
+    /// Measure throughput in a scratch database (release build: cargo run --release -- bench)
+    Bench(bench::BenchArgs),
 }
 
 /// Parses arguments and configuration, then runs the command.
@@ -56,6 +59,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(config, args).await,
             Command::Migrate => migrate(&config).await,
+            Command::Bench(args) => bench::bench(config, args).await,
         }
     });
     match result {

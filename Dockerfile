@@ -1,0 +1,18 @@
+# Build: docker build -t dwh-helper .
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock rustfmt.toml ./
+COPY src ./src
+COPY migrations ./migrations
+RUN cargo build --release --locked && strip target/release/dwh-helper
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --home /var/lib/dwh-helper --create-home dwh
+COPY --from=build /src/target/release/dwh-helper /usr/local/bin/dwh-helper
+USER dwh
+WORKDIR /var/lib/dwh-helper
+EXPOSE 8000
+ENTRYPOINT ["dwh-helper"]
+CMD ["run"]

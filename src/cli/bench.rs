@@ -1,0 +1,302 @@
+//! `dwh-helper bench`: measured throughput, never assumed.
+//!
+//! The benchmark never touches existing tables: on PostgreSQL it creates a scratch
+//! database beside `DWH_DATABASE_URL` (dropped afterwards), on SQLite a temporary
+//! file. Scenario `http`: synthetic `events_part` records are posted through the
+//! real HTTP API in requests of `--per-request` records; then the same rows are
+//! loaded with one plain `COPY` into an empty copy of the table (same columns and
+//! indexes) on the same database, the ceiling the API is compared against.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::Connection as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalogue::{decode_json, Table};
+use crate::config::{Backend, Config, DatabaseUrl};
+use crate::http::{self, AppState};
+use crate::store::{sql, Dwh};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure
+    #[arg(long, value_enum, default_value_t = Scenario::Http)]
+    scenario: Scenario,
+    /// Records to load
+    #[arg(long, default_value_t = 100_000)]
+    rows: usize,
+    /// Records per POST request (scenario http)
+    #[arg(long, default_value_t = 10_000)]
+    per_request: usize,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// POST /dwh/events_part through the HTTP API, against a plain COPY
+    Http,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    scenario: &'static str,
+    backend: &'static str,
+    rows: usize,
+    requests: usize,
+    request_bytes: usize,
+    seconds: f64,
+    rows_per_second: f64,
+    mb_per_second: f64,
+    copy_seconds: Option<f64>,
+    copy_rows_per_second: Option<f64>,
+    ratio_to_copy: Option<f64>,
+}
+
+pub async fn bench(config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    if args.rows == 0 || args.per_request == 0 {
+        bail!("--rows and --per-request must be positive");
+    }
+    let scratch = Scratch::create(&config.dwh.database_url).await?;
+    let result = run_http(&config, &args, &scratch).await;
+    scratch.drop_database().await;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+async fn run_http(config: &Config, args: &BenchArgs, scratch: &Scratch) -> anyhow::Result<Report> {
+    let mut dwh_config = config.dwh.clone();
+    dwh_config.database_url = scratch.url.clone();
+    let dwh = Dwh::connect(&dwh_config)?;
+    dwh.migrate().await?;
+
+    let records = synthetic_events(args.rows);
+    let bodies: Vec<Vec<u8>> = records
+        .chunks(args.per_request)
+        .map(|chunk| serde_json::to_vec(&json!({ "data": chunk })))
+        .collect::<Result<_, _>>()?;
+    let request_bytes = bodies.iter().map(Vec::len).sum();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let mut http_config = config.http.clone();
+    http_config.api_token = None;
+    let max_body = http_config
+        .max_body_bytes
+        .max(bodies.iter().map(Vec::len).max().unwrap_or(0) + 1);
+    let app = http::router(AppState::new(dwh.clone(), &http_config), max_body);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(http::serve(listener, app, stop.clone()));
+
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut inserted = 0;
+    for body in &bodies {
+        inserted += post_events(&client, &base, body.clone()).await?;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let _ = server.await;
+    if inserted != args.rows {
+        bail!("the API inserted {inserted} of {} rows", args.rows);
+    }
+
+    let copy = match scratch.url.backend() {
+        Backend::Postgres => Some(copy_baseline(&scratch.url, &records).await?),
+        Backend::Sqlite => None,
+    };
+    let seconds = elapsed.as_secs_f64();
+    let rows_per_second = args.rows as f64 / seconds;
+    Ok(Report {
+        scenario: "http",
+        backend: match scratch.url.backend() {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        },
+        rows: args.rows,
+        requests: bodies.len(),
+        request_bytes,
+        seconds,
+        rows_per_second,
+        mb_per_second: request_bytes as f64 / 1e6 / seconds,
+        copy_seconds: copy.map(|d| d.as_secs_f64()),
+        copy_rows_per_second: copy.map(|d| args.rows as f64 / d.as_secs_f64()),
+        ratio_to_copy: copy.map(|d| rows_per_second / (args.rows as f64 / d.as_secs_f64())),
+    })
+}
+
+/// POSTs one body and returns the `count` of inserted rows.
+async fn post_events(client: &reqwest::Client, base: &str, body: Vec<u8>) -> anyhow::Result<usize> {
+    let response = client
+        .post(format!("{base}/dwh/events_part"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let parsed: Value = response.json().await.context("response is not JSON")?;
+    if !status.is_success() {
+        bail!("POST failed with {status}: {parsed}");
+    }
+    parsed["count"]
+        .as_u64()
+        .map(|c| c as usize)
+        .context("response without count")
+}
+
+/// `n` distinct events shaped like AppMetrica's, about 400 bytes of JSON each.
+pub fn synthetic_events(n: usize) -> Vec<Value> {
+    const NAMES: [&str; 6] = [
+        "app_open",
+        "screen_view",
+        "purchase",
+        "add_to_cart",
+        "search",
+        "app_close",
+    ];
+    (0..n)
+        .map(|i| {
+            let ts = 1_709_251_200 + (i as i64 * 7) % (30 * 86_400);
+            json!({
+                "application_id": 4242,
+                "event_name": NAMES[i % NAMES.len()],
+                "event_timestamp": ts,
+                "event_receive_timestamp": ts + 3,
+                "session_id": 10_000_000 + i as i64 / 20,
+                "appmetrica_device_id": (17_000_000_000_000_000_000u64 + (i as u64 % 50_000)).to_string(),
+                "profile_id": format!("user-{}", i % 50_000),
+                "device_manufacturer": "Samsung",
+                "device_model": "SM-G991B",
+                "os_name": "android",
+                "os_version": "14",
+                "device_locale": "ru_RU",
+                "connection_type": "wifi",
+                "operator_name": "MTS",
+                "mcc": 250,
+                "mnc": 1,
+                "city": "Moscow",
+                "country_iso_code": "RU",
+                "google_aid": format!("{:08x}-0000-4000-8000-{:012x}", i % 50_000, i % 50_000),
+                "app_version_name": "5.12.0",
+                "app_build_number": 51200,
+                "app_package_name": "com.example.app",
+                "dup_seq": 0,
+                "event_hash": format!("bench-{i}"),
+            })
+        })
+        .collect()
+}
+
+/// One plain `COPY` of the same rows into an empty copy of events_part.
+async fn copy_baseline(url: &DatabaseUrl, records: &[Value]) -> anyhow::Result<Duration> {
+    let spec = Table::EventsPart.spec();
+    let mut conn = sqlx::PgConnection::connect(url.expose()).await?;
+    sqlx::query("CREATE TABLE bench_copy (LIKE events_part INCLUDING DEFAULTS INCLUDING INDEXES)")
+        .execute(&mut conn)
+        .await?;
+    let mut data = String::new();
+    for record in records {
+        let row = decode_json(Table::EventsPart, record.clone())?.row;
+        for (i, value) in row.values.iter().enumerate() {
+            if i > 0 {
+                data.push('\t');
+            }
+            sql::push_copy_value(&mut data, value);
+        }
+        data.push('\n');
+    }
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY bench_copy ({}) FROM STDIN", sql::column_list(spec)))
+        .await?;
+    copy.send(data.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(started.elapsed())
+}
+
+/// A scratch database beside the configured one.
+struct Scratch {
+    url: DatabaseUrl,
+    admin: Option<DatabaseUrl>,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Scratch {
+    async fn create(configured: &DatabaseUrl) -> anyhow::Result<Scratch> {
+        let name = format!("dwh_bench_{}", std::process::id());
+        match configured.backend() {
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(configured.expose())
+                    .await
+                    .with_context(|| format!("cannot connect to {configured}"))?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .execute(&mut conn)
+                    .await?;
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .context("the benchmark needs the CREATEDB privilege for its scratch database")?;
+                let mut url = url::Url::parse(configured.expose())?;
+                url.set_path(&format!("/{name}"));
+                Ok(Scratch {
+                    url: DatabaseUrl::parse(url.as_str()).map_err(anyhow::Error::msg)?,
+                    admin: Some(configured.clone()),
+                    name,
+                    _dir: None,
+                })
+            }
+            Backend::Sqlite => {
+                let dir = tempfile::Builder::new().prefix(&name).tempdir()?;
+                let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+                Ok(Scratch {
+                    url: DatabaseUrl::parse(&url).map_err(anyhow::Error::msg)?,
+                    admin: None,
+                    name,
+                    _dir: Some(dir),
+                })
+            }
+        }
+    }
+
+    async fn drop_database(&self) {
+        let Some(admin) = &self.admin else { return };
+        let dropped = async {
+            let mut conn = sqlx::PgConnection::connect(admin.expose()).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&mut conn)
+                .await
+        };
+        if let Err(e) = dropped.await {
+            tracing::warn!(database = %self.name, error = %e, "could not drop the scratch database");
+        }
+    }
+}
+
+fn print_table(r: &Report) {
+    println!("scenario            {} ({})", r.scenario, r.backend);
+    println!("rows                {}", r.rows);
+    println!(
+        "requests            {} ({:.1} MB of JSON)",
+        r.requests,
+        r.request_bytes as f64 / 1e6
+    );
+    println!(
+        "POST /dwh/events_part   {:>10.0} rows/s  {:>6.1} MB/s  {:>7.2} s",
+        r.rows_per_second, r.mb_per_second, r.seconds
+    );
+    if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
+        println!("plain COPY              {rps:>10.0} rows/s  {:>6}       {s:>7.2} s", "");
+        println!("API / COPY              {:>10.2}", ratio);
+    }
+}

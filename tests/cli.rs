@@ -1,0 +1,225 @@
+//! The `dwh-helper` binary as ops run it: configuration errors, `migrate`, `run`.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dwh-helper");
+
+/// The binary with a clean environment (no developer `.env` or variables leak in).
+fn command(dir: &Path, vars: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn run_to_end(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    command(dir, vars).args(args).output().expect("run dwh-helper")
+}
+
+#[test]
+fn invalid_configuration_stops_with_exit_2_and_one_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("DWH_MAX_ROWS_PER_INSERT", "abc")],
+            "configuration error: DWH_MAX_ROWS_PER_INSERT: expected a positive integer, got \"abc\"",
+        ),
+        (
+            &[("DWH_DATABASE_URL", "mysql://root:hunter2@x")],
+            "configuration error: DWH_DATABASE_URL: unsupported scheme \"mysql\"; expected postgres://, postgresql:// or sqlite:",
+        ),
+        (
+            &[("DWH_MAX_WRITE_BATCH_BYTES", "lots")],
+            "configuration error: DWH_MAX_WRITE_BATCH_BYTES: expected a size in bytes such as 10485760 or 10MiB, got \"lots\"",
+        ),
+        (
+            &[("HTTP_BIND", "0.0.0.0:8000")],
+            "configuration error: HTTP_BIND: 0.0.0.0:8000 is reachable from other hosts; set HTTP_API_TOKEN to serve it, or bind 127.0.0.1",
+        ),
+        (&[("LOG_FORMAT", "xml")], "configuration error: LOG_FORMAT: expected \"pretty\" or \"json\", got \"xml\""),
+        (
+            &[("APPMETRICA_POLL_INTERVAL_SECONDS", "-1")],
+            "configuration error: APPMETRICA_POLL_INTERVAL_SECONDS: expected a positive integer, got \"-1\"",
+        ),
+        (
+            &[("S3_ENDPOINT_URL", "not a url")],
+            "configuration error: S3_ENDPOINT_URL: expected an http(s) URL, got \"not a url\"",
+        ),
+    ];
+    for (vars, expected) in cases {
+        for subcommand in ["run", "migrate"] {
+            let out = run_to_end(dir.path(), &[subcommand], vars);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{subcommand} {vars:?}: {stderr}");
+            assert_eq!(stderr.trim_end(), *expected, "{subcommand} {vars:?}");
+            assert!(!stderr.contains("hunter2"));
+        }
+    }
+    assert!(!dir.path().join("dwh-helper.db").exists(), "nothing was started");
+}
+
+#[test]
+fn a_dotenv_file_is_read_and_the_environment_wins() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join(".env"), "DWH_MAX_ROWS_PER_INSERT=abc\nLOG_FORMAT=xml\n").expect("write .env");
+    let out = run_to_end(dir.path(), &["migrate"], &[("LOG_FORMAT", "json")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "configuration error: DWH_MAX_ROWS_PER_INSERT: expected a positive integer, got \"abc\""
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = run_to_end(dir.path(), &["run", "--roles", "teleport"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'teleport' for '--roles"));
+    let out = run_to_end(dir.path(), &["--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("run") && help.contains("migrate"), "{help}");
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_is_idempotent() {
+    let url = common::fresh_pg_url().await;
+    let dir = tempfile::tempdir().expect("dir");
+    for _ in 0..2 {
+        let out = run_to_end(dir.path(), &["migrate"], &[("DWH_DATABASE_URL", &url)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class WHERE relkind IN ('r', 'p') AND relnamespace = 'public'::regnamespace \
+         AND relname NOT LIKE '\\_sqlx%' AND relname NOT LIKE 'events\\_part\\_%' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("tables");
+    assert_eq!(
+        tables,
+        [
+            "dwh_appmetrica_windows",
+            "dwh_consumer_offsets",
+            "dwh_rejected_records",
+            "events_part",
+            "mobile_devices",
+            "permanent_user_properties",
+            "technical_data",
+            "tmp_event_properties",
+            "tmp_user_properties",
+            "user_locations"
+        ]
+    );
+}
+
+#[test]
+fn migrate_reports_an_unreachable_database_without_its_password() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = run_to_end(
+        dir.path(),
+        &["migrate"],
+        &[("DWH_DATABASE_URL", "postgres://app:pw-hidden@127.0.0.1:1/dwh")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("error:"), "{stderr}");
+    assert!(!stderr.contains("pw-hidden"), "{stderr}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn terminate(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// `run` with no configuration at all (but a free port): SQLite in the working
+/// directory, migrations applied, API served, SIGTERM stops it with exit 0.
+#[tokio::test]
+async fn run_works_with_no_configuration_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bind = format!("127.0.0.1:{}", free_port());
+    let mut child = command(dir.path(), &[("HTTP_BIND", &bind)])
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let base = format!("http://{bind}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/health/ready")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "API did not become ready");
+        assert!(child.try_wait().expect("status").is_none(), "run exited early");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let posted: serde_json::Value = client
+        .post(format!("{base}/dwh/user-locations"))
+        .json(&serde_json::json!({ "data": common::locations(3) }))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(posted["count"], 3, "{posted}");
+    assert!(
+        dir.path().join("dwh-helper.db").exists(),
+        "the default SQLite file is in the working directory"
+    );
+
+    terminate(&child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("status") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "run did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+
+    // The rows survive a restart.
+    let mut child = command(dir.path(), &[("HTTP_BIND", &bind)])
+        .args(["run", "--no-migrate"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body: serde_json::Value = loop {
+        if let Ok(r) = client.get(format!("{base}/dwh/user_locations")).send().await {
+            break r.json().await.expect("json");
+        }
+        assert!(Instant::now() < deadline, "API did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["count"], 3);
+    terminate(&child);
+    let _ = child.wait();
+}

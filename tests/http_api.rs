@@ -1,0 +1,286 @@
+//! The tables API over real HTTP against a real database.
+
+mod common;
+
+use common::{config_for, dwh, events, locations, Api, Db};
+use serde_json::{json, Value};
+
+async fn api(db: Db, extra: &[(&str, &str)]) -> (Api, Option<tempfile::TempDir>) {
+    let (dwh, dwh_config, guard) = dwh(db, extra).await;
+    let config = config_for(dwh_config.database_url.expose(), extra);
+    (Api::start(dwh, &config).await, guard)
+}
+
+#[tokio::test]
+async fn the_seed_example_posts_1500_locations_in_two_batches() {
+    for db in [Db::Postgres, Db::Sqlite] {
+        let (api, _guard) = api(db, &[]).await;
+        let (status, body) = api
+            .post("/dwh/user-locations", &json!({ "data": locations(1500) }))
+            .await;
+        assert_eq!(status, 200, "{db:?}: {body}");
+        assert_eq!(body["count"], 1500, "{db:?}");
+        assert_eq!(body["batches"], 2, "{db:?}");
+        assert_eq!(body["inserted_ids"].as_array().map(Vec::len), Some(1500), "{db:?}");
+        let (status, body) = api.get("/dwh/user_locations?limit=10000").await;
+        assert_eq!(status, 200);
+        assert_eq!(body["count"], 1500, "{db:?}: both spellings are one table");
+    }
+}
+
+#[tokio::test]
+async fn posting_2500_events_takes_three_batches_and_reposting_inserts_nothing() {
+    let (api, _guard) = api(Db::Postgres, &[]).await;
+    let data = json!({ "data": events(2500, 0) });
+    let (status, body) = api.post("/dwh/events_part", &data).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["count"].clone(), body["batches"].clone()),
+        (json!(2500), json!(3))
+    );
+    let (status, body) = api.post("/dwh/events_part", &data).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 0);
+    assert_eq!(body["inserted_ids"], json!([]));
+    let (_, body) = api.get("/dwh/events_part?limit=10000").await;
+    assert_eq!(body["count"], 2500);
+}
+
+#[tokio::test]
+async fn a_small_batch_returns_its_ids_and_rows_read_back() {
+    let (api, _guard) = api(Db::Postgres, &[]).await;
+    let (status, body) = api.post("/dwh/events-part", &json!({ "data": events(3, 0) })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["count"].clone(), body["batches"].clone()), (json!(3), json!(1)));
+    let ids = body["inserted_ids"].clone();
+    let (_, body) = api.get("/dwh/events_part").await;
+    let rows = body["rows"].as_array().expect("rows");
+    assert_eq!(
+        rows.iter().map(|r| r["id"].clone()).collect::<Vec<_>>(),
+        ids.as_array().cloned().unwrap_or_default()
+    );
+    assert_eq!(rows[0]["event_name"], "event_0");
+    assert_eq!(rows[0]["application_id"], 4242);
+    assert_eq!(rows[0]["appmetrica_device_id"], "10000000000000000000");
+    assert_eq!(rows[0]["event_date"], "2024-03-01");
+}
+
+#[tokio::test]
+async fn bad_posts_get_clear_json_errors_and_write_nothing() {
+    let (api, _guard) = api(Db::Postgres, &[]).await;
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": [] })).await;
+    assert_eq!(
+        (status, body),
+        (400, json!({"error": "\"data\" must hold at least one record"}))
+    );
+
+    let mut data = events(5, 0);
+    data[3]["mcc"] = json!("abc");
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        body,
+        json!({"error": "data[3]: field \"mcc\": expected integer, got \"abc\""})
+    );
+
+    let mut data = events(5, 0);
+    data[1].as_object_mut().expect("object").remove("event_name");
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+    assert_eq!(
+        (status, body),
+        (422, json!({"error": "data[1]: missing required field \"event_name\""}))
+    );
+
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": [42] })).await;
+    assert_eq!(
+        (status, body),
+        (422, json!({"error": "data[0]: record must be a JSON object, got 42"}))
+    );
+
+    let (status, body) = api.post("/dwh/events_part", &json!({ "rows": [] })).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("missing field `data`")),
+        "{body}"
+    );
+
+    let response = api
+        .client
+        .post(api.url("/dwh/events_part"))
+        .header("content-type", "application/json")
+        .body("{\"data\": [")
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = common::status_and_json(response).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].is_string());
+
+    let response = api
+        .client
+        .post(api.url("/dwh/events_part"))
+        .body("data")
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = common::status_and_json(response).await;
+    assert_eq!(status, 415, "{body}");
+
+    let (_, body) = api.get("/dwh/events_part").await;
+    assert_eq!(body["count"], 0, "nothing of the rejected requests was written");
+}
+
+#[tokio::test]
+async fn unknown_tables_and_routes_are_json_404s() {
+    let (api, _guard) = api(Db::Sqlite, &[]).await;
+    let (status, body) = api.get("/dwh/users").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body["error"],
+        "unknown table \"users\"; valid tables: events_part, mobile_devices, permanent_user_properties, \
+         technical_data, tmp_event_properties, tmp_user_properties, user_locations"
+    );
+    let (status, body) = api.post("/dwh/users", &json!({"data": [{}]})).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = api.get("/nowhere").await;
+    assert_eq!((status, body), (404, json!({"error": "no such route"})));
+    let response = api
+        .client
+        .delete(api.url("/dwh/events_part"))
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = common::status_and_json(response).await;
+    assert_eq!(
+        (status, body),
+        (405, json!({"error": "method not allowed on this route"}))
+    );
+}
+
+#[tokio::test]
+async fn reads_page_filter_and_validate_parameters() {
+    let (api, _guard) = api(Db::Postgres, &[]).await;
+    let (_, posted) = api
+        .post("/dwh/user_locations", &json!({ "data": locations(250) }))
+        .await;
+    let ids: Vec<i64> = posted["inserted_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+
+    let (_, body) = api.get("/dwh/user_locations").await;
+    assert_eq!(body["count"], 100, "default limit");
+    let (_, body) = api
+        .get(&format!("/dwh/user_locations?limit=7&after_id={}", ids[100]))
+        .await;
+    let page: Vec<i64> = body["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["id"].as_i64())
+        .collect();
+    assert_eq!(page, ids[101..108].to_vec());
+
+    let (_, body) = api
+        .get("/dwh/user_locations?uuid=00000000-0000-4000-8000-00000000000a")
+        .await;
+    assert_eq!(body["count"], 1);
+    assert_eq!(body["rows"][0]["uuid"], "00000000-0000-4000-8000-00000000000a");
+
+    for (query, error) in [
+        ("limit=0", "limit must be an integer from 1 to 10000, got \"0\""),
+        ("limit=10001", "limit must be an integer from 1 to 10000, got \"10001\""),
+        ("after_id=x", "after_id must be an integer, got \"x\""),
+        (
+            "city=Moscow",
+            "unknown query parameter \"city\"; use limit, after_id or a key column of user_locations: uuid",
+        ),
+        ("uuid=nope", "filter \"uuid\": expected UUID, got \"nope\""),
+    ] {
+        let (status, body) = api.get(&format!("/dwh/user_locations?{query}")).await;
+        assert_eq!((status, body), (400, json!({ "error": error })), "{query}");
+    }
+}
+
+#[tokio::test]
+async fn health_reports_the_database() {
+    let (api, _guard) = api(Db::Postgres, &[]).await;
+    assert_eq!(api.get("/health/live").await, (200, json!({"status": "ok"})));
+    assert_eq!(api.get("/health/ready").await, (200, json!({"status": "ok"})));
+
+    // A database nobody listens on: live, but not ready; writes are 503.
+    let config = config_for("postgres://postgres:pw-not-shown@127.0.0.1:1/none", &[]);
+    let down = dwh_helper::store::Dwh::connect(&config.dwh).expect("lazy pool");
+    let api = Api::start(down, &config).await;
+    assert_eq!(api.get("/health/live").await.0, 200);
+    let (status, body) = api.get("/health/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let reason = body["error"].as_str().expect("reason");
+    assert!(reason.starts_with("database unreachable"), "{reason}");
+    assert!(!reason.contains("pw-not-shown"));
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": events(1, 0) })).await;
+    assert_eq!(
+        (status, body),
+        (503, json!({"error": "database unavailable, try again later"}))
+    );
+}
+
+#[tokio::test]
+async fn a_configured_token_guards_everything_but_health() {
+    let (api, _guard) = api(Db::Sqlite, &[("HTTP_API_TOKEN", "s3cret-token")]).await;
+    let (status, body) = api.get("/dwh/events_part").await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body["error"],
+        "missing API token: send \"Authorization: Bearer <HTTP_API_TOKEN>\""
+    );
+    let response = api
+        .client
+        .get(api.url("/dwh/events_part"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        common::status_and_json(response).await,
+        (401, json!({"error": "invalid API token"}))
+    );
+    let response = api
+        .client
+        .get(api.url("/dwh/events_part"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(common::status_and_json(response).await.0, 200);
+    assert_eq!(api.get("/health/live").await.0, 200);
+    assert_eq!(api.get("/health/ready").await.0, 200);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let (api, _guard) = api(Db::Sqlite, &[("HTTP_MAX_BODY_BYTES", "64KiB")]).await;
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": events(1000, 0) })).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].is_string());
+    let (status, _) = api.post("/dwh/events_part", &json!({ "data": events(10, 0) })).await;
+    assert_eq!(status, 200, "a body under the limit passes");
+}
+
+#[tokio::test]
+async fn a_record_over_the_statement_byte_limit_is_a_422() {
+    let (api, _guard) = api(Db::Sqlite, &[("DWH_MAX_WRITE_BATCH_BYTES", "4KiB")]).await;
+    let mut data = events(3, 0);
+    data[2]["city"] = json!("x".repeat(5000));
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+    assert_eq!(status, 422, "{body}");
+    let error = body["error"].as_str().expect("error");
+    assert!(
+        error.starts_with("data[2]: record is ") && error.ends_with("bytes, over the limit of 4096 bytes"),
+        "{error}"
+    );
+}
