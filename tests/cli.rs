@@ -223,3 +223,25 @@ async fn run_works_with_no_configuration_and_stops_on_sigterm() {
     terminate(&child);
     let _ = child.wait();
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let out = run_to_end(
+        dir.path(),
+        &["migrate"],
+        &[("LOG_FORMAT", "json"), ("LOG_LEVEL", "info")],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "migrations applied" && l["level"] == "INFO"),
+        "{stderr}"
+    );
+}

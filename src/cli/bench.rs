@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
+    /// Also write the rows in COPY text format to this file, to time `psql \copy` by hand
+    #[arg(long)]
+    copy_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,7 +115,7 @@ async fn run_http(config: &Config, args: &BenchArgs, scratch: &Scratch) -> anyho
     }
 
     let copy = match scratch.url.backend() {
-        Backend::Postgres => Some(copy_baseline(&scratch.url, &records).await?),
+        Backend::Postgres => Some(copy_baseline(&scratch.url, &records, args.copy_file.as_deref()).await?),
         Backend::Sqlite => None,
     };
     let seconds = elapsed.as_secs_f64();
@@ -198,7 +201,11 @@ pub fn synthetic_events(n: usize) -> Vec<Value> {
 }
 
 /// One plain `COPY` of the same rows into an empty copy of events_part.
-async fn copy_baseline(url: &DatabaseUrl, records: &[Value]) -> anyhow::Result<Duration> {
+async fn copy_baseline(
+    url: &DatabaseUrl,
+    records: &[Value],
+    copy_file: Option<&std::path::Path>,
+) -> anyhow::Result<Duration> {
     let spec = Table::EventsPart.spec();
     let mut conn = sqlx::PgConnection::connect(url.expose()).await?;
     sqlx::query("CREATE TABLE bench_copy (LIKE events_part INCLUDING DEFAULTS INCLUDING INDEXES)")
@@ -214,6 +221,9 @@ async fn copy_baseline(url: &DatabaseUrl, records: &[Value]) -> anyhow::Result<D
             sql::push_copy_value(&mut data, value);
         }
         data.push('\n');
+    }
+    if let Some(path) = copy_file {
+        std::fs::write(path, &data).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let started = Instant::now();
     let mut copy = conn

@@ -50,6 +50,36 @@ pub struct OffsetAdvance {
     pub to: i64,
 }
 
+impl OffsetAdvance {
+    /// The error for an advance whose start did not match the stored offset.
+    fn fenced(&self, stored: Option<i64>) -> StoreError {
+        StoreError::Fenced {
+            group_id: self.group_id.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+            batch_start: self.from,
+            stored,
+        }
+    }
+}
+
+/// The fenced offset advance, one statement on both backends: inserts the row when
+/// absent, moves it when it stands at the batch's start, and otherwise returns
+/// nothing, which the caller turns into [`StoreError::Fenced`]. Binds: group, topic,
+/// partition, new offset, batch start.
+const ADVANCE_OFFSET: &str = "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (group_id, topic, partition) DO UPDATE \
+     SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
+     WHERE dwh_consumer_offsets.next_offset = $5 RETURNING next_offset";
+
+const SELECT_OFFSET: &str =
+    "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3";
+
+/// Binds: table, topic, partition, offset, key, payload, reason.
+const INSERT_REJECT: &str = "INSERT INTO dwh_rejected_records \
+     (table_name, topic, partition, \"offset\", record_key, payload, reason) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+
 /// Everything one flush writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
@@ -181,7 +211,7 @@ impl Dwh {
 
     /// The stored `next_offset` of a consumer group's partition, if any.
     pub async fn stored_offset(&self, group_id: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let sql = "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3";
+        let sql = SELECT_OFFSET;
         let offset = match &self.pool {
             Pool::Postgres(pool) => {
                 sqlx::query_scalar(sql)

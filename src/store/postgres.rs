@@ -55,70 +55,37 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
 }
 
 async fn advance_offset(conn: &mut PgConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
-    let moved = sqlx::query(
-        "UPDATE dwh_consumer_offsets SET next_offset = $4, updated_at = now() \
-         WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $5",
-    )
-    .bind(&a.group_id)
-    .bind(&a.topic)
-    .bind(a.partition)
-    .bind(a.to)
-    .bind(a.from)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if moved == 1 {
+    let moved: Option<i64> = sqlx::query_scalar(super::ADVANCE_OFFSET)
+        .bind(&a.group_id)
+        .bind(&a.topic)
+        .bind(a.partition)
+        .bind(a.to)
+        .bind(a.from)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if moved.is_some() {
         return Ok(());
     }
-    let inserted = sqlx::query(
-        "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-    )
-    .bind(&a.group_id)
-    .bind(&a.topic)
-    .bind(a.partition)
-    .bind(a.to)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(());
-    }
-    let stored = sqlx::query_scalar(
-        "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
-    )
-    .bind(&a.group_id)
-    .bind(&a.topic)
-    .bind(a.partition)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Err(fenced(a, stored))
-}
-
-pub(super) fn fenced(a: &OffsetAdvance, stored: Option<i64>) -> StoreError {
-    StoreError::Fenced {
-        group_id: a.group_id.clone(),
-        topic: a.topic.clone(),
-        partition: a.partition,
-        batch_start: a.from,
-        stored,
-    }
+    let stored = sqlx::query_scalar(super::SELECT_OFFSET)
+        .bind(&a.group_id)
+        .bind(&a.topic)
+        .bind(a.partition)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(a.fenced(stored))
 }
 
 async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO dwh_rejected_records (table_name, topic, partition, \"offset\", record_key, payload, reason) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
-    )
-    .bind(r.table.name())
-    .bind(&r.topic)
-    .bind(r.partition)
-    .bind(r.offset)
-    .bind(r.key.as_deref())
-    .bind(&r.payload)
-    .bind(&r.reason)
-    .execute(conn)
-    .await?;
+    sqlx::query(super::INSERT_REJECT)
+        .bind(r.table.name())
+        .bind(&r.topic)
+        .bind(r.partition)
+        .bind(r.offset)
+        .bind(r.key.as_deref())
+        .bind(&r.payload)
+        .bind(&r.reason)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

@@ -12,7 +12,6 @@ use serde_json::{Map, Value as Json};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row as _, Sqlite, SqliteConnection, SqlitePool};
 
-use super::postgres::fenced;
 use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
 use crate::config::DwhConfig;
@@ -81,60 +80,37 @@ pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>])
 }
 
 async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
-    let moved = sqlx::query(
-        "UPDATE dwh_consumer_offsets SET next_offset = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE group_id = ? AND topic = ? AND partition = ? AND next_offset = ?",
-    )
-    .bind(a.to)
-    .bind(&a.group_id)
-    .bind(&a.topic)
-    .bind(a.partition)
-    .bind(a.from)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if moved == 1 {
+    let moved: Option<i64> = sqlx::query_scalar(super::ADVANCE_OFFSET)
+        .bind(&a.group_id)
+        .bind(&a.topic)
+        .bind(a.partition)
+        .bind(a.to)
+        .bind(a.from)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if moved.is_some() {
         return Ok(());
     }
-    let inserted = sqlx::query(
-        "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
-         VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-    )
-    .bind(&a.group_id)
-    .bind(&a.topic)
-    .bind(a.partition)
-    .bind(a.to)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(());
-    }
-    let stored = sqlx::query_scalar(
-        "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = ? AND topic = ? AND partition = ?",
-    )
-    .bind(&a.group_id)
-    .bind(&a.topic)
-    .bind(a.partition)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Err(fenced(a, stored))
+    let stored = sqlx::query_scalar(super::SELECT_OFFSET)
+        .bind(&a.group_id)
+        .bind(&a.topic)
+        .bind(a.partition)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(a.fenced(stored))
 }
 
 async fn insert_reject(conn: &mut SqliteConnection, r: &RejectedRecord) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO dwh_rejected_records (table_name, topic, partition, \"offset\", record_key, payload, reason) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
-    )
-    .bind(r.table.name())
-    .bind(&r.topic)
-    .bind(r.partition)
-    .bind(r.offset)
-    .bind(r.key.as_deref())
-    .bind(&r.payload)
-    .bind(&r.reason)
-    .execute(conn)
-    .await?;
+    sqlx::query(super::INSERT_REJECT)
+        .bind(r.table.name())
+        .bind(&r.topic)
+        .bind(r.partition)
+        .bind(r.offset)
+        .bind(r.key.as_deref())
+        .bind(&r.payload)
+        .bind(&r.reason)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
