@@ -1,11 +1,14 @@
 //! dwh-helper: Kafka topics to DWH tables, exactly once.
 //!
-//! The modules follow the pipeline: [`config`], the table [`catalogue`], the DWH
-//! [`store`], the [`http`] API, and the [`cli`] that wires them together.
+//! The modules follow the pipeline: [`config`], the table [`catalogue`], [`kafka`]
+//! (clients, dev broker), [`ingest`] (consumer, batcher, worker), the DWH [`store`],
+//! the [`http`] API, and the [`cli`] that wires them together.
 
 pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod ingest;
+pub mod kafka;
 pub mod store;
 pub mod telemetry;

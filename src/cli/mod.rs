@@ -4,6 +4,8 @@
 //! (one line on stderr naming the variable or flag).
 
 mod bench;
+mod dev_broker;
+mod produce;
 mod run;
 
 use std::process::ExitCode;
@@ -33,6 +35,10 @@ enum Command {
     Run(run::RunArgs),
     /// Apply the database migrations and exit
     Migrate,
+    /// Publish JSON lines onto a table's topic (validated first; keyed by natural key)
+    Produce(produce::ProduceArgs),
+    /// Run an in-memory Kafka-protocol broker with the seven topics (librdkafka's mock cluster)
+    DevBroker(dev_broker::DevBrokerArgs),
     /// Measure throughput in a scratch database (release build: cargo run --release -- bench)
     Bench(bench::BenchArgs),
 }
@@ -59,6 +65,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(config, args).await,
             Command::Migrate => migrate(&config).await,
+            Command::Produce(args) => produce::produce(config, args).await,
+            Command::DevBroker(args) => dev_broker::dev_broker(args).await,
             Command::Bench(args) => bench::bench(config, args).await,
         }
     });

@@ -1,18 +1,22 @@
 //! `dwh-helper run`: migrations, then the roles, until a shutdown signal.
 
-use anyhow::Context as _;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::{self, AppState};
+use crate::ingest::{self, IngestStatus};
 use crate::store::Dwh;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Roles to run, comma-separated
-    #[arg(long, value_delimiter = ',', default_values = ["api"])]
+    /// Roles to run, comma-separated [default: api, plus ingest when KAFKA_BOOTSTRAP_SERVERS is set]
+    #[arg(long, value_delimiter = ',')]
     roles: Vec<Role>,
     /// Do not apply migrations at start (when a deploy step runs `migrate`)
     #[arg(long)]
@@ -23,28 +27,80 @@ pub struct RunArgs {
 enum Role {
     /// The HTTP API on HTTP_BIND
     Api,
+    /// Kafka topics into the DWH, exactly once
+    Ingest,
+}
+
+/// The roles to run: those asked for, or every role that is configured.
+fn roles(config: &Config, asked: &[Role]) -> anyhow::Result<Vec<Role>> {
+    let kafka = config.kafka.bootstrap_servers.is_some();
+    if asked.contains(&Role::Ingest) && !kafka {
+        bail!("the ingest role needs KAFKA_BOOTSTRAP_SERVERS");
+    }
+    if !asked.is_empty() {
+        let mut roles = asked.to_vec();
+        roles.dedup();
+        return Ok(roles);
+    }
+    let mut roles = vec![Role::Api];
+    if kafka {
+        roles.push(Role::Ingest);
+    }
+    Ok(roles)
 }
 
 pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
+    let roles = roles(&config, &args.roles)?;
     let dwh = Dwh::connect(&config.dwh)?;
     if !args.no_migrate {
         dwh.migrate()
             .await
             .with_context(|| format!("cannot migrate {}", config.dwh.database_url))?;
     }
-    tracing::info!(database = %config.dwh.database_url, roles = ?args.roles, "starting");
+    tracing::info!(database = %config.dwh.database_url, roles = ?roles, "starting");
     let shutdown = CancellationToken::new();
     tokio::spawn(signal(shutdown.clone()));
-    if args.roles.contains(&Role::Api) {
+    serve_roles(config, dwh, &roles, shutdown, Arc::new(IngestStatus::default())).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs `roles` until `shutdown` is cancelled; the first role to fail cancels the
+/// others and its error is returned.
+async fn serve_roles(
+    config: Config,
+    dwh: Dwh,
+    roles: &[Role],
+    shutdown: CancellationToken,
+    status: Arc<IngestStatus>,
+) -> anyhow::Result<()> {
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    if roles.contains(&Role::Ingest) {
+        let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
+        tasks.spawn(async move { Ok(ingest::run(&config, dwh, status, shutdown).await?) });
+    }
+    if roles.contains(&Role::Api) {
         let listener = TcpListener::bind(config.http.bind)
             .await
             .with_context(|| format!("cannot listen on HTTP_BIND {}", config.http.bind))?;
         tracing::info!(address = %config.http.bind, "HTTP API listening");
-        let app = http::router(AppState::new(dwh, &config.http), config.http.max_body_bytes);
-        http::serve(listener, app, shutdown.clone()).await?;
+        let mut state = AppState::new(dwh, &config.http);
+        if roles.contains(&Role::Ingest) {
+            state.ingest = Some(status);
+        }
+        let app = http::router(state, config.http.max_body_bytes);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { Ok(http::serve(listener, app, shutdown).await?) });
     }
-    tracing::info!("stopped");
-    Ok(())
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            shutdown.cancel();
+            failure.get_or_insert(e);
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -63,6 +63,34 @@ pub struct KafkaConfig {
     pub batch_max_rows: usize,
     pub batch_max_bytes: usize,
     pub batch_linger: Duration,
+    /// Bytes of consumed records held in memory at once, across all topics; the
+    /// consumers stop fetching while it is reached.
+    pub max_in_flight_bytes: usize,
+    /// Create missing topics with `topic_partitions` partitions.
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub auto_offset_reset: OffsetReset,
+    /// Static membership: each consumer joins as `{id}-{table}`.
+    pub group_instance_id: Option<String>,
+    pub shutdown_grace: Duration,
+    /// `KAFKA_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`.
+    pub librdkafka: Vec<(String, Secret)>,
+}
+
+/// Where a partition without a stored offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    Earliest,
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
 }
 
 /// `S3_`: the object store.
@@ -124,6 +152,12 @@ struct RawKafka {
     batch_max_rows: Option<String>,
     batch_max_bytes: Option<String>,
     batch_linger_ms: Option<String>,
+    max_in_flight_bytes: Option<String>,
+    create_topics: Option<String>,
+    topic_partitions: Option<String>,
+    auto_offset_reset: Option<String>,
+    group_instance_id: Option<String>,
+    shutdown_grace_seconds: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -157,6 +191,8 @@ struct RawHttp {
     max_body_bytes: Option<String>,
 }
 
+/// Variables under this prefix pass through to librdkafka.
+pub const LIBRDKAFKA_PREFIX: &str = "KAFKA_LIBRDKAFKA_";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://dwh-helper.db";
 const MIB: usize = 1024 * 1024;
 
@@ -179,7 +215,7 @@ impl Config {
         let read = |prefix: &'static str| vars.clone().into_iter().filter(move |(k, _)| k.starts_with(prefix));
         Ok(Config {
             dwh: dwh(block("DWH_", read("DWH_"))?)?,
-            kafka: kafka(block("KAFKA_", read("KAFKA_"))?)?,
+            kafka: kafka(block("KAFKA_", read("KAFKA_"))?, read(LIBRDKAFKA_PREFIX))?,
             s3: s3(block("S3_", read("S3_"))?)?,
             appmetrica: appmetrica(block("APPMETRICA_", read("APPMETRICA_"))?)?,
             log: log(block("LOG_", read("LOG_"))?)?,
@@ -212,7 +248,7 @@ fn dwh(raw: RawDwh) -> Result<DwhConfig, ConfigError> {
     })
 }
 
-fn kafka(raw: RawKafka) -> Result<KafkaConfig, ConfigError> {
+fn kafka(raw: RawKafka, passthrough: impl Iterator<Item = (String, String)>) -> Result<KafkaConfig, ConfigError> {
     let group_id = raw.group_id.unwrap_or_else(|| "dwh-helper".into());
     let topic_prefix = raw.topic_prefix.unwrap_or_else(|| "dwh.".into());
     let legal = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
@@ -229,7 +265,58 @@ fn kafka(raw: RawKafka) -> Result<KafkaConfig, ConfigError> {
         batch_max_rows: count("KAFKA_BATCH_MAX_ROWS", raw.batch_max_rows, 10_000)?,
         batch_max_bytes: size("KAFKA_BATCH_MAX_BYTES", raw.batch_max_bytes, 16 * MIB, 1024)?,
         batch_linger: Duration::from_millis(count("KAFKA_BATCH_LINGER_MS", raw.batch_linger_ms, 500)? as u64),
+        max_in_flight_bytes: size("KAFKA_MAX_IN_FLIGHT_BYTES", raw.max_in_flight_bytes, 256 * MIB, MIB)?,
+        create_topics: boolean("KAFKA_CREATE_TOPICS", raw.create_topics, false)?,
+        topic_partitions: count("KAFKA_TOPIC_PARTITIONS", raw.topic_partitions, 4)?
+            .try_into()
+            .map_err(|_| ConfigError::new("KAFKA_TOPIC_PARTITIONS", "is too large"))?,
+        auto_offset_reset: match raw
+            .auto_offset_reset
+            .as_deref()
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("earliest") => OffsetReset::Earliest,
+            Some("latest") => OffsetReset::Latest,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "KAFKA_AUTO_OFFSET_RESET",
+                    format!("expected \"earliest\" or \"latest\", got \"{other}\""),
+                ))
+            }
+        },
+        group_instance_id: raw.group_instance_id.map(|s| s.trim().to_owned()),
+        shutdown_grace: seconds("KAFKA_SHUTDOWN_GRACE_SECONDS", raw.shutdown_grace_seconds, 30)?,
+        librdkafka: librdkafka_properties(passthrough)?,
     })
+}
+
+/// `KAFKA_LIBRDKAFKA_SASL_PASSWORD=x` → (`sasl.password`, x). librdkafka property
+/// names are lowercase words joined by dots, so the mapping is unambiguous.
+fn librdkafka_properties(vars: impl Iterator<Item = (String, String)>) -> Result<Vec<(String, Secret)>, ConfigError> {
+    let mut properties: Vec<(String, Secret)> = vars
+        .map(|(name, value)| {
+            let property = name[LIBRDKAFKA_PREFIX.len()..].to_ascii_lowercase().replace('_', ".");
+            if property.is_empty() || property.split('.').any(str::is_empty) {
+                return Err(ConfigError::new(name, "does not name a librdkafka property"));
+            }
+            Ok((property, Secret::new(value)))
+        })
+        .collect::<Result<_, _>>()?;
+    properties.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(properties)
+}
+
+fn boolean(variable: &str, raw: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::new(
+            variable,
+            format!("expected true or false, got \"{raw}\""),
+        )),
+    }
 }
 
 fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
@@ -438,6 +525,35 @@ mod tests {
     }
 
     #[test]
+    fn kafka_settings_and_librdkafka_pass_through() {
+        let c = config(&[
+            ("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9092"),
+            ("KAFKA_CREATE_TOPICS", "yes"),
+            ("KAFKA_TOPIC_PARTITIONS", "16"),
+            ("KAFKA_AUTO_OFFSET_RESET", "Latest"),
+            ("KAFKA_SHUTDOWN_GRACE_SECONDS", "7"),
+            ("KAFKA_LIBRDKAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_LIBRDKAFKA_SASL_PASSWORD", "hunter2"),
+        ])
+        .expect("valid");
+        let k = &c.kafka;
+        assert!(k.create_topics);
+        assert_eq!(k.topic_partitions, 16);
+        assert_eq!(k.auto_offset_reset, OffsetReset::Latest);
+        assert_eq!(k.shutdown_grace, Duration::from_secs(7));
+        let props: Vec<(&str, &str)> = k.librdkafka.iter().map(|(n, v)| (n.as_str(), v.expose())).collect();
+        assert_eq!(props, [("sasl.password", "hunter2"), ("security.protocol", "SASL_SSL")]);
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "pass-through values may be secrets"
+        );
+        let d = config(&[]).expect("defaults");
+        assert!(!d.kafka.create_topics);
+        assert_eq!(d.kafka.auto_offset_reset, OffsetReset::Earliest);
+        assert_eq!(d.kafka.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
     fn invalid_values_name_the_variable() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (
@@ -472,6 +588,18 @@ mod tests {
             (
                 &[("APPMETRICA_APPLICATION_ID", "-4")],
                 "APPMETRICA_APPLICATION_ID: expected a positive integer, got \"-4\"",
+            ),
+            (
+                &[("KAFKA_CREATE_TOPICS", "maybe")],
+                "KAFKA_CREATE_TOPICS: expected true or false, got \"maybe\"",
+            ),
+            (
+                &[("KAFKA_AUTO_OFFSET_RESET", "middle")],
+                "KAFKA_AUTO_OFFSET_RESET: expected \"earliest\" or \"latest\", got \"middle\"",
+            ),
+            (
+                &[("KAFKA_LIBRDKAFKA_", "x")],
+                "KAFKA_LIBRDKAFKA_: does not name a librdkafka property",
             ),
             (
                 &[("KAFKA_TOPIC_PREFIX", "dwh/")],

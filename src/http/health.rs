@@ -19,6 +19,12 @@ async fn live() -> Json<Value> {
 }
 
 async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if let Some(failing) = state.ingest.as_ref().and_then(|s| s.failing()) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("DWH writes failing: {failing}"),
+        ));
+    }
     match state.dwh.ping(state.ready_timeout).await {
         Ok(()) => Ok(Json(json!({ "status": "ok" }))),
         Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),

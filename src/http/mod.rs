@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 
 use crate::config::{HttpConfig, Secret};
+use crate::ingest::IngestStatus;
 use crate::store::Dwh;
 
 /// What every handler can reach.
@@ -29,6 +30,8 @@ pub struct AppState {
     pub dwh: Dwh,
     pub api_token: Option<Arc<Secret>>,
     pub ready_timeout: Duration,
+    /// Set when this process ingests: readiness reports failing DWH writes.
+    pub ingest: Option<Arc<IngestStatus>>,
 }
 
 impl AppState {
@@ -37,6 +40,7 @@ impl AppState {
             dwh,
             api_token: http.api_token.clone().map(Arc::new),
             ready_timeout: Duration::from_secs(2),
+            ingest: None,
         }
     }
 }

@@ -1,0 +1,292 @@
+//! The ingest role: one consumer per table topic, all in `KAFKA_GROUP_ID`, each
+//! writing its batches to the DWH exactly once.
+//!
+//! Guarantees: see [`worker`] (fenced batches, retries, rejects) and [`consumer`]
+//! (rebalances pass through the owning task). On shutdown every worker writes what
+//! it buffered, then the consumers leave the group; after `KAFKA_SHUTDOWN_GRACE_SECONDS`
+//! retries stop and the rest is left for the next owner (nothing is lost: its
+//! offsets were not advanced).
+
+pub mod batcher;
+pub mod consumer;
+pub mod status;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalogue::Table;
+use crate::config::Config;
+use crate::kafka::{self, topics, KafkaSetupError};
+use crate::store::Dwh;
+use batcher::BatchLimits;
+use consumer::Context;
+pub use status::{Counters, IngestStatus};
+use worker::{Exit, Worker};
+
+/// Records buffered between a poll thread and its worker (memory is bounded by
+/// the in-flight byte budget, this only bounds the count).
+const CHANNEL_RECORDS: usize = 4096;
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Setup(#[from] KafkaSetupError),
+    #[error("cannot subscribe to {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot start a poll thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Runs the ingest role until `shutdown` is cancelled and everything buffered is
+/// written (or the grace period is over).
+pub async fn run(
+    config: &Config,
+    dwh: Dwh,
+    status: Arc<IngestStatus>,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    prepare_topics(config).await?;
+    let budget = config.kafka.max_in_flight_bytes.min(u32::MAX as usize);
+    let memory = Arc::new(Semaphore::new(budget));
+    let abort = CancellationToken::new();
+    {
+        let (shutdown, abort, grace) = (shutdown.clone(), abort.clone(), config.kafka.shutdown_grace);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            abort.cancel();
+        });
+    }
+    let mut tasks = JoinSet::new();
+    for table in Table::ALL {
+        let shared = Shared {
+            config: config.clone(),
+            dwh: dwh.clone(),
+            status: status.clone(),
+            memory: memory.clone(),
+            budget: budget as u32,
+            shutdown: shutdown.clone(),
+            abort: abort.clone(),
+        };
+        // The first consumer of each table is built here so that a setting
+        // librdkafka refuses stops the start with its message.
+        let first = shared.build(table)?;
+        tasks.spawn(shared.supervise(table, first));
+    }
+    tracing::info!(group = %config.kafka.group_id, prefix = %config.kafka.topic_prefix, "ingest started");
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "an ingest task failed");
+        }
+    }
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+/// Creates missing topics when asked to; otherwise warns once per missing topic.
+async fn prepare_topics(config: &Config) -> Result<(), IngestError> {
+    let kafka = config.kafka.clone();
+    let names: Vec<String> = Table::ALL
+        .iter()
+        .map(|t| kafka::topic_name(&kafka.topic_prefix, *t))
+        .collect();
+    let probe = {
+        let (kafka, names) = (kafka.clone(), names.clone());
+        tokio::task::spawn_blocking(move || {
+            let metadata = topics::Metadata::connect(&kafka)?;
+            Ok::<_, KafkaSetupError>(
+                names
+                    .into_iter()
+                    .filter(|name| matches!(metadata.partitions(name), Ok(None)))
+                    .collect::<Vec<_>>(),
+            )
+        })
+    };
+    let missing = match probe.await {
+        Ok(result) => result?,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check which topics exist");
+            Vec::new()
+        }
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if kafka.create_topics {
+        match topics::create(&kafka, &missing, kafka.topic_partitions).await {
+            Ok(()) => tracing::info!(topics = ?missing, partitions = kafka.topic_partitions, "topics created"),
+            Err(e) => {
+                tracing::warn!(topics = ?missing, error = %e, "cannot create topics; they are consumed once they appear")
+            }
+        }
+    } else {
+        for topic in &missing {
+            tracing::warn!(
+                topic,
+                "topic does not exist; it is consumed once it appears (KAFKA_CREATE_TOPICS=true creates it)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What every table's supervisor shares.
+struct Shared {
+    config: Config,
+    dwh: Dwh,
+    status: Arc<IngestStatus>,
+    memory: Arc<Semaphore>,
+    budget: u32,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+}
+
+/// A consumer and the channel its callbacks and poll thread send on.
+struct Built {
+    consumer: Arc<BaseConsumer<Context>>,
+    events: mpsc::Sender<Event>,
+    receiver: mpsc::Receiver<Event>,
+}
+
+use consumer::Event;
+
+impl Shared {
+    fn build(&self, table: Table) -> Result<Built, IngestError> {
+        let kafka = &self.config.kafka;
+        let topic = kafka::topic_name(&kafka.topic_prefix, table);
+        let (events, receiver) = mpsc::channel(CHANNEL_RECORDS);
+        let mut settings = kafka::client_config(
+            kafka,
+            &[
+                ("group.id", &kafka.group_id),
+                ("client.id", &format!("dwh-helper-{}", table.name())),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "false"),
+                ("auto.offset.reset", kafka.auto_offset_reset.as_str()),
+                // librdkafka's own prefetch counts against memory too: keep it modest.
+                ("queued.max.messages.kbytes", "16384"),
+                // Pick up topics created after the start within seconds.
+                ("topic.metadata.refresh.interval.ms", "10000"),
+            ],
+        )?;
+        if let Some(instance) = &kafka.group_instance_id {
+            // Set before the pass-through properties would be ideal, but an
+            // explicit KAFKA_GROUP_INSTANCE_ID is the operator's intent.
+            settings.set("group.instance.id", format!("{instance}-{}", table.name()));
+        }
+        let context = Context {
+            topic: topic.clone(),
+            events: events.clone(),
+        };
+        let consumer: BaseConsumer<Context> =
+            settings
+                .create_with_context(context)
+                .map_err(|source| KafkaSetupError::Client {
+                    role: "consumer",
+                    source,
+                })?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|source| IngestError::Subscribe { topic, source })?;
+        Ok(Built {
+            consumer: Arc::new(consumer),
+            events,
+            receiver,
+        })
+    }
+
+    /// Runs `table`'s consumer, rebuilding it after a fence or a failure, until shutdown.
+    async fn supervise(self, table: Table, first: Built) {
+        let mut next = Some(first);
+        loop {
+            let built = match next.take() {
+                Some(built) => built,
+                None => match self.build(table) {
+                    Ok(built) => built,
+                    Err(e) => {
+                        tracing::error!(table = %table, error = %e, "cannot rebuild the consumer");
+                        if self.pause().await {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            match self.consume(table, built).await {
+                Ok(Exit::Shutdown) => return,
+                Ok(Exit::Restart(why)) => tracing::warn!(table = %table, reason = %why, "restarting the consumer"),
+                Err(e) => tracing::error!(table = %table, error = %e, "consumer failed; restarting it"),
+            }
+            if self.pause().await {
+                return;
+            }
+        }
+    }
+
+    /// Waits before a restart; true when shutting down instead.
+    async fn pause(&self) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(RESTART_DELAY) => self.shutdown.is_cancelled(),
+            () = self.shutdown.cancelled() => true,
+        }
+    }
+
+    async fn consume(&self, table: Table, built: Built) -> Result<Exit, IngestError> {
+        let Built {
+            consumer,
+            events,
+            receiver,
+        } = built;
+        let stop = CancellationToken::new();
+        let poller = {
+            let (consumer, memory, stop) = (consumer.clone(), self.memory.clone(), stop.clone());
+            let (budget, runtime) = (self.budget, tokio::runtime::Handle::current());
+            std::thread::Builder::new()
+                .name(format!("poll-{}", table.name()))
+                .spawn(move || consumer::poll_loop(consumer, events, memory, budget, stop, runtime))
+                .map_err(IngestError::Thread)?
+        };
+        let worker = Worker {
+            table,
+            topic: consumer.context().topic.clone(),
+            group_id: self.config.kafka.group_id.clone(),
+            dwh: self.dwh.clone(),
+            consumer: consumer.clone(),
+            limits: BatchLimits {
+                max_rows: self.config.kafka.batch_max_rows,
+                max_bytes: self.config.kafka.batch_max_bytes,
+                linger: self.config.kafka.batch_linger,
+            },
+            max_record_bytes: self.config.dwh.max_write_batch_bytes,
+            status: self.status.clone(),
+            shutdown: self.shutdown.clone(),
+            abort: self.abort.clone(),
+        };
+        // The receiver goes with the worker, so callbacks during the close below
+        // find nobody to wait for and simply unassign.
+        let exit = worker.run(receiver).await;
+        stop.cancel();
+        let closed = tokio::task::spawn_blocking(move || {
+            let _ = poller.join();
+            // The last handle: closing leaves the group.
+            drop(consumer);
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::warn!(table = %table, error = %e, "closing the consumer failed");
+        }
+        Ok(exit)
+    }
+}

@@ -1,0 +1,384 @@
+//! The task that owns one table's consumer: decodes records, batches them and
+//! writes each batch to the DWH in one transaction with its fenced offsets.
+//!
+//! Guarantees: a batch's offsets advance in the same transaction as its rows and
+//! rejects, and only from the position the partition stood at; a failed write is
+//! retried as the same batch (capped exponential backoff) and never skipped; a
+//! fenced write drops the batch and restarts the consumer, which then resumes from
+//! the stored offsets; the Kafka commit follows the DWH commit and only feeds lag
+//! tools. A record the catalogue refuses becomes a reject in its own batch, so a
+//! partition never stalls on it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::message::{Message as _, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::batcher::{BatchLimits, Batcher, Closed, Entry};
+use super::consumer::{Context, Event};
+use super::status::IngestStatus;
+use crate::catalogue::{self, RecordError, Row, Table};
+use crate::store::{Batch, Dwh, OffsetAdvance, RejectedRecord, StoreError};
+
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Why the worker stopped.
+#[derive(Debug)]
+pub enum Exit {
+    /// Shutdown: everything buffered was written (or the grace period ran out).
+    Shutdown,
+    /// The consumer must be rebuilt (fenced, or its poll thread stopped).
+    Restart(String),
+}
+
+/// Decodes a record value into a row of `table`, refusing values over `limit`.
+pub fn decode(table: Table, payload: &[u8], limit: usize) -> Result<Row, RecordError> {
+    if payload.len() > limit {
+        return Err(RecordError::TooLarge {
+            size: payload.len(),
+            limit,
+        });
+    }
+    let row = catalogue::decode_bytes(table, payload)?.row;
+    let size = row.approx_bytes();
+    if size > limit {
+        return Err(RecordError::TooLarge { size, limit });
+    }
+    Ok(row)
+}
+
+enum FlushError {
+    Fenced(StoreError),
+    /// The shutdown grace period ran out while retrying.
+    Aborted,
+}
+
+#[allow(missing_debug_implementations)]
+pub struct Worker {
+    pub table: Table,
+    pub topic: String,
+    pub group_id: String,
+    pub dwh: Dwh,
+    pub consumer: Arc<BaseConsumer<Context>>,
+    pub limits: BatchLimits,
+    pub max_record_bytes: usize,
+    pub status: Arc<IngestStatus>,
+    /// Stop consuming; write what is buffered.
+    pub shutdown: CancellationToken,
+    /// The grace period is over: stop retrying.
+    pub abort: CancellationToken,
+}
+
+struct State {
+    batcher: Batcher,
+    /// Memory permits of the buffered records, returned when the batch is done.
+    memory: Option<OwnedSemaphorePermit>,
+    /// Assigned partitions and where each stands (`None`: nothing stored yet).
+    positions: HashMap<i32, Option<i64>>,
+}
+
+impl Worker {
+    pub async fn run(self, mut events: mpsc::Receiver<Event>) -> Exit {
+        let mut state = State {
+            batcher: Batcher::new(self.limits),
+            memory: None,
+            positions: HashMap::new(),
+        };
+        loop {
+            let deadline = state.batcher.deadline();
+            let linger = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into());
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    return match self.flush(&mut state).await {
+                        Ok(()) | Err(Exit::Shutdown) => Exit::Shutdown,
+                        Err(restart) => restart,
+                    };
+                }
+                () = linger, if deadline.is_some() => {
+                    if let Err(exit) = self.flush(&mut state).await {
+                        return exit;
+                    }
+                }
+                event = events.recv() => match event {
+                    None => return Exit::Restart("the poll thread stopped".into()),
+                    Some(Event::Record(message, permit)) => {
+                        self.accept(&mut state, &message, permit);
+                        if state.batcher.is_full() {
+                            if let Err(exit) = self.flush(&mut state).await {
+                                return exit;
+                            }
+                        }
+                    }
+                    Some(Event::Assigned { partitions, reply }) => {
+                        let Some(offsets) = self.stored_offsets(&partitions).await else {
+                            return Exit::Shutdown;
+                        };
+                        state.positions.extend(offsets.iter().copied());
+                        let _ = reply.send(offsets);
+                    }
+                    Some(Event::Revoked { partitions, reply }) => {
+                        // Write what is buffered while the partitions are still ours.
+                        let flushed = self.flush(&mut state).await;
+                        for partition in &partitions {
+                            state.positions.remove(partition);
+                        }
+                        let _ = reply.send(());
+                        if let Err(exit) = flushed {
+                            return exit;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn accept(&self, state: &mut State, message: &OwnedMessage, permit: OwnedSemaphorePermit) {
+        let partition = message.partition();
+        let offset = message.offset();
+        let Some(&position) = state.positions.get(&partition) else {
+            tracing::debug!(topic = %self.topic, partition, offset, "record of a partition not assigned here; skipped");
+            return;
+        };
+        let expected = state.batcher.next_offset(partition).or(position);
+        if expected.is_some_and(|next| offset < next) {
+            tracing::debug!(topic = %self.topic, partition, offset, "record already written; skipped");
+            return;
+        }
+        let payload = message.payload().unwrap_or_default();
+        let entry = match decode(self.table, payload, self.max_record_bytes) {
+            Ok(row) => Entry::Row(row),
+            Err(reason) => {
+                tracing::warn!(topic = %self.topic, partition, offset, %reason, "record rejected");
+                Entry::Reject(RejectedRecord {
+                    table: self.table,
+                    topic: self.topic.clone(),
+                    partition,
+                    offset,
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: payload.to_vec(),
+                    reason: reason.to_string(),
+                })
+            }
+        };
+        state
+            .batcher
+            .push(partition, position, offset, payload.len(), entry, Instant::now());
+        match &mut state.memory {
+            Some(held) => held.merge(permit),
+            None => state.memory = Some(permit),
+        }
+    }
+
+    /// Writes the open batch, if any. On success the partitions move on.
+    async fn flush(&self, state: &mut State) -> Result<(), Exit> {
+        if state.batcher.is_empty() {
+            return Ok(());
+        }
+        let mut closed = state.batcher.take();
+        // Dropped at the end of this function: the memory is free either way.
+        let _memory = state.memory.take();
+        let offsets = closed.offsets(&self.group_id, &self.topic);
+        let started = Instant::now();
+        match self.write(&mut closed, &offsets).await {
+            Ok(()) => {
+                let took = started.elapsed();
+                for advance in &offsets {
+                    state.positions.insert(advance.partition, Some(advance.to));
+                }
+                self.status
+                    .batch_written(closed.rows.len(), closed.rejects.len(), closed.bytes, took);
+                tracing::debug!(
+                    topic = %self.topic,
+                    rows = closed.rows.len(),
+                    rejects = closed.rejects.len(),
+                    bytes = closed.bytes,
+                    took_ms = took.as_millis() as u64,
+                    "batch committed"
+                );
+                self.commit_to_kafka(&offsets);
+                Ok(())
+            }
+            Err(FlushError::Fenced(e)) => {
+                tracing::warn!(topic = %self.topic, error = %e, "offset fenced: batch dropped, rejoining the group");
+                Err(Exit::Restart(e.to_string()))
+            }
+            Err(FlushError::Aborted) => {
+                tracing::warn!(
+                    topic = %self.topic,
+                    records = closed.records(),
+                    "shutdown grace period over before the batch was written; the next owner reads it again"
+                );
+                Err(Exit::Shutdown)
+            }
+        }
+    }
+
+    /// Writes the batch, retrying until it lands, is fenced or the grace period ends.
+    async fn write(&self, closed: &mut Closed, offsets: &[OffsetAdvance]) -> Result<(), FlushError> {
+        let mut delay = FIRST_RETRY;
+        let mut failing = false;
+        loop {
+            let batch = Batch {
+                table: self.table,
+                rows: &closed.rows,
+                rejects: &closed.rejects,
+                offsets,
+            };
+            let error = match self.dwh.write(batch).await {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!(topic = %self.topic, "DWH writes succeed again");
+                        self.status.set_failing(&self.topic, None);
+                    }
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if matches!(error, StoreError::Fenced { .. }) {
+                return Err(FlushError::Fenced(error));
+            }
+            // The database refused something in the batch rather than being away:
+            // find the rows it refuses and reject them, so the rest lands.
+            if !error.is_transient() && self.isolate(closed, &error).await? > 0 {
+                continue;
+            }
+            tracing::warn!(
+                topic = %self.topic,
+                error = %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "DWH write failed; retrying the same batch"
+            );
+            self.status.set_failing(&self.topic, Some(error.to_string()));
+            failing = true;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.abort.cancelled() => return Err(FlushError::Aborted),
+            }
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// Writes each row of the batch alone (idempotent: natural keys) to find those
+    /// the database refuses; moves them to the rejects. Returns how many it moved.
+    async fn isolate(&self, closed: &mut Closed, cause: &StoreError) -> Result<usize, FlushError> {
+        tracing::error!(topic = %self.topic, error = %cause, "DWH refused the batch; finding the rows it refuses");
+        let spec = self.table.spec();
+        let mut kept_rows = Vec::with_capacity(closed.rows.len());
+        let mut kept_origins = Vec::with_capacity(closed.rows.len());
+        let mut moved = 0;
+        for (row, origin) in std::mem::take(&mut closed.rows)
+            .into_iter()
+            .zip(std::mem::take(&mut closed.origins))
+        {
+            match self
+                .dwh
+                .write(Batch::rows(self.table, std::slice::from_ref(&row)))
+                .await
+            {
+                Ok(_) => {
+                    kept_rows.push(row);
+                    kept_origins.push(origin);
+                }
+                Err(e) if e.is_transient() => {
+                    // The database went away meanwhile: keep everything, retry later.
+                    kept_rows.push(row);
+                    kept_origins.push(origin);
+                }
+                Err(e) => {
+                    let record: serde_json::Map<String, serde_json::Value> = spec
+                        .columns
+                        .iter()
+                        .zip(&row.values)
+                        .map(|(c, v)| (c.name.to_owned(), v.to_json()))
+                        .collect();
+                    tracing::warn!(topic = %self.topic, partition = origin.partition, offset = origin.offset, error = %e, "record rejected by the database");
+                    closed.rejects.push(RejectedRecord {
+                        table: self.table,
+                        topic: self.topic.clone(),
+                        partition: origin.partition,
+                        offset: origin.offset,
+                        key: None,
+                        payload: serde_json::Value::Object(record).to_string().into_bytes(),
+                        reason: format!("the database refused the row: {e}"),
+                    });
+                    moved += 1;
+                }
+            }
+            if self.abort.is_cancelled() {
+                return Err(FlushError::Aborted);
+            }
+        }
+        closed.rows = kept_rows;
+        closed.origins = kept_origins;
+        Ok(moved)
+    }
+
+    /// The stored next offset of each partition, retried while the DWH is away.
+    async fn stored_offsets(&self, partitions: &[i32]) -> Option<Vec<(i32, Option<i64>)>> {
+        let mut delay = FIRST_RETRY;
+        loop {
+            let mut offsets = Vec::with_capacity(partitions.len());
+            let mut failure = None;
+            for &partition in partitions {
+                match self.dwh.stored_offset(&self.group_id, &self.topic, partition).await {
+                    Ok(stored) => offsets.push((partition, stored)),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            let Some(error) = failure else { return Some(offsets) };
+            tracing::warn!(topic = %self.topic, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot read stored offsets; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// Tells Kafka how far the DWH got, for lag tools. Failures only log.
+    fn commit_to_kafka(&self, offsets: &[OffsetAdvance]) {
+        let mut list = TopicPartitionList::new();
+        for advance in offsets {
+            if let Err(e) = list.add_partition_offset(&self.topic, advance.partition, Offset::Offset(advance.to)) {
+                tracing::debug!(topic = %self.topic, error = %e, "cannot list a kafka commit");
+            }
+        }
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            tracing::debug!(topic = %self.topic, error = %e, "kafka offset commit failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_refuses_oversized_records_by_raw_and_decoded_size() {
+        let record = br#"{"uuid":"5d8e2f86-2a1f-4a4e-9a0b-4c1f1c2b7a10","application_id":1}"#;
+        let limit = record.len() - 1;
+        assert_eq!(
+            decode(Table::UserLocations, record, limit).unwrap_err().to_string(),
+            format!("record is {} bytes, over the limit of {limit} bytes", record.len())
+        );
+        assert_eq!(
+            decode(Table::UserLocations, b"", 1024).unwrap_err(),
+            RecordError::Empty,
+            "a tombstone is rejected, not dropped"
+        );
+        assert!(matches!(
+            decode(Table::UserLocations, b"\xff{}", 1024),
+            Err(RecordError::NotUtf8(0))
+        ));
+    }
+}

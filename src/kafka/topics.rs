@@ -1,0 +1,95 @@
+//! Topic metadata: which of our topics exist, creating missing ones, and the
+//! watermarks that say how far a partition goes.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+
+use super::{client_config, KafkaSetupError};
+use crate::config::KafkaConfig;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One partition's range of offsets on the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    pub partition: i32,
+    /// The first offset still held (above 0 once the broker dropped data).
+    pub low: i64,
+    /// One past the last offset written: where a caught-up consumer stands.
+    pub high: i64,
+}
+
+/// A short-lived client for metadata queries.
+#[allow(missing_debug_implementations)]
+pub struct Metadata {
+    client: BaseConsumer,
+}
+
+impl Metadata {
+    pub fn connect(kafka: &KafkaConfig) -> Result<Self, KafkaSetupError> {
+        let client = client_config(
+            kafka,
+            &[("enable.auto.commit", "false"), ("group.id", "dwh-helper-metadata")],
+        )?
+        .create()
+        .map_err(|source| KafkaSetupError::Client {
+            role: "metadata client",
+            source,
+        })?;
+        Ok(Metadata { client })
+    }
+
+    /// Partition count of `topic`, or `None` when it does not exist. Blocking.
+    pub fn partitions(&self, topic: &str) -> Result<Option<usize>, KafkaError> {
+        let metadata = self.client.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len()))
+    }
+
+    /// Watermarks of every partition of `topic`, by partition. Blocking.
+    pub fn watermarks(&self, topic: &str) -> Result<Vec<Watermarks>, KafkaError> {
+        let count = self.partitions(topic)?.unwrap_or(0);
+        (0..count as i32)
+            .map(|partition| {
+                let (low, high) = self.client.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+                Ok(Watermarks { partition, low, high })
+            })
+            .collect()
+    }
+}
+
+/// Creates `topics` with `partitions` partitions each (replication 1 on a single
+/// broker, else the cluster default); a topic that already exists is fine.
+pub async fn create(kafka: &KafkaConfig, topics: &[String], partitions: i32) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[])
+        .map_err(|_| KafkaError::ClientCreation("KAFKA_BOOTSTRAP_SERVERS is not set".into()))?
+        .create()?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new_topics,
+            &AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT)),
+        )
+        .await?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(topic, error = %code, "cannot create topic");
+                })
+            }
+        }
+    }
+    Ok(())
+}
