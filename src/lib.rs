@@ -10,5 +10,6 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod sample;
 pub mod store;
 pub mod telemetry;

@@ -83,7 +83,7 @@ async fn run_http(config: &Config, args: &BenchArgs, scratch: &Scratch) -> anyho
     let dwh = Dwh::connect(&dwh_config)?;
     dwh.migrate().await?;
 
-    let records = synthetic_events(args.rows);
+    let records = crate::sample::records(Table::EventsPart, args.rows, 0);
     let bodies: Vec<Vec<u8>> = records
         .chunks(args.per_request)
         .map(|chunk| serde_json::to_vec(&json!({ "data": chunk })))
@@ -155,49 +155,6 @@ async fn post_events(client: &reqwest::Client, base: &str, body: Vec<u8>) -> any
         .as_u64()
         .map(|c| c as usize)
         .context("response without count")
-}
-
-/// `n` distinct events shaped like AppMetrica's, about 400 bytes of JSON each.
-pub fn synthetic_events(n: usize) -> Vec<Value> {
-    const NAMES: [&str; 6] = [
-        "app_open",
-        "screen_view",
-        "purchase",
-        "add_to_cart",
-        "search",
-        "app_close",
-    ];
-    (0..n)
-        .map(|i| {
-            let ts = 1_709_251_200 + (i as i64 * 7) % (30 * 86_400);
-            json!({
-                "application_id": 4242,
-                "event_name": NAMES[i % NAMES.len()],
-                "event_timestamp": ts,
-                "event_receive_timestamp": ts + 3,
-                "session_id": 10_000_000 + i as i64 / 20,
-                "appmetrica_device_id": (17_000_000_000_000_000_000u64 + (i as u64 % 50_000)).to_string(),
-                "profile_id": format!("user-{}", i % 50_000),
-                "device_manufacturer": "Samsung",
-                "device_model": "SM-G991B",
-                "os_name": "android",
-                "os_version": "14",
-                "device_locale": "ru_RU",
-                "connection_type": "wifi",
-                "operator_name": "MTS",
-                "mcc": 250,
-                "mnc": 1,
-                "city": "Moscow",
-                "country_iso_code": "RU",
-                "google_aid": format!("{:08x}-0000-4000-8000-{:012x}", i % 50_000, i % 50_000),
-                "app_version_name": "5.12.0",
-                "app_build_number": 51200,
-                "app_package_name": "com.example.app",
-                "dup_seq": 0,
-                "event_hash": format!("bench-{i}"),
-            })
-        })
-        .collect()
 }
 
 /// One plain `COPY` of the same rows into an empty copy of events_part.

@@ -71,7 +71,7 @@ pub enum DevBrokerError {
 #[allow(missing_debug_implementations)] // holds a librdkafka handle with no useful Debug
 pub struct DevBroker {
     /// The client that owns the mock cluster; the cluster lives as long as it does.
-    owner: BaseProducer,
+    _owner: BaseProducer,
     bootstrap: String,
     forwarders: JoinSet<()>,
 }
@@ -131,7 +131,7 @@ impl DevBroker {
             }
         };
         Ok(DevBroker {
-            owner,
+            _owner: owner,
             bootstrap,
             forwarders,
         })
@@ -140,21 +140,6 @@ impl DevBroker {
     /// The `bootstrap.servers` clients use.
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
-    }
-
-    /// Creates one more topic (tests size topics to fit the per-partition limit).
-    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), DevBrokerError> {
-        let cluster = self
-            .owner
-            .client()
-            .mock_cluster()
-            .ok_or(DevBrokerError::Setting("a topic"))?;
-        cluster
-            .create_topic(topic, partitions, 1)
-            .map_err(|source| DevBrokerError::Topic {
-                topic: topic.to_owned(),
-                source,
-            })
     }
 
     /// Stops the forwarders; the cluster stops when the value is dropped.

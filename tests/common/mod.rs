@@ -165,3 +165,352 @@ pub fn locations(n: usize) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------
+// Kafka: the dev broker in-process, publishing, ingest in-process or as a child.
+
+use dwh_helper::kafka::devbroker::DevBrokerOptions;
+pub use dwh_helper::kafka::DevBroker;
+
+/// A dev broker whose seven topics (under a prefix of their own) have `partitions`
+/// partitions each.
+pub async fn broker(partitions: i32) -> (DevBroker, String) {
+    let prefix = format!("t{}.", COUNTER.fetch_add(1, Ordering::SeqCst));
+    let broker = DevBroker::start(&DevBrokerOptions {
+        partitions,
+        topic_prefix: prefix.clone(),
+        initial_rebalance_delay_ms: 100,
+        ..DevBrokerOptions::default()
+    })
+    .await
+    .expect("dev broker starts");
+    (broker, prefix)
+}
+
+/// The variables an ingest process needs for `broker` and `database_url`.
+pub fn ingest_env(broker: &DevBroker, prefix: &str, database_url: &str) -> Vec<(String, String)> {
+    [
+        ("DWH_DATABASE_URL", database_url),
+        ("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap_servers()),
+        ("KAFKA_TOPIC_PREFIX", prefix),
+        ("KAFKA_GROUP_ID", "ingest-test"),
+        ("KAFKA_BATCH_LINGER_MS", "100"),
+        // Crashed members leave the group quickly.
+        ("KAFKA_LIBRDKAFKA_SESSION_TIMEOUT_MS", "6000"),
+        ("KAFKA_LIBRDKAFKA_HEARTBEAT_INTERVAL_MS", "500"),
+        ("LOG_LEVEL", "info"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+pub fn config_from(env: &[(String, String)], extra: &[(&str, &str)]) -> Config {
+    let mut vars = env.to_vec();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::from_vars(vars).expect("valid test configuration")
+}
+
+/// Publishes `(key, payload)` records to `topic` and waits for every acknowledgement.
+pub async fn publish(config: &Config, topic: &str, records: &[(String, Vec<u8>)]) {
+    let publisher = dwh_helper::kafka::Publisher::new(&config.kafka).expect("producer");
+    let mut batch = publisher.batch();
+    for (key, payload) in records {
+        batch.send(topic, key, payload).await.expect("record queued");
+    }
+    assert_eq!(
+        batch.finish().await.expect("records acknowledged"),
+        records.len() as u64
+    );
+}
+
+/// Valid records of `table` as `(natural key, JSON bytes)`.
+pub fn keyed(table: dwh_helper::catalogue::Table, records: Vec<serde_json::Value>) -> Vec<(String, Vec<u8>)> {
+    records
+        .into_iter()
+        .map(|record| {
+            let row = dwh_helper::catalogue::decode_json(table, record.clone())
+                .expect("valid sample")
+                .row;
+            (
+                dwh_helper::catalogue::natural_key(table.spec(), &row),
+                record.to_string().into_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// Watermarks of every partition of `topic`.
+pub async fn watermarks(config: &Config, topic: &str) -> Vec<dwh_helper::kafka::topics::Watermarks> {
+    let kafka = config.kafka.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        dwh_helper::kafka::topics::Metadata::connect(&kafka)
+            .expect("metadata client")
+            .watermarks(&topic)
+            .expect("watermarks")
+    })
+    .await
+    .expect("metadata task")
+}
+
+/// The ingest role running in this process; stops (gracefully) when dropped or
+/// on [`InProcessIngest::stop`].
+pub struct InProcessIngest {
+    pub shutdown: CancellationToken,
+    pub status: std::sync::Arc<dwh_helper::ingest::IngestStatus>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessIngest {
+    pub fn start(config: Config, dwh: Dwh) -> Self {
+        let shutdown = CancellationToken::new();
+        let status = std::sync::Arc::new(dwh_helper::ingest::IngestStatus::default());
+        let task = {
+            let (shutdown, status) = (shutdown.clone(), status.clone());
+            tokio::spawn(async move {
+                dwh_helper::ingest::run(&config, dwh, status, shutdown)
+                    .await
+                    .expect("ingest runs");
+            })
+        };
+        InProcessIngest {
+            shutdown,
+            status,
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("ingest task ends cleanly");
+        }
+    }
+}
+
+impl Drop for InProcessIngest {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `dwh-helper run --roles ingest` as a child process with `env`.
+pub struct Child {
+    pub child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Child {
+    pub fn ingest(env: &[(String, String)]) -> Child {
+        let log = tempfile::NamedTempFile::new()
+            .expect("log file")
+            .into_temp_path()
+            .keep()
+            .expect("keep log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+            .args(["run", "--roles", "ingest"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().cloned())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("dwh-helper starts");
+        Child { child, log }
+    }
+
+    /// What the child logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// SIGKILL: a crash.
+    pub fn crash(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (waiting at most `limit`).
+    pub fn terminate(mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        self.signal("TERM");
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("child log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `limit` passes (then panics with `what`).
+pub async fn wait_for<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// One number from a PostgreSQL query.
+pub async fn pg_count(url: &str, sql: &str) -> Option<i64> {
+    let mut conn = sqlx::PgConnection::connect(url).await.ok()?;
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut conn).await.ok()
+}
+
+/// Sum of the stored next offsets of `topic` for `group`.
+pub async fn stored_offsets(url: &str, group: &str, topic: &str) -> Vec<(i32, i64)> {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query_as::<_, (i32, i64)>(
+        "SELECT partition, next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 ORDER BY partition",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_all(&mut conn)
+    .await
+    .expect("offsets")
+}
+
+/// A PostgreSQL cluster of a test's own (to stop and start it), in a temp dir.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bindir: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        let bindir = pg_bindir();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let as_postgres = is_root();
+        if as_postgres {
+            run(std::process::Command::new("chown").args(["postgres", &dir.path().display().to_string()]));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let cluster = PgCluster { dir, bindir, port };
+        cluster.pg(
+            "initdb",
+            &["-D", &cluster.data(), "-U", "postgres", "-A", "trust", "--no-sync"],
+        );
+        cluster.up();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn up(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", &log, "-w", "-o", &options, "start"],
+        );
+    }
+
+    pub fn down(&self) {
+        self.pg("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    fn pg(&self, program: &str, args: &[&str]) {
+        let binary = self.bindir.join(program).display().to_string();
+        let mut command = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &binary]);
+            c
+        } else {
+            std::process::Command::new(&binary)
+        };
+        command.args(args);
+        run(&mut command);
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.pg("pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"])
+        }));
+    }
+}
+
+fn run(command: &mut std::process::Command) {
+    let output = command.output().expect("command runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The PostgreSQL server binaries: `pg_config --bindir`, else the newest under
+/// /usr/lib/postgresql. Missing binaries fail the test.
+fn pg_bindir() -> std::path::PathBuf {
+    let from_config = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.join("initdb").exists());
+    from_config
+        .or_else(|| {
+            let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+                .ok()?
+                .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .filter(|p| p.join("initdb").exists())
+                .collect();
+            dirs.sort();
+            dirs.pop()
+        })
+        .expect("PostgreSQL server binaries (initdb, pg_ctl) are installed")
+}

@@ -1,0 +1,453 @@
+//! The ingest role against the dev broker (librdkafka's mock cluster) and a real
+//! PostgreSQL: typed rows in all seven tables, rejects, redelivery, fencing,
+//! crashes, rebalances, a database outage and graceful shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use dwh_helper::catalogue::Table;
+use dwh_helper::config::Config;
+use dwh_helper::sample;
+use dwh_helper::store::Dwh;
+use sqlx::{Connection as _, Row as _};
+
+const GROUP: &str = "ingest-test";
+
+fn topic(prefix: &str, table: Table) -> String {
+    format!("{prefix}{}", table.name())
+}
+
+async fn migrated(config: &Config) -> Dwh {
+    let dwh = Dwh::connect(&config.dwh).expect("pool");
+    dwh.migrate().await.expect("migrations apply");
+    dwh
+}
+
+/// Waits until the DWH's stored offsets of `table` equal the broker's end offsets
+/// (every partition caught up), then returns those end offsets.
+async fn caught_up(config: &Config, url: &str, prefix: &str, table: Table, limit: Duration) -> Vec<(i32, i64)> {
+    let topic = topic(prefix, table);
+    wait_for(limit, &format!("{topic} to be caught up"), || async {
+        let ends: Vec<(i32, i64)> = watermarks(config, &topic)
+            .await
+            .iter()
+            .filter(|w| w.high > 0)
+            .map(|w| (w.partition, w.high))
+            .collect();
+        let stored = stored_offsets(url, GROUP, &topic).await;
+        (!ends.is_empty() && stored == ends).then_some(ends)
+    })
+    .await
+}
+
+/// The text of each column of the one row `sql` selects (columns cast to text).
+async fn row_text(url: &str, sql: &str, bind: &str) -> Vec<Option<String>> {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    let row = sqlx::query(sql)
+        .bind(bind)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    (0..row.len()).map(|i| row.get::<Option<String>, _>(i)).collect()
+}
+
+fn text(v: &serde_json::Value) -> Option<String> {
+    Some(match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_of_all_seven_tables_land_with_typed_values() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(&ingest_env(&broker, &prefix, &url), &[]);
+    let dwh = migrated(&config).await;
+    for table in Table::ALL {
+        publish(
+            &config,
+            &topic(&prefix, table),
+            &keyed(table, sample::records(table, 50, 1)),
+        )
+        .await;
+    }
+    let ingest = InProcessIngest::start(config.clone(), dwh);
+    for table in Table::ALL {
+        caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+        let count = pg_count(&url, &format!("SELECT count(*) FROM {}", table.name())).await;
+        assert_eq!(count, Some(50), "{table}");
+    }
+
+    let r = |t| sample::records(t, 1, 1).remove(0);
+    let e = r(Table::EventsPart);
+    let ts = e["event_timestamp"].as_i64().expect("ts");
+    let date = chrono::DateTime::from_timestamp(ts, 0)
+        .expect("date")
+        .date_naive()
+        .to_string();
+    assert_eq!(
+        row_text(&url, "SELECT event_date::text, mcc::text, appmetrica_device_id::text, event_name FROM events_part WHERE session_id = $1::bigint", &e["session_id"].to_string()).await,
+        [Some(date), text(&e["mcc"]), text(&e["appmetrica_device_id"]), text(&e["event_name"])]
+    );
+    let d = r(Table::MobileDevices);
+    assert_eq!(
+        row_text(&url, "SELECT extract(epoch FROM first_seen_at)::bigint::text, extract(epoch FROM last_seen_at)::bigint::text, mnc::text FROM mobile_devices WHERE appmetrica_device_id = $1::numeric", d["appmetrica_device_id"].as_str().expect("id")).await,
+        [text(&d["first_seen_at"]), text(&d["last_seen_at"]), text(&d["mnc"])]
+    );
+    let p = r(Table::PermanentUserProperties);
+    assert_eq!(
+        row_text(&url, "SELECT notifications_enabled::text, first_session_date::text, gender FROM permanent_user_properties WHERE profile_id = $1", p["profile_id"].as_str().expect("id")).await,
+        [text(&p["notifications_enabled"]), text(&p["first_session_date"]), text(&p["gender"])]
+    );
+    let t = r(Table::TechnicalData);
+    assert_eq!(
+        row_text(&url, "SELECT data->>'screen', paying::text, sample_rate::text, event_type FROM technical_data WHERE uuid = $1::uuid", t["uuid"].as_str().expect("uuid")).await,
+        [text(&t["data"]["screen"]), text(&t["paying"]), Some("1".into()), text(&t["event_type"])]
+    );
+    let ep = r(Table::TmpEventProperties);
+    assert_eq!(
+        row_text(&url, "SELECT properties->>'currency', (properties->>'sum'), source FROM tmp_event_properties WHERE event_hash = $1", ep["event_hash"].as_str().expect("hash")).await,
+        [text(&ep["properties"]["currency"]), text(&ep["properties"]["sum"]), text(&ep["source"])]
+    );
+    let up = r(Table::TmpUserProperties);
+    assert_eq!(
+        row_text(
+            &url,
+            "SELECT value_text, snapshot_date::text, property_kind FROM tmp_user_properties WHERE profile_id = $1",
+            up["profile_id"].as_str().expect("id")
+        )
+        .await,
+        [
+            text(&up["value_text"]),
+            text(&up["snapshot_date"]),
+            text(&up["property_kind"])
+        ]
+    );
+    let l = r(Table::UserLocations);
+    assert_eq!(
+        row_text(
+            &url,
+            "SELECT latitude::text, longitude::text, city FROM user_locations WHERE uuid = $1::uuid",
+            l["uuid"].as_str().expect("uuid")
+        )
+        .await,
+        [text(&l["latitude"]), text(&l["longitude"]), text(&l["city"])]
+    );
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
+        Some(0)
+    );
+    assert!(ingest.status.counters().rows >= 350);
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_records_are_rejected_with_their_reason_and_the_rest_lands() {
+    let (broker, prefix) = broker(4).await;
+    let url = fresh_pg_url().await;
+    let limit = 16 * 1024;
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &url),
+        &[("DWH_MAX_WRITE_BATCH_BYTES", "16KiB"), ("KAFKA_BATCH_MAX_ROWS", "100")],
+    );
+    let dwh = migrated(&config).await;
+    let table = Table::EventsPart;
+    let good = keyed(table, sample::records(table, 1386, 2));
+    // 1%: two of every kind, spread through the stream.
+    let mut expected = Vec::new();
+    let mut records = Vec::new();
+    for (i, record) in good.iter().enumerate() {
+        records.push(record.clone());
+        if i % 99 == 50 {
+            let n = expected.len();
+            let (payload, reason) = sample::poison(table, i as u64, limit).swap_remove((n / 2) % 7);
+            let key = format!("poison-{n}");
+            expected.push((payload.clone(), reason));
+            records.push((key, payload));
+        }
+    }
+    assert_eq!(expected.len(), 14);
+    publish(&config, &topic(&prefix, table), &records).await;
+    let ingest = InProcessIngest::start(config.clone(), dwh);
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM events_part").await, Some(1386));
+
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let rejects: Vec<(Vec<u8>, String, String, i32, i64)> = sqlx::query_as(
+        "SELECT payload, reason, topic, partition, \"offset\" FROM dwh_rejected_records ORDER BY partition, \"offset\"",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("rejects");
+    assert_eq!(rejects.len(), expected.len());
+    for (payload, reason) in &expected {
+        let found = rejects
+            .iter()
+            .find(|r| &r.0 == payload)
+            .unwrap_or_else(|| panic!("reject with reason {reason:?} is stored with its raw payload"));
+        assert!(found.1.contains(reason), "{:?} should name {reason:?}", found.1);
+        assert_eq!(found.2, topic(&prefix, table));
+    }
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_records_produced_twice_land_once() {
+    let (broker, prefix) = broker(8).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(&ingest_env(&broker, &prefix, &url), &[]);
+    let dwh = migrated(&config).await;
+    let table = Table::EventsPart;
+    let records = keyed(table, sample::records(table, 10_000, 3));
+    let ingest = InProcessIngest::start(config.clone(), dwh);
+    publish(&config, &topic(&prefix, table), &records).await;
+    publish(&config, &topic(&prefix, table), &records).await;
+    let ends = caught_up(&config, &url, &prefix, table, Duration::from_secs(120)).await;
+    assert_eq!(
+        ends.iter().map(|(_, end)| end).sum::<i64>(),
+        20_000,
+        "both copies were consumed"
+    );
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM events_part").await, Some(10_000));
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_flush_writes_nothing_and_the_consumer_resumes_from_the_stored_offset() {
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(&ingest_env(&broker, &prefix, &url), &[]);
+    let dwh = migrated(&config).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, sample::records(table, 200, 4));
+    let ingest = InProcessIngest::start(config.clone(), dwh);
+    publish(&config, &topic, &records[..100]).await;
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+    // Another owner wrote offsets 100..150 meanwhile: the stored offset moved on.
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("UPDATE dwh_consumer_offsets SET next_offset = 150 WHERE topic = $1")
+        .bind(&topic)
+        .execute(&mut conn)
+        .await
+        .expect("offset moved");
+    publish(&config, &topic, &records[100..]).await;
+    let ends = caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+    assert_eq!(ends, [(0, 200)]);
+    // The batch that started at 100 was fenced: none of 100..150 was written by us.
+    let uuids = |range: std::ops::Range<usize>| -> Vec<String> {
+        sample::records(table, 200, 4)[range]
+            .iter()
+            .map(|r| r["uuid"].as_str().expect("uuid").to_owned())
+            .collect()
+    };
+    let present = |ids: Vec<String>| {
+        let url = url.clone();
+        async move {
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_locations WHERE uuid::text = ANY($1)")
+                .bind(ids)
+                .fetch_one(&mut conn)
+                .await
+                .expect("count")
+        }
+    };
+    assert_eq!(present(uuids(0..100)).await, 100);
+    assert_eq!(present(uuids(100..150)).await, 0, "the fenced batch wrote nothing");
+    assert_eq!(
+        present(uuids(150..200)).await,
+        50,
+        "ingest resumed from the stored offset"
+    );
+    ingest.stop().await;
+}
+
+/// A small deterministic generator for kill moments; the seed is printed.
+struct Moments(u64);
+
+impl Moments {
+    fn next_ms(&mut self, low: u64, high: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        low + self.0 % (high - low)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
+    let (broker, prefix) = broker(16).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    env.push(("KAFKA_GROUP_INSTANCE_ID".into(), "crash-test".into()));
+    env.push(("KAFKA_BATCH_MAX_ROWS".into(), "2000".into()));
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let records = keyed(table, sample::records(table, 200_000, 5));
+    publish(&config, &topic, &records).await;
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 | 1)
+        .unwrap_or(7);
+    eprintln!("kill moments seed: {seed}");
+    let mut moments = Moments(seed);
+    let mut child = Child::ingest(&env);
+    let mut kills = 0;
+    while kills < 6 {
+        tokio::time::sleep(Duration::from_millis(moments.next_ms(500, 4000))).await;
+        child.crash();
+        kills += 1;
+        child = Child::ingest(&env);
+    }
+    let ends = caught_up(&config, &url, &prefix, table, Duration::from_secs(300)).await;
+    drop(child);
+    assert_eq!(ends.len(), 16);
+    assert_eq!(ends.iter().map(|(_, end)| end).sum::<i64>(), 200_000);
+    let lows = watermarks(&config, &topic).await;
+    assert!(lows.iter().all(|w| w.low == 0), "the broker dropped nothing: {lows:?}");
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        Some(200_000)
+    );
+    assert_eq!(
+        pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
+        Some(200_000),
+        "no natural key twice"
+    );
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
+        Some(0)
+    );
+}
+
+/// Publishes `records` in slices while the test does other things.
+fn trickle(config: &Config, topic: &str, records: Vec<(String, Vec<u8>)>, slice: usize) -> tokio::task::JoinHandle<()> {
+    let (config, topic) = (config.clone(), topic.to_owned());
+    tokio::spawn(async move {
+        for chunk in records.chunks(slice) {
+            publish(&config, &topic, chunk).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_leaving_and_joining_mid_stream_lose_and_duplicate_nothing() {
+    let (broker, prefix) = broker(16).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let url = fresh_pg_url().await;
+    let env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let producing = trickle(&config, &topic, keyed(table, sample::records(table, 60_000, 6)), 2_000);
+    let a = Child::ingest(&env);
+    let b = Child::ingest(&env);
+    let c = Child::ingest(&env);
+    wait_for(Duration::from_secs(60), "rows to arrive", || async {
+        pg_count(&url, "SELECT count(*) FROM user_locations")
+            .await
+            .filter(|n| *n > 5_000)
+    })
+    .await;
+    let status = b.terminate(Duration::from_secs(40)).expect("b stops in time");
+    assert!(status.success(), "b exits 0 on SIGTERM: {status:?}");
+    let d = Child::ingest(&env);
+    producing.await.expect("all published");
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(180)).await;
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        Some(60_000)
+    );
+    assert_eq!(
+        pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
+        Some(60_000)
+    );
+    drop((a, c, d));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
+    let (broker, prefix) = broker(8).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let cluster = tokio::task::spawn_blocking(PgCluster::start).await.expect("cluster");
+    let url = cluster.url();
+    let env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let producing = trickle(&config, &topic, keyed(table, sample::records(table, 40_000, 7)), 1_000);
+    let child = Child::ingest(&env);
+    wait_for(Duration::from_secs(60), "rows to arrive", || async {
+        pg_count(&url, "SELECT count(*) FROM user_locations")
+            .await
+            .filter(|n| *n > 2_000)
+    })
+    .await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.down();
+        std::thread::sleep(Duration::from_secs(6));
+        cluster.up();
+        cluster
+    })
+    .await
+    .expect("outage");
+    producing.await.expect("all published");
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(180)).await;
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        Some(40_000)
+    );
+    assert_eq!(
+        pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
+        Some(40_000)
+    );
+    let status = child.terminate(Duration::from_secs(40)).expect("stops in time");
+    assert!(status.success(), "the outage did not make it exit: {status:?}");
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    env.retain(|(k, _)| k != "KAFKA_BATCH_LINGER_MS");
+    env.push(("KAFKA_BATCH_LINGER_MS".into(), "600000".into()));
+    env.push(("KAFKA_BATCH_MAX_ROWS".into(), "100000".into()));
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let table = Table::UserLocations;
+    let child = Child::ingest(&env);
+    // Wait for the assignment, then give the consumer the records.
+    let topic = topic(&prefix, table);
+    wait_for(Duration::from_secs(60), "the assignment", || async {
+        let log = child.log_text();
+        log.lines()
+            .any(|line| line.contains("partitions assigned") && line.contains(&topic))
+            .then_some(())
+    })
+    .await;
+    publish(&config, &topic, &keyed(table, sample::records(table, 500, 8))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        Some(0),
+        "the batch is still open (linger 10 minutes)"
+    );
+    let started = Instant::now();
+    let status = child
+        .terminate(Duration::from_secs(30))
+        .expect("exits within the grace period");
+    assert!(status.success(), "exit 0: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(500));
+    let stored: i64 = stored_offsets(&url, GROUP, &topic).await.iter().map(|(_, o)| o).sum();
+    assert_eq!(stored, 500);
+}
