@@ -245,3 +245,150 @@ fn json_logs_are_one_object_per_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn demo_runs_sample_data_through_the_pipeline_and_prints_a_summary() {
+    let dir = tempfile::tempdir().expect("dir");
+    let output = run_to_end(
+        dir.path(),
+        &["demo", "--rows", "300", "--bind", "127.0.0.1:0", "--exit-after-summary"],
+        &[("LOG_LEVEL", "warn")],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for table in dwh_helper::catalogue::Table::ALL {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(table.name()))
+            .unwrap_or_else(|| panic!("{table} in the summary:\n{stdout}"));
+        assert_eq!(line.split_whitespace().nth(1), Some("300"), "{line}");
+    }
+    let rejects = stdout
+        .lines()
+        .find(|l| l.contains("rejected records"))
+        .expect("rejects line");
+    assert_eq!(
+        rejects.split_whitespace().last(),
+        Some("7"),
+        "one invalid record of each kind"
+    );
+    assert!(stdout.contains("curl 'http://127.0.0.1:"), "{stdout}");
+    assert!(
+        !dir.path().join("dwh-helper.db").exists(),
+        "the demo leaves no database behind"
+    );
+}
+
+#[test]
+fn dev_broker_help_states_the_partition_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let output = run_to_end(dir.path(), &["dev-broker", "--help"], &[]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("at most 5 MiB"), "{help}");
+    assert!(help.contains("--partitions"), "{help}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing() {
+    use std::io::{BufRead as _, BufReader};
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let mut broker = command(dir.path(), &[])
+        .args([
+            "dev-broker",
+            "--partitions",
+            "3",
+            "--topic-prefix",
+            "cli.",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dev-broker starts");
+    let mut first = String::new();
+    BufReader::new(broker.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("first line");
+    let bootstrap = first.trim().to_owned();
+    assert_eq!(bootstrap, format!("127.0.0.1:{port}"));
+    let vars = [
+        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+        ("KAFKA_TOPIC_PREFIX", "cli."),
+    ];
+    let config = common::config_for("sqlite::memory:", &vars);
+    let published = || async {
+        common::watermarks(&config, "cli.user_locations")
+            .await
+            .iter()
+            .map(|w| w.high)
+            .sum::<i64>()
+    };
+
+    let mut lines: Vec<String> = dwh_helper::sample::records(dwh_helper::catalogue::Table::UserLocations, 3, 9)
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    lines.insert(1, r#"{"uuid": "not-a-uuid"}"#.to_owned());
+    lines.insert(3, String::new());
+    let file = dir.path().join("locations.jsonl");
+    std::fs::write(&file, lines.join("\n")).expect("write input");
+
+    let refused = run_to_end(
+        dir.path(),
+        &["produce", "--table", "user_locations", "locations.jsonl"],
+        &vars,
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("line 2: field \"uuid\""), "{stderr}");
+    assert!(stderr.contains("nothing published: 1 invalid line(s)"), "{stderr}");
+    assert_eq!(published().await, 0, "nothing published while a line is invalid");
+
+    let skipped = run_to_end(
+        dir.path(),
+        &[
+            "produce",
+            "--table",
+            "user-locations",
+            "--skip-invalid",
+            "locations.jsonl",
+        ],
+        &vars,
+    );
+    assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&skipped.stdout).trim(),
+        "published 3 records to cli.user_locations"
+    );
+    assert_eq!(published().await, 3);
+
+    let mut stdin = command(dir.path(), &vars)
+        .args(["produce", "--table", "user_locations", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("produce from stdin");
+    {
+        use std::io::Write as _;
+        let mut input = stdin.stdin.take().expect("stdin");
+        writeln!(input, "{}", lines[0]).expect("write");
+    }
+    let from_stdin = stdin.wait_with_output().expect("produce ends");
+    assert!(from_stdin.status.success());
+    assert_eq!(
+        published().await,
+        4,
+        "standard input is published too (same key: same record)"
+    );
+
+    terminate(&broker);
+    let status = broker.wait().expect("dev-broker exits");
+    assert!(status.success(), "dev-broker stops cleanly on SIGTERM: {status:?}");
+}

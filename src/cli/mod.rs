@@ -4,6 +4,7 @@
 //! (one line on stderr naming the variable or flag).
 
 mod bench;
+mod demo;
 mod dev_broker;
 mod produce;
 mod run;
@@ -37,6 +38,8 @@ enum Command {
     Migrate,
     /// Publish JSON lines onto a table's topic (validated first; keyed by natural key)
     Produce(produce::ProduceArgs),
+    /// Everything embedded: dev broker + SQLite, sample data through the real pipeline, API served
+    Demo(demo::DemoArgs),
     /// Run an in-memory Kafka-protocol broker with the seven topics (librdkafka's mock cluster)
     DevBroker(dev_broker::DevBrokerArgs),
     /// Measure throughput in a scratch database (release build: cargo run --release -- bench)
@@ -67,6 +70,7 @@ pub fn main() -> ExitCode {
             Command::Migrate => migrate(&config).await,
             Command::Produce(args) => produce::produce(config, args).await,
             Command::DevBroker(args) => dev_broker::dev_broker(args).await,
+            Command::Demo(args) => demo::demo(config, args).await,
             Command::Bench(args) => bench::bench(config, args).await,
         }
     });

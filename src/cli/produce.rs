@@ -74,6 +74,7 @@ fn open(file: Option<&PathBuf>) -> anyhow::Result<File> {
         None => {
             let mut spool = tempfile::tempfile().context("cannot create a temporary file for standard input")?;
             std::io::copy(&mut std::io::stdin().lock(), &mut spool).context("cannot read standard input")?;
+            spool.rewind().context("cannot reread standard input")?;
             Ok(spool)
         }
     }

@@ -38,14 +38,13 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 pub enum IngestError {
     #[error(transparent)]
     Setup(#[from] KafkaSetupError),
-    #[error("cannot subscribe to {topic}: {source}")]
+    #[error("cannot subscribe to {topic}: {cause}")]
     Subscribe {
         topic: String,
-        #[source]
-        source: rdkafka::error::KafkaError,
+        cause: rdkafka::error::KafkaError,
     },
     #[error("cannot start a poll thread: {0}")]
-    Thread(#[source] std::io::Error),
+    Thread(std::io::Error),
 }
 
 /// Runs the ingest role until `shutdown` is cancelled and everything buffered is
@@ -195,11 +194,11 @@ impl Shared {
                 .create_with_context(context)
                 .map_err(|source| KafkaSetupError::Client {
                     role: "consumer",
-                    source,
+                    cause: source,
                 })?;
         consumer
             .subscribe(&[&topic])
-            .map_err(|source| IngestError::Subscribe { topic, source })?;
+            .map_err(|cause| IngestError::Subscribe { topic, cause })?;
         Ok(Built {
             consumer: Arc::new(consumer),
             events,

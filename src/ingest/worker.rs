@@ -199,7 +199,7 @@ impl Worker {
                     rows = closed.rows.len(),
                     rejects = closed.rejects.len(),
                     bytes = closed.bytes,
-                    took_ms = took.as_millis() as u64,
+                    took_ms = took.as_secs_f64() * 1000.0,
                     "batch committed"
                 );
                 self.commit_to_kafka(&offsets);

@@ -50,19 +50,14 @@ impl Default for DevBrokerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum DevBrokerError {
     #[error("cannot start the mock cluster: {0}")]
-    Start(#[source] rdkafka::error::KafkaError),
-    #[error("cannot create topic {topic}: {source}")]
+    Start(rdkafka::error::KafkaError),
+    #[error("cannot create topic {topic}: {cause}")]
     Topic {
         topic: String,
-        #[source]
-        source: rdkafka::error::KafkaError,
+        cause: rdkafka::error::KafkaError,
     },
-    #[error("cannot listen on {address}: {source}")]
-    Listen {
-        address: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {address}: {cause}")]
+    Listen { address: String, cause: std::io::Error },
     #[error("the mock cluster did not accept setting {0}")]
     Setting(&'static str),
 }
@@ -99,7 +94,7 @@ impl DevBroker {
             let topic = topic_name(&options.topic_prefix, table);
             cluster
                 .create_topic(&topic, options.partitions, 1)
-                .map_err(|source| DevBrokerError::Topic { topic, source })?;
+                .map_err(|cause| DevBrokerError::Topic { topic, cause })?;
         }
         let internal: Vec<String> = cluster.bootstrap_servers().split(',').map(str::to_owned).collect();
         drop(cluster);
@@ -120,7 +115,7 @@ impl DevBroker {
                     let address = format!("{}:{port}", options.bind_host);
                     let listener = TcpListener::bind(&address)
                         .await
-                        .map_err(|source| DevBrokerError::Listen { address, source })?;
+                        .map_err(|cause| DevBrokerError::Listen { address, cause })?;
                     if !ffi::set_advertised_listener(owner.client(), index as i32 + 1, &advertised, port) {
                         return Err(DevBrokerError::Setting("the advertised listener"));
                     }

@@ -23,11 +23,10 @@ pub use publish::{PublishError, Publisher};
 pub enum KafkaSetupError {
     #[error("KAFKA_BOOTSTRAP_SERVERS is not set")]
     NoBootstrap,
-    #[error("cannot create the Kafka {role}: {source}")]
+    #[error("cannot create the Kafka {role}: {cause}")]
     Client {
         role: &'static str,
-        #[source]
-        source: rdkafka::error::KafkaError,
+        cause: rdkafka::error::KafkaError,
     },
 }
 

@@ -18,12 +18,8 @@ use crate::config::KafkaConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("record to {topic} not acknowledged: {source}")]
-    Delivery {
-        topic: String,
-        #[source]
-        source: KafkaError,
-    },
+    #[error("record to {topic} not acknowledged: {cause}")]
+    Delivery { topic: String, cause: KafkaError },
     #[error("the producer shut down before acknowledging a record")]
     Canceled,
 }
@@ -51,7 +47,7 @@ impl Publisher {
         .create()
         .map_err(|source| KafkaSetupError::Client {
             role: "producer",
-            source,
+            cause: source,
         })?;
         Ok(Publisher {
             producer,
@@ -96,7 +92,7 @@ impl std::future::Future for Pending {
             .poll(cx)
             .map(|result| match result {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err((source, _))) => Err(PublishError::Delivery { topic, source }),
+                Ok(Err((cause, _))) => Err(PublishError::Delivery { topic, cause }),
                 Err(_) => Err(PublishError::Canceled),
             })
     }
@@ -124,7 +120,7 @@ impl Batch<'_> {
                 Err((source, _)) => {
                     return Err(PublishError::Delivery {
                         topic: topic.to_owned(),
-                        source,
+                        cause: source,
                     })
                 }
             }

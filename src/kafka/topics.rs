@@ -38,7 +38,7 @@ impl Metadata {
         .create()
         .map_err(|source| KafkaSetupError::Client {
             role: "metadata client",
-            source,
+            cause: source,
         })?;
         Ok(Metadata { client })
     }
