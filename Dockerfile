@@ -1,13 +1,16 @@
 # Build: docker build -t dwh-helper .
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# librdkafka is built from source (rdkafka-sys): a C toolchain, make and OpenSSL headers.
+RUN apt-get update && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src ./src
 COPY migrations ./migrations
 RUN cargo build --release --locked && strip target/release/dwh-helper
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/dwh-helper --create-home dwh
 COPY --from=build /src/target/release/dwh-helper /usr/local/bin/dwh-helper

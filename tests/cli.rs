@@ -392,3 +392,40 @@ async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing(
     let status = broker.wait().expect("dev-broker exits");
     assert!(status.success(), "dev-broker stops cleanly on SIGTERM: {status:?}");
 }
+
+/// Every variable the configuration reads is documented in `.env.example` and the
+/// README (the promise that `.env.example` lists every variable).
+#[test]
+fn every_configuration_variable_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(root.join("src/config/mod.rs")).expect("config source");
+    let example = std::fs::read_to_string(root.join(".env.example")).expect(".env.example");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let prefixes = ["DWH_", "KAFKA_", "S3_", "APPMETRICA_", "LOG_", "HTTP_"];
+    let mut names: Vec<&str> = source
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| prefixes.iter().any(|p| s.starts_with(p)))
+        .filter(|s| {
+            s.len() > 5
+                && s.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
+        })
+        .filter(|s| !s.ends_with('_'))
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 25, "found the variables: {names:?}");
+    for name in names {
+        assert!(example.contains(&format!("{name}=")), ".env.example lacks {name}");
+        let short = name
+            .rsplit_once('_')
+            .map(|(_, tail)| format!("_{tail}`"))
+            .unwrap_or_default();
+        assert!(
+            readme.contains(&format!("`{name}`")) || readme.contains(name) || readme.contains(&short),
+            "README lacks {name}"
+        );
+    }
+}

@@ -451,3 +451,37 @@ async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
     let stored: i64 = stored_offsets(&url, GROUP, &topic).await.iter().map(|(_, o)| o).sum();
     assert_eq!(stored, 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_created_after_the_start_is_warned_about_once_then_consumed() {
+    let (broker, _) = broker(1).await;
+    let url = fresh_pg_url().await;
+    // Topics under this prefix do not exist when the ingest starts.
+    let prefix = format!("late{}.", std::process::id());
+    let env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let child = Child::ingest(&env);
+    wait_for(Duration::from_secs(60), "the missing-topic warning", || async {
+        child.log_text().contains("ingest started").then_some(())
+    })
+    .await;
+    let warnings = child
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(&topic) && l.contains("topic does not exist"))
+        .count();
+    assert_eq!(warnings, 1, "one clear warning:\n{}", child.log_text());
+    // Producing creates the topic on the dev broker (auto-creation).
+    publish(&config, &topic, &keyed(table, sample::records(table, 100, 10))).await;
+    wait_for(Duration::from_secs(90), "rows from the late topic", || async {
+        pg_count(&url, "SELECT count(*) FROM user_locations")
+            .await
+            .filter(|n| *n == 100)
+    })
+    .await;
+    let status = child.terminate(Duration::from_secs(30)).expect("stops");
+    assert!(status.success());
+}

@@ -2,7 +2,7 @@
 //!
 //! The benchmark never touches existing tables: on PostgreSQL it creates a scratch
 //! database beside `DWH_DATABASE_URL` (dropped afterwards), on SQLite a temporary
-//! file. Scenario `http`: synthetic `events_part` records are posted through the
+//! file. Scenario `ingest` (the default) is in `bench_ingest.rs`. Scenario `http`: synthetic `events_part` records are posted through the
 //! real HTTP API in requests of `--per-request` records; then the same rows are
 //! loaded with one plain `COPY` into an empty copy of the table (same columns and
 //! indexes) on the same database, the ceiling the API is compared against.
@@ -24,11 +24,15 @@ use crate::store::{sql, Dwh};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// What to measure
-    #[arg(long, value_enum, default_value_t = Scenario::Http)]
+    #[arg(long, value_enum, default_value_t = Scenario::Ingest)]
     scenario: Scenario,
-    /// Records to load
-    #[arg(long, default_value_t = 100_000)]
-    rows: usize,
+    /// Records to load [default: 1000000 for ingest, 100000 for http]
+    #[arg(long)]
+    rows: Option<usize>,
+    /// Partitions of the benchmark topic (scenario ingest) [default: enough for the
+    /// dev broker to hold the backlog, or KAFKA_TOPIC_PARTITIONS]
+    #[arg(long)]
+    partitions: Option<i32>,
     /// Records per POST request (scenario http)
     #[arg(long, default_value_t = 10_000)]
     per_request: usize,
@@ -42,6 +46,8 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    /// Kafka → the ingest role (a child process) → DWH, against a plain COPY
+    Ingest,
     /// POST /dwh/events_part through the HTTP API, against a plain COPY
     Http,
 }
@@ -61,12 +67,32 @@ struct Report {
     ratio_to_copy: Option<f64>,
 }
 
-pub async fn bench(config: Config, args: BenchArgs) -> anyhow::Result<()> {
-    if args.rows == 0 || args.per_request == 0 {
+pub async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    // With no DWH configured, the test PostgreSQL (scripts/test.sh) is the next best.
+    if config.dwh.database_url.expose() == crate::config::DEFAULT_DATABASE_URL {
+        if let Ok(url) = std::env::var("DWH_TEST_DATABASE_URL") {
+            config.dwh.database_url = DatabaseUrl::parse(&url).map_err(anyhow::Error::msg)?;
+        }
+    }
+    if args.scenario == Scenario::Ingest {
+        let rows = args.rows.unwrap_or(1_000_000);
+        if rows == 0 {
+            bail!("--rows must be positive");
+        }
+        let report = super::bench_ingest::run(&config, rows, args.partitions).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            super::bench_ingest::print(&report);
+        }
+        return Ok(());
+    }
+    let rows = args.rows.unwrap_or(100_000);
+    if rows == 0 || args.per_request == 0 {
         bail!("--rows and --per-request must be positive");
     }
     let scratch = Scratch::create(&config.dwh.database_url).await?;
-    let result = run_http(&config, &args, &scratch).await;
+    let result = run_http(&config, &args, rows, &scratch).await;
     scratch.drop_database().await;
     let report = result?;
     if args.json {
@@ -77,13 +103,13 @@ pub async fn bench(config: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_http(config: &Config, args: &BenchArgs, scratch: &Scratch) -> anyhow::Result<Report> {
+async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scratch) -> anyhow::Result<Report> {
     let mut dwh_config = config.dwh.clone();
     dwh_config.database_url = scratch.url.clone();
     let dwh = Dwh::connect(&dwh_config)?;
     dwh.migrate().await?;
 
-    let records = crate::sample::records(Table::EventsPart, args.rows, 0);
+    let records = crate::sample::records(Table::EventsPart, rows, 0);
     let bodies: Vec<Vec<u8>> = records
         .chunks(args.per_request)
         .map(|chunk| serde_json::to_vec(&json!({ "data": chunk })))
@@ -110,31 +136,33 @@ async fn run_http(config: &Config, args: &BenchArgs, scratch: &Scratch) -> anyho
     let elapsed = started.elapsed();
     stop.cancel();
     let _ = server.await;
-    if inserted != args.rows {
-        bail!("the API inserted {inserted} of {} rows", args.rows);
+    if inserted != rows {
+        bail!("the API inserted {inserted} of {} rows", rows);
     }
 
     let copy = match scratch.url.backend() {
-        Backend::Postgres => Some(copy_baseline(&scratch.url, &records, args.copy_file.as_deref()).await?),
+        Backend::Postgres => {
+            Some(copy_baseline(&scratch.url, records.iter().cloned(), args.copy_file.as_deref()).await?)
+        }
         Backend::Sqlite => None,
     };
     let seconds = elapsed.as_secs_f64();
-    let rows_per_second = args.rows as f64 / seconds;
+    let rows_per_second = rows as f64 / seconds;
     Ok(Report {
         scenario: "http",
         backend: match scratch.url.backend() {
             Backend::Postgres => "postgres",
             Backend::Sqlite => "sqlite",
         },
-        rows: args.rows,
+        rows: rows,
         requests: bodies.len(),
         request_bytes,
         seconds,
         rows_per_second,
         mb_per_second: request_bytes as f64 / 1e6 / seconds,
         copy_seconds: copy.map(|d| d.as_secs_f64()),
-        copy_rows_per_second: copy.map(|d| args.rows as f64 / d.as_secs_f64()),
-        ratio_to_copy: copy.map(|d| rows_per_second / (args.rows as f64 / d.as_secs_f64())),
+        copy_rows_per_second: copy.map(|d| rows as f64 / d.as_secs_f64()),
+        ratio_to_copy: copy.map(|d| rows_per_second / (rows as f64 / d.as_secs_f64())),
     })
 }
 
@@ -157,50 +185,73 @@ async fn post_events(client: &reqwest::Client, base: &str, body: Vec<u8>) -> any
         .context("response without count")
 }
 
-/// One plain `COPY` of the same rows into an empty copy of events_part.
-async fn copy_baseline(
+/// One plain `COPY` of the same rows into an empty copy of events_part. The COPY
+/// text is written to a file first (not timed, and kept at `copy_file` when given),
+/// then streamed to the server in 8 MiB chunks: only the load is timed.
+pub(super) async fn copy_baseline(
     url: &DatabaseUrl,
-    records: &[Value],
+    records: impl Iterator<Item = Value>,
     copy_file: Option<&std::path::Path>,
 ) -> anyhow::Result<Duration> {
+    use std::io::{Read as _, Write as _};
     let spec = Table::EventsPart.spec();
     let mut conn = sqlx::PgConnection::connect(url.expose()).await?;
     sqlx::query("CREATE TABLE bench_copy (LIKE events_part INCLUDING DEFAULTS INCLUDING INDEXES)")
         .execute(&mut conn)
         .await?;
-    let mut data = String::new();
-    for record in records {
-        let row = decode_json(Table::EventsPart, record.clone())?.row;
-        for (i, value) in row.values.iter().enumerate() {
-            if i > 0 {
-                data.push('\t');
-            }
-            sql::push_copy_value(&mut data, value);
+    let temp;
+    let path = match copy_file {
+        Some(path) => path.to_owned(),
+        None => {
+            temp = tempfile::NamedTempFile::new()?.into_temp_path();
+            temp.to_path_buf()
         }
-        data.push('\n');
+    };
+    {
+        let file = std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let mut line = String::new();
+        for record in records {
+            let row = decode_json(Table::EventsPart, record)?.row;
+            line.clear();
+            for (i, value) in row.values.iter().enumerate() {
+                if i > 0 {
+                    line.push('\t');
+                }
+                sql::push_copy_value(&mut line, value);
+            }
+            line.push('\n');
+            out.write_all(line.as_bytes())?;
+        }
+        out.flush()?;
     }
-    if let Some(path) = copy_file {
-        std::fs::write(path, &data).with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    let mut file = std::fs::File::open(&path)?;
     let started = Instant::now();
     let mut copy = conn
         .copy_in_raw(&format!("COPY bench_copy ({}) FROM STDIN", sql::column_list(spec)))
         .await?;
-    copy.send(data.into_bytes()).await?;
+    let mut chunk = vec![0u8; 8 << 20];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        copy.send(&chunk[..n]).await?;
+    }
     copy.finish().await?;
     Ok(started.elapsed())
 }
 
 /// A scratch database beside the configured one.
-struct Scratch {
-    url: DatabaseUrl,
+pub(super) struct Scratch {
+    pub(super) url: DatabaseUrl,
     admin: Option<DatabaseUrl>,
     name: String,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Scratch {
-    async fn create(configured: &DatabaseUrl) -> anyhow::Result<Scratch> {
+    pub(super) async fn create(configured: &DatabaseUrl) -> anyhow::Result<Scratch> {
         let name = format!("dwh_bench_{}", std::process::id());
         match configured.backend() {
             Backend::Postgres => {
@@ -236,7 +287,7 @@ impl Scratch {
         }
     }
 
-    async fn drop_database(&self) {
+    pub(super) async fn drop_database(&self) {
         let Some(admin) = &self.admin else { return };
         let dropped = async {
             let mut conn = sqlx::PgConnection::connect(admin.expose()).await?;

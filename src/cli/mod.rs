@@ -4,6 +4,7 @@
 //! (one line on stderr naming the variable or flag).
 
 mod bench;
+mod bench_ingest;
 mod demo;
 mod dev_broker;
 mod produce;

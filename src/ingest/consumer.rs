@@ -142,7 +142,6 @@ pub fn poll_loop(
     runtime: tokio::runtime::Handle,
 ) {
     let topic = consumer.context().topic.clone();
-    let mut warned_missing = false;
     while !stop.is_cancelled() {
         let message = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
@@ -150,10 +149,8 @@ pub fn poll_loop(
             Some(Err(KafkaError::PartitionEOF(_))) => continue,
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)))
             | Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopic))) => {
-                if !warned_missing {
-                    tracing::warn!(topic = %topic, "topic does not exist yet; it is consumed once it appears");
-                    warned_missing = true;
-                }
+                // The start already warned about a missing topic, once.
+                tracing::debug!(topic = %topic, "topic not available yet");
                 continue;
             }
             Some(Err(e)) => {

@@ -1,0 +1,292 @@
+//! `dwh-helper bench --scenario ingest`: the ingest role, measured as ops run it.
+//!
+//! Publishes `--rows` synthetic events_part records (to the configured Kafka, or to
+//! an in-process dev broker with enough partitions to hold them all), then starts
+//! `dwh-helper run --roles ingest` as a child process against a scratch database and
+//! measures it from start until every partition is caught up: rows/s, MB/s, the
+//! child's peak RSS and its batch flush latency (from its own JSON log). Then the
+//! same rows go through one plain `COPY` on the same database: the ceiling.
+
+use std::io::BufRead as _;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+
+use super::bench::{copy_baseline, Scratch};
+use crate::catalogue::{self, Table};
+use crate::config::{Backend, Config};
+use crate::kafka::devbroker::{DevBrokerOptions, PARTITION_LIMIT_BYTES};
+use crate::kafka::{self, topics, DevBroker, Publisher};
+use crate::sample;
+use crate::store::Dwh;
+
+#[derive(Debug, Serialize)]
+pub(super) struct IngestReport {
+    scenario: &'static str,
+    backend: &'static str,
+    broker: &'static str,
+    rows: usize,
+    partitions: i32,
+    payload_bytes: u64,
+    produce_seconds: f64,
+    seconds: f64,
+    rows_per_second: f64,
+    mb_per_second: f64,
+    peak_rss_mib: Option<f64>,
+    batches: usize,
+    flush_p50_ms: Option<f64>,
+    flush_p99_ms: Option<f64>,
+    copy_seconds: Option<f64>,
+    copy_rows_per_second: Option<f64>,
+    ratio_to_copy: Option<f64>,
+}
+
+pub(super) async fn run(config: &Config, rows: usize, partitions: Option<i32>) -> anyhow::Result<IngestReport> {
+    let scratch = Scratch::create(&config.dwh.database_url).await?;
+    let result = measure(config, rows, partitions, &scratch).await;
+    scratch.drop_database().await;
+    result
+}
+
+async fn measure(
+    config: &Config,
+    rows: usize,
+    partitions: Option<i32>,
+    scratch: &Scratch,
+) -> anyhow::Result<IngestReport> {
+    let mut dwh_config = config.dwh.clone();
+    dwh_config.database_url = scratch.url.clone();
+    let dwh = Dwh::connect(&dwh_config)?;
+    dwh.migrate().await?;
+
+    let prefix = format!("bench{}.", std::process::id());
+    let group = format!("dwh-bench-{}", std::process::id());
+    let sample_size = sample::record(Table::EventsPart, 0).to_string().len();
+    let (broker, bootstrap, partitions) = match &config.kafka.bootstrap_servers {
+        Some(servers) => (
+            None,
+            servers.clone(),
+            partitions.unwrap_or(config.kafka.topic_partitions),
+        ),
+        None => {
+            // The dev broker forgets data past 5 MiB a partition: spread the backlog
+            // so that no partition holds more than 3 MiB of it.
+            let needed = (rows * (sample_size + 64)).div_ceil(PARTITION_LIMIT_BYTES * 3 / 5);
+            let partitions = partitions.unwrap_or((needed as i32).max(16));
+            let broker = DevBroker::start(&DevBrokerOptions {
+                partitions,
+                topic_prefix: prefix.clone(),
+                ..DevBrokerOptions::default()
+            })
+            .await?;
+            let bootstrap = broker.bootstrap_servers().to_owned();
+            (Some(broker), bootstrap, partitions)
+        }
+    };
+    let mut kafka_config = config.kafka.clone();
+    kafka_config.bootstrap_servers = Some(bootstrap.clone());
+    kafka_config.topic_prefix = prefix.clone();
+    let topic = kafka::topic_name(&prefix, Table::EventsPart);
+    if broker.is_none() {
+        topics::create(&kafka_config, &[topic.clone()], partitions).await?;
+    }
+
+    eprintln!("bench: publishing {rows} records to {topic} ({partitions} partitions)");
+    let produce_started = Instant::now();
+    let publisher = Publisher::new(&kafka_config)?;
+    let mut batch = publisher.batch();
+    let mut payload_bytes = 0u64;
+    for k in 0..rows as u64 {
+        let record = sample::record(Table::EventsPart, k);
+        let key = catalogue::natural_key(
+            Table::EventsPart.spec(),
+            &catalogue::decode_json(Table::EventsPart, record.clone())?.row,
+        );
+        let payload = record.to_string();
+        payload_bytes += payload.len() as u64;
+        batch.send(&topic, &key, payload.as_bytes()).await?;
+    }
+    let published = batch.finish().await?;
+    let produce_seconds = produce_started.elapsed().as_secs_f64();
+    if published != rows as u64 {
+        bail!("published {published} of {rows} records");
+    }
+    let ends = {
+        let (kafka_config, topic) = (kafka_config.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            topics::Metadata::connect(&kafka_config)?
+                .watermarks(&topic)
+                .map_err(anyhow::Error::from)
+        })
+        .await??
+    };
+    if let Some(w) = ends.iter().find(|w| w.low > 0) {
+        bail!(
+            "the broker dropped data of partition {} (low watermark {}); use more --partitions",
+            w.partition,
+            w.low
+        );
+    }
+
+    eprintln!("bench: starting the ingest role");
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let started = Instant::now();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["run", "--roles", "ingest", "--no-migrate"])
+        .env("DWH_DATABASE_URL", scratch.url.expose())
+        .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
+        .env("KAFKA_TOPIC_PREFIX", &prefix)
+        .env("KAFKA_GROUP_ID", &group)
+        .env("KAFKA_AUTO_OFFSET_RESET", "earliest")
+        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "warn,dwh_helper::ingest::worker=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start the ingest child process")?;
+    let reader = {
+        let stderr = child.stderr.take().context("child stderr")?;
+        let latencies = latencies.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if event["message"] == "batch committed" {
+                    if let Some(ms) = event["took_ms"].as_f64() {
+                        latencies.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+                    }
+                } else if event["level"] == "ERROR" || event["level"] == "WARN" {
+                    eprintln!("ingest: {line}");
+                }
+            }
+        })
+    };
+    let deadline = started + Duration::from_secs(3600);
+    let pid = child.id();
+    let mut peak_rss = None;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the ingest process exited early: {status}");
+        }
+        peak_rss = peak_rss_mib(pid).or(peak_rss);
+        let mut behind = false;
+        for w in &ends {
+            let stored = dwh.stored_offset(&group, &topic, w.partition).await?.unwrap_or(0);
+            if stored < w.high {
+                behind = true;
+                break;
+            }
+        }
+        if !behind {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the ingest did not catch up within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    peak_rss = peak_rss_mib(pid).or(peak_rss);
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    let _ = reader.join();
+    if !status.success() {
+        bail!("the ingest process did not stop cleanly: {status}");
+    }
+    let stored_rows = dwh.count_rows("events_part").await?;
+    if stored_rows != rows as i64 {
+        bail!("events_part holds {stored_rows} rows, expected {rows}");
+    }
+    drop(broker);
+
+    let copy = match scratch.url.backend() {
+        Backend::Postgres => {
+            eprintln!("bench: loading the same rows with a plain COPY");
+            Some(
+                copy_baseline(
+                    &scratch.url,
+                    (0..rows as u64).map(|k| sample::record(Table::EventsPart, k)),
+                    None,
+                )
+                .await?,
+            )
+        }
+        Backend::Sqlite => None,
+    };
+    let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    latencies.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        (!latencies.is_empty())
+            .then(|| latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1])
+    };
+    let rows_per_second = rows as f64 / seconds;
+    let copy_rps = copy.map(|d| rows as f64 / d.as_secs_f64());
+    Ok(IngestReport {
+        scenario: "ingest",
+        backend: match scratch.url.backend() {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        },
+        broker: if config.kafka.bootstrap_servers.is_some() {
+            "configured"
+        } else {
+            "dev broker"
+        },
+        rows,
+        partitions,
+        payload_bytes,
+        produce_seconds,
+        seconds,
+        rows_per_second,
+        mb_per_second: payload_bytes as f64 / 1e6 / seconds,
+        peak_rss_mib: peak_rss,
+        batches: latencies.len(),
+        flush_p50_ms: quantile(0.5),
+        flush_p99_ms: quantile(0.99),
+        copy_seconds: copy.map(|d| d.as_secs_f64()),
+        copy_rows_per_second: copy_rps,
+        ratio_to_copy: copy_rps.map(|c| rows_per_second / c),
+    })
+}
+
+/// The peak resident set size of process `pid` (Linux `VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub(super) fn print(r: &IngestReport) {
+    let opt = |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1} {unit}"));
+    println!("scenario         ingest ({}, {})", r.backend, r.broker);
+    println!(
+        "records          {} events_part over {} partitions, {:.1} MB of JSON",
+        r.rows,
+        r.partitions,
+        r.payload_bytes as f64 / 1e6
+    );
+    println!(
+        "publish          {:.2} s (not part of the measurement)",
+        r.produce_seconds
+    );
+    println!(
+        "ingest           {:>10.0} rows/s  {:>6.1} MB/s  {:>7.2} s (start to caught up)",
+        r.rows_per_second, r.mb_per_second, r.seconds
+    );
+    println!("peak RSS         {}", opt(r.peak_rss_mib, "MiB"));
+    println!(
+        "batch flush      p50 {}  p99 {}  ({} batches)",
+        opt(r.flush_p50_ms, "ms"),
+        opt(r.flush_p99_ms, "ms"),
+        r.batches
+    );
+    if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
+        println!("plain COPY       {rps:>10.0} rows/s  {:>6}       {s:>7.2} s", "");
+        println!("ingest / COPY    {ratio:>10.2}");
+    }
+}
