@@ -154,7 +154,7 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
             Backend::Postgres => "postgres",
             Backend::Sqlite => "sqlite",
         },
-        rows: rows,
+        rows,
         requests: bodies.len(),
         request_bytes,
         seconds,

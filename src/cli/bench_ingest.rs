@@ -91,7 +91,7 @@ async fn measure(
     kafka_config.topic_prefix = prefix.clone();
     let topic = kafka::topic_name(&prefix, Table::EventsPart);
     if broker.is_none() {
-        topics::create(&kafka_config, &[topic.clone()], partitions).await?;
+        topics::create(&kafka_config, std::slice::from_ref(&topic), partitions).await?;
     }
 
     eprintln!("bench: publishing {rows} records to {topic} ({partitions} partitions)");
