@@ -27,7 +27,7 @@ use crate::store::Dwh;
 use batcher::BatchLimits;
 use consumer::Context;
 pub use status::{Counters, IngestStatus};
-use worker::{Exit, Worker};
+use worker::{Exit, Worker, Writer};
 
 /// Records buffered between a poll thread and its worker (memory is bounded by
 /// the in-flight byte budget, this only bounds the count).
@@ -257,21 +257,24 @@ impl Shared {
                 .spawn(move || consumer::poll_loop(consumer, events, memory, budget, stop, runtime))
                 .map_err(IngestError::Thread)?
         };
-        let worker = Worker {
+        let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),
             group_id: self.config.kafka.group_id.clone(),
             dwh: self.dwh.clone(),
             consumer: consumer.clone(),
+            status: self.status.clone(),
+            abort: self.abort.clone(),
+        });
+        let worker = Worker {
+            writer,
             limits: BatchLimits {
                 max_rows: self.config.kafka.batch_max_rows,
                 max_bytes: self.config.kafka.batch_max_bytes,
                 linger: self.config.kafka.batch_linger,
             },
             max_record_bytes: self.config.dwh.max_write_batch_bytes,
-            status: self.status.clone(),
             shutdown: self.shutdown.clone(),
-            abort: self.abort.clone(),
         };
         // The receiver goes with the worker, so callbacks during the close below
         // find nobody to wait for and simply unassign.

@@ -7,7 +7,9 @@
 //! fenced write drops the batch and restarts the consumer, which then resumes from
 //! the stored offsets; the Kafka commit follows the DWH commit and only feeds lag
 //! tools. A record the catalogue refuses becomes a reject in its own batch, so a
-//! partition never stalls on it.
+//! partition never stalls on it. One batch is written while the next one fills
+//! (decoding and the database overlap); there is never more than one in flight per
+//! table, so a partition's batches commit in order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,28 +61,38 @@ enum FlushError {
     Aborted,
 }
 
+/// Writes closed batches to the DWH; the flush in flight runs on its own task.
 #[allow(missing_debug_implementations)]
-pub struct Worker {
+pub struct Writer {
     pub table: Table,
     pub topic: String,
     pub group_id: String,
     pub dwh: Dwh,
     pub consumer: Arc<BaseConsumer<Context>>,
-    pub limits: BatchLimits,
-    pub max_record_bytes: usize,
     pub status: Arc<IngestStatus>,
-    /// Stop consuming; write what is buffered.
-    pub shutdown: CancellationToken,
     /// The grace period is over: stop retrying.
     pub abort: CancellationToken,
 }
 
+#[allow(missing_debug_implementations)]
+pub struct Worker {
+    pub writer: Arc<Writer>,
+    pub limits: BatchLimits,
+    pub max_record_bytes: usize,
+    /// Stop consuming; write what is buffered.
+    pub shutdown: CancellationToken,
+}
+
 struct State {
     batcher: Batcher,
-    /// Memory permits of the buffered records, returned when the batch is done.
+    /// Memory permits of the buffered records, returned when their batch is done.
     memory: Option<OwnedSemaphorePermit>,
-    /// Assigned partitions and where each stands (`None`: nothing stored yet).
+    /// Assigned partitions and where each stands (`None`: nothing stored yet). A
+    /// partition moves on when its batch is handed to the writer, so the next batch
+    /// chains on; if that write fails the consumer is rebuilt from the DWH anyway.
     positions: HashMap<i32, Option<i64>>,
+    /// The batch being written while the next one fills: at most one.
+    in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
 }
 
 impl Worker {
@@ -89,29 +101,48 @@ impl Worker {
             batcher: Batcher::new(self.limits),
             memory: None,
             positions: HashMap::new(),
+            in_flight: None,
         };
+        let exit = self.serve(&mut state, &mut events).await;
+        // Never leave a write running behind a consumer that is gone.
+        if let Some(task) = state.in_flight.take() {
+            let _ = task.await;
+        }
+        exit
+    }
+
+    async fn serve(&self, state: &mut State, events: &mut mpsc::Receiver<Event>) -> Exit {
         loop {
             let deadline = state.batcher.deadline();
             let linger = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into());
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => {
-                    return match self.flush(&mut state).await {
+                    return match self.drain(state).await {
                         Ok(()) | Err(Exit::Shutdown) => Exit::Shutdown,
                         Err(restart) => restart,
                     };
                 }
+                // A write that ends (landed or fenced) is noticed at once, not
+                // only at the next flush.
+                joined = async { state.in_flight.as_mut().expect("checked by the guard").await },
+                    if state.in_flight.is_some() => {
+                    state.in_flight = None;
+                    if let Err(exit) = self.settled(joined) {
+                        return exit;
+                    }
+                }
                 () = linger, if deadline.is_some() => {
-                    if let Err(exit) = self.flush(&mut state).await {
+                    if let Err(exit) = self.flush(state).await {
                         return exit;
                     }
                 }
                 event = events.recv() => match event {
                     None => return Exit::Restart("the poll thread stopped".into()),
                     Some(Event::Record(message, permit)) => {
-                        self.accept(&mut state, &message, permit);
+                        self.accept(state, &message, permit);
                         if state.batcher.is_full() {
-                            if let Err(exit) = self.flush(&mut state).await {
+                            if let Err(exit) = self.flush(state).await {
                                 return exit;
                             }
                         }
@@ -125,12 +156,12 @@ impl Worker {
                     }
                     Some(Event::Revoked { partitions, reply }) => {
                         // Write what is buffered while the partitions are still ours.
-                        let flushed = self.flush(&mut state).await;
+                        let drained = self.drain(state).await;
                         for partition in &partitions {
                             state.positions.remove(partition);
                         }
                         let _ = reply.send(());
-                        if let Err(exit) = flushed {
+                        if let Err(exit) = drained {
                             return exit;
                         }
                     }
@@ -143,22 +174,22 @@ impl Worker {
         let partition = message.partition();
         let offset = message.offset();
         let Some(&position) = state.positions.get(&partition) else {
-            tracing::debug!(topic = %self.topic, partition, offset, "record of a partition not assigned here; skipped");
+            tracing::debug!(topic = %self.writer.topic, partition, offset, "record of a partition not assigned here; skipped");
             return;
         };
         let expected = state.batcher.next_offset(partition).or(position);
         if expected.is_some_and(|next| offset < next) {
-            tracing::debug!(topic = %self.topic, partition, offset, "record already written; skipped");
+            tracing::debug!(topic = %self.writer.topic, partition, offset, "record already written; skipped");
             return;
         }
         let payload = message.payload().unwrap_or_default();
-        let entry = match decode(self.table, payload, self.max_record_bytes) {
+        let entry = match decode(self.writer.table, payload, self.max_record_bytes) {
             Ok(row) => Entry::Row(row),
             Err(reason) => {
-                tracing::warn!(topic = %self.topic, partition, offset, %reason, "record rejected");
+                tracing::warn!(topic = %self.writer.topic, partition, offset, %reason, "record rejected");
                 Entry::Reject(RejectedRecord {
-                    table: self.table,
-                    topic: self.topic.clone(),
+                    table: self.writer.table,
+                    topic: self.writer.topic.clone(),
                     partition,
                     offset,
                     key: message.key().map(<[u8]>::to_vec),
@@ -176,48 +207,113 @@ impl Worker {
         }
     }
 
-    /// Writes the open batch, if any. On success the partitions move on.
+    /// Hands the open batch to the writer (after the one in flight has landed).
     async fn flush(&self, state: &mut State) -> Result<(), Exit> {
+        self.settle(state).await?;
         if state.batcher.is_empty() {
             return Ok(());
         }
-        let mut closed = state.batcher.take();
-        // Dropped at the end of this function: the memory is free either way.
-        let _memory = state.memory.take();
-        let offsets = closed.offsets(&self.group_id, &self.topic);
-        let started = Instant::now();
-        match self.write(&mut closed, &offsets).await {
-            Ok(()) => {
-                let took = started.elapsed();
-                for advance in &offsets {
-                    state.positions.insert(advance.partition, Some(advance.to));
-                }
-                self.status
-                    .batch_written(closed.rows.len(), closed.rejects.len(), closed.bytes, took);
-                tracing::debug!(
-                    topic = %self.topic,
-                    rows = closed.rows.len(),
-                    rejects = closed.rejects.len(),
-                    bytes = closed.bytes,
-                    took_ms = took.as_secs_f64() * 1000.0,
-                    "batch committed"
-                );
-                self.commit_to_kafka(&offsets);
-                Ok(())
-            }
-            Err(FlushError::Fenced(e)) => {
-                tracing::warn!(topic = %self.topic, error = %e, "offset fenced: batch dropped, rejoining the group");
+        let closed = state.batcher.take();
+        let offsets = closed.offsets(&self.writer.group_id, &self.writer.topic);
+        for advance in &offsets {
+            state.positions.insert(advance.partition, Some(advance.to));
+        }
+        let memory = state.memory.take();
+        state.in_flight = Some(tokio::spawn(self.writer.clone().land(closed, offsets, memory)));
+        Ok(())
+    }
+
+    /// Writes everything buffered and waits until it landed.
+    async fn drain(&self, state: &mut State) -> Result<(), Exit> {
+        self.flush(state).await?;
+        self.settle(state).await
+    }
+
+    /// Waits for the batch in flight, if any.
+    async fn settle(&self, state: &mut State) -> Result<(), Exit> {
+        let Some(task) = state.in_flight.take() else {
+            return Ok(());
+        };
+        self.settled(task.await)
+    }
+
+    /// What the end of a write means for the consumer.
+    fn settled(&self, joined: Result<Result<(), FlushError>, tokio::task::JoinError>) -> Result<(), Exit> {
+        match joined {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(FlushError::Fenced(e))) => {
+                tracing::warn!(topic = %self.writer.topic, error = %e, "offset fenced: batch dropped, rejoining the group");
                 Err(Exit::Restart(e.to_string()))
             }
-            Err(FlushError::Aborted) => {
+            Ok(Err(FlushError::Aborted)) => Err(Exit::Shutdown),
+            Err(e) => Err(Exit::Restart(format!("the flush task failed: {e}"))),
+        }
+    }
+
+    /// The stored next offset of each partition, retried while the DWH is away.
+    async fn stored_offsets(&self, partitions: &[i32]) -> Option<Vec<(i32, Option<i64>)>> {
+        let mut delay = FIRST_RETRY;
+        loop {
+            let mut offsets = Vec::with_capacity(partitions.len());
+            let mut failure = None;
+            for &partition in partitions {
+                match self
+                    .writer
+                    .dwh
+                    .stored_offset(&self.writer.group_id, &self.writer.topic, partition)
+                    .await
+                {
+                    Ok(stored) => offsets.push((partition, stored)),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            let Some(error) = failure else { return Some(offsets) };
+            tracing::warn!(topic = %self.writer.topic, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot read stored offsets; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+}
+
+impl Writer {
+    /// Writes a closed batch until it lands, is fenced or the grace period ends;
+    /// then counts it and tells Kafka. `_memory` is released when this returns.
+    async fn land(
+        self: Arc<Self>,
+        mut closed: Closed,
+        offsets: Vec<OffsetAdvance>,
+        _memory: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), FlushError> {
+        let started = Instant::now();
+        if let Err(e) = self.write(&mut closed, &offsets).await {
+            if matches!(e, FlushError::Aborted) {
                 tracing::warn!(
                     topic = %self.topic,
                     records = closed.records(),
                     "shutdown grace period over before the batch was written; the next owner reads it again"
                 );
-                Err(Exit::Shutdown)
             }
+            return Err(e);
         }
+        let took = started.elapsed();
+        self.status
+            .batch_written(closed.rows.len(), closed.rejects.len(), closed.bytes, took);
+        tracing::debug!(
+            topic = %self.topic,
+            rows = closed.rows.len(),
+            rejects = closed.rejects.len(),
+            bytes = closed.bytes,
+            took_ms = took.as_secs_f64() * 1000.0,
+            "batch committed"
+        );
+        self.commit_to_kafka(&offsets);
+        Ok(())
     }
 
     /// Writes the batch, retrying until it lands, is fenced or the grace period ends.
@@ -318,31 +414,6 @@ impl Worker {
         closed.rows = kept_rows;
         closed.origins = kept_origins;
         Ok(moved)
-    }
-
-    /// The stored next offset of each partition, retried while the DWH is away.
-    async fn stored_offsets(&self, partitions: &[i32]) -> Option<Vec<(i32, Option<i64>)>> {
-        let mut delay = FIRST_RETRY;
-        loop {
-            let mut offsets = Vec::with_capacity(partitions.len());
-            let mut failure = None;
-            for &partition in partitions {
-                match self.dwh.stored_offset(&self.group_id, &self.topic, partition).await {
-                    Ok(stored) => offsets.push((partition, stored)),
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-            }
-            let Some(error) = failure else { return Some(offsets) };
-            tracing::warn!(topic = %self.topic, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot read stored offsets; retrying");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.shutdown.cancelled() => return None,
-            }
-            delay = (delay * 2).min(MAX_RETRY);
-        }
     }
 
     /// Tells Kafka how far the DWH got, for lag tools. Failures only log.
