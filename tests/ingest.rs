@@ -383,21 +383,42 @@ async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
     let config = config_from(&env, &[]);
     migrated(&config).await;
     let producing = trickle(&config, &topic, keyed(table, sample::records(table, 40_000, 7)), 1_000);
-    let child = Child::ingest(&env);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut env = env;
+    env.push(("HTTP_BIND".into(), format!("127.0.0.1:{port}")));
+    let child = Child::run(&env, "ingest,api");
+    let ready = move || async move {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/health/ready")).await.ok()?;
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.ok()?;
+        Some((status, body))
+    };
     wait_for(Duration::from_secs(60), "rows to arrive", || async {
-        pg_count(&url, "SELECT count(*) FROM user_locations")
-            .await
-            .filter(|n| *n > 2_000)
+        pg_count(&url, "SELECT count(*) FROM user_locations").await.filter(|n| *n > 2_000)
     })
     .await;
+    assert_eq!(ready().await.map(|r| r.0), Some(200));
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.down();
-        std::thread::sleep(Duration::from_secs(6));
-        cluster.up();
         cluster
     })
     .await
     .expect("outage");
+    let (_, body) = wait_for(Duration::from_secs(10), "readiness to report the outage", || async {
+        ready().await.filter(|(status, _)| *status == 503)
+    })
+    .await;
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.up();
+        cluster
+    })
+    .await
+    .expect("recovery");
     producing.await.expect("all published");
     caught_up(&config, &url, &prefix, table, Duration::from_secs(180)).await;
     assert_eq!(
@@ -408,6 +429,7 @@ async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
         pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
         Some(40_000)
     );
+    assert_eq!(ready().await.map(|r| r.0), Some(200), "ready again");
     let status = child.terminate(Duration::from_secs(40)).expect("stops in time");
     assert!(status.success(), "the outage did not make it exit: {status:?}");
     drop(cluster);

@@ -303,13 +303,18 @@ pub struct Child {
 
 impl Child {
     pub fn ingest(env: &[(String, String)]) -> Child {
+        Child::run(env, "ingest")
+    }
+
+    /// `dwh-helper run --roles <roles>`.
+    pub fn run(env: &[(String, String)], roles: &str) -> Child {
         let log = tempfile::NamedTempFile::new()
             .expect("log file")
             .into_temp_path()
             .keep()
             .expect("keep log");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
-            .args(["run", "--roles", "ingest"])
+            .args(["run", "--roles", roles])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env.iter().cloned())
