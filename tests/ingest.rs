@@ -391,13 +391,17 @@ async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
     env.push(("HTTP_BIND".into(), format!("127.0.0.1:{port}")));
     let child = Child::run(&env, "ingest,api");
     let ready = move || async move {
-        let response = reqwest::get(format!("http://127.0.0.1:{port}/health/ready")).await.ok()?;
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/health/ready"))
+            .await
+            .ok()?;
         let status = response.status().as_u16();
         let body: serde_json::Value = response.json().await.ok()?;
         Some((status, body))
     };
     wait_for(Duration::from_secs(60), "rows to arrive", || async {
-        pg_count(&url, "SELECT count(*) FROM user_locations").await.filter(|n| *n > 2_000)
+        pg_count(&url, "SELECT count(*) FROM user_locations")
+            .await
+            .filter(|n| *n > 2_000)
     })
     .await;
     assert_eq!(ready().await.map(|r| r.0), Some(200));
