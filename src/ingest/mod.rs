@@ -101,19 +101,20 @@ async fn prepare_topics(config: &Config) -> Result<(), IngestError> {
         .map(|t| kafka::topic_name(&kafka.topic_prefix, *t))
         .collect();
     let probe = {
-        let (kafka, names) = (kafka.clone(), names.clone());
+        let kafka = kafka.clone();
         tokio::task::spawn_blocking(move || {
             let metadata = topics::Metadata::connect(&kafka)?;
-            Ok::<_, KafkaSetupError>(
-                names
-                    .into_iter()
-                    .filter(|name| matches!(metadata.partitions(name), Ok(None)))
-                    .collect::<Vec<_>>(),
-            )
+            Ok::<_, KafkaSetupError>(metadata.existing())
         })
     };
-    let missing = match probe.await {
-        Ok(result) => result?,
+    let missing: Vec<String> = match probe.await {
+        Ok(Ok(Ok(existing))) => names.into_iter().filter(|name| !existing.contains(name)).collect(),
+        Ok(Err(setup)) => return Err(setup.into()),
+        Ok(Ok(Err(e))) => {
+            // The consumers retry on their own; this check only serves the warning.
+            tracing::warn!(error = %e, "cannot list the topics; is Kafka reachable?");
+            Vec::new()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot check which topics exist");
             Vec::new()

@@ -43,6 +43,18 @@ impl Metadata {
         Ok(Metadata { client })
     }
 
+    /// The names of the topics that exist (with at least one partition). Blocking;
+    /// one metadata request.
+    pub fn existing(&self) -> Result<std::collections::HashSet<String>, KafkaError> {
+        let metadata = self.client.fetch_metadata(None, METADATA_TIMEOUT)?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.name().to_owned())
+            .collect())
+    }
+
     /// Partition count of `topic`, or `None` when it does not exist. Blocking.
     pub fn partitions(&self, topic: &str) -> Result<Option<usize>, KafkaError> {
         let metadata = self.client.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
