@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 
 tmp=""
 pg_ctl_cmd=()
+s3_pid=""
 cleanup() {
+  if [ -n "$s3_pid" ]; then kill "$s3_pid" 2>/dev/null || true; fi
   if [ ${#pg_ctl_cmd[@]} -gt 0 ]; then
     "${pg_ctl_cmd[@]}" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true
   fi
@@ -52,6 +54,24 @@ if [ -z "${DWH_TEST_DATABASE_URL:-}" ]; then
   # For tests that stop and start the server (database outage).
   export DWH_TEST_PG_CTL="${pg_ctl_cmd[*]}" DWH_TEST_PGDATA="$tmp/data"
   echo "scripts/test.sh: PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+fi
+
+# The S3-protocol server: moto's server mode (in memory), on a free port.
+if [ -z "${DWH_TEST_S3_ENDPOINT:-}" ]; then
+  if ! python3 -c 'import moto.server' 2>/dev/null; then
+    echo "scripts/test.sh: installing moto[server] (the S3-protocol test server) with pip"
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6' >/dev/null
+  fi
+  s3_port=$(free_port)
+  s3_log=$(mktemp /tmp/dwh-helper-moto.XXXXXX)
+  python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$s3_log" 2>&1 &
+  s3_pid=$!
+  for _ in $(seq 1 100); do
+    if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$s3_port/moto-api/')" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  export DWH_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
+  echo "scripts/test.sh: S3 (moto $(python3 -c 'import moto; print(moto.__version__)')) on 127.0.0.1:$s3_port"
 fi
 
 cargo test --locked "$@"

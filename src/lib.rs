@@ -4,12 +4,14 @@
 //! (clients, dev broker), [`ingest`] (consumer, batcher, worker), the DWH [`store`],
 //! the [`http`] API, and the [`cli`] that wires them together.
 
+pub mod archive;
 pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod s3;
 pub mod sample;
 pub mod store;
 pub mod telemetry;

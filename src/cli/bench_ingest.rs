@@ -107,7 +107,7 @@ async fn measure(
         );
         let payload = record.to_string();
         payload_bytes += payload.len() as u64;
-        batch.send(&topic, &key, payload.as_bytes()).await?;
+        batch.send(&topic, key.as_bytes(), payload.as_bytes()).await?;
     }
     let published = batch.finish().await?;
     let produce_seconds = produce_started.elapsed().as_secs_f64();

@@ -150,14 +150,16 @@ async fn publish_samples(config: &Config, rows: u64) -> anyhow::Result<(u64, u64
         for record in sample::records(table, rows as usize, 0) {
             let row = catalogue::decode_json(table, record.clone())?.row;
             let key = catalogue::natural_key(table.spec(), &row);
-            batch.send(&topic, &key, record.to_string().as_bytes()).await?;
+            batch
+                .send(&topic, key.as_bytes(), record.to_string().as_bytes())
+                .await?;
         }
         if table == Table::EventsPart {
             for (i, (payload, _)) in sample::poison(table, 0, config.dwh.max_write_batch_bytes)
                 .into_iter()
                 .enumerate()
             {
-                batch.send(&topic, &format!("invalid-{i}"), &payload).await?;
+                batch.send(&topic, format!("invalid-{i}").as_bytes(), &payload).await?;
                 invalid += 1;
             }
         }

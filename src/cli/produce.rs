@@ -57,7 +57,7 @@ pub async fn produce(config: Config, args: ProduceArgs) -> anyhow::Result<()> {
             continue;
         };
         let key = catalogue::natural_key(spec, &decoded.row);
-        batch.send(&topic, &key, &line).await?;
+        batch.send(&topic, key.as_bytes(), &line).await?;
         progress.set_position(batch.collect_ready().await?);
     }
     let published = batch.finish().await?;

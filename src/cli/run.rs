@@ -15,7 +15,7 @@ use crate::store::Dwh;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Roles to run, comma-separated [default: api, plus ingest when KAFKA_BOOTSTRAP_SERVERS is set]
+    /// Roles to run, comma-separated [default: api, plus ingest when KAFKA_BOOTSTRAP_SERVERS is set, plus archive when S3 is configured too]
     #[arg(long, value_delimiter = ',')]
     roles: Vec<Role>,
     /// Do not apply migrations at start (when a deploy step runs `migrate`)
@@ -29,13 +29,21 @@ enum Role {
     Api,
     /// Kafka topics into the DWH, exactly once
     Ingest,
+    /// Kafka topics into S3 as gzip JSON-lines objects
+    Archive,
 }
 
 /// The roles to run: those asked for, or every role that is configured.
 fn roles(config: &Config, asked: &[Role]) -> anyhow::Result<Vec<Role>> {
     let kafka = config.kafka.bootstrap_servers.is_some();
+    let s3 = config.s3.is_configured();
     if asked.contains(&Role::Ingest) && !kafka {
         bail!("the ingest role needs KAFKA_BOOTSTRAP_SERVERS");
+    }
+    if asked.contains(&Role::Archive) && !(kafka && s3) {
+        bail!(
+            "the archive role needs KAFKA_BOOTSTRAP_SERVERS and an object store (S3_ENDPOINT_URL or S3_ACCESS_KEY_ID)"
+        );
     }
     if !asked.is_empty() {
         let mut roles = asked.to_vec();
@@ -45,6 +53,9 @@ fn roles(config: &Config, asked: &[Role]) -> anyhow::Result<Vec<Role>> {
     let mut roles = vec![Role::Api];
     if kafka {
         roles.push(Role::Ingest);
+        if s3 {
+            roles.push(Role::Archive);
+        }
     }
     Ok(roles)
 }
@@ -79,6 +90,11 @@ async fn serve_roles(
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         tasks.spawn(async move { Ok(ingest::run(&config, dwh, status, shutdown).await?) });
     }
+    if roles.contains(&Role::Archive) {
+        let (config, shutdown) = (config.clone(), shutdown.clone());
+        let s3 = crate::s3::S3::new(&config.s3);
+        tasks.spawn(async move { Ok(crate::archive::run(&config, s3, shutdown).await?) });
+    }
     if roles.contains(&Role::Api) {
         let listener = TcpListener::bind(config.http.bind)
             .await
@@ -87,6 +103,9 @@ async fn serve_roles(
         let mut state = AppState::new(dwh, &config.http);
         if roles.contains(&Role::Ingest) {
             state.ingest = Some(status);
+        }
+        if config.s3.is_configured() {
+            state.s3 = Some(crate::s3::S3::new(&config.s3));
         }
         let app = http::router(state, config.http.max_body_bytes);
         let shutdown = shutdown.clone();

@@ -101,6 +101,21 @@ pub struct S3Config {
     pub region: String,
     pub endpoint_url: Option<url::Url>,
     pub bucket_name: String,
+    /// Bodies larger than this go up as multipart uploads.
+    pub multipart_threshold: usize,
+    /// Archive objects live under `{archive_prefix}/{table}/dt=…/`.
+    pub archive_prefix: String,
+    /// An archive object closes at this many bytes of records (before gzip)…
+    pub archive_max_bytes: usize,
+    /// …or this long after its first record.
+    pub archive_interval: Duration,
+}
+
+impl S3Config {
+    /// Whether an object store is configured (credentials or an endpoint).
+    pub fn is_configured(&self) -> bool {
+        self.access_key_id.is_some() || self.endpoint_url.is_some()
+    }
 }
 
 /// `APPMETRICA_`: the Logs API.
@@ -167,6 +182,10 @@ struct RawS3 {
     region: Option<String>,
     endpoint_url: Option<String>,
     bucket_name: Option<String>,
+    multipart_threshold: Option<String>,
+    archive_prefix: Option<String>,
+    archive_max_bytes: Option<String>,
+    archive_interval_seconds: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -338,7 +357,26 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
         region: raw.region.unwrap_or_else(|| "us-east-1".into()),
         endpoint_url,
         bucket_name,
+        multipart_threshold: size("S3_MULTIPART_THRESHOLD", raw.multipart_threshold, 16 * MIB, 5 * MIB)?,
+        archive_prefix: archive_prefix(raw.archive_prefix)?,
+        archive_max_bytes: size("S3_ARCHIVE_MAX_BYTES", raw.archive_max_bytes, 64 * MIB, 1024)?,
+        archive_interval: seconds("S3_ARCHIVE_INTERVAL_SECONDS", raw.archive_interval_seconds, 60)?,
     })
+}
+
+fn archive_prefix(raw: Option<String>) -> Result<String, ConfigError> {
+    let prefix = raw
+        .unwrap_or_else(|| "archive".into())
+        .trim()
+        .trim_matches('/')
+        .to_owned();
+    if prefix.is_empty() || prefix.len() > 200 || prefix.contains("//") {
+        return Err(ConfigError::new(
+            "S3_ARCHIVE_PREFIX",
+            format!("\"{prefix}\" is not a usable key prefix (1-200 characters, no empty path segment)"),
+        ));
+    }
+    Ok(prefix)
 }
 
 fn appmetrica(raw: RawAppMetrica) -> Result<AppMetricaConfig, ConfigError> {

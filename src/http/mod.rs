@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 mod health;
+pub mod s3;
 pub mod tables;
 
 use std::sync::Arc;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub ready_timeout: Duration,
     /// Set when this process ingests: readiness reports failing DWH writes.
     pub ingest: Option<Arc<IngestStatus>>,
+    /// The object store, when one is configured.
+    pub s3: Option<crate::s3::S3>,
 }
 
 impl AppState {
@@ -41,6 +44,7 @@ impl AppState {
             api_token: http.api_token.clone().map(Arc::new),
             ready_timeout: Duration::from_secs(2),
             ingest: None,
+            s3: None,
         }
     }
 }
@@ -49,6 +53,7 @@ impl AppState {
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let protected = Router::new()
         .merge(tables::router())
+        .merge(s3::router())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(health::router())

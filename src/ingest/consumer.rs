@@ -20,6 +20,139 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::catalogue::Table;
+use crate::config::KafkaConfig;
+use crate::kafka::{self, KafkaSetupError};
+
+/// Records buffered between a poll thread and its task (memory is bounded by the
+/// in-flight byte budget; this only bounds the count).
+const CHANNEL_RECORDS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Setup(#[from] KafkaSetupError),
+    #[error("cannot subscribe to {topic}: {cause}")]
+    Subscribe {
+        topic: String,
+        cause: rdkafka::error::KafkaError,
+    },
+    #[error("cannot start a poll thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A consumer subscribed to one table's topic, not yet polled.
+#[allow(missing_debug_implementations)]
+pub struct Subscription {
+    pub consumer: Arc<BaseConsumer<Context>>,
+    events: mpsc::Sender<Event>,
+    receiver: mpsc::Receiver<Event>,
+}
+
+/// Builds a consumer of `table`'s topic in `group_id` (auto-commit off; the
+/// owning task decides what is committed where). `instance_suffix` tells the
+/// roles' static-membership ids apart.
+pub fn subscribe(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    table: Table,
+    offset_reset: &str,
+    instance_suffix: &str,
+) -> Result<Subscription, ConsumerError> {
+    let topic = kafka::topic_name(&kafka.topic_prefix, table);
+    let (events, receiver) = mpsc::channel(CHANNEL_RECORDS);
+    let mut settings = kafka::client_config(
+        kafka,
+        &[
+            ("group.id", group_id),
+            ("client.id", &format!("dwh-helper-{}{instance_suffix}", table.name())),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "false"),
+            ("auto.offset.reset", offset_reset),
+            // librdkafka's own prefetch counts against memory too: keep it modest.
+            ("queued.max.messages.kbytes", "16384"),
+            // Pick up topics created after the start within seconds.
+            ("topic.metadata.refresh.interval.ms", "10000"),
+        ],
+    )?;
+    if let Some(instance) = &kafka.group_instance_id {
+        settings.set(
+            "group.instance.id",
+            format!("{instance}-{}{instance_suffix}", table.name()),
+        );
+    }
+    let context = Context {
+        topic: topic.clone(),
+        events: events.clone(),
+    };
+    let consumer: BaseConsumer<Context> =
+        settings
+            .create_with_context(context)
+            .map_err(|cause| KafkaSetupError::Client {
+                role: "consumer",
+                cause,
+            })?;
+    consumer
+        .subscribe(&[&topic])
+        .map_err(|cause| ConsumerError::Subscribe { topic, cause })?;
+    Ok(Subscription {
+        consumer: Arc::new(consumer),
+        events,
+        receiver,
+    })
+}
+
+impl Subscription {
+    /// Starts the poll thread; returns it and the events for the owning task.
+    pub fn poll(self, memory: Arc<Semaphore>, budget: u32) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
+        let stop = CancellationToken::new();
+        let thread = {
+            let (consumer, events, stop) = (self.consumer.clone(), self.events, stop.clone());
+            let runtime = tokio::runtime::Handle::current();
+            let name = format!("poll-{}", consumer.context().topic);
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || poll_loop(consumer, events, memory, budget, stop, runtime))
+                .map_err(ConsumerError::Thread)?
+        };
+        Ok((
+            Poller {
+                stop,
+                thread,
+                consumer: self.consumer,
+            },
+            self.receiver,
+        ))
+    }
+}
+
+/// A running poll thread and its consumer.
+#[allow(missing_debug_implementations)]
+pub struct Poller {
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+    consumer: Arc<BaseConsumer<Context>>,
+}
+
+impl Poller {
+    /// Stops polling and closes the consumer (leaving the group). Call after the
+    /// task dropped its receiver, so rebalance callbacks during the close find
+    /// nobody to wait for.
+    pub async fn close(self) {
+        self.stop.cancel();
+        let Poller { thread, consumer, .. } = self;
+        let closed = tokio::task::spawn_blocking(move || {
+            let _ = thread.join();
+            drop(consumer);
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::warn!(error = %e, "closing a consumer failed");
+        }
+    }
+}
+
 /// What the poll thread tells the owning task.
 #[derive(Debug)]
 pub enum Event {
@@ -133,7 +266,7 @@ impl ConsumerContext for Context {
 }
 
 /// Polls `consumer` until `stop` is cancelled or the task goes away.
-pub fn poll_loop(
+fn poll_loop(
     consumer: Arc<BaseConsumer<Context>>,
     events: mpsc::Sender<Event>,
     memory: Arc<Semaphore>,

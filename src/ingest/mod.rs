@@ -15,8 +15,8 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use tokio::sync::{mpsc, Semaphore};
+use rdkafka::consumer::Consumer as _;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -25,27 +25,13 @@ use crate::config::Config;
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
 use batcher::BatchLimits;
-use consumer::Context;
+use consumer::Subscription;
 pub use status::{Counters, IngestStatus};
 use worker::{Exit, Worker, Writer};
 
-/// Records buffered between a poll thread and its worker (memory is bounded by
-/// the in-flight byte budget, this only bounds the count).
-const CHANNEL_RECORDS: usize = 4096;
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    #[error(transparent)]
-    Setup(#[from] KafkaSetupError),
-    #[error("cannot subscribe to {topic}: {cause}")]
-    Subscribe {
-        topic: String,
-        cause: rdkafka::error::KafkaError,
-    },
-    #[error("cannot start a poll thread: {0}")]
-    Thread(std::io::Error),
-}
+pub use consumer::ConsumerError as IngestError;
 
 /// Runs the ingest role until `shutdown` is cancelled and everything buffered is
 /// written (or the grace period is over).
@@ -152,63 +138,14 @@ struct Shared {
     abort: CancellationToken,
 }
 
-/// A consumer and the channel its callbacks and poll thread send on.
-struct Built {
-    consumer: Arc<BaseConsumer<Context>>,
-    events: mpsc::Sender<Event>,
-    receiver: mpsc::Receiver<Event>,
-}
-
-use consumer::Event;
-
 impl Shared {
-    fn build(&self, table: Table) -> Result<Built, IngestError> {
+    fn build(&self, table: Table) -> Result<Subscription, IngestError> {
         let kafka = &self.config.kafka;
-        let topic = kafka::topic_name(&kafka.topic_prefix, table);
-        let (events, receiver) = mpsc::channel(CHANNEL_RECORDS);
-        let mut settings = kafka::client_config(
-            kafka,
-            &[
-                ("group.id", &kafka.group_id),
-                ("client.id", &format!("dwh-helper-{}", table.name())),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("enable.partition.eof", "false"),
-                ("auto.offset.reset", kafka.auto_offset_reset.as_str()),
-                // librdkafka's own prefetch counts against memory too: keep it modest.
-                ("queued.max.messages.kbytes", "16384"),
-                // Pick up topics created after the start within seconds.
-                ("topic.metadata.refresh.interval.ms", "10000"),
-            ],
-        )?;
-        if let Some(instance) = &kafka.group_instance_id {
-            // Set before the pass-through properties would be ideal, but an
-            // explicit KAFKA_GROUP_INSTANCE_ID is the operator's intent.
-            settings.set("group.instance.id", format!("{instance}-{}", table.name()));
-        }
-        let context = Context {
-            topic: topic.clone(),
-            events: events.clone(),
-        };
-        let consumer: BaseConsumer<Context> =
-            settings
-                .create_with_context(context)
-                .map_err(|source| KafkaSetupError::Client {
-                    role: "consumer",
-                    cause: source,
-                })?;
-        consumer
-            .subscribe(&[&topic])
-            .map_err(|cause| IngestError::Subscribe { topic, cause })?;
-        Ok(Built {
-            consumer: Arc::new(consumer),
-            events,
-            receiver,
-        })
+        consumer::subscribe(kafka, &kafka.group_id, table, kafka.auto_offset_reset.as_str(), "")
     }
 
     /// Runs `table`'s consumer, rebuilding it after a fence or a failure, until shutdown.
-    async fn supervise(self, table: Table, first: Built) {
+    async fn supervise(self, table: Table, first: Subscription) {
         let mut next = Some(first);
         loop {
             let built = match next.take() {
@@ -243,21 +180,9 @@ impl Shared {
         }
     }
 
-    async fn consume(&self, table: Table, built: Built) -> Result<Exit, IngestError> {
-        let Built {
-            consumer,
-            events,
-            receiver,
-        } = built;
-        let stop = CancellationToken::new();
-        let poller = {
-            let (consumer, memory, stop) = (consumer.clone(), self.memory.clone(), stop.clone());
-            let (budget, runtime) = (self.budget, tokio::runtime::Handle::current());
-            std::thread::Builder::new()
-                .name(format!("poll-{}", table.name()))
-                .spawn(move || consumer::poll_loop(consumer, events, memory, budget, stop, runtime))
-                .map_err(IngestError::Thread)?
-        };
+    async fn consume(&self, table: Table, subscription: Subscription) -> Result<Exit, IngestError> {
+        let consumer = subscription.consumer.clone();
+        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget)?;
         let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),
@@ -280,16 +205,8 @@ impl Shared {
         // The receiver goes with the worker, so callbacks during the close below
         // find nobody to wait for and simply unassign.
         let exit = worker.run(receiver).await;
-        stop.cancel();
-        let closed = tokio::task::spawn_blocking(move || {
-            let _ = poller.join();
-            // The last handle: closing leaves the group.
-            drop(consumer);
-        })
-        .await;
-        if let Err(e) = closed {
-            tracing::warn!(table = %table, error = %e, "closing the consumer failed");
-        }
+        drop(consumer);
+        poller.close().await;
         Ok(exit)
     }
 }

@@ -101,7 +101,7 @@ impl std::future::Future for Pending {
 impl Batch<'_> {
     /// Queues one record; waits while the producer's queue or the in-flight bound
     /// is full.
-    pub async fn send(&mut self, topic: &str, key: &str, payload: &[u8]) -> Result<(), PublishError> {
+    pub async fn send(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
         loop {
             let record = FutureRecord::to(topic).key(key).payload(payload);
             match self.publisher.producer.send_result(record) {

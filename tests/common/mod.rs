@@ -216,7 +216,7 @@ pub async fn publish(config: &Config, topic: &str, records: &[(String, Vec<u8>)]
     let publisher = dwh_helper::kafka::Publisher::new(&config.kafka).expect("producer");
     let mut batch = publisher.batch();
     for (key, payload) in records {
-        batch.send(topic, key, payload).await.expect("record queued");
+        batch.send(topic, key.as_bytes(), payload).await.expect("record queued");
     }
     assert_eq!(
         batch.finish().await.expect("records acknowledged"),

@@ -1,0 +1,331 @@
+//! The archive role: every table topic copied to S3 as gzip JSON-lines objects,
+//! by a consumer group of its own (`{KAFKA_GROUP_ID}-archive`).
+//!
+//! Guarantees: each object holds consecutive records of one partition and is
+//! named by its first offset ([`format::object_key`]); the Kafka offset moves past
+//! an object's records only after the object is stored, so after a crash the
+//! same first offset is archived again under the same key (overwriting, never
+//! duplicating), and nothing is skipped. While S3 cannot be reached the same
+//! object is retried with capped backoff and the group stops fetching (bounded
+//! memory); the ingest role, a separate group, is not affected.
+
+pub mod format;
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::message::{Message as _, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalogue::Table;
+use crate::config::Config;
+use crate::ingest::consumer::{self, ConsumerError, Event, Subscription};
+use crate::s3::S3;
+
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// The archive's consumer group.
+pub fn group_id(config: &Config) -> String {
+    format!("{}-archive", config.kafka.group_id)
+}
+
+/// Runs the archive until `shutdown`; open objects are stored before it returns
+/// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
+pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    let budget = config.kafka.max_in_flight_bytes.min(u32::MAX as usize);
+    let memory = Arc::new(Semaphore::new(budget));
+    let abort = CancellationToken::new();
+    {
+        let (shutdown, abort, grace) = (shutdown.clone(), abort.clone(), config.kafka.shutdown_grace);
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            abort.cancel();
+        });
+    }
+    let group = group_id(config);
+    let mut tasks = JoinSet::new();
+    for table in Table::ALL {
+        let first = consumer::subscribe(&config.kafka, &group, table, "earliest", "-archive")?;
+        let archiver = Archiver {
+            config: config.clone(),
+            group: group.clone(),
+            table,
+            s3: s3.clone(),
+            memory: memory.clone(),
+            budget: budget as u32,
+            shutdown: shutdown.clone(),
+            abort: abort.clone(),
+        };
+        tasks.spawn(archiver.supervise(first));
+    }
+    tracing::info!(group = %group, bucket = s3.bucket(), prefix = %config.s3.archive_prefix, "archive started");
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "an archive task failed");
+        }
+    }
+    tracing::info!("archive stopped");
+    Ok(())
+}
+
+struct Archiver {
+    config: Config,
+    group: String,
+    table: Table,
+    s3: S3,
+    memory: Arc<Semaphore>,
+    budget: u32,
+    shutdown: CancellationToken,
+    abort: CancellationToken,
+}
+
+/// An object being filled with one partition's records.
+struct Open {
+    first_offset: i64,
+    last_offset: i64,
+    first_timestamp: Option<i64>,
+    records: u64,
+    raw_bytes: usize,
+    gzip: GzEncoder<Vec<u8>>,
+    opened_at: Instant,
+    _memory: Option<OwnedSemaphorePermit>,
+}
+
+enum Stop {
+    Shutdown,
+    Restart(String),
+}
+
+impl Archiver {
+    async fn supervise(self, first: Subscription) {
+        let mut next = Some(first);
+        loop {
+            let subscription = match next.take() {
+                Some(s) => s,
+                None => {
+                    match consumer::subscribe(&self.config.kafka, &self.group, self.table, "earliest", "-archive") {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::error!(table = %self.table, error = %e, "cannot rebuild the archive consumer");
+                            if self.pause().await {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let consumer = subscription.consumer.clone();
+            let (poller, events) = match subscription.poll(self.memory.clone(), self.budget) {
+                Ok(started) => started,
+                Err(e) => {
+                    tracing::error!(table = %self.table, error = %e, "cannot start the archive consumer");
+                    if self.pause().await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let stop = self.serve(&consumer, events).await;
+            drop(consumer);
+            poller.close().await;
+            match stop {
+                Stop::Shutdown => return,
+                Stop::Restart(why) => {
+                    tracing::warn!(table = %self.table, reason = %why, "restarting the archive consumer")
+                }
+            }
+            if self.pause().await {
+                return;
+            }
+        }
+    }
+
+    async fn pause(&self) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(RESTART_DELAY) => self.shutdown.is_cancelled(),
+            () = self.shutdown.cancelled() => true,
+        }
+    }
+
+    async fn serve(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<consumer::Context>,
+        mut events: mpsc::Receiver<Event>,
+    ) -> Stop {
+        let mut open: HashMap<i32, Open> = HashMap::new();
+        loop {
+            let deadline = open
+                .values()
+                .map(|o| o.opened_at)
+                .min()
+                .map(|t| t + self.config.s3.archive_interval);
+            let interval = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into());
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    let partitions: Vec<i32> = open.keys().copied().collect();
+                    for partition in partitions {
+                        if let Some(object) = open.remove(&partition) {
+                            if !self.store(consumer, partition, object).await {
+                                break;
+                            }
+                        }
+                    }
+                    return Stop::Shutdown;
+                }
+                () = interval, if deadline.is_some() => {
+                    let due: Vec<i32> = open
+                        .iter()
+                        .filter(|(_, o)| o.opened_at.elapsed() >= self.config.s3.archive_interval)
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for partition in due {
+                        if let Some(object) = open.remove(&partition) {
+                            if !self.store(consumer, partition, object).await {
+                                return Stop::Shutdown;
+                            }
+                        }
+                    }
+                }
+                event = events.recv() => match event {
+                    None => return Stop::Restart("the poll thread stopped".into()),
+                    Some(Event::Record(message, permit)) => {
+                        let partition = message.partition();
+                        if let Err(e) = append(&mut open, &message, permit) {
+                            return Stop::Restart(format!("cannot compress a record: {e}"));
+                        }
+                        let full = open.get(&partition).is_some_and(|o| o.raw_bytes >= self.config.s3.archive_max_bytes);
+                        if full {
+                            if let Some(object) = open.remove(&partition) {
+                                if !self.store(consumer, partition, object).await {
+                                    return Stop::Shutdown;
+                                }
+                            }
+                        }
+                    }
+                    Some(Event::Assigned { partitions, reply }) => {
+                        // Start where the archive's own group committed (its offsets
+                        // move only after an object is stored).
+                        let _ = reply.send(partitions.iter().map(|p| (*p, None)).collect());
+                    }
+                    Some(Event::Revoked { partitions, reply }) => {
+                        // Not stored, not committed: the next owner archives these
+                        // records again, under the same keys.
+                        for partition in &partitions {
+                            open.remove(partition);
+                        }
+                        let _ = reply.send(());
+                    }
+                },
+            }
+        }
+    }
+
+    /// Stores `object` and then commits past it; retries while S3 fails. False when
+    /// the grace period ran out first (nothing committed: archived again later).
+    async fn store(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<consumer::Context>,
+        partition: i32,
+        object: Open,
+    ) -> bool {
+        let topic = consumer.context().topic.clone();
+        let date = object
+            .first_timestamp
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .unwrap_or_default()
+            .date_naive();
+        let key = format::object_key(
+            &self.config.s3.archive_prefix,
+            self.table.name(),
+            date,
+            &topic,
+            partition,
+            object.first_offset,
+        );
+        let body = match object.gzip.finish() {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                tracing::error!(key, error = %e, "cannot finish the gzip stream");
+                return true;
+            }
+        };
+        let metadata = [
+            ("first-offset", object.first_offset.to_string()),
+            ("last-offset", object.last_offset.to_string()),
+            ("records", object.records.to_string()),
+        ];
+        let mut delay = FIRST_RETRY;
+        loop {
+            let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
+            match self
+                .s3
+                .put_object(&key, stream, Some("application/gzip"), &metadata)
+                .await
+            {
+                Ok(size) => {
+                    tracing::debug!(key, records = object.records, bytes = size, "archive object stored");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, retry_in_ms = delay.as_millis() as u64, "archive upload failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.abort.cancelled() => return false,
+                    }
+                    delay = (delay * 2).min(MAX_RETRY);
+                }
+            }
+        }
+        let mut list = TopicPartitionList::new();
+        if list
+            .add_partition_offset(&topic, partition, Offset::Offset(object.last_offset + 1))
+            .is_ok()
+        {
+            if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+                tracing::warn!(topic, partition, error = %e, "archive offset commit failed; the object is rewritten later");
+            }
+        }
+        true
+    }
+}
+
+/// Adds a record to its partition's open object.
+fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: OwnedSemaphorePermit) -> std::io::Result<()> {
+    let partition = message.partition();
+    let timestamp = message.timestamp().to_millis();
+    let object = open.entry(partition).or_insert_with(|| Open {
+        first_offset: message.offset(),
+        last_offset: message.offset(),
+        first_timestamp: timestamp,
+        records: 0,
+        raw_bytes: 0,
+        gzip: GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+        opened_at: Instant::now(),
+        _memory: None,
+    });
+    let line = format::Line::new(partition, message.offset(), timestamp, message.key(), message.payload());
+    let mut text = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    object.gzip.write_all(&text)?;
+    object.raw_bytes += text.len();
+    object.records += 1;
+    object.last_offset = message.offset();
+    match &mut object._memory {
+        Some(held) => held.merge(permit),
+        None => object._memory = Some(permit),
+    }
+    Ok(())
+}

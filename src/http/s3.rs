@@ -1,0 +1,397 @@
+//! `/s3/*`: the bucket over HTTP, as the seed service served it.
+//!
+//! Guarantees: uploads and downloads stream (memory stays around one multipart
+//! part whatever the file size); keys are checked first (empty, over 1,024 bytes
+//! or not UTF-8 → 400); a missing object is 404, a store that cannot be reached is
+//! 503, a patch that lost a race is 409; every error is JSON.
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Multipart, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, patch, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures_util::TryStreamExt as _;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::s3::{ExpirationRule, S3Error, S3};
+
+/// S3's key limit, in bytes.
+const MAX_KEY_BYTES: usize = 1024;
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 10_000;
+
+pub fn router() -> Router<AppState> {
+    // Uploads stream to the store: no body limit. Patches are held in memory and
+    // keep the API's limit.
+    Router::new()
+        .route("/s3/objects", get(list))
+        .route("/s3/object-info", get(info))
+        .route("/s3/download", get(download))
+        .route("/s3/upload", post(upload).layer(DefaultBodyLimit::disable()))
+        .route("/s3/update", put(update).layer(DefaultBodyLimit::disable()))
+        .route("/s3/patch", patch(patch_object))
+        .route("/s3/delete", delete(delete_object))
+        .route(
+            "/s3/lifecycle",
+            get(lifecycle).put(set_lifecycle).delete(delete_lifecycle),
+        )
+}
+
+impl From<S3Error> for ApiError {
+    fn from(e: S3Error) -> Self {
+        let status = match &e {
+            S3Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            S3Error::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            S3Error::Conflict { .. } => StatusCode::CONFLICT,
+            S3Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            S3Error::Unreachable { .. } | S3Error::BucketMissing { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            S3Error::AccessDenied { .. } | S3Error::Other { .. } => StatusCode::BAD_GATEWAY,
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %e, "object store request failed");
+        }
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// The query parameters, percent-decoded; a value that is not UTF-8 is kept as
+/// an error to report when that parameter is used.
+struct Params(Vec<(String, Result<String, ()>)>);
+
+impl Params {
+    fn parse(raw: Option<String>) -> Params {
+        let raw = raw.unwrap_or_default();
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(&s.replace('+', " "))
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ())
+        };
+        Params(
+            raw.split('&')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (decode(name).unwrap_or_default(), decode(value))
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.0.iter().find(|(n, _)| n == name) {
+            None => Ok(None),
+            Some((_, Ok(value))) => Ok(Some(value)),
+            Some((_, Err(()))) => Err(ApiError::bad_request(format!("{name} is not valid UTF-8"))),
+        }
+    }
+
+    /// The `key` parameter, checked as S3 would.
+    fn key(&self) -> Result<String, ApiError> {
+        let key = self
+            .get("key")?
+            .ok_or_else(|| ApiError::bad_request("key is required"))?;
+        if key.is_empty() {
+            return Err(ApiError::bad_request("key must not be empty"));
+        }
+        if key.len() > MAX_KEY_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "key is {} bytes, over the limit of {MAX_KEY_BYTES}",
+                key.len()
+            )));
+        }
+        Ok(key.to_owned())
+    }
+
+    fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.get(name)?
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request(format!("{name} must be a non-negative integer, got \"{v}\"")))
+            })
+            .transpose()
+    }
+}
+
+fn store(state: &AppState) -> Result<&S3, ApiError> {
+    state.s3.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no object store configured (set S3_ENDPOINT_URL or S3_ACCESS_KEY_ID)",
+        )
+    })
+}
+
+/// `GET /s3/objects?prefix=&limit=&cursor=`: the objects directly under the
+/// prefix, newest first, a page at a time.
+async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+    let params = Params::parse(query);
+    let prefix = params.get("prefix")?.unwrap_or_default().to_owned();
+    let limit = params.number("limit")?.map_or(DEFAULT_LIMIT, |l| l as usize);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let cursor = params.get("cursor")?.map(Cursor::parse).transpose()?;
+    let listing = store(&state)?.list_objects(&prefix).await?;
+    let start = match &cursor {
+        None => 0,
+        Some(cursor) => listing
+            .objects
+            .iter()
+            .position(|o| cursor.precedes(o))
+            .unwrap_or(listing.objects.len()),
+    };
+    let page: Vec<_> = listing.objects.iter().skip(start).take(limit).collect();
+    let next_cursor = (start + page.len() < listing.objects.len())
+        .then(|| page.last().map(|o| Cursor::of(o).to_string()))
+        .flatten();
+    Ok(Json(json!({
+        "prefix": prefix,
+        "objects": page,
+        "folders": listing.folders,
+        "count": page.len(),
+        "total": listing.objects.len(),
+        "next_cursor": next_cursor,
+    })))
+}
+
+/// Where a page ended: the last object's modification time and key, in the
+/// listing's order (newest first, then by key).
+struct Cursor {
+    millis: i64,
+    key: String,
+}
+
+impl Cursor {
+    fn of(o: &crate::s3::ObjectSummary) -> Cursor {
+        Cursor {
+            millis: o.last_modified.map_or(i64::MIN, |t| t.timestamp_millis()),
+            key: o.key.clone(),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Cursor, ApiError> {
+        let bad = || ApiError::bad_request(format!("cursor \"{text}\" is not one this API returned"));
+        let (millis, key) = text.split_once(':').ok_or_else(bad)?;
+        Ok(Cursor {
+            millis: millis.parse().map_err(|_| bad())?,
+            key: key.to_owned(),
+        })
+    }
+
+    /// Whether `o` comes after the cursor in the listing's order.
+    fn precedes(&self, o: &crate::s3::ObjectSummary) -> bool {
+        let millis = o.last_modified.map_or(i64::MIN, |t| t.timestamp_millis());
+        millis < self.millis || (millis == self.millis && o.key > self.key)
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.millis, self.key)
+    }
+}
+
+async fn info(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+    let key = Params::parse(query).key()?;
+    let info = store(&state)?.object_info(&key).await?;
+    Ok(Json(json!(info)))
+}
+
+async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    let key = Params::parse(query).key()?;
+    let download = store(&state)?.get_object(&key).await?;
+    let info = download.info;
+    let file_name = key.rsplit('/').next().unwrap_or("download").replace('"', "");
+    let mut response = Body::from_stream(download.body).into_response();
+    let headers = response.headers_mut();
+    let content_type = info.content_type.as_deref().unwrap_or("application/octet-stream");
+    if let Ok(value) = content_type.parse() {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, info.size.into());
+    if let Some(etag) = info.etag.as_deref().and_then(|e| e.parse().ok()) {
+        headers.insert(header::ETAG, etag);
+    }
+    if let Ok(value) = format!("attachment; filename=\"{file_name}\"").parse() {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
+}
+
+/// `POST /s3/upload?key=` with a multipart/form-data field `file`.
+async fn upload(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = Params::parse(query).key()?;
+    let s3 = store(&state)?;
+    let mut multipart =
+        multipart.map_err(|e| ApiError::bad_request(format!("expected multipart/form-data: {}", e.body_text())))?;
+    loop {
+        let field = multipart
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?
+            .ok_or_else(|| ApiError::bad_request("the form has no field \"file\""))?;
+        if field.name() != Some("file") {
+            continue;
+        }
+        let content_type = field.content_type().map(str::to_owned);
+        let body = field.map_err(|e| e.to_string());
+        let size = s3.put_object(&key, body, content_type.as_deref(), &[]).await?;
+        let info = s3.object_info(&key).await?;
+        return Ok((
+            StatusCode::CREATED,
+            Json(json!({ "key": key, "size": size, "etag": info.etag, "content_type": info.content_type })),
+        ));
+    }
+}
+
+/// `PUT /s3/update?key=`: the raw body replaces an existing object.
+async fn update(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let key = Params::parse(query).key()?;
+    let s3 = store(&state)?;
+    let existing = s3.object_info(&key).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(existing.content_type);
+    let stream = body.into_data_stream().map_err(|e| e.to_string());
+    let size = s3.put_object(&key, stream, content_type.as_deref(), &[]).await?;
+    let info = s3.object_info(&key).await?;
+    Ok(Json(json!({ "key": key, "size": size, "etag": info.etag })))
+}
+
+/// `PATCH /s3/patch?key=&offset=`: the raw body replaces bytes from `offset`.
+/// An `If-Match` header makes it conditional on that ETag.
+async fn patch_object(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::parse(query);
+    let key = params.key()?;
+    let offset = params
+        .number("offset")?
+        .ok_or_else(|| ApiError::bad_request("offset is required"))?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    let info = store(&state)?.patch_object(&key, body, offset, if_match).await?;
+    Ok(Json(json!(info)))
+}
+
+async fn delete_object(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+    let key = Params::parse(query).key()?;
+    store(&state)?.delete_object(&key).await?;
+    Ok(Json(json!({ "deleted": key })))
+}
+
+async fn lifecycle(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let rules = store(&state)?.lifecycle().await?;
+    Ok(Json(json!({ "rules": rules })))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct RuleRequest {
+    prefix: String,
+    days: i32,
+    id: Option<String>,
+    enabled: Option<bool>,
+}
+
+/// `PUT /s3/lifecycle` with `{"prefix": "tmp/", "days": 7}`: objects under the
+/// prefix expire after that many days.
+async fn set_lifecycle(
+    State(state): State<AppState>,
+    body: Result<Json<RuleRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(request) = body?;
+    if request.days < 1 {
+        return Err(ApiError::bad_request("days must be at least 1"));
+    }
+    if request.prefix.len() > MAX_KEY_BYTES {
+        return Err(ApiError::bad_request("prefix is over 1024 bytes"));
+    }
+    let rule = ExpirationRule {
+        id: request.id.unwrap_or_else(|| {
+            format!(
+                "expire-{}",
+                if request.prefix.is_empty() {
+                    "all"
+                } else {
+                    &request.prefix
+                }
+            )
+        }),
+        prefix: request.prefix,
+        days: request.days,
+        enabled: request.enabled.unwrap_or(true),
+    };
+    let rules = store(&state)?.set_expiration(rule).await?;
+    Ok(Json(json!({ "rules": rules })))
+}
+
+/// `DELETE /s3/lifecycle?prefix=`: removes the expiration rules of the prefix.
+async fn delete_lifecycle(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+    let params = Params::parse(query);
+    let prefix = params
+        .get("prefix")?
+        .ok_or_else(|| ApiError::bad_request("prefix is required"))?
+        .to_owned();
+    let removed = store(&state)?.delete_expiration(&prefix).await?;
+    if removed == 0 {
+        return Err(ApiError::not_found(format!(
+            "no expiration rule for prefix \"{prefix}\""
+        )));
+    }
+    Ok(Json(json!({ "removed": removed, "prefix": prefix })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_before_any_request() {
+        let key = |q: &str| Params::parse(Some(q.to_owned())).key().map_err(|e| e.message);
+        assert_eq!(key("key=data%2Ffile.csv"), Ok("data/file.csv".to_owned()));
+        assert_eq!(key("key=a+b"), Ok("a b".to_owned()));
+        assert_eq!(key("key="), Err("key must not be empty".to_owned()));
+        assert_eq!(key("prefix=x"), Err("key is required".to_owned()));
+        assert_eq!(key("key=%FF%FE"), Err("key is not valid UTF-8".to_owned()));
+        let long = format!("key={}", "k".repeat(1025));
+        assert_eq!(key(&long), Err("key is 1025 bytes, over the limit of 1024".to_owned()));
+        assert!(key(&format!("key={}", "k".repeat(1024))).is_ok());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_order_like_the_listing() {
+        let at = |ms: i64, key: &str| crate::s3::ObjectSummary {
+            key: key.into(),
+            size: 0,
+            last_modified: chrono::DateTime::from_timestamp_millis(ms),
+            etag: None,
+        };
+        let cursor = Cursor::parse(&Cursor::of(&at(2000, "b:c")).to_string()).expect("parses");
+        assert_eq!((cursor.millis, cursor.key.as_str()), (2000, "b:c"));
+        assert!(cursor.precedes(&at(1000, "a")), "older comes later");
+        assert!(cursor.precedes(&at(2000, "c")), "same time, later key");
+        assert!(!cursor.precedes(&at(2000, "a")));
+        assert!(!cursor.precedes(&at(3000, "z")));
+        assert!(Cursor::parse("nonsense").is_err());
+    }
+}
