@@ -58,9 +58,9 @@ fi
 
 # The S3-protocol server: moto's server mode (in memory), on a free port.
 if [ -z "${DWH_TEST_S3_ENDPOINT:-}" ]; then
-  if ! python3 -c 'import moto.server' 2>/dev/null; then
+  if [ "$(python3 -c 'import moto; print(moto.__version__)' 2>/dev/null)" != 5.1.22 ]; then
     echo "scripts/test.sh: installing moto[server] (the S3-protocol test server) with pip"
-    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]>=5,<6' >/dev/null
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.1.22' >/dev/null
   fi
   s3_port=$(free_port)
   s3_log=$(mktemp /tmp/dwh-helper-moto.XXXXXX)

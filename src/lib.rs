@@ -4,6 +4,7 @@
 //! (clients, dev broker), [`ingest`] (consumer, batcher, worker), the DWH [`store`],
 //! the [`http`] API, and the [`cli`] that wires them together.
 
+pub mod alloc;
 pub mod archive;
 pub mod catalogue;
 pub mod cli;

@@ -3,7 +3,8 @@
 //!
 //! Guarantees: each object holds consecutive records of one partition and is
 //! named by its first offset ([`format::object_key`]); the Kafka offset moves past
-//! an object's records only after the object is stored, so after a crash the
+//! an object's records only after the object is stored (a synchronous commit, so
+//! at most one stored object per partition is ever uncommitted), so after a crash the
 //! same first offset is archived again under the same key (overwriting, never
 //! duplicating), and nothing is skipped. While S3 cannot be reached the same
 //! object is retried with capped backoff and the group stops fetching (bounded
@@ -107,6 +108,27 @@ enum Stop {
     Restart(String),
 }
 
+/// How storing an object ended.
+enum Stored {
+    /// Stored, and the group's offset moved past it.
+    Committed,
+    /// The shutdown grace period ran out while S3 failed: not stored.
+    Aborted,
+    /// Stored, but the offset did not move: rebuild the consumer so that the next
+    /// object starts at this one's first offset again (same key).
+    CommitFailed,
+}
+
+impl Stored {
+    fn into_stop(self) -> Option<Stop> {
+        match self {
+            Stored::Committed => None,
+            Stored::Aborted => Some(Stop::Shutdown),
+            Stored::CommitFailed => Some(Stop::Restart("an archive commit failed".into())),
+        }
+    }
+}
+
 impl Archiver {
     async fn supervise(self, first: Subscription) {
         let mut next = Some(first);
@@ -178,7 +200,7 @@ impl Archiver {
                     let partitions: Vec<i32> = open.keys().copied().collect();
                     for partition in partitions {
                         if let Some(object) = open.remove(&partition) {
-                            if !self.store(consumer, partition, object).await {
+                            if self.store(consumer, partition, object).await.into_stop().is_some() {
                                 break;
                             }
                         }
@@ -193,8 +215,8 @@ impl Archiver {
                         .collect();
                     for partition in due {
                         if let Some(object) = open.remove(&partition) {
-                            if !self.store(consumer, partition, object).await {
-                                return Stop::Shutdown;
+                            if let Some(stop) = self.store(consumer, partition, object).await.into_stop() {
+                                return stop;
                             }
                         }
                     }
@@ -209,8 +231,8 @@ impl Archiver {
                         let full = open.get(&partition).is_some_and(|o| o.raw_bytes >= self.config.s3.archive_max_bytes);
                         if full {
                             if let Some(object) = open.remove(&partition) {
-                                if !self.store(consumer, partition, object).await {
-                                    return Stop::Shutdown;
+                                if let Some(stop) = self.store(consumer, partition, object).await.into_stop() {
+                                    return stop;
                                 }
                             }
                         }
@@ -233,14 +255,13 @@ impl Archiver {
         }
     }
 
-    /// Stores `object` and then commits past it; retries while S3 fails. False when
-    /// the grace period ran out first (nothing committed: archived again later).
+    /// Stores `object` and then commits past it; retries while S3 fails.
     async fn store(
         &self,
         consumer: &rdkafka::consumer::BaseConsumer<consumer::Context>,
         partition: i32,
         object: Open,
-    ) -> bool {
+    ) -> Stored {
         let topic = consumer.context().topic.clone();
         let date = object
             .first_timestamp
@@ -259,7 +280,7 @@ impl Archiver {
             Ok(body) => Bytes::from(body),
             Err(e) => {
                 tracing::error!(key, error = %e, "cannot finish the gzip stream");
-                return true;
+                return Stored::CommitFailed;
             }
         };
         let metadata = [
@@ -272,7 +293,13 @@ impl Archiver {
             let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
             match self
                 .s3
-                .put_object(&key, stream, Some("application/gzip"), &metadata)
+                .put_object(
+                    &key,
+                    stream,
+                    Some("application/gzip"),
+                    &metadata,
+                    Some(body.len() as u64),
+                )
                 .await
             {
                 Ok(size) => {
@@ -283,22 +310,30 @@ impl Archiver {
                     tracing::warn!(key, error = %e, retry_in_ms = delay.as_millis() as u64, "archive upload failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.abort.cancelled() => return false,
+                        () = self.abort.cancelled() => return Stored::Aborted,
                     }
                     delay = (delay * 2).min(MAX_RETRY);
                 }
             }
         }
+        // A synchronous commit: at most one stored object per partition is ever
+        // uncommitted, and it is the one a restart begins with (same key), so a
+        // re-archive can only overwrite, never overlap.
         let mut list = TopicPartitionList::new();
-        if list
-            .add_partition_offset(&topic, partition, Offset::Offset(object.last_offset + 1))
-            .is_ok()
-        {
-            if let Err(e) = consumer.commit(&list, CommitMode::Async) {
-                tracing::warn!(topic, partition, error = %e, "archive offset commit failed; the object is rewritten later");
+        if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(object.last_offset + 1)) {
+            tracing::error!(topic, partition, error = %e, "cannot list the archive commit");
+            return Stored::CommitFailed;
+        }
+        for attempt in 1..=3u32 {
+            match tokio::task::block_in_place(|| consumer.commit(&list, CommitMode::Sync)) {
+                Ok(()) => return Stored::Committed,
+                Err(e) => {
+                    tracing::warn!(topic, partition, attempt, error = %e, "archive offset commit failed");
+                    tokio::time::sleep(FIRST_RETRY * attempt).await;
+                }
             }
         }
-        true
+        Stored::CommitFailed
     }
 }
 

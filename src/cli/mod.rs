@@ -52,6 +52,7 @@ enum Command {
 
 /// Parses arguments and configuration, then runs the command.
 pub fn main() -> ExitCode {
+    crate::alloc::tune();
     let cli = Cli::parse();
     let config = match Config::from_env() {
         Ok(config) => config,

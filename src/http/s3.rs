@@ -116,6 +116,13 @@ impl Params {
     }
 }
 
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 fn store(state: &AppState) -> Result<&S3, ApiError> {
     state.s3.as_ref().ok_or_else(|| {
         ApiError::new(
@@ -228,6 +235,7 @@ async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
 async fn upload(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = Params::parse(query).key()?;
@@ -245,7 +253,10 @@ async fn upload(
         }
         let content_type = field.content_type().map(str::to_owned);
         let body = field.map_err(|e| e.to_string());
-        let size = s3.put_object(&key, body, content_type.as_deref(), &[]).await?;
+        // The request's length bounds the file's: a large form goes multipart at once.
+        let size = s3
+            .put_object(&key, body, content_type.as_deref(), &[], content_length(&headers))
+            .await?;
         let info = s3.object_info(&key).await?;
         return Ok((
             StatusCode::CREATED,
@@ -270,7 +281,9 @@ async fn update(
         .map(str::to_owned)
         .or(existing.content_type);
     let stream = body.into_data_stream().map_err(|e| e.to_string());
-    let size = s3.put_object(&key, stream, content_type.as_deref(), &[]).await?;
+    let size = s3
+        .put_object(&key, stream, content_type.as_deref(), &[], content_length(&headers))
+        .await?;
     let info = s3.object_info(&key).await?;
     Ok(Json(json!({ "key": key, "size": size, "etag": info.etag })))
 }

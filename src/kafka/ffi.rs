@@ -1,6 +1,6 @@
 //! The two librdkafka mock-cluster settings that rdkafka does not wrap.
 //!
-//! This is the crate's only `unsafe` code (the crate denies it elsewhere). Each call
+//! `unsafe` is denied crate-wide; this module and `alloc.rs` are the exceptions. Each call
 //! passes a mock-cluster handle that librdkafka itself returned for a client that
 //! outlives the call, and strings that live across the call; librdkafka copies what
 //! it keeps and takes the cluster's lock inside.

@@ -38,7 +38,8 @@ pub fn classify<E>(error: SdkError<E, HttpResponse>, bucket: &str, key: &str) ->
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let detail = DisplayErrorContext(&error).to_string();
+    let full = DisplayErrorContext(&error).to_string();
+    let detail = full.clone();
     let service = match &error {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => return S3Error::Unreachable { detail },
         SdkError::ServiceError(service) => service,
@@ -73,6 +74,10 @@ where
         ("PreconditionFailed", _) | (_, 412) => S3Error::PreconditionFailed { key: key.to_owned() },
         ("InvalidRange", _) | (_, 416) => S3Error::BadRequest { detail },
         (_, 500..=599) => S3Error::Unreachable { detail },
+        _ if code.is_empty() => S3Error::Other {
+            code: format!("HTTP {status}"),
+            detail: full,
+        },
         _ => S3Error::Other { code, detail },
     }
 }

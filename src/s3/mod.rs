@@ -91,6 +91,7 @@ pub struct S3 {
     client: aws_sdk_s3::Client,
     bucket: String,
     multipart_threshold: u64,
+    /// Parts of streamed uploads: the smallest S3 allows, to keep memory low.
     part_size: u64,
 }
 
@@ -129,7 +130,7 @@ impl S3 {
             client: aws_sdk_s3::Client::from_conf(builder.build()),
             bucket: config.bucket_name.clone(),
             multipart_threshold: threshold,
-            part_size: (threshold / 2).max(MIN_PART),
+            part_size: MIN_PART,
         }
     }
 
@@ -301,51 +302,76 @@ impl S3 {
 
     /// Stores `body` at `key`. Bodies up to the multipart threshold go up in one
     /// request; larger ones as a multipart upload of `part_size` parts, aborted if
-    /// anything fails. Memory use stays around two parts whatever the size.
+    /// anything fails. `size_hint` (a Content-Length) over the threshold goes
+    /// straight to multipart, so memory stays around one part whatever the size.
     pub async fn put_object<S, E>(
         &self,
         key: &str,
         body: S,
         content_type: Option<&str>,
         metadata: &[(&str, String)],
+        size_hint: Option<u64>,
     ) -> Result<u64, S3Error>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
         let mut body = std::pin::pin!(body);
-        let mut buffer = BytesMut::new();
         let read_error = |e: E| S3Error::BadRequest {
             detail: format!("reading the upload failed: {e}"),
         };
-        while (buffer.len() as u64) <= self.multipart_threshold {
+        // Chunks are kept as they come (no copying, no doubling buffer) until the
+        // body is known to be small or known to be large.
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0u64;
+        let large = size_hint.is_some_and(|size| size > self.multipart_threshold);
+        while !large && pending_len <= self.multipart_threshold {
             match body.next().await {
-                Some(chunk) => buffer.extend_from_slice(&chunk.map_err(read_error)?),
+                Some(chunk) => {
+                    let chunk = chunk.map_err(read_error)?;
+                    pending_len += chunk.len() as u64;
+                    pending.push(chunk);
+                }
                 None => {
-                    let size = buffer.len() as u64;
-                    self.put_whole(key, buffer.freeze(), content_type, metadata, None)
-                        .await?;
-                    return Ok(size);
+                    let data = match pending.len() {
+                        1 => pending.pop().unwrap_or_default(),
+                        _ => pending.concat().into(),
+                    };
+                    self.put_whole(key, data, content_type, metadata, None).await?;
+                    return Ok(pending_len);
                 }
             }
         }
         let upload = Multipart::start(self, key, content_type, metadata).await?;
+        // S3 allows 10,000 parts: grow them only for bodies that need it.
+        let part_size = self.part_size.max(size_hint.unwrap_or(0).div_ceil(9_000)) as usize;
         let result = async {
             let mut total = 0u64;
+            let mut part: Vec<u8> = Vec::with_capacity(part_size);
+            let mut chunks = pending.into_iter();
             loop {
-                while (buffer.len() as u64) >= self.part_size {
-                    let part = buffer.split_to(self.part_size as usize).freeze();
-                    total += part.len() as u64;
-                    upload.upload(part).await?;
-                }
-                match body.next().await {
-                    Some(chunk) => buffer.extend_from_slice(&chunk.map_err(read_error)?),
-                    None => break,
+                let chunk = match chunks.next() {
+                    Some(chunk) => chunk,
+                    None => match body.next().await {
+                        Some(chunk) => chunk.map_err(read_error)?,
+                        None => break,
+                    },
+                };
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    let take = rest.len().min(part_size - part.len());
+                    part.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if part.len() == part_size {
+                        total += part.len() as u64;
+                        let full = std::mem::replace(&mut part, Vec::with_capacity(part_size));
+                        upload.upload(full.into()).await?;
+                    }
                 }
             }
-            if !buffer.is_empty() {
-                total += buffer.len() as u64;
-                upload.upload(buffer.split().freeze()).await?;
+            if !part.is_empty() || total == 0 {
+                total += part.len() as u64;
+                upload.upload(part.into()).await?;
             }
             Ok(total)
         }

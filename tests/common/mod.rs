@@ -93,7 +93,11 @@ impl Api {
     pub async fn start(dwh: Dwh, config: &Config) -> Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("address"));
-        let app = http::router(AppState::new(dwh, &config.http), config.http.max_body_bytes);
+        let mut state = AppState::new(dwh, &config.http);
+        if config.s3.is_configured() {
+            state.s3 = Some(dwh_helper::s3::S3::new(&config.s3));
+        }
+        let app = http::router(state, config.http.max_body_bytes);
         let stop = CancellationToken::new();
         tokio::spawn(http::serve(listener, app, stop.clone()));
         Api {
@@ -518,4 +522,139 @@ fn pg_bindir() -> std::path::PathBuf {
             dirs.pop()
         })
         .expect("PostgreSQL server binaries (initdb, pg_ctl) are installed")
+}
+
+// ---------------------------------------------------------------------------
+// S3: the test server (moto, started by scripts/test.sh), a bucket per test, and
+// a TCP proxy that can take the store away.
+
+/// The S3-protocol test server. Without it the S3 tests fail rather than skip.
+pub fn s3_endpoint() -> String {
+    std::env::var("DWH_TEST_S3_ENDPOINT").unwrap_or_else(|_| {
+        panic!("DWH_TEST_S3_ENDPOINT is not set: run the tests with scripts/test.sh, which starts an S3 server")
+    })
+}
+
+/// S3 variables for a fresh bucket name on `endpoint`.
+pub fn s3_env(endpoint: &str) -> Vec<(String, String)> {
+    let bucket = format!(
+        "test-{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() % 1_000_000)
+            .unwrap_or(0)
+    );
+    [
+        ("S3_ENDPOINT_URL", endpoint.to_owned()),
+        ("S3_ACCESS_KEY_ID", "test-key".to_owned()),
+        ("S3_SECRET_ACCESS_KEY", "test-secret".to_owned()),
+        ("S3_BUCKET_NAME", bucket),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// A client of a new, empty bucket on the test server.
+pub async fn s3_bucket(extra: &[(&str, &str)]) -> (dwh_helper::s3::S3, Config) {
+    let mut env = s3_env(&s3_endpoint());
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = Config::from_vars(env).expect("valid S3 configuration");
+    let s3 = dwh_helper::s3::S3::new(&config.s3);
+    s3.create_bucket().await.expect("bucket created");
+    (s3, config)
+}
+
+/// Stores `data` at `key`.
+pub async fn put_bytes(s3: &dwh_helper::s3::S3, key: &str, data: Vec<u8>) {
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data))]);
+    s3.put_object(key, stream, None, &[], None)
+        .await
+        .expect("object stored");
+}
+
+/// A TCP relay to `target` that can be stopped (connections refused and cut)
+/// and started again on the same port.
+pub struct TcpProxy {
+    pub port: u16,
+    target: String,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let proxy = TcpProxy {
+            port,
+            target: target.to_owned(),
+            tasks: Default::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (target, tasks) = (self.target.clone(), self.tasks.clone());
+        let accept = tokio::spawn({
+            let tasks = tasks.clone();
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let target = target.clone();
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    tasks.lock().expect("lock").push(relay.abort_handle());
+                }
+            }
+        });
+        tasks.lock().expect("lock").push(accept.abort_handle());
+    }
+
+    /// The store becomes unreachable: new connections are refused, open ones cut.
+    pub fn stop(&self) {
+        for task in self.tasks.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// The store is back, on the same port.
+    pub async fn resume(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => return self.serve(listener),
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "cannot rebind port {}: {e}",
+                        self.port
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Peak and current resident memory of a process, in bytes (Linux).
+pub fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }

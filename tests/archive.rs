@@ -1,0 +1,229 @@
+//! The archive role against the dev broker, a real PostgreSQL and a real
+//! S3-protocol server: every offset archived exactly once through crashes and a
+//! store outage, and a table restored from the archive.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dwh_helper::catalogue::Table;
+use dwh_helper::config::Config;
+use dwh_helper::sample;
+
+const TABLE: Table = Table::UserLocations;
+
+/// `archive verify --json` for the table, as ops run it.
+fn verify(env: &[(String, String)]) -> (bool, serde_json::Value) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+        .args(["archive", "verify", "--table", TABLE.name(), "--json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .output()
+        .expect("verify runs");
+    let report = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|_| panic!("verify prints JSON: {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.success(), report)
+}
+
+/// Waits until the archive covers every partition from 0 to its end offset.
+async fn archive_complete(
+    env: &[(String, String)],
+    config: &Config,
+    topic: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    let ends: Vec<(i64, i64)> = watermarks(config, topic)
+        .await
+        .iter()
+        .map(|w| (w.partition as i64, w.high))
+        .filter(|(_, high)| *high > 0)
+        .collect();
+    wait_for(limit, "the archive to cover every offset", || async {
+        let (ok, report) = tokio::task::spawn_blocking({
+            let env = env.to_vec();
+            move || verify(&env)
+        })
+        .await
+        .expect("verify");
+        let covered: Vec<(i64, i64)> = report["partitions"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["topic"] == topic)
+            .map(|p| {
+                (
+                    p["partition"].as_i64().unwrap_or(-1),
+                    p["end_offset"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        (ok && covered == ends).then_some(report)
+    })
+    .await
+}
+
+fn env_for(broker: &DevBroker, prefix: &str, url: &str, s3_endpoint: &str, bucket: &str) -> Vec<(String, String)> {
+    let mut env = ingest_env(broker, prefix, url);
+    let mut s3 = s3_env(s3_endpoint);
+    s3.retain(|(k, _)| k != "S3_BUCKET_NAME");
+    env.extend(s3);
+    env.extend(
+        [
+            ("S3_BUCKET_NAME", bucket),
+            ("S3_ARCHIVE_MAX_BYTES", "256KiB"),
+            ("S3_ARCHIVE_INTERVAL_SECONDS", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    env
+}
+
+async fn table_digest(url: &str) -> Option<i64> {
+    // A sum of per-row hashes: equal for equal sets of rows, whatever their order.
+    pg_count(
+        url,
+        "SELECT coalesce(sum(('x' || substr(md5(uuid::text || '|' || event_time::text || '|' || latitude::text \
+         || '|' || longitude::text || '|' || coalesce(city, '')), 1, 8))::bit(32)::bigint), 0)::bigint \
+         FROM user_locations",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_offset_is_archived_once_through_crashes_and_a_wiped_table_is_restored() {
+    let (broker, prefix) = broker(16).await;
+    let topic = format!("{prefix}{}", TABLE.name());
+    let url = fresh_pg_url().await;
+    let (s3, _) = s3_bucket(&[]).await;
+    let mut env = env_for(&broker, &prefix, &url, &s3_endpoint(), s3.bucket());
+    env.push(("KAFKA_GROUP_INSTANCE_ID".into(), "archive-test".into()));
+    let config = config_from(&env, &[]);
+    let records = keyed(TABLE, sample::records(TABLE, 100_000, 11));
+    publish(&config, &topic, &records).await;
+
+    let ingest = Child::run(&env, "ingest");
+    let mut archive = Child::run(&env, "archive");
+    for pause_ms in [1_500u64, 2_300, 900] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        archive.crash();
+        archive = Child::run(&env, "archive");
+    }
+    let report = archive_complete(&env, &config, &topic, Duration::from_secs(240)).await;
+    assert_eq!(report["problems"], 0, "{report}");
+    let partitions = report["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), 16);
+    assert!(partitions.iter().all(|p| p["first_offset"] == 0), "{report}");
+    let objects: i64 = partitions.iter().map(|p| p["objects"].as_i64().unwrap_or(0)).sum();
+    assert!(objects > 16, "batches bounded by bytes and time: {objects} objects");
+    assert!(
+        watermarks(&config, &topic).await.iter().all(|w| w.low == 0),
+        "the broker dropped nothing"
+    );
+
+    // The ingest, a separate group, landed everything meanwhile.
+    wait_for(Duration::from_secs(120), "the ingest to land every row", || async {
+        pg_count(&url, "SELECT count(*) FROM user_locations")
+            .await
+            .filter(|n| *n == 100_000)
+    })
+    .await;
+    let before = table_digest(&url).await.expect("digest");
+
+    // Wipe the table and restore it from the archive: the same rows come back.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::query("TRUNCATE user_locations")
+        .execute(&mut conn)
+        .await
+        .expect("wiped");
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(0));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+        .args(["archive", "restore", "--table", TABLE.name()])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .output()
+        .expect("restore runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("republished 100000 records from "), "{stdout}");
+    wait_for(Duration::from_secs(120), "the restored rows", || async {
+        pg_count(&url, "SELECT count(*) FROM user_locations")
+            .await
+            .filter(|n| *n == 100_000)
+    })
+    .await;
+    assert_eq!(
+        table_digest(&url).await,
+        Some(before),
+        "the restored rows equal the originals"
+    );
+    drop((ingest, archive));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_store_delays_the_archive_and_not_the_ingest() {
+    let (broker, prefix) = broker(4).await;
+    let topic = format!("{prefix}{}", TABLE.name());
+    let url = fresh_pg_url().await;
+    let (s3, _) = s3_bucket(&[]).await;
+    let endpoint = s3_endpoint();
+    let proxy = TcpProxy::start(endpoint.trim_start_matches("http://")).await;
+    let env = env_for(
+        &broker,
+        &prefix,
+        &url,
+        &format!("http://127.0.0.1:{}", proxy.port),
+        s3.bucket(),
+    );
+    let config = config_from(&env, &[]);
+    let records = keyed(TABLE, sample::records(TABLE, 20_000, 12));
+    publish(&config, &topic, &records[..5_000]).await;
+
+    let child = Child::run(&env, "ingest,archive");
+    wait_for(Duration::from_secs(60), "some archived objects", || async {
+        let listed = s3.list_all("archive/user_locations/").await.ok()?;
+        (listed.len() >= 4).then_some(())
+    })
+    .await;
+
+    proxy.stop();
+    let archived_before = s3.list_all("archive/user_locations/").await.expect("listing").len();
+    publish(&config, &topic, &records[5_000..]).await;
+    // Ingestion goes on while the store is away.
+    wait_for(
+        Duration::from_secs(60),
+        "every row in the DWH during the outage",
+        || async {
+            pg_count(&url, "SELECT count(*) FROM user_locations")
+                .await
+                .filter(|n| *n == 20_000)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let archived_during = s3.list_all("archive/user_locations/").await.expect("listing").len();
+    assert_eq!(
+        archived_during, archived_before,
+        "nothing reached the store while it was away"
+    );
+    assert!(
+        child.log_text().contains("archive upload failed; retrying"),
+        "the failures are logged and retried"
+    );
+
+    proxy.resume().await;
+    let mut verify_env = env.clone();
+    verify_env.retain(|(k, _)| k != "S3_ENDPOINT_URL");
+    verify_env.push(("S3_ENDPOINT_URL".into(), endpoint.clone()));
+    let report = archive_complete(&verify_env, &config, &topic, Duration::from_secs(120)).await;
+    assert_eq!(report["problems"], 0, "{report}");
+    let status = child.terminate(Duration::from_secs(30)).expect("stops");
+    assert!(status.success());
+}

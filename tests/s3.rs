@@ -1,0 +1,475 @@
+//! The S3 client and the `/s3` endpoints against a real S3-protocol server over
+//! HTTP (moto's server mode, started by scripts/test.sh).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dwh_helper::s3::{S3Error, S3};
+use futures_util::StreamExt as _;
+
+/// Bytes that do not repeat in any short period.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn read_all(s3: &S3, key: &str) -> Vec<u8> {
+    s3.get_bytes(key).await.expect("object readable").to_vec()
+}
+
+async fn api_for(config: &dwh_helper::config::Config) -> (Api, Option<tempfile::TempDir>) {
+    let (dwh, _, dir) = dwh(Db::Sqlite, &[]).await;
+    (Api::start(dwh, config).await, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listings_are_complete_newest_first_and_only_direct_children() {
+    let (s3, config) = s3_bucket(&[]).await;
+    let keys: Vec<String> = (0..2_500).map(|i| format!("many/object-{i:05}.json")).collect();
+    futures_util::stream::iter(keys.clone())
+        .map(|key| {
+            let s3 = s3.clone();
+            async move { put_bytes(&s3, &key, key.as_bytes().to_vec()).await }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    put_bytes(&s3, "many/sub/deeper.json", b"{}".to_vec()).await;
+    put_bytes(&s3, "other/elsewhere.json", b"{}".to_vec()).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    put_bytes(&s3, "many/newest.json", b"{}".to_vec()).await;
+
+    let listing = s3.list_objects("many/").await.expect("listing");
+    assert_eq!(listing.objects.len(), 2_501, "every object past the 1,000 of one page");
+    assert_eq!(listing.folders, ["many/sub/"], "deeper objects show as a folder only");
+    assert_eq!(listing.objects[0].key, "many/newest.json", "newest first");
+    assert!(
+        listing
+            .objects
+            .windows(2)
+            .all(|w| w[0].last_modified >= w[1].last_modified),
+        "ordered newest first"
+    );
+    let mut listed: Vec<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
+    listed.sort_unstable();
+    let mut expected: Vec<&str> = keys.iter().map(String::as_str).collect();
+    expected.push("many/newest.json");
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+
+    // The API pages the same listing with a cursor.
+    let (api, _dir) = api_for(&config).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            None => "/s3/objects?prefix=many/&limit=1000".to_owned(),
+            Some(c) => format!("/s3/objects?prefix=many/&limit=1000&cursor={}", urlencode(c)),
+        };
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        pages += 1;
+        seen.extend(
+            body["objects"]
+                .as_array()
+                .expect("objects")
+                .iter()
+                .map(|o| o["key"].as_str().expect("key").to_owned()),
+        );
+        assert_eq!(body["folders"], serde_json::json!(["many/sub/"]));
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 2_501);
+    assert_eq!(seen[0], "many/newest.json");
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 2_501, "no object on two pages");
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_report_existence_size_and_info_and_can_be_deleted() {
+    let (s3, _) = s3_bucket(&[]).await;
+    put_bytes(&s3, "a/b.txt", b"hello".to_vec()).await;
+    assert!(s3.object_exists("a/b.txt").await.expect("exists"));
+    assert!(!s3.object_exists("a/none.txt").await.expect("exists"));
+    assert_eq!(s3.get_object_size("a/b.txt").await.expect("size"), 5);
+    let info = s3.object_info("a/b.txt").await.expect("info");
+    assert_eq!(info.size, 5);
+    assert!(info.etag.is_some() && info.last_modified.is_some());
+    s3.delete_object("a/b.txt").await.expect("deleted");
+    assert!(!s3.object_exists("a/b.txt").await.expect("exists"));
+    assert_eq!(
+        s3.delete_object("a/b.txt").await,
+        Err(S3Error::NotFound { key: "a/b.txt".into() })
+    );
+    assert!(matches!(s3.get_object("a/b.txt").await, Err(S3Error::NotFound { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patches_are_byte_exact_on_small_and_large_objects() {
+    const MIB: usize = 1024 * 1024;
+    // A 5 MiB threshold: the 12 MiB object is patched with server-side part copies.
+    let (s3, _) = s3_bucket(&[("S3_MULTIPART_THRESHOLD", "5MiB")]).await;
+    for (name, size) in [("small", 1000usize), ("large", 12 * MIB)] {
+        let key = format!("patch/{name}.bin");
+        let mut expected = noise(size, size as u64);
+        put_bytes(&s3, &key, expected.clone()).await;
+        let cases = [
+            ("inside", 100usize, 50usize),
+            ("inside, across the middle", size / 2 - 7, 3000.min(size / 4)),
+            ("ending at the end", size - 10, 10),
+            ("past the end", size - 5, 20),
+            ("appended at the end", size + 15, 8),
+        ];
+        for (what, offset, len) in cases {
+            let data = noise(len, (offset + len) as u64);
+            let info = s3
+                .patch_object(&key, data.clone().into(), offset as u64, None)
+                .await
+                .unwrap_or_else(|e| panic!("{name}, {what}: {e}"));
+            expected = dwh_helper::s3::patch::splice(&expected, &data, offset);
+            assert_eq!(info.size as usize, expected.len(), "{name}, {what}");
+            let stored = read_all(&s3, &key).await;
+            assert!(stored == expected, "{name}, {what}: bytes differ");
+        }
+        let size_now = expected.len() as u64;
+        assert_eq!(
+            s3.patch_object(&key, b"x".to_vec().into(), size_now + 1, None).await,
+            Err(S3Error::BadRequest {
+                detail: format!(
+                    "offset {} is past the end of \"{key}\" ({size_now} bytes)",
+                    size_now + 1
+                )
+            })
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_lost_a_race_is_reported_and_writes_nothing() {
+    const MIB: usize = 1024 * 1024;
+    let (s3, config) = s3_bucket(&[("S3_MULTIPART_THRESHOLD", "5MiB")]).await;
+    for (name, size) in [("small", 64usize), ("large", 11 * MIB)] {
+        let key = format!("race/{name}.bin");
+        put_bytes(&s3, &key, noise(size, 1)).await;
+        let seen = s3.object_info(&key).await.expect("info").etag.expect("etag");
+        // Someone else changes the object after we read it.
+        let theirs = noise(size, 2);
+        put_bytes(&s3, &key, theirs.clone()).await;
+        let result = s3.patch_object(&key, b"ours".to_vec().into(), 10, Some(&seen)).await;
+        assert_eq!(result, Err(S3Error::Conflict { key: key.clone() }), "{name}");
+        assert!(read_all(&s3, &key).await == theirs, "{name}: their change stands");
+    }
+    // Over HTTP: If-Match with a stale ETag is a 409 with a JSON error.
+    let (api, _dir) = api_for(&config).await;
+    put_bytes(&s3, "race/http.txt", b"0123456789".to_vec()).await;
+    let stale = s3.object_info("race/http.txt").await.expect("info").etag.expect("etag");
+    put_bytes(&s3, "race/http.txt", b"abcdefghij".to_vec()).await;
+    let response = api
+        .client
+        .patch(api.url("/s3/patch?key=race/http.txt&offset=2"))
+        .header("if-match", stale)
+        .body("XY")
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().expect("error").contains("changed"), "{body}");
+    assert_eq!(read_all(&s3, "race/http.txt").await, b"abcdefghij");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_rules_are_set_read_back_and_removed() {
+    let (_, config) = s3_bucket(&[]).await;
+    let (api, _dir) = api_for(&config).await;
+    assert_eq!(
+        api.get("/s3/lifecycle").await,
+        (200, serde_json::json!({ "rules": [] }))
+    );
+    let put = |body: serde_json::Value| {
+        let request = api.client.put(api.url("/s3/lifecycle")).json(&body);
+        async move { status_and_json(request.send().await.expect("request")).await }
+    };
+    assert_eq!(put(serde_json::json!({ "prefix": "tmp/", "days": 7 })).await.0, 200);
+    assert_eq!(
+        put(serde_json::json!({ "prefix": "exports/", "days": 30, "id": "exports" }))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        put(serde_json::json!({ "prefix": "tmp/", "days": 3 })).await.0,
+        200,
+        "replaces"
+    );
+    let (status, body) = api.get("/s3/lifecycle").await;
+    assert_eq!(status, 200);
+    let mut rules: Vec<(String, i64)> = body["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| {
+            (
+                r["prefix"].as_str().expect("prefix").to_owned(),
+                r["days"].as_i64().expect("days"),
+            )
+        })
+        .collect();
+    rules.sort();
+    assert_eq!(rules, [("exports/".to_owned(), 30), ("tmp/".to_owned(), 3)]);
+    let (status, _) = put(serde_json::json!({ "prefix": "tmp/", "days": 0 })).await;
+    assert_eq!(status, 400);
+    let delete = |q: &str| {
+        let request = api.client.delete(api.url(&format!("/s3/lifecycle{q}")));
+        async move { status_and_json(request.send().await.expect("request")).await }
+    };
+    assert_eq!(delete("?prefix=tmp/").await.0, 200);
+    assert_eq!(delete("?prefix=tmp/").await.0, 404);
+    assert_eq!(delete("").await.0, 400);
+    let (_, body) = api.get("/s3/lifecycle").await;
+    assert_eq!(body["rules"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_missing_objects_get_json_errors() {
+    let (s3, config) = s3_bucket(&[]).await;
+    put_bytes(&s3, "data/file.csv", b"a,b\n1,2\n".to_vec()).await;
+    let (api, _dir) = api_for(&config).await;
+    let long = "k".repeat(1025);
+    let cases: Vec<(reqwest::Method, String, u16, &str)> = vec![
+        (
+            reqwest::Method::GET,
+            "/s3/object-info?key=".into(),
+            400,
+            "key must not be empty",
+        ),
+        (reqwest::Method::GET, "/s3/object-info".into(), 400, "key is required"),
+        (
+            reqwest::Method::GET,
+            format!("/s3/download?key={long}"),
+            400,
+            "over the limit of 1024",
+        ),
+        (
+            reqwest::Method::GET,
+            "/s3/download?key=%C3%28".into(),
+            400,
+            "not valid UTF-8",
+        ),
+        (
+            reqwest::Method::GET,
+            "/s3/objects?limit=0".into(),
+            400,
+            "limit must be between",
+        ),
+        (reqwest::Method::GET, "/s3/objects?cursor=zzz".into(), 400, "cursor"),
+        (
+            reqwest::Method::GET,
+            "/s3/object-info?key=data/none.csv".into(),
+            404,
+            "does not exist",
+        ),
+        (
+            reqwest::Method::GET,
+            "/s3/download?key=data/none.csv".into(),
+            404,
+            "does not exist",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/s3/delete?key=data/none.csv".into(),
+            404,
+            "does not exist",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/s3/update?key=data/none.csv".into(),
+            404,
+            "does not exist",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/s3/patch?key=data/none.csv&offset=0".into(),
+            404,
+            "does not exist",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/s3/patch?key=data/file.csv".into(),
+            400,
+            "offset is required",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/s3/patch?key=data/file.csv&offset=-1".into(),
+            400,
+            "non-negative integer",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/s3/patch?key=data/file.csv&offset=99".into(),
+            400,
+            "past the end",
+        ),
+        (
+            reqwest::Method::POST,
+            "/s3/upload?key=data/x.csv".into(),
+            400,
+            "multipart/form-data",
+        ),
+    ];
+    for (method, path, status, fragment) in cases {
+        let response = api
+            .client
+            .request(method.clone(), api.url(&path))
+            .body("xy")
+            .send()
+            .await
+            .expect("request");
+        let (got, body) = status_and_json(response).await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(fragment),
+            "{method} {path}: {message:?} should say {fragment:?}"
+        );
+    }
+    // A form without the field `file`.
+    let form = reqwest::multipart::Form::new().text("other", "x");
+    let response = api
+        .client
+        .post(api.url("/s3/upload?key=data/x.csv"))
+        .multipart(form)
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(status, 400, "{body}");
+
+    // A store that cannot be reached is a 503.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut env = s3_env(&format!("http://127.0.0.1:{closed}"));
+    env.push(("DWH_DATABASE_URL".into(), "sqlite::memory:".into()));
+    let down = dwh_helper::config::Config::from_vars(env).expect("config");
+    let (api_down, _dir2) = api_for(&down).await;
+    let (status, body) = api_down.get("/s3/objects?prefix=x/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().expect("error").contains("unreachable"), "{body}");
+}
+
+/// The seed's curl examples, against `dwh-helper run` as a child process: a 50 MiB
+/// file goes up and comes back byte for byte while the server's peak memory grows
+/// by less than a quarter of the file (about one 5 MiB part in practice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_mib_go_up_and_down_through_the_api_in_bounded_memory() {
+    const SIZE: usize = 50 * 1024 * 1024;
+    let (s3, _) = s3_bucket(&[]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = s3_env(&s3_endpoint());
+    env.retain(|(k, _)| k != "S3_BUCKET_NAME");
+    env.extend([
+        ("S3_BUCKET_NAME".to_owned(), s3.bucket().to_owned()),
+        ("HTTP_BIND".to_owned(), format!("127.0.0.1:{port}")),
+        (
+            "DWH_DATABASE_URL".to_owned(),
+            format!("sqlite://{}", dir.path().join("dwh.db").display()),
+        ),
+        ("LOG_LEVEL".to_owned(), "warn".to_owned()),
+    ]);
+    let child = Child::run(&env, "api");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for(Duration::from_secs(30), "the API", || async {
+        reqwest::get(format!("{base}/health/live")).await.ok().map(|_| ())
+    })
+    .await;
+    // Warm up the paths once with a small file, then take the baseline.
+    let small = dir.path().join("small.csv");
+    std::fs::write(&small, b"a,b,c\n").expect("write");
+    let curl = |args: &[&str]| {
+        let output = std::process::Command::new("curl")
+            .args(["-sS", "--fail-with-body"])
+            .args(args)
+            .output()
+            .expect("curl runs");
+        assert!(
+            output.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        output.stdout
+    };
+    let upload = |file: &std::path::Path, key: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            &format!("{base}/s3/upload?key={key}"),
+            "-F",
+            &format!("file=@{}", file.display()),
+        ])
+    };
+    upload(&small, "data/file.csv");
+    assert_eq!(curl(&[&format!("{base}/s3/download?key=data/file.csv")]), b"a,b,c\n");
+    let (_, baseline) = memory_of(child.child.id());
+
+    let big = dir.path().join("big.bin");
+    let content = noise(SIZE, 99);
+    std::fs::write(&big, &content).expect("write");
+    let answer: serde_json::Value = serde_json::from_slice(&upload(&big, "data/big.bin")).expect("json");
+    assert_eq!(answer["size"], SIZE as u64);
+    assert!(
+        answer["etag"].as_str().is_some_and(|e| e.contains('-')),
+        "went up as a multipart upload: {answer}"
+    );
+    let (after_upload, _) = memory_of(child.child.id());
+    eprintln!("peak after the upload: {} MiB", after_upload >> 20);
+    let downloaded = dir.path().join("down.bin");
+    curl(&[
+        "-o",
+        &downloaded.display().to_string(),
+        &format!("{base}/s3/download?key=data/big.bin"),
+    ]);
+    let back = std::fs::read(&downloaded).expect("downloaded");
+    assert!(
+        back.len() == SIZE && back == content,
+        "the download is byte for byte the upload"
+    );
+    let (peak, _) = memory_of(child.child.id());
+    let growth = peak.saturating_sub(baseline);
+    eprintln!("baseline RSS {} MiB, peak {} MiB", baseline >> 20, peak >> 20);
+    assert!(
+        growth < (SIZE as u64) / 4,
+        "the server's memory grew by {} MiB for a 50 MiB file",
+        growth >> 20
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&curl(&[&format!("{base}/s3/object-info?key=data/big.bin")])).expect("json");
+    assert_eq!(info["size"], SIZE as u64);
+    let status = child.terminate(Duration::from_secs(20)).expect("stops");
+    assert!(status.success());
+}
