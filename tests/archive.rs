@@ -104,12 +104,26 @@ async fn every_offset_is_archived_once_through_crashes_and_a_wiped_table_is_rest
 
     let ingest = Child::run(&env, "ingest");
     let mut archive = Child::run(&env, "archive");
-    for pause_ms in [1_500u64, 2_300, 900] {
+    let objects_at = || async { s3.list_all("archive/user_locations/").await.expect("listing").len() };
+    let mut at_kills = Vec::new();
+    for pause_ms in [300u64, 1_100, 700] {
+        // Killed mid-way: after it stored something, at an arbitrary moment.
+        let before = objects_at().await;
+        wait_for(Duration::from_secs(60), "a new archived object", || async {
+            (objects_at().await > before).then_some(())
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         archive.crash();
+        at_kills.push(objects_at().await);
         archive = Child::run(&env, "archive");
     }
     let report = archive_complete(&env, &config, &topic, Duration::from_secs(240)).await;
+    let final_objects = objects_at().await;
+    assert!(
+        at_kills.iter().all(|n| *n < final_objects),
+        "every kill came before the archive was complete: {at_kills:?} of {final_objects}"
+    );
     assert_eq!(report["problems"], 0, "{report}");
     let partitions = report["partitions"].as_array().expect("partitions");
     assert_eq!(partitions.len(), 16);
