@@ -473,3 +473,40 @@ async fn fifty_mib_go_up_and_down_through_the_api_in_bounded_memory() {
     let status = child.terminate(Duration::from_secs(20)).expect("stops");
     assert!(status.success());
 }
+
+/// An upload cut off half-way leaves the old object as it was and no parts behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_upload_is_aborted_and_leaves_no_parts() {
+    use tokio::io::AsyncWriteExt as _;
+    let (s3, config) = s3_bucket(&[("S3_MULTIPART_THRESHOLD", "5MiB")]).await;
+    put_bytes(&s3, "cut/file.bin", b"the old content".to_vec()).await;
+    let (api, _dir) = api_for(&config).await;
+    let address = api.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connect");
+    let head = format!(
+        "PUT /s3/update?key=cut/file.bin HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        30 * 1024 * 1024
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let chunk = noise(1024 * 1024, 5);
+    for _ in 0..12 {
+        stream.write_all(&chunk).await.expect("body");
+    }
+    // 12 of the promised 30 MiB are in: parts are being stored.
+    wait_for(Duration::from_secs(30), "the multipart upload to start", || async {
+        let pending = s3.unfinished_uploads("cut/").await.expect("uploads");
+        (!pending.is_empty()).then_some(())
+    })
+    .await;
+    // Then the client goes away.
+    drop(stream);
+    wait_for(Duration::from_secs(30), "the upload to be aborted", || async {
+        let pending = s3.unfinished_uploads("cut/").await.expect("uploads");
+        pending.is_empty().then_some(())
+    })
+    .await;
+    // Give a wrongly completed upload the time to show, then check nothing changed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read_all(&s3, "cut/file.bin").await, b"the old content");
+    assert!(s3.unfinished_uploads("").await.expect("uploads").is_empty());
+}

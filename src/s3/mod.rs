@@ -212,6 +212,24 @@ impl S3 {
         Ok(listing)
     }
 
+    /// Keys with multipart uploads started and neither completed nor aborted
+    /// (their parts are stored, and billed, until then).
+    pub async fn unfinished_uploads(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
+        let response = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.bucket, prefix))?;
+        Ok(response
+            .uploads()
+            .iter()
+            .filter_map(|u| u.key().map(str::to_owned))
+            .collect())
+    }
+
     /// Size, content type, last modification, ETag and metadata of `key`.
     pub async fn object_info(&self, key: &str) -> Result<ObjectInfo, S3Error> {
         let head = self
