@@ -510,3 +510,61 @@ async fn an_interrupted_upload_is_aborted_and_leaves_no_parts() {
     assert_eq!(read_all(&s3, "cut/file.bin").await, b"the old content");
     assert!(s3.unfinished_uploads("").await.expect("uploads").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_replaces_an_object_and_download_sends_its_headers() {
+    let (s3, config) = s3_bucket(&[]).await;
+    let (api, _dir) = api_for(&config).await;
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(b"id,name\n1,a\n".to_vec())
+            .file_name("people.csv")
+            .mime_str("text/csv")
+            .expect("mime"),
+    );
+    let response = api
+        .client
+        .post(api.url("/s3/upload?key=exports/people.csv"))
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!((status, body["size"].as_u64()), (201, Some(12)), "{body}");
+
+    let response = api
+        .client
+        .put(api.url("/s3/update?key=exports/people.csv"))
+        .header("content-type", "text/csv")
+        .body("id,name\n1,a\n2,b\n")
+        .send()
+        .await
+        .expect("update");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!((status, body["size"].as_u64()), (200, Some(16)), "{body}");
+
+    let response = api
+        .client
+        .get(api.url("/s3/download?key=exports/people.csv"))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "text/csv");
+    assert_eq!(headers["content-length"], "16");
+    assert_eq!(
+        headers["etag"].to_str().ok(),
+        s3.object_info("exports/people.csv")
+            .await
+            .expect("info")
+            .etag
+            .as_deref()
+    );
+    assert_eq!(response.bytes().await.expect("body").as_ref(), b"id,name\n1,a\n2,b\n");
+    let (status, info) = api.get("/s3/object-info?key=exports/people.csv").await;
+    assert_eq!(
+        (status, info["size"].as_u64(), info["content_type"].as_str()),
+        (200, Some(16), Some("text/csv"))
+    );
+}
