@@ -5,6 +5,7 @@
 //! the [`http`] API, and the [`cli`] that wires them together.
 
 pub mod alloc;
+pub mod appmetrica;
 pub mod archive;
 pub mod catalogue;
 pub mod cli;

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 a runtime failure, 2 invalid usage or configuration
 //! (one line on stderr naming the variable or flag).
 
+mod appmetrica;
 mod archive;
 mod bench;
 mod bench_ingest;
@@ -40,6 +41,8 @@ enum Command {
     Migrate,
     /// Publish JSON lines onto a table's topic (validated first; keyed by natural key)
     Produce(produce::ProduceArgs),
+    /// AppMetrica Logs API: backfill a range of days, or list the recorded windows
+    Appmetrica(appmetrica::AppMetricaArgs),
     /// Read the S3 archive back: restore a table's records onto its topic, or verify the archive
     Archive(archive::ArchiveArgs),
     /// Everything embedded: dev broker + SQLite, sample data through the real pipeline, API served
@@ -77,6 +80,7 @@ pub fn main() -> ExitCode {
             Command::DevBroker(args) => dev_broker::dev_broker(args).await,
             Command::Demo(args) => demo::demo(config, args).await,
             Command::Archive(args) => archive::archive(config, args).await,
+            Command::Appmetrica(args) => appmetrica::appmetrica(config, args).await,
             Command::Bench(args) => bench::bench(config, args).await,
         }
     });

@@ -15,7 +15,7 @@ use crate::store::Dwh;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Roles to run, comma-separated [default: api, plus ingest when KAFKA_BOOTSTRAP_SERVERS is set, plus archive when S3 is configured too]
+    /// Roles to run, comma-separated [default: api, plus ingest when KAFKA_BOOTSTRAP_SERVERS is set, plus archive when S3 is configured too, plus appmetrica when APPMETRICA_API_KEY and APPMETRICA_APPLICATION_ID are]
     #[arg(long, value_delimiter = ',')]
     roles: Vec<Role>,
     /// Do not apply migrations at start (when a deploy step runs `migrate`)
@@ -31,6 +31,8 @@ enum Role {
     Ingest,
     /// Kafka topics into S3 as gzip JSON-lines objects
     Archive,
+    /// AppMetrica Logs API exports onto the topics
+    Appmetrica,
 }
 
 /// The roles to run: those asked for, or every role that is configured.
@@ -39,6 +41,10 @@ fn roles(config: &Config, asked: &[Role]) -> anyhow::Result<Vec<Role>> {
     let s3 = config.s3.is_configured();
     if asked.contains(&Role::Ingest) && !kafka {
         bail!("the ingest role needs KAFKA_BOOTSTRAP_SERVERS");
+    }
+    let appmetrica = config.appmetrica.is_configured();
+    if asked.contains(&Role::Appmetrica) && !(kafka && appmetrica) {
+        bail!("the appmetrica role needs KAFKA_BOOTSTRAP_SERVERS, APPMETRICA_API_KEY and APPMETRICA_APPLICATION_ID");
     }
     if asked.contains(&Role::Archive) && !(kafka && s3) {
         bail!(
@@ -55,6 +61,9 @@ fn roles(config: &Config, asked: &[Role]) -> anyhow::Result<Vec<Role>> {
         roles.push(Role::Ingest);
         if s3 {
             roles.push(Role::Archive);
+        }
+        if appmetrica {
+            roles.push(Role::Appmetrica);
         }
     }
     Ok(roles)
@@ -89,6 +98,10 @@ async fn serve_roles(
     if roles.contains(&Role::Ingest) {
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         tasks.spawn(async move { Ok(ingest::run(&config, dwh, status, shutdown).await?) });
+    }
+    if roles.contains(&Role::Appmetrica) {
+        let (config, dwh, shutdown) = (config.clone(), dwh.clone(), shutdown.clone());
+        tasks.spawn(async move { crate::appmetrica::run(&config, dwh, shutdown).await });
     }
     if roles.contains(&Role::Archive) {
         let (config, shutdown) = (config.clone(), shutdown.clone());

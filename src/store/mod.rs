@@ -11,6 +11,7 @@ mod error;
 mod postgres;
 pub mod sql;
 mod sqlite;
+mod windows;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use serde_json::{Map, Value as Json};
 
 pub use chunk::{plan as plan_chunks, Oversized};
 pub use error::StoreError;
+pub use windows::WindowRecord;
 
 use crate::catalogue::{Column, Row, Table};
 use crate::config::{Backend, DwhConfig};
