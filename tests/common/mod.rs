@@ -5,6 +5,8 @@
 //! silently skips its database tests would pass while testing nothing.
 #![allow(dead_code)]
 
+pub mod logs_api;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use dwh_helper::config::{Config, DwhConfig};
