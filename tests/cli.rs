@@ -429,3 +429,22 @@ fn every_configuration_variable_is_documented() {
         );
     }
 }
+
+/// The AppMetrica bench runs end to end on a small export and reports memory.
+#[test]
+fn appmetrica_bench_reports_rows_and_peak_memory() {
+    let dir = tempfile::tempdir().expect("dir");
+    let output = run_to_end(
+        dir.path(),
+        &["bench", "--scenario", "appmetrica", "--mb", "3", "--json"],
+        &[],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    assert_eq!(report["scenario"], "appmetrica");
+    assert!(report["rows"].as_u64().is_some_and(|r| r > 5_000), "{report}");
+    assert!(
+        report["peak_rss_mib"].as_f64().is_some_and(|m| m > 1.0 && m < 200.0),
+        "{report}"
+    );
+}

@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Records to load [default: 1000000 for ingest, 100000 for http]
     #[arg(long)]
     rows: Option<usize>,
+    /// Size of the generated export in MB (scenario appmetrica)
+    #[arg(long, default_value_t = 500)]
+    mb: u64,
     /// Partitions of the benchmark topic (scenario ingest) [default: enough for the
     /// dev broker to hold the backlog, or KAFKA_TOPIC_PARTITIONS]
     #[arg(long)]
@@ -48,6 +51,8 @@ pub struct BenchArgs {
 enum Scenario {
     /// Kafka → the ingest role (a child process) → DWH, against a plain COPY
     Ingest,
+    /// A generated Logs API export through `appmetrica export` (a child process): peak RSS
+    Appmetrica,
     /// POST /dwh/events_part through the HTTP API, against a plain COPY
     Http,
 }
@@ -73,6 +78,15 @@ pub async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         if let Ok(url) = std::env::var("DWH_TEST_DATABASE_URL") {
             config.dwh.database_url = DatabaseUrl::parse(&url).map_err(anyhow::Error::msg)?;
         }
+    }
+    if args.scenario == Scenario::Appmetrica {
+        let report = super::bench_appmetrica::run(args.mb).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            super::bench_appmetrica::print(&report);
+        }
+        return Ok(());
     }
     if args.scenario == Scenario::Ingest {
         let rows = args.rows.unwrap_or(1_000_000);

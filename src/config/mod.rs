@@ -688,6 +688,22 @@ mod tests {
                 "APPMETRICA_APPLICATION_ID: expected a positive integer, got \"-4\"",
             ),
             (
+                &[("APPMETRICA_ENDPOINTS", "events,clicks")],
+                "APPMETRICA_ENDPOINTS: unknown export \"clicks\"; known: events, installations, sessions_starts, profiles_v2",
+            ),
+            (
+                &[("APPMETRICA_START_DATE", "01.03.2024")],
+                "APPMETRICA_START_DATE: expected a date like 2024-03-01, got \"01.03.2024\"",
+            ),
+            (
+                &[("APPMETRICA_REFETCH_DAYS", "90")],
+                "APPMETRICA_REFETCH_DAYS: expected 0 to 60 days, got \"90\"",
+            ),
+            (
+                &[("S3_ARCHIVE_PREFIX", "/")],
+                "S3_ARCHIVE_PREFIX: \"\" is not a usable key prefix (1-200 characters, no empty path segment)",
+            ),
+            (
                 &[("KAFKA_CREATE_TOPICS", "maybe")],
                 "KAFKA_CREATE_TOPICS: expected true or false, got \"maybe\"",
             ),

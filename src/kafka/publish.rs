@@ -42,6 +42,9 @@ impl Publisher {
                 ("linger.ms", "20"),
                 ("compression.type", "lz4"),
                 ("message.timeout.ms", "120000"),
+                // librdkafka would queue up to 1 GiB; the in-flight bound below
+                // keeps the count low, this keeps the bytes low.
+                ("queue.buffering.max.kbytes", "65536"),
             ],
         )?
         .create()
@@ -51,7 +54,7 @@ impl Publisher {
         })?;
         Ok(Publisher {
             producer,
-            max_in_flight: 100_000,
+            max_in_flight: 50_000,
         })
     }
 
