@@ -276,6 +276,86 @@ async fn an_export_too_large_is_fetched_in_parts_and_lands_once() {
         .map(|(c, n)| (c.to_owned(), n.to_owned()))
         .to_vec();
     assert_eq!(asked, expected);
+    // `appmetrica status` shows the window.
+    let env = s.env.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+            .args(["appmetrica", "status"])
+            .env_clear()
+            .envs(env)
+            .output()
+            .expect("status runs")
+    })
+    .await
+    .expect("status task");
+    let listing = String::from_utf8_lossy(&status.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("events"))
+        .expect("a window line");
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(columns[..5], ["events", "2024-03-06", "done", "90", "270"], "{listing}");
+    s.ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn installations_and_profiles_feed_devices_and_user_properties() {
+    let s = setup(&[("APPMETRICA_ENDPOINTS", "installations,profiles_v2")]).await;
+    let installs: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            serde_json::json!({
+                "appmetrica_device_id": (9_000_000_000_000_000_000u64 + i).to_string(),
+                "install_timestamp": (1_709_300_000 + i).to_string(),
+                "install_receive_timestamp": (1_709_300_060 + i).to_string(),
+                "os_name": "ios", "device_model": "iPhone 15", "mcc": "250"
+            })
+        })
+        .collect();
+    let profiles: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            serde_json::json!({
+                "profile_id": format!("p{i}"), "gender": "female", "notifications_enabled": "true",
+                "birth_date": "1990-01-01", "plan": if i % 2 == 0 { "gold" } else { "free" }, "visits": i
+            })
+        })
+        .collect();
+    s.api.script("installations", "2024-03-08", script(vec![], installs));
+    s.api.script("profiles_v2", "2024-03-08", script(vec![], profiles));
+    let env = s.env.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+            .args(["appmetrica", "export", "--from", "2024-03-08", "--to", "2024-03-08"])
+            .env_clear()
+            .envs(env)
+            .output()
+            .expect("export runs")
+    })
+    .await
+    .expect("export task");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    landed(&s.url, "mobile_devices", 20).await;
+    landed(&s.url, "permanent_user_properties", 10).await;
+    landed(&s.url, "tmp_user_properties", 20).await;
+    assert_eq!(
+        pg_count(
+            &s.url,
+            "SELECT count(*) FROM mobile_devices WHERE last_seen_at - first_seen_at = interval '60 seconds'"
+        )
+        .await,
+        Some(20)
+    );
+    assert_eq!(
+        pg_count(&s.url, "SELECT count(*) FROM tmp_user_properties WHERE property_name = 'plan' AND value_text = 'gold' AND snapshot_date = '2024-03-08'").await,
+        Some(5)
+    );
+    assert_eq!(
+        pg_count(
+            &s.url,
+            "SELECT count(*) FROM permanent_user_properties WHERE notifications_enabled AND gender = 'female'"
+        )
+        .await,
+        Some(10)
+    );
     s.ingest.stop().await;
 }
 
