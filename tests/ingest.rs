@@ -451,13 +451,25 @@ async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
     migrated(&config).await;
     let table = Table::UserLocations;
     let child = Child::ingest(&env);
-    // Wait for the assignment, then give the consumer the records.
+    // Wait until the group is settled (all seven consumers assigned, no rebalance
+    // for a while: a rebalance rightly writes the buffer), then give it records.
     let topic = topic(&prefix, table);
-    wait_for(Duration::from_secs(60), "the assignment", || async {
+    let assigned = |log: &str| {
+        Table::ALL.iter().all(|t| {
+            let name = format!("{prefix}{}", t.name());
+            log.lines()
+                .any(|line| line.contains("partitions assigned") && line.contains(&name))
+        })
+    };
+    wait_for(Duration::from_secs(60), "every consumer assigned", || async {
+        assigned(&child.log_text()).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(60), "a settled group", || async {
+        let before = child.log_text().matches("partitions revoked").count();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let log = child.log_text();
-        log.lines()
-            .any(|line| line.contains("partitions assigned") && line.contains(&topic))
-            .then_some(())
+        (log.matches("partitions revoked").count() == before && assigned(&log)).then_some(())
     })
     .await;
     publish(&config, &topic, &keyed(table, sample::records(table, 500, 8))).await;
