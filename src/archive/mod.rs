@@ -223,16 +223,20 @@ impl Archiver {
                 }
                 event = events.recv() => match event {
                     None => return Stop::Restart("the poll thread stopped".into()),
-                    Some(Event::Record(message, permit)) => {
-                        let partition = message.partition();
-                        if let Err(e) = append(&mut open, &message, permit) {
-                            return Stop::Restart(format!("cannot compress a record: {e}"));
-                        }
-                        let full = open.get(&partition).is_some_and(|o| o.raw_bytes >= self.config.s3.archive_max_bytes);
-                        if full {
-                            if let Some(object) = open.remove(&partition) {
-                                if let Some(stop) = self.store(consumer, partition, object).await.into_stop() {
-                                    return stop;
+                    Some(Event::Records(records)) => {
+                        for (message, permit) in records {
+                            let partition = message.partition();
+                            if let Err(e) = append(&mut open, &message, permit) {
+                                return Stop::Restart(format!("cannot compress a record: {e}"));
+                            }
+                            let full = open
+                                .get(&partition)
+                                .is_some_and(|o| o.raw_bytes >= self.config.s3.archive_max_bytes);
+                            if full {
+                                if let Some(object) = open.remove(&partition) {
+                                    if let Some(stop) = self.store(consumer, partition, object).await.into_stop() {
+                                        return stop;
+                                    }
                                 }
                             }
                         }

@@ -24,9 +24,11 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::{self, KafkaSetupError};
 
-/// Records buffered between a poll thread and its task (memory is bounded by the
-/// in-flight byte budget; this only bounds the count).
-const CHANNEL_RECORDS: usize = 4096;
+/// Batches of records buffered between a poll thread and its task (memory is
+/// bounded by the in-flight byte budget; this only bounds the count).
+const CHANNEL_BATCHES: usize = 64;
+/// Records handed over at once: one wake-up of the task per batch, not per record.
+const HANDOVER_RECORDS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -60,7 +62,7 @@ pub fn subscribe(
     instance_suffix: &str,
 ) -> Result<Subscription, ConsumerError> {
     let topic = kafka::topic_name(&kafka.topic_prefix, table);
-    let (events, receiver) = mpsc::channel(CHANNEL_RECORDS);
+    let (events, receiver) = mpsc::channel(CHANNEL_BATCHES);
     let mut settings = kafka::client_config(
         kafka,
         &[
@@ -85,6 +87,7 @@ pub fn subscribe(
     let context = Context {
         topic: topic.clone(),
         events: events.clone(),
+        pending: std::sync::Mutex::new(Vec::new()),
     };
     let consumer: BaseConsumer<Context> =
         settings
@@ -108,12 +111,14 @@ impl Subscription {
     pub fn poll(self, memory: Arc<Semaphore>, budget: u32) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
         let stop = CancellationToken::new();
         let thread = {
-            let (consumer, events, stop) = (self.consumer.clone(), self.events, stop.clone());
+            let (consumer, stop) = (self.consumer.clone(), stop.clone());
+            // The context holds the sender the poll loop hands records over on.
+            drop(self.events);
             let runtime = tokio::runtime::Handle::current();
             let name = format!("poll-{}", consumer.context().topic);
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || poll_loop(consumer, events, memory, budget, stop, runtime))
+                .spawn(move || poll_loop(consumer, memory, budget, stop, runtime))
                 .map_err(ConsumerError::Thread)?
         };
         Ok((
@@ -156,7 +161,8 @@ impl Poller {
 /// What the poll thread tells the owning task.
 #[derive(Debug)]
 pub enum Event {
-    Record(OwnedMessage, OwnedSemaphorePermit),
+    /// Records in poll order, each with its share of the memory budget.
+    Records(Vec<(OwnedMessage, OwnedSemaphorePermit)>),
     /// Partitions were assigned; the answer gives each one's stored next offset
     /// (`None`: none stored, start from the Kafka committed offset or the reset policy).
     Assigned {
@@ -175,6 +181,21 @@ pub enum Event {
 pub struct Context {
     pub topic: String,
     pub events: mpsc::Sender<Event>,
+    /// Records polled but not handed over yet (only the poll thread touches it:
+    /// the poll loop and the rebalance callback, which runs inside `poll`).
+    pending: std::sync::Mutex<Vec<(OwnedMessage, OwnedSemaphorePermit)>>,
+}
+
+impl Context {
+    /// Hands the polled records over; false when the task is gone.
+    fn hand_over(&self) -> bool {
+        let records = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        records.is_empty() || self.events.blocking_send(Event::Records(records)).is_ok()
+    }
+
+    fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 impl ClientContext for Context {
@@ -195,6 +216,8 @@ impl ClientContext for Context {
 
 impl ConsumerContext for Context {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        // Records polled before the rebalance reach the task before it hears of it.
+        self.hand_over();
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let partitions: Vec<i32> = tpl
             .elements()
@@ -265,19 +288,32 @@ impl ConsumerContext for Context {
     }
 }
 
-/// Polls `consumer` until `stop` is cancelled or the task goes away.
+/// Polls `consumer` until `stop` is cancelled or the task goes away. Records are
+/// handed over in batches: when [`HANDOVER_RECORDS`] are gathered, when nothing
+/// more is ready, and before a rebalance or a wait for memory.
 fn poll_loop(
     consumer: Arc<BaseConsumer<Context>>,
-    events: mpsc::Sender<Event>,
     memory: Arc<Semaphore>,
     memory_budget: u32,
     stop: CancellationToken,
     runtime: tokio::runtime::Handle,
 ) {
-    let topic = consumer.context().topic.clone();
+    let context = consumer.context();
+    let topic = context.topic.clone();
     while !stop.is_cancelled() {
-        let message = match consumer.poll(Duration::from_millis(100)) {
-            None => continue,
+        let gathering = context.pending() > 0;
+        let timeout = if gathering {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        let message = match consumer.poll(timeout) {
+            None => {
+                if !context.hand_over() {
+                    break;
+                }
+                continue;
+            }
             Some(Ok(message)) => message.detach(),
             Some(Err(KafkaError::PartitionEOF(_))) => continue,
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)))
@@ -293,16 +329,31 @@ fn poll_loop(
         };
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         let permits = u32::try_from(size).unwrap_or(u32::MAX).clamp(1, memory_budget);
-        // Waiting here is the backpressure: nothing more is fetched into our
-        // memory until batches are written and their permits returned.
-        let permit = runtime.block_on(async {
-            tokio::select! {
-                permit = memory.clone().acquire_many_owned(permits) => permit.ok(),
-                () = stop.cancelled() => None,
+        let permit = match memory.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Hand over what is gathered first: its permits must be able to
+                // come back. Then waiting is the backpressure: nothing more is
+                // fetched into our memory until batches are written.
+                if !context.hand_over() {
+                    break;
+                }
+                let permit = runtime.block_on(async {
+                    tokio::select! {
+                        permit = memory.clone().acquire_many_owned(permits) => permit.ok(),
+                        () = stop.cancelled() => None,
+                    }
+                });
+                let Some(permit) = permit else { break };
+                permit
             }
-        });
-        let Some(permit) = permit else { break };
-        if events.blocking_send(Event::Record(message, permit)).is_err() {
+        };
+        let full = {
+            let mut pending = context.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.push((message, permit));
+            pending.len() >= HANDOVER_RECORDS
+        };
+        if full && !context.hand_over() {
             break;
         }
     }

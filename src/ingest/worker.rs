@@ -139,11 +139,13 @@ impl Worker {
                 }
                 event = events.recv() => match event {
                     None => return Exit::Restart("the poll thread stopped".into()),
-                    Some(Event::Record(message, permit)) => {
-                        self.accept(state, &message, permit);
-                        if state.batcher.is_full() {
-                            if let Err(exit) = self.flush(state).await {
-                                return exit;
+                    Some(Event::Records(records)) => {
+                        for (message, permit) in records {
+                            self.accept(state, &message, permit);
+                            if state.batcher.is_full() {
+                                if let Err(exit) = self.flush(state).await {
+                                    return exit;
+                                }
                             }
                         }
                     }
