@@ -12,91 +12,69 @@ use serde_json::{json, Map, Value};
 
 use crate::catalogue::{self, Table, Value as Typed};
 
-/// The fields requested from each export.
-pub fn fields(endpoint: &str) -> &'static [&'static str] {
-    match endpoint {
-        "events" => &[
-            "event_name",
-            "event_timestamp",
-            "event_datetime",
-            "event_receive_timestamp",
-            "event_receive_datetime",
-            "event_json",
-            "session_id",
-            "installation_id",
-            "appmetrica_device_id",
-            "profile_id",
-            "device_manufacturer",
-            "device_model",
-            "original_device_model",
-            "device_type",
-            "device_locale",
-            "device_ipv6",
-            "os_name",
-            "os_version",
-            "connection_type",
-            "operator_name",
-            "mcc",
-            "mnc",
-            "city",
-            "country_iso_code",
-            "google_aid",
-            "ios_ifa",
-            "ios_ifv",
-            "windows_aid",
-            "app_version_name",
-            "app_build_number",
-            "app_package_name",
-        ],
-        "installations" => &[
-            "install_timestamp",
-            "install_receive_timestamp",
-            "appmetrica_device_id",
-            "os_name",
-            "os_version",
-            "device_manufacturer",
-            "device_model",
-            "device_type",
-            "device_locale",
-            "google_aid",
-            "ios_ifa",
-            "ios_ifv",
-            "app_package_name",
-            "app_version_name",
-            "operator_name",
-            "mcc",
-            "mnc",
-        ],
-        "sessions_starts" => &[
-            "session_start_timestamp",
-            "session_start_receive_timestamp",
-            "appmetrica_device_id",
-            "os_name",
-            "os_version",
-            "device_manufacturer",
-            "device_model",
-            "device_type",
-            "device_locale",
-            "google_aid",
-            "ios_ifa",
-            "ios_ifv",
-            "app_package_name",
-            "app_version_name",
-            "operator_name",
-            "mcc",
-            "mnc",
-        ],
-        "profiles_v2" => &[
-            "profile_id",
-            "appmetrica_device_id",
-            "name",
-            "gender",
-            "birth_date",
-            "notifications_enabled",
-            "first_session_date",
-        ],
-        _ => &[],
-    }
+/// events_part columns that come from the configuration or are derived, not
+/// exported.
+const NOT_EXPORTED: &[&str] = &["application_id", "event_date", "event_hash", "dup_seq"];
+
+/// The fields requested from each export: what its mapping reads.
+pub fn fields(endpoint: &str) -> Vec<&'static str> {
+    let (own, device): (&[&str], bool) = match endpoint {
+        "events" => {
+            return Table::EventsPart
+                .spec()
+                .columns
+                .iter()
+                .map(|c| c.name)
+                .filter(|name| !NOT_EXPORTED.contains(name))
+                .chain(["event_json"])
+                .collect()
+        }
+        "installations" => (&["install_timestamp", "install_receive_timestamp"], true),
+        "sessions_starts" => (&["session_start_timestamp", "session_start_receive_timestamp"], true),
+        "profiles_v2" => return PROFILE_IDS.iter().chain(PREDEFINED).copied().collect(),
+        _ => (&[], false),
+    };
+    let device: &[&str] = if device { EXPORTED_DEVICE_FIELDS } else { &[] };
+    own.iter().chain(device).copied().collect()
+}
+
+/// The device fields the installations and sessions_starts exports carry.
+const EXPORTED_DEVICE_FIELDS: &[&str] = &[
+    "appmetrica_device_id",
+    "os_name",
+    "os_version",
+    "device_manufacturer",
+    "device_model",
+    "device_type",
+    "device_locale",
+    "google_aid",
+    "ios_ifa",
+    "ios_ifv",
+    "app_package_name",
+    "app_version_name",
+    "operator_name",
+    "mcc",
+    "mnc",
+];
+
+/// A record to publish: its table, its natural key (the Kafka key) and itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub table: Table,
+    pub key: String,
+    pub record: Value,
+}
+
+/// Checks `record` against its table once and keys it.
+fn keyed(table: Table, record: Map<String, Value>, what: &str) -> Result<Mapped, String> {
+    let row = catalogue::decode_record(table, &record)
+        .map_err(|e| format!("{what}: {e}"))?
+        .row;
+    Ok(Mapped {
+        table,
+        key: catalogue::natural_key(table.spec(), &row),
+        record: Value::Object(record),
+    })
 }
 
 /// Device fields copied to mobile_devices from any export that has them.
@@ -155,8 +133,8 @@ impl Mapper {
         }
     }
 
-    /// The records of one exported row, with their tables.
-    pub fn map(&mut self, row: Map<String, Value>) -> Result<Vec<(Table, Value)>, String> {
+    /// The records of one exported row, each checked once and keyed.
+    pub fn map(&mut self, row: Map<String, Value>) -> Result<Vec<Mapped>, String> {
         match self.endpoint.as_str() {
             "events" => self.event(row),
             "installations" => self
@@ -178,7 +156,7 @@ impl Mapper {
         }
     }
 
-    fn event(&mut self, row: Map<String, Value>) -> Result<Vec<(Table, Value)>, String> {
+    fn event(&mut self, row: Map<String, Value>) -> Result<Vec<Mapped>, String> {
         let mut event = Map::new();
         event.insert("application_id".into(), json!(self.application_id));
         for column in Table::EventsPart.spec().columns {
@@ -186,7 +164,7 @@ impl Mapper {
                 event.insert(column.name.to_owned(), value.clone());
             }
         }
-        let decoded = catalogue::decode_record(Table::EventsPart, &event).map_err(|e| format!("event: {e}"))?;
+        let mut decoded = catalogue::decode_record(Table::EventsPart, &event).map_err(|e| format!("event: {e}"))?;
         let spec = Table::EventsPart.spec();
         let text = |column: &str| decoded.row.get(spec, column).and_then(Typed::canonical_text);
         let hash = text("event_hash").ok_or("event without a hash")?;
@@ -199,11 +177,17 @@ impl Mapper {
         event.insert("event_hash".into(), json!(hash));
         event.insert("dup_seq".into(), json!(dup_seq));
         let event_date = text("event_date").ok_or("event without a date")?;
-        let mut records = Vec::with_capacity(3);
+        // The decoded row keys the event: only its occurrence number changes.
+        if let Some(i) = spec.index_of("dup_seq") {
+            decoded.row.values[i] = Typed::Int(i64::from(dup_seq));
+        }
+        let mut records = vec![Mapped {
+            table: Table::EventsPart,
+            key: catalogue::natural_key(spec, &decoded.row),
+            record: Value::Null,
+        }];
         if let Some(properties) = row.get("event_json").filter(|v| !is_blank(v)) {
-            records.push((
-                Table::TmpEventProperties,
-                json!({
+            let record = json!({
                     "application_id": self.application_id,
                     "event_date": event_date,
                     "event_hash": hash,
@@ -213,21 +197,25 @@ impl Mapper {
                     "appmetrica_device_id": event.get("appmetrica_device_id"),
                     "properties": properties,
                     "source": "appmetrica",
-                }),
-            ));
+            });
+            records.push(keyed(
+                Table::TmpEventProperties,
+                into_object(record),
+                "event properties",
+            )?);
         }
         records.push(self.device(
             &row,
             &["event_timestamp"],
             &["event_receive_timestamp", "event_timestamp"],
         )?);
-        records.insert(0, (Table::EventsPart, Value::Object(event)));
+        records[0].record = Value::Object(event);
         Ok(records)
     }
 
     /// A mobile_devices record: seen first at the first of `first` present, last
     /// at the first of `last` present.
-    fn device(&self, row: &Map<String, Value>, first: &[&str], last: &[&str]) -> Result<(Table, Value), String> {
+    fn device(&self, row: &Map<String, Value>, first: &[&str], last: &[&str]) -> Result<Mapped, String> {
         let pick = |names: &[&str]| names.iter().find_map(|n| row.get(*n).filter(|v| !is_blank(v)).cloned());
         let mut device = Map::new();
         device.insert("application_id".into(), json!(self.application_id));
@@ -244,11 +232,10 @@ impl Mapper {
         if let Some(v) = last_seen {
             device.insert("last_seen_at".into(), v);
         }
-        catalogue::decode_record(Table::MobileDevices, &device).map_err(|e| format!("device: {e}"))?;
-        Ok((Table::MobileDevices, Value::Object(device)))
+        keyed(Table::MobileDevices, device, "device")
     }
 
-    fn profile(&self, row: Map<String, Value>) -> Result<Vec<(Table, Value)>, String> {
+    fn profile(&self, row: Map<String, Value>) -> Result<Vec<Mapped>, String> {
         let profile_id = row
             .get("profile_id")
             .filter(|v| !is_blank(v))
@@ -268,8 +255,7 @@ impl Mapper {
             }
         }
         permanent.insert("updated_at".into(), json!(snapshot.to_rfc3339()));
-        catalogue::decode_record(Table::PermanentUserProperties, &permanent).map_err(|e| format!("profile: {e}"))?;
-        let mut records = vec![(Table::PermanentUserProperties, Value::Object(permanent))];
+        let mut records = vec![keyed(Table::PermanentUserProperties, permanent, "profile")?];
         for (name, value) in &row {
             if PREDEFINED.contains(&name.as_str()) || PROFILE_IDS.contains(&name.as_str()) || is_blank(value) {
                 continue;
@@ -289,12 +275,22 @@ impl Mapper {
                 "appmetrica_device_id": device,
                 "source": "appmetrica",
             });
-            if let Value::Object(map) = &property {
-                catalogue::decode_record(Table::TmpUserProperties, map).map_err(|e| format!("property {name}: {e}"))?;
-            }
-            records.push((Table::TmpUserProperties, property));
+            records.push(keyed(
+                Table::TmpUserProperties,
+                into_object(property),
+                &format!("property {name}"),
+            )?);
         }
         Ok(records)
+    }
+}
+
+/// The map of a `json!({...})` value (an empty map otherwise, which the
+/// catalogue then refuses for its missing fields).
+fn into_object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(map) => map,
+        _ => Map::new(),
     }
 }
 
@@ -323,15 +319,15 @@ mod tests {
         v.as_object().cloned().expect("object")
     }
 
-    fn keys(records: &[(Table, Value)]) -> Vec<(Table, String, u64)> {
+    fn keys(records: &[Mapped]) -> Vec<(Table, String, u64)> {
         records
             .iter()
-            .filter(|(t, _)| *t == Table::EventsPart)
-            .map(|(t, r)| {
+            .filter(|m| m.table == Table::EventsPart)
+            .map(|m| {
                 (
-                    *t,
-                    r["event_hash"].as_str().unwrap_or_default().to_owned(),
-                    r["dup_seq"].as_u64().unwrap_or(99),
+                    m.table,
+                    m.record["event_hash"].as_str().unwrap_or_default().to_owned(),
+                    m.record["dup_seq"].as_u64().unwrap_or(99),
                 )
             })
             .collect()
@@ -341,19 +337,25 @@ mod tests {
     fn events_feed_three_tables_with_numbers_as_strings() {
         let mut mapper = Mapper::new(42, "events", day());
         let records = mapper.map(event("purchase", "1709289000")).expect("maps");
-        let tables: Vec<Table> = records.iter().map(|(t, _)| *t).collect();
+        let tables: Vec<Table> = records.iter().map(|m| m.table).collect();
         assert_eq!(
             tables,
             [Table::EventsPart, Table::TmpEventProperties, Table::MobileDevices]
         );
-        for (table, record) in &records {
-            let decoded = catalogue::decode_json(*table, record.clone()).unwrap_or_else(|e| panic!("{table}: {e}"));
-            assert!(decoded.row.values.iter().any(|v| !v.is_null()));
+        for m in &records {
+            let decoded =
+                catalogue::decode_json(m.table, m.record.clone()).unwrap_or_else(|e| panic!("{}: {e}", m.table));
+            let natural = catalogue::natural_key(m.table.spec(), &decoded.row);
+            assert_eq!(m.key, natural, "{}: the key is the record's natural key", m.table);
         }
-        assert_eq!(records[0].1["application_id"], 42);
-        assert_eq!(records[1].1["event_hash"], records[0].1["event_hash"]);
-        assert_eq!(records[2].1["last_seen_at"], "1709290000");
-        assert_eq!(records[2].1["first_seen_at"], "1709289000");
+        assert_eq!(records[0].record["application_id"], 42);
+        assert_eq!(records[1].record["event_hash"], records[0].record["event_hash"]);
+        assert_eq!(
+            records[1].key, records[0].key,
+            "an event and its properties share the key"
+        );
+        assert_eq!(records[2].record["last_seen_at"], "1709290000");
+        assert_eq!(records[2].record["first_seen_at"], "1709289000");
     }
 
     #[test]
@@ -388,15 +390,16 @@ mod tests {
         let mut installs = Mapper::new(1, "installations", day());
         let row = json!({"appmetrica_device_id": "77", "install_timestamp": "1709289000", "os_name": "ios"});
         let records = installs.map(row.as_object().cloned().expect("object")).expect("maps");
-        assert_eq!(records[0].0, Table::MobileDevices);
-        assert_eq!(records[0].1["first_seen_at"], "1709289000");
-        assert_eq!(records[0].1["last_seen_at"], "1709289000");
+        assert_eq!(records[0].table, Table::MobileDevices);
+        assert_eq!(records[0].key, "1|77");
+        assert_eq!(records[0].record["first_seen_at"], "1709289000");
+        assert_eq!(records[0].record["last_seen_at"], "1709289000");
 
         let mut profiles = Mapper::new(1, "profiles_v2", day());
         let row = json!({"profile_id": "p1", "gender": "female", "notifications_enabled": "true",
                          "plan": "gold", "score": 12, "empty": ""});
         let records = profiles.map(row.as_object().cloned().expect("object")).expect("maps");
-        let tables: Vec<Table> = records.iter().map(|(t, _)| *t).collect();
+        let tables: Vec<Table> = records.iter().map(|m| m.table).collect();
         assert_eq!(
             tables,
             [
@@ -405,20 +408,25 @@ mod tests {
                 Table::TmpUserProperties
             ]
         );
-        assert_eq!(records[0].1["updated_at"], "2024-03-01T23:59:59+00:00");
+        assert_eq!(records[0].record["updated_at"], "2024-03-01T23:59:59+00:00");
+        assert_eq!(records[0].key, "1|p1");
         let plan = records
             .iter()
-            .find(|(_, r)| r["property_name"] == "plan")
+            .find(|m| m.record["property_name"] == "plan")
             .expect("plan");
         assert_eq!(
-            (plan.1["value_text"].as_str(), plan.1["snapshot_date"].as_str()),
+            (
+                plan.record["value_text"].as_str(),
+                plan.record["snapshot_date"].as_str()
+            ),
             (Some("gold"), Some("2024-03-01"))
         );
+        assert_eq!(plan.key, "1|p1|plan|2024-03-01");
         let score = records
             .iter()
-            .find(|(_, r)| r["property_name"] == "score")
+            .find(|m| m.record["property_name"] == "score")
             .expect("score");
-        assert_eq!(score.1["value_json"], 12);
+        assert_eq!(score.record["value_json"], 12);
 
         let mut events = Mapper::new(1, "events", day());
         let mut bad = event("x", "1709289000");

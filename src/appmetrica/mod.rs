@@ -21,7 +21,6 @@ use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalogue::{self, Table};
 use crate::config::Config;
 use crate::kafka::{self, Publisher};
 use crate::store::{Dwh, WindowRecord};
@@ -175,11 +174,10 @@ impl Exporter {
                     outcome.fetched += 1;
                     match mapper.map(row) {
                         Ok(records) => {
-                            for (table, record) in records {
-                                let key = record_key(table, &record);
-                                let topic = kafka::topic_name(&self.topic_prefix, table);
+                            for mapped in records {
+                                let topic = kafka::topic_name(&self.topic_prefix, mapped.table);
                                 batch
-                                    .send(&topic, key.as_bytes(), record.to_string().as_bytes())
+                                    .send(&topic, mapped.key.as_bytes(), mapped.record.to_string().as_bytes())
                                     .await?;
                                 outcome.published += 1;
                             }
@@ -203,16 +201,6 @@ impl Exporter {
         }
         batch.finish().await.map_err(failed)?;
         Ok(outcome)
-    }
-}
-
-/// The record's natural key (the Kafka message key).
-fn record_key(table: Table, record: &serde_json::Value) -> String {
-    match record {
-        serde_json::Value::Object(map) => catalogue::decode_record(table, map)
-            .map(|d| catalogue::natural_key(table.spec(), &d.row))
-            .unwrap_or_default(),
-        _ => String::new(),
     }
 }
 

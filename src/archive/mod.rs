@@ -28,12 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalogue::Table;
 use crate::config::Config;
-use crate::ingest::consumer::{self, ConsumerError, Event, Subscription};
+use crate::ingest::consumer::{self, ConsumerError, Event, Exit, Subscription};
 use crate::s3::S3;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
-const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 /// The archive's consumer group.
 pub fn group_id(config: &Config) -> String {
@@ -103,11 +102,6 @@ struct Open {
     _memory: Option<OwnedSemaphorePermit>,
 }
 
-enum Stop {
-    Shutdown,
-    Restart(String),
-}
-
 /// How storing an object ended.
 enum Stored {
     /// Stored, and the group's offset moved past it.
@@ -120,72 +114,35 @@ enum Stored {
 }
 
 impl Stored {
-    fn into_stop(self) -> Option<Stop> {
+    fn into_stop(self) -> Option<Exit> {
         match self {
             Stored::Committed => None,
-            Stored::Aborted => Some(Stop::Shutdown),
-            Stored::CommitFailed => Some(Stop::Restart("an archive commit failed".into())),
+            Stored::Aborted => Some(Exit::Shutdown),
+            Stored::CommitFailed => Some(Exit::Restart("an archive commit failed".into())),
         }
     }
 }
 
 impl Archiver {
     async fn supervise(self, first: Subscription) {
-        let mut next = Some(first);
-        loop {
-            let subscription = match next.take() {
-                Some(s) => s,
-                None => {
-                    match consumer::subscribe(&self.config.kafka, &self.group, self.table, "earliest", "-archive") {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::error!(table = %self.table, error = %e, "cannot rebuild the archive consumer");
-                            if self.pause().await {
-                                return;
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
+        let label = format!("archive {}", self.table);
+        let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, "earliest", "-archive");
+        let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
-            let (poller, events) = match subscription.poll(self.memory.clone(), self.budget) {
-                Ok(started) => started,
-                Err(e) => {
-                    tracing::error!(table = %self.table, error = %e, "cannot start the archive consumer");
-                    if self.pause().await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let stop = self.serve(&consumer, events).await;
+            let (poller, events) = subscription.poll(self.memory.clone(), self.budget)?;
+            let exit = self.serve(&consumer, events).await;
             drop(consumer);
             poller.close().await;
-            match stop {
-                Stop::Shutdown => return,
-                Stop::Restart(why) => {
-                    tracing::warn!(table = %self.table, reason = %why, "restarting the archive consumer")
-                }
-            }
-            if self.pause().await {
-                return;
-            }
-        }
-    }
-
-    async fn pause(&self) -> bool {
-        tokio::select! {
-            () = tokio::time::sleep(RESTART_DELAY) => self.shutdown.is_cancelled(),
-            () = self.shutdown.cancelled() => true,
-        }
+            Ok(exit)
+        };
+        consumer::supervise(&label, first, &self.shutdown, build, run).await;
     }
 
     async fn serve(
         &self,
         consumer: &rdkafka::consumer::BaseConsumer<consumer::Context>,
         mut events: mpsc::Receiver<Event>,
-    ) -> Stop {
+    ) -> Exit {
         let mut open: HashMap<i32, Open> = HashMap::new();
         loop {
             let deadline = open
@@ -205,7 +162,7 @@ impl Archiver {
                             }
                         }
                     }
-                    return Stop::Shutdown;
+                    return Exit::Shutdown;
                 }
                 () = interval, if deadline.is_some() => {
                     let due: Vec<i32> = open
@@ -222,12 +179,12 @@ impl Archiver {
                     }
                 }
                 event = events.recv() => match event {
-                    None => return Stop::Restart("the poll thread stopped".into()),
+                    None => return Exit::Restart("the poll thread stopped".into()),
                     Some(Event::Records(records)) => {
                         for (message, permit) in records {
                             let partition = message.partition();
                             if let Err(e) = append(&mut open, &message, permit) {
-                                return Stop::Restart(format!("cannot compress a record: {e}"));
+                                return Exit::Restart(format!("cannot compress a record: {e}"));
                             }
                             let full = open
                                 .get(&partition)

@@ -43,11 +43,61 @@ pub enum ConsumerError {
     Thread(std::io::Error),
 }
 
+/// Why the task that owns a consumer stopped.
+#[derive(Debug)]
+pub enum Exit {
+    /// Shutdown: what was buffered is handled (or the grace period ran out).
+    Shutdown,
+    /// The consumer must be rebuilt (fenced, a failed commit, the poll thread gone).
+    Restart(String),
+}
+
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Keeps one consumer running until shutdown: runs it with `run`, and after a
+/// failure or a restart request waits a second and rebuilds it with `build`.
+/// Ingest and archive share it.
+pub async fn supervise<B, R, F>(label: &str, first: Subscription, shutdown: &CancellationToken, build: B, mut run: R)
+where
+    B: Fn() -> Result<Subscription, ConsumerError>,
+    R: FnMut(Subscription) -> F,
+    F: std::future::Future<Output = Result<Exit, ConsumerError>>,
+{
+    let mut next = Some(first);
+    loop {
+        let subscription = match next.take().map_or_else(&build, Ok) {
+            Ok(subscription) => subscription,
+            Err(e) => {
+                tracing::error!(consumer = label, error = %e, "cannot build the consumer");
+                if pause(shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        match run(subscription).await {
+            Ok(Exit::Shutdown) => return,
+            Ok(Exit::Restart(why)) => tracing::warn!(consumer = label, reason = %why, "restarting the consumer"),
+            Err(e) => tracing::error!(consumer = label, error = %e, "consumer failed; restarting it"),
+        }
+        if pause(shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Waits before a restart; true when shutting down instead.
+async fn pause(shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(RESTART_DELAY) => shutdown.is_cancelled(),
+        () = shutdown.cancelled() => true,
+    }
+}
+
 /// A consumer subscribed to one table's topic, not yet polled.
 #[allow(missing_debug_implementations)]
 pub struct Subscription {
     pub consumer: Arc<BaseConsumer<Context>>,
-    events: mpsc::Sender<Event>,
     receiver: mpsc::Receiver<Event>,
 }
 
@@ -86,7 +136,7 @@ pub fn subscribe(
     }
     let context = Context {
         topic: topic.clone(),
-        events: events.clone(),
+        events,
         pending: std::sync::Mutex::new(Vec::new()),
     };
     let consumer: BaseConsumer<Context> =
@@ -101,7 +151,6 @@ pub fn subscribe(
         .map_err(|cause| ConsumerError::Subscribe { topic, cause })?;
     Ok(Subscription {
         consumer: Arc::new(consumer),
-        events,
         receiver,
     })
 }
@@ -111,9 +160,8 @@ impl Subscription {
     pub fn poll(self, memory: Arc<Semaphore>, budget: u32) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
         let stop = CancellationToken::new();
         let thread = {
-            let (consumer, stop) = (self.consumer.clone(), stop.clone());
             // The context holds the sender the poll loop hands records over on.
-            drop(self.events);
+            let (consumer, stop) = (self.consumer.clone(), stop.clone());
             let runtime = tokio::runtime::Handle::current();
             let name = format!("poll-{}", consumer.context().topic);
             std::thread::Builder::new()

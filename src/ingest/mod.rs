@@ -13,7 +13,6 @@ pub mod status;
 pub mod worker;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
 use tokio::sync::Semaphore;
@@ -25,11 +24,10 @@ use crate::config::Config;
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
 use batcher::BatchLimits;
+use consumer::Exit;
 use consumer::Subscription;
 pub use status::{Counters, IngestStatus};
-use worker::{Exit, Worker, Writer};
-
-const RESTART_DELAY: Duration = Duration::from_secs(1);
+use worker::{Worker, Writer};
 
 pub use consumer::ConsumerError as IngestError;
 
@@ -146,38 +144,15 @@ impl Shared {
 
     /// Runs `table`'s consumer, rebuilding it after a fence or a failure, until shutdown.
     async fn supervise(self, table: Table, first: Subscription) {
-        let mut next = Some(first);
-        loop {
-            let built = match next.take() {
-                Some(built) => built,
-                None => match self.build(table) {
-                    Ok(built) => built,
-                    Err(e) => {
-                        tracing::error!(table = %table, error = %e, "cannot rebuild the consumer");
-                        if self.pause().await {
-                            return;
-                        }
-                        continue;
-                    }
-                },
-            };
-            match self.consume(table, built).await {
-                Ok(Exit::Shutdown) => return,
-                Ok(Exit::Restart(why)) => tracing::warn!(table = %table, reason = %why, "restarting the consumer"),
-                Err(e) => tracing::error!(table = %table, error = %e, "consumer failed; restarting it"),
-            }
-            if self.pause().await {
-                return;
-            }
-        }
-    }
-
-    /// Waits before a restart; true when shutting down instead.
-    async fn pause(&self) -> bool {
-        tokio::select! {
-            () = tokio::time::sleep(RESTART_DELAY) => self.shutdown.is_cancelled(),
-            () = self.shutdown.cancelled() => true,
-        }
+        let label = format!("ingest {table}");
+        consumer::supervise(
+            &label,
+            first,
+            &self.shutdown,
+            || self.build(table),
+            |s| self.consume(table, s),
+        )
+        .await;
     }
 
     async fn consume(&self, table: Table, subscription: Subscription) -> Result<Exit, IngestError> {

@@ -22,22 +22,13 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::batcher::{BatchLimits, Batcher, Closed, Entry};
-use super::consumer::{Context, Event};
+use super::consumer::{Context, Event, Exit};
 use super::status::IngestStatus;
 use crate::catalogue::{self, RecordError, Row, Table};
 use crate::store::{Batch, Dwh, OffsetAdvance, RejectedRecord, StoreError};
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(30);
-
-/// Why the worker stopped.
-#[derive(Debug)]
-pub enum Exit {
-    /// Shutdown: everything buffered was written (or the grace period ran out).
-    Shutdown,
-    /// The consumer must be rebuilt (fenced, or its poll thread stopped).
-    Restart(String),
-}
 
 /// Decodes a record value into a row of `table`, refusing values over `limit`.
 pub fn decode(table: Table, payload: &[u8], limit: usize) -> Result<Row, RecordError> {

@@ -89,13 +89,16 @@ struct Pending {
 impl std::future::Future for Pending {
     type Output = Result<(), PublishError>;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let topic = self.topic.clone();
-        std::pin::Pin::new(&mut self.delivery)
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        std::pin::Pin::new(&mut this.delivery)
             .poll(cx)
             .map(|result| match result {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err((cause, _))) => Err(PublishError::Delivery { topic, cause }),
+                Ok(Err((cause, _))) => Err(PublishError::Delivery {
+                    topic: std::mem::take(&mut this.topic),
+                    cause,
+                }),
                 Err(_) => Err(PublishError::Canceled),
             })
     }

@@ -91,8 +91,6 @@ pub struct S3 {
     client: aws_sdk_s3::Client,
     bucket: String,
     multipart_threshold: u64,
-    /// Parts of streamed uploads: the smallest S3 allows, to keep memory low.
-    part_size: u64,
 }
 
 impl S3 {
@@ -130,7 +128,6 @@ impl S3 {
             client: aws_sdk_s3::Client::from_conf(builder.build()),
             bucket: config.bucket_name.clone(),
             multipart_threshold: threshold,
-            part_size: MIN_PART,
         }
     }
 
@@ -319,7 +316,8 @@ impl S3 {
     }
 
     /// Stores `body` at `key`. Bodies up to the multipart threshold go up in one
-    /// request; larger ones as a multipart upload of `part_size` parts, aborted if
+    /// request; larger ones as a multipart upload of 5 MiB parts (the smallest S3
+    /// allows, to keep memory low), aborted if
     /// anything fails. `size_hint` (a Content-Length) over the threshold goes
     /// straight to multipart, so memory stays around one part whatever the size.
     pub async fn put_object<S, E>(
@@ -360,9 +358,9 @@ impl S3 {
                 }
             }
         }
-        let upload = Multipart::start(self, key, content_type, metadata).await?;
+        let mut upload = Multipart::start(self, key, content_type, metadata).await?;
         // S3 allows 10,000 parts: grow them only for bodies that need it.
-        let part_size = self.part_size.max(size_hint.unwrap_or(0).div_ceil(9_000)) as usize;
+        let part_size = MIN_PART.max(size_hint.unwrap_or(0).div_ceil(9_000)) as usize;
         let result = async {
             let mut total = 0u64;
             let mut part: Vec<u8> = Vec::with_capacity(part_size);
@@ -481,8 +479,8 @@ impl S3 {
                 .map_err(|e| conflict_on_precondition(e, key))?;
         } else {
             let plan = patch::plan(info.size, offset, data.len() as u64, MIN_PART, 5 * 1024 * 1024 * 1024);
-            let upload = Multipart::start(self, key, content_type, &metadata).await?;
-            let result = self.run_plan(&upload, key, &etag, &plan, &data).await;
+            let mut upload = Multipart::start(self, key, content_type, &metadata).await?;
+            let result = self.run_plan(&mut upload, key, &etag, &plan, &data).await;
             match result {
                 Ok(()) => {
                     // The last guard on stores that ignore If-Match on completion.
@@ -516,7 +514,7 @@ impl S3 {
 
     async fn run_plan(
         &self,
-        upload: &Multipart<'_>,
+        upload: &mut Multipart<'_>,
         key: &str,
         etag: &str,
         plan: &[patch::Part],
@@ -660,7 +658,7 @@ struct Multipart<'a> {
     s3: &'a S3,
     key: String,
     upload_id: String,
-    parts: tokio::sync::Mutex<Vec<CompletedPart>>,
+    parts: Vec<CompletedPart>,
 }
 
 impl<'a> Multipart<'a> {
@@ -685,17 +683,12 @@ impl<'a> Multipart<'a> {
             s3,
             key: key.to_owned(),
             upload_id,
-            parts: tokio::sync::Mutex::new(Vec::new()),
+            parts: Vec::new(),
         })
     }
 
-    fn next_number(parts: &[CompletedPart]) -> i32 {
-        parts.len() as i32 + 1
-    }
-
-    async fn upload(&self, data: Bytes) -> Result<(), S3Error> {
-        let mut parts = self.parts.lock().await;
-        let number = Self::next_number(&parts);
+    async fn upload(&mut self, data: Bytes) -> Result<(), S3Error> {
+        let number = self.parts.len() as i32 + 1;
         let response = self
             .s3
             .client
@@ -709,7 +702,7 @@ impl<'a> Multipart<'a> {
             .send()
             .await
             .map_err(|e| classify(e, &self.s3.bucket, &self.key))?;
-        parts.push(
+        self.parts.push(
             CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(response.e_tag().map(str::to_owned))
@@ -719,9 +712,8 @@ impl<'a> Multipart<'a> {
     }
 
     /// Copies bytes `start..end` of `source` (only while its ETag is `etag`).
-    async fn copy(&self, source: &str, etag: &str, start: u64, end: u64) -> Result<(), S3Error> {
-        let mut parts = self.parts.lock().await;
-        let number = Self::next_number(&parts);
+    async fn copy(&mut self, source: &str, etag: &str, start: u64, end: u64) -> Result<(), S3Error> {
+        let number = self.parts.len() as i32 + 1;
         let source_path = format!("{}/{}", self.s3.bucket, percent_encode_key(source));
         let response = self
             .s3
@@ -737,7 +729,7 @@ impl<'a> Multipart<'a> {
             .send()
             .await
             .map_err(|e| classify(e, &self.s3.bucket, source))?;
-        parts.push(
+        self.parts.push(
             CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(response.copy_part_result().and_then(|r| r.e_tag()).map(str::to_owned))
@@ -747,7 +739,7 @@ impl<'a> Multipart<'a> {
     }
 
     async fn complete(self, if_match: Option<&str>) -> Result<(), S3Error> {
-        let parts = self.parts.into_inner();
+        let parts = self.parts;
         let result = self
             .s3
             .client
