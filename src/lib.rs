@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod appmetrica;
 pub mod archive;
+pub mod backoff;
 pub mod catalogue;
 pub mod cli;
 pub mod config;

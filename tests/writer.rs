@@ -5,7 +5,7 @@ mod common;
 
 use common::{dwh, events, Db};
 use dwh_helper::catalogue::{decode_json, Row, Table};
-use dwh_helper::store::{Batch, Dwh, OffsetAdvance, ReadQuery, RejectedRecord, StoreError};
+use dwh_helper::store::{Batch, Dwh, OffsetAdvance, Origin, Origins, ReadQuery, RejectedRecord, StoreError};
 use serde_json::{json, Value};
 
 const BOTH: [Db; 2] = [Db::Postgres, Db::Sqlite];
@@ -220,6 +220,7 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
                 rows: &first,
                 rejects: &rejects,
                 offsets: &[advance(0, 0, 11)],
+                origins: None,
             })
             .await
             .expect("first batch");
@@ -238,6 +239,7 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
                 rows: &stale,
                 rejects: &stale_rejects,
                 offsets: &[advance(1, 0, 4), advance(0, 0, 6)],
+                origins: None,
             })
             .await
             .expect_err("fenced");
@@ -275,6 +277,7 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
             rows: &stale,
             rejects: &[],
             offsets: &[advance(0, 11, 16)],
+            origins: None,
         })
         .await
         .expect("owner continues");
@@ -515,4 +518,167 @@ async fn an_unreachable_database_is_reported_as_unavailable() {
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().starts_with("database unreachable"), "{err}");
     assert!(!format!("{err} {err:?}").contains("secret-pw"));
+}
+
+/// Runs `sql` (several statements allowed) on the database of `config`.
+async fn exec(config: &dwh_helper::config::DwhConfig, sql: &str) {
+    use sqlx::Connection as _;
+    let url = config.database_url.expose();
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("connect");
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect("statement runs");
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect("statement runs");
+    }
+}
+
+fn location_advance(from: i64, to: i64) -> OffsetAdvance {
+    OffsetAdvance {
+        topic: "dwh.user_locations".into(),
+        ..advance(0, from, to)
+    }
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_lands_with_the_offsets() {
+    for db in BOTH {
+        // Chunks of 4 rows: the refused rows sit in two of the three chunks.
+        let (dwh, config, _guard) = dwh(db, &[("DWH_MAX_ROWS_PER_INSERT", "4")]).await;
+        exec(
+            &config,
+            match db {
+                Db::Postgres => "ALTER TABLE user_locations ADD CONSTRAINT latitude_below_80 CHECK (latitude < 80)",
+                Db::Sqlite => {
+                    "CREATE TRIGGER latitude_below_80 BEFORE INSERT ON user_locations WHEN NEW.latitude >= 80 \
+                     BEGIN SELECT RAISE(ABORT, 'latitude_below_80 violated'); END"
+                }
+            },
+        )
+        .await;
+        let mut records = common::locations(10);
+        records[3]["latitude"] = json!(85.0);
+        records[7]["latitude"] = json!(86.0);
+        let batch_rows = rows(Table::UserLocations, &records);
+        let origins: Vec<Origin> = (0..10).map(|offset| Origin { partition: 0, offset }).collect();
+        let decoded_reject = RejectedRecord {
+            table: Table::UserLocations,
+            topic: "dwh.user_locations".into(),
+            partition: 0,
+            offset: 10,
+            key: None,
+            payload: b"{oops".to_vec(),
+            reason: "record is not valid JSON".into(),
+        };
+        let outcome = dwh
+            .write(Batch {
+                table: Table::UserLocations,
+                rows: &batch_rows,
+                rejects: std::slice::from_ref(&decoded_reject),
+                offsets: &[location_advance(0, 11)],
+                origins: Some(Origins {
+                    topic: "dwh.user_locations",
+                    rows: &origins,
+                }),
+            })
+            .await
+            .expect("the batch lands without the refused rows");
+        assert_eq!(outcome.inserted_ids.len(), 8, "{db:?}");
+        assert_eq!(outcome.skipped, 0, "{db:?}");
+        let refused: Vec<i64> = outcome.refused.iter().map(|r| r.offset).collect();
+        assert_eq!(refused, [3, 7], "{db:?}");
+        for reject in &outcome.refused {
+            assert!(
+                reject.reason.starts_with("the database refused the data: ")
+                    && reject.reason.contains("latitude_below_80"),
+                "{db:?}: {}",
+                reject.reason
+            );
+            let payload: Value = serde_json::from_slice(&reject.payload).expect("the row as JSON");
+            assert!(
+                payload["latitude"].as_f64().expect("latitude") >= 85.0,
+                "{db:?}: {payload}"
+            );
+        }
+        // All in the one transaction: 8 rows, 3 rejects, the offset past the batch.
+        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 8, "{db:?}");
+        assert_eq!(count_rejects(&dwh).await, 3, "{db:?}");
+        assert_eq!(
+            dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
+            Some(11),
+            "{db:?}"
+        );
+
+        // Without origins (the HTTP API) the refusal fails the whole write.
+        let bad = rows(Table::UserLocations, &[records[3].clone()]);
+        let err = dwh
+            .write(Batch::rows(Table::UserLocations, &bad))
+            .await
+            .expect_err("refused");
+        assert!(err.is_refused() && !err.is_transient(), "{db:?}: {err}");
+        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 8, "{db:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_error_of_the_database_rather_than_the_data_fails_the_whole_batch_and_rejects_nothing() {
+    let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
+    let url = config.database_url.expose().to_owned();
+    let name = url.rsplit('/').next().expect("database name").to_owned();
+    // After a failover the database answers read-only (25006): the rows are fine.
+    exec(
+        &config,
+        &format!("ALTER DATABASE {name} SET default_transaction_read_only = on"),
+    )
+    .await;
+    let read_only = Dwh::connect(&config).expect("pool");
+    let records = rows(Table::UserLocations, &common::locations(5));
+    let origins: Vec<Origin> = (0..5).map(|offset| Origin { partition: 0, offset }).collect();
+    let err = read_only
+        .write(Batch {
+            table: Table::UserLocations,
+            rows: &records,
+            rejects: &[],
+            offsets: &[location_advance(0, 5)],
+            origins: Some(Origins {
+                topic: "dwh.user_locations",
+                rows: &origins,
+            }),
+        })
+        .await
+        .expect_err("read-only");
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    assert!(err.to_string().contains("read-only transaction"), "{err}");
+    assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0);
+    assert_eq!(count_rejects(&dwh).await, 0, "no good row became a reject");
+    assert_eq!(
+        dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_reason_with_nul_is_stored_escaped() {
+    for db in BOTH {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let reject = RejectedRecord {
+            table: Table::UserLocations,
+            topic: "dwh.user_locations".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(b"\0k".to_vec()),
+            payload: b"{\"uuid\":\"\\u0000abc\"}\0".to_vec(),
+            reason: "field \"uuid\": expected UUID, got \"\0abc\"".into(),
+        };
+        dwh.write(Batch {
+            table: Table::UserLocations,
+            rows: &[],
+            rejects: std::slice::from_ref(&reject),
+            offsets: &[location_advance(0, 1)],
+            origins: None,
+        })
+        .await
+        .expect("a NUL in a reason does not stall the table");
+        assert_eq!(count_rejects(&dwh).await, 1, "{db:?}");
+    }
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mapping;
 use super::window::Window;
+use crate::backoff::Backoff;
 use crate::config::AppMetricaConfig;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -126,7 +127,10 @@ impl LogsApi {
             .unwrap_or_default();
         let started = Instant::now();
         let mut attempts = 0u32;
-        let mut backoff = self.config.poll_interval.max(Duration::from_millis(100));
+        let mut backoff = Backoff::new(
+            self.config.poll_interval.clamp(Duration::from_millis(100), MAX_BACKOFF),
+            MAX_BACKOFF,
+        );
         let name = window.to_string();
         loop {
             if cancel.is_cancelled() {
@@ -191,9 +195,10 @@ impl LogsApi {
                     detail: format!("{retry_reason}, {attempts} attempts"),
                 });
             }
-            tracing::warn!(window = %name, reason = %retry_reason, retry_in_ms = backoff.as_millis() as u64, "export request failed; retrying");
-            sleep_or_cancel(backoff, cancel).await?;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tracing::warn!(window = %name, reason = %retry_reason, retry_in_ms = backoff.peek().as_millis() as u64, "export request failed; retrying");
+            if !backoff.wait(cancel).await {
+                return Err(ExportError::Cancelled);
+            }
         }
     }
 

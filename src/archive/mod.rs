@@ -26,9 +26,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::catalogue::Table;
 use crate::config::Config;
-use crate::ingest::consumer::{self, ConsumerError, Event, Exit, Subscription};
+use crate::ingest::consumer::{self, ConsumerError, Event, Exit, Role, Subscription};
 use crate::s3::S3;
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -56,7 +57,7 @@ pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result
     let group = group_id(config);
     let mut tasks = JoinSet::new();
     for table in Table::ALL {
-        let first = consumer::subscribe(&config.kafka, &group, table, "earliest", "-archive")?;
+        let first = consumer::subscribe(&config.kafka, &group, table, Role::Archive)?;
         let archiver = Archiver {
             config: config.clone(),
             group: group.clone(),
@@ -126,7 +127,7 @@ impl Stored {
 impl Archiver {
     async fn supervise(self, first: Subscription) {
         let label = format!("archive {}", self.table);
-        let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, "earliest", "-archive");
+        let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
             let (poller, events) = subscription.poll(self.memory.clone(), self.budget)?;
@@ -201,8 +202,10 @@ impl Archiver {
                     Some(Event::Assigned { partitions, reply }) => {
                         // Start where the archive's own group committed (its offsets
                         // move only after an object is stored).
-                        let _ = reply.send(partitions.iter().map(|p| (*p, None)).collect());
+                        let _ = reply.send(partitions.iter().map(|p| (*p, Offset::Stored)).collect());
                     }
+                    // The archive's consumer resets to the earliest record by itself.
+                    Some(Event::OutOfRange(_)) => {}
                     Some(Event::Revoked { partitions, reply }) => {
                         // Not stored, not committed: the next owner archives these
                         // records again, under the same keys.
@@ -249,7 +252,7 @@ impl Archiver {
             ("last-offset", object.last_offset.to_string()),
             ("records", object.records.to_string()),
         ];
-        let mut delay = FIRST_RETRY;
+        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
         loop {
             let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
             match self
@@ -268,12 +271,10 @@ impl Archiver {
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(key, error = %e, retry_in_ms = delay.as_millis() as u64, "archive upload failed; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = self.abort.cancelled() => return Stored::Aborted,
+                    tracing::warn!(key, error = %e, retry_in_ms = backoff.peek().as_millis() as u64, "archive upload failed; retrying");
+                    if !backoff.wait(&self.abort).await {
+                        return Stored::Aborted;
                     }
-                    delay = (delay * 2).min(MAX_RETRY);
                 }
             }
         }

@@ -305,21 +305,59 @@ fn derive(table: Table, row: &mut Row) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// The fields that identify an event, version 1: frozen. The hash reads these
+/// names and no others, so a column added to `events_part` later changes no
+/// stored key; a new identity needs a new version, never an edit of this list.
+pub const EVENT_HASH_V1_FIELDS: &[&str] = &[
+    "application_id",
+    "event_date",
+    "event_name",
+    "event_timestamp",
+    "event_datetime",
+    "event_receive_timestamp",
+    "event_receive_datetime",
+    "session_id",
+    "installation_id",
+    "appmetrica_device_id",
+    "profile_id",
+    "device_manufacturer",
+    "device_model",
+    "original_device_model",
+    "device_type",
+    "device_locale",
+    "os_name",
+    "os_version",
+    "device_ipv6",
+    "connection_type",
+    "operator_name",
+    "mcc",
+    "mnc",
+    "city",
+    "country_iso_code",
+    "google_aid",
+    "ios_ifa",
+    "ios_ifv",
+    "windows_aid",
+    "app_version_name",
+    "app_build_number",
+    "app_package_name",
+];
+
 /// The stable hash that identifies an event when the producer sends none: 128 bits
-/// of XXH3 over every column but `event_hash` and `dup_seq`, in catalogue order,
-/// from the values' canonical text, so `"123"` and `123` hash alike. Lowercase hex.
+/// of XXH3 over the [`EVENT_HASH_V1_FIELDS`] that are not NULL (name and
+/// canonical text, so `"123"` and `123` hash alike), behind a version tag.
+/// Lowercase hex. A NULL field and an absent column hash alike, so a column that
+/// is added (nullable) or dropped leaves every stored hash as it was.
 pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    for (column, value) in spec.columns.iter().zip(&row.values) {
-        if matches!(column.name, "event_hash" | "dup_seq") {
+    hasher.update(b"event-hash-v1\x1e");
+    for name in EVENT_HASH_V1_FIELDS {
+        let Some(text) = spec.index_of(name).and_then(|i| row.values[i].canonical_text()) else {
             continue;
-        }
-        hasher.update(column.name.as_bytes());
+        };
+        hasher.update(name.as_bytes());
         hasher.update(b"\x1f");
-        match value.canonical_text() {
-            Some(text) => hasher.update(text.as_bytes()),
-            None => hasher.update(b"\x00"),
-        }
+        hasher.update(text.as_bytes());
         hasher.update(b"\x1e");
     }
     format!("{:032x}", hasher.digest128())
@@ -533,11 +571,50 @@ mod tests {
         let c = decode_record(Table::EventsPart, &other).expect("valid");
         let spec = Table::EventsPart.spec();
         assert_ne!(a.row.get(spec, "event_hash"), c.row.get(spec, "event_hash"));
-        // Pinned, because stored keys depend on it: a change here duplicates events.
+        // Pinned (version 1), because stored keys depend on it: a change here
+        // duplicates every event on the next refetch, replay or restore.
         assert_eq!(
             a.row.get(spec, "event_hash"),
-            Some(&Value::Text("340fc356b19c388b87eb64338f5de326".into()))
+            Some(&Value::Text("75a213c99394eeb9cda859fcb0e5e453".into()))
         );
+    }
+
+    #[test]
+    fn the_event_hash_ignores_nulls_and_columns_outside_its_frozen_list() {
+        let spec = Table::EventsPart.spec();
+        let decoded = decode(Table::EventsPart, valid_event()).expect("valid");
+        let hash = event_hash(spec, &decoded.row);
+        // A nullable column added to the table, NULL in old records, or holding a
+        // value (it is not in the v1 list): the hash stays.
+        let mut columns = spec.columns.to_vec();
+        columns.push(Column {
+            name: "added_later",
+            ..*spec.column("city").expect("a nullable text column")
+        });
+        let grown = TableSpec {
+            columns: Box::leak(columns.into_boxed_slice()),
+            ..*spec
+        };
+        let mut row = decoded.row.clone();
+        row.values.push(Value::Null);
+        assert_eq!(event_hash(&grown, &row), hash);
+        *row.values.last_mut().expect("pushed") = Value::Text("x".into());
+        assert_eq!(event_hash(&grown, &row), hash);
+        // Every frozen field is a column today, and each one counts.
+        for name in EVENT_HASH_V1_FIELDS {
+            assert!(spec.index_of(name).is_some(), "{name} is a column");
+        }
+        let mut other = decoded.row.clone();
+        let i = spec.index_of("event_name").expect("column");
+        other.values[i] = Value::Text("another".into());
+        assert_ne!(event_hash(spec, &other), hash);
+        // A NULL field hashes like an absent one: not like an empty string.
+        let i = spec.index_of("city").expect("column");
+        let mut empty = decoded.row.clone();
+        empty.values[i] = Value::Text(String::new());
+        let mut null = decoded.row.clone();
+        null.values[i] = Value::Null;
+        assert_ne!(event_hash(spec, &empty), event_hash(spec, &null));
     }
 
     #[test]

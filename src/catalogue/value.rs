@@ -165,14 +165,19 @@ impl std::fmt::Display for FieldProblem {
 /// A short rendering of a JSON value for error messages (never the whole payload).
 pub fn describe(v: &Json) -> String {
     const MAX: usize = 40;
+    // Strings are quoted as JSON writes them: control characters (NUL above all,
+    // which a database refuses to store in the reason) come out escaped.
+    let quoted = |s: &str| Json::String(s.to_owned()).to_string();
     match v {
         Json::Null => "null".into(),
         Json::Bool(b) => b.to_string(),
         Json::Number(n) => n.to_string(),
         Json::String(s) if s.chars().count() > MAX => {
-            format!("\"{}…\"", s.chars().take(MAX).collect::<String>())
+            let head: String = s.chars().take(MAX).collect();
+            let quoted = quoted(&head);
+            format!("{}…\"", &quoted[..quoted.len() - 1])
         }
-        Json::String(s) => format!("\"{s}\""),
+        Json::String(s) => quoted(s),
         Json::Array(_) => "an array".into(),
         Json::Object(_) => "an object".into(),
     }
@@ -424,6 +429,23 @@ mod tests {
         assert_eq!(ok(ColumnType::Text, json!(12)), Value::Text("12".into()));
         assert_eq!(err(ColumnType::Text, json!({"a": 1})), "expected string, got an object");
         assert_eq!(err(ColumnType::Text, json!("a\u{0}b")), "contains a NUL character");
+    }
+
+    #[test]
+    fn described_values_escape_control_characters() {
+        assert_eq!(describe(&json!("\u{0}abc")), r#""\u0000abc""#);
+        assert_eq!(describe(&json!("a\"b\nc")), r#""a\"b\nc""#);
+        let long = format!("\u{0}{}", "x".repeat(60));
+        let described = describe(&json!(long));
+        assert!(
+            described.starts_with(r#""\u0000xxx"#) && described.ends_with("x…\""),
+            "{described}"
+        );
+        assert!(!described.contains('\0'));
+        assert_eq!(
+            err(ColumnType::Uuid, json!("\u{0}abc")),
+            r#"expected UUID, got "\u0000abc""#
+        );
     }
 
     #[test]

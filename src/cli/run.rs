@@ -135,8 +135,21 @@ async fn serve_roles(
     failure.map_or(Ok(()), Err)
 }
 
-/// Cancels `shutdown` on SIGINT or SIGTERM.
+/// Cancels `shutdown` on SIGINT or SIGTERM; a second one exits at once.
 pub async fn signal(shutdown: CancellationToken) {
+    one_signal().await;
+    tracing::info!("shutdown requested: writing what is buffered (a second signal exits at once)");
+    shutdown.cancel();
+    one_signal().await;
+    // Open transactions roll back when their connections close with the process:
+    // nothing half-written stays, and the records are read again by the next owner.
+    tracing::error!("second signal: exiting now; batches not yet written were not committed and will be read again");
+    eprintln!("dwh-helper: second signal: exiting now; nothing buffered was committed (it will be read again)");
+    std::process::exit(130);
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn one_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -155,6 +168,4 @@ pub async fn signal(shutdown: CancellationToken) {
         () = ctrl_c => {}
         () = term => {}
     }
-    tracing::info!("shutdown requested");
-    shutdown.cancel();
 }

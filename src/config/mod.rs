@@ -52,6 +52,9 @@ pub struct DwhConfig {
     /// No statement carries more rows than this.
     pub max_rows_per_insert: usize,
     pub pool_size: u32,
+    /// PostgreSQL's `statement_timeout` on every connection, and the base of the
+    /// client-side limit of a write (a hung connection never holds a batch).
+    pub statement_timeout: Duration,
 }
 
 /// `KAFKA_`: the broker and the ingest batches.
@@ -70,6 +73,11 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     pub topic_partitions: i32,
     pub auto_offset_reset: OffsetReset,
+    /// A partition with no DWH offset starts from the Kafka committed offset
+    /// instead of `auto_offset_reset` (an old group adopted by a fresh DWH).
+    pub adopt_committed_offsets: bool,
+    /// What a stored offset outside the log does: stop the table, or move it.
+    pub on_offset_out_of_range: OutOfRange,
     /// Static membership: each consumer joins as `{id}-{table}`.
     pub group_instance_id: Option<String>,
     pub shutdown_grace: Duration,
@@ -91,6 +99,18 @@ impl OffsetReset {
             OffsetReset::Latest => "latest",
         }
     }
+}
+
+/// What a DWH offset outside the partition's log (above its high watermark or
+/// below its low one) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutOfRange {
+    /// Stop the table with an error naming the partition and both offsets.
+    Stop,
+    /// Move the offset to the low watermark, logged and counted.
+    Earliest,
+    /// Move the offset to the high watermark, logged and counted.
+    Latest,
 }
 
 /// `S3_`: the object store.
@@ -175,6 +195,7 @@ struct RawDwh {
     max_write_batch_bytes: Option<String>,
     max_rows_per_insert: Option<String>,
     pool_size: Option<String>,
+    statement_timeout_seconds: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +210,8 @@ struct RawKafka {
     create_topics: Option<String>,
     topic_partitions: Option<String>,
     auto_offset_reset: Option<String>,
+    adopt_committed_offsets: Option<String>,
+    on_offset_out_of_range: Option<String>,
     group_instance_id: Option<String>,
     shutdown_grace_seconds: Option<String>,
 }
@@ -286,6 +309,12 @@ fn dwh(raw: RawDwh) -> Result<DwhConfig, ConfigError> {
         pool_size: count("DWH_POOL_SIZE", raw.pool_size, 10)?
             .try_into()
             .map_err(|_| ConfigError::new("DWH_POOL_SIZE", "is too large"))?,
+        statement_timeout: match seconds("DWH_STATEMENT_TIMEOUT_SECONDS", raw.statement_timeout_seconds, 60)? {
+            zero if zero.is_zero() => {
+                return Err(ConfigError::new("DWH_STATEMENT_TIMEOUT_SECONDS", "must be at least 1"))
+            }
+            timeout => timeout,
+        },
     })
 }
 
@@ -323,6 +352,23 @@ fn kafka(raw: RawKafka, passthrough: impl Iterator<Item = (String, String)>) -> 
                 return Err(ConfigError::new(
                     "KAFKA_AUTO_OFFSET_RESET",
                     format!("expected \"earliest\" or \"latest\", got \"{other}\""),
+                ))
+            }
+        },
+        adopt_committed_offsets: boolean("KAFKA_ADOPT_COMMITTED_OFFSETS", raw.adopt_committed_offsets, false)?,
+        on_offset_out_of_range: match raw
+            .on_offset_out_of_range
+            .as_deref()
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("stop") => OutOfRange::Stop,
+            Some("earliest") => OutOfRange::Earliest,
+            Some("latest") => OutOfRange::Latest,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "KAFKA_ON_OFFSET_OUT_OF_RANGE",
+                    format!("expected \"stop\", \"earliest\" or \"latest\", got \"{other}\""),
                 ))
             }
         },

@@ -50,6 +50,9 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable, try again later")
             }
             StoreError::Oversized(o) => ApiError::unprocessable(o.to_string()),
+            // A row the database refuses (a constraint, a value out of range) is the
+            // request's fault, and its message names what is wrong.
+            StoreError::Refused(_) => ApiError::unprocessable(e.to_string()),
             other => {
                 tracing::error!(error = %other, "request failed");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

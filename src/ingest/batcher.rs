@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::catalogue::Row;
+pub use crate::store::Origin;
 use crate::store::{OffsetAdvance, RejectedRecord};
 
 /// When a batch closes.
@@ -27,13 +28,6 @@ pub struct BatchLimits {
 pub struct Span {
     pub from: i64,
     pub to: i64,
-}
-
-/// Where a row came from, to reject it later if the database refuses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Origin {
-    pub partition: i32,
-    pub offset: i64,
 }
 
 /// A decoded record or a rejected one.

@@ -50,6 +50,10 @@ pub enum Exit {
     Shutdown,
     /// The consumer must be rebuilt (fenced, a failed commit, the poll thread gone).
     Restart(String),
+    /// The table cannot go on without an operator (an offset outside the log): the
+    /// consumer stays down until the process restarts. The reason was logged and
+    /// is reported by readiness.
+    Stopped(String),
 }
 
 const RESTART_DELAY: Duration = Duration::from_secs(1);
@@ -77,6 +81,10 @@ where
         };
         match run(subscription).await {
             Ok(Exit::Shutdown) => return,
+            Ok(Exit::Stopped(why)) => {
+                tracing::error!(consumer = label, reason = %why, "consumer stopped until an operator acts");
+                return;
+            }
             Ok(Exit::Restart(why)) => tracing::warn!(consumer = label, reason = %why, "restarting the consumer"),
             Err(e) => tracing::error!(consumer = label, error = %e, "consumer failed; restarting it"),
         }
@@ -101,16 +109,38 @@ pub struct Subscription {
     receiver: mpsc::Receiver<Event>,
 }
 
+/// Which role a consumer serves: it decides where partitions start and how the
+/// consumer's client and static-membership ids are told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Starts every partition at an explicit offset chosen by the owning task
+    /// (the DWH's); a fetch out of range is an error the task decides on, never a
+    /// silent jump.
+    Ingest,
+    /// Starts at its own group's committed offset, else at the earliest record.
+    Archive,
+}
+
+impl Role {
+    fn offset_reset(self) -> &'static str {
+        match self {
+            Role::Ingest => "error",
+            Role::Archive => "earliest",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Ingest => "",
+            Role::Archive => "-archive",
+        }
+    }
+}
+
 /// Builds a consumer of `table`'s topic in `group_id` (auto-commit off; the
-/// owning task decides what is committed where). `instance_suffix` tells the
-/// roles' static-membership ids apart.
-pub fn subscribe(
-    kafka: &KafkaConfig,
-    group_id: &str,
-    table: Table,
-    offset_reset: &str,
-    instance_suffix: &str,
-) -> Result<Subscription, ConsumerError> {
+/// owning task decides what is committed where).
+pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) -> Result<Subscription, ConsumerError> {
+    let instance_suffix = role.suffix();
     let topic = kafka::topic_name(&kafka.topic_prefix, table);
     let (events, receiver) = mpsc::channel(CHANNEL_BATCHES);
     let mut settings = kafka::client_config(
@@ -121,7 +151,7 @@ pub fn subscribe(
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("enable.partition.eof", "false"),
-            ("auto.offset.reset", offset_reset),
+            ("auto.offset.reset", role.offset_reset()),
             // librdkafka's own prefetch counts against memory too: keep it modest.
             ("queued.max.messages.kbytes", "16384"),
             // Pick up topics created after the start within seconds.
@@ -211,12 +241,15 @@ impl Poller {
 pub enum Event {
     /// Records in poll order, each with its share of the memory budget.
     Records(Vec<(OwnedMessage, OwnedSemaphorePermit)>),
-    /// Partitions were assigned; the answer gives each one's stored next offset
-    /// (`None`: none stored, start from the Kafka committed offset or the reset policy).
+    /// Partitions were assigned; the answer gives where each one starts. No answer
+    /// (the task stopped) assigns nothing.
     Assigned {
         partitions: Vec<i32>,
-        reply: oneshot::Sender<Vec<(i32, Option<i64>)>>,
+        reply: oneshot::Sender<Vec<(i32, Offset)>>,
     },
+    /// A fetch position fell outside a partition's log (consumers of
+    /// [`Role::Ingest`] never jump by themselves).
+    OutOfRange(String),
     /// Partitions are being revoked; answer once nothing of them stays buffered.
     Revoked {
         partitions: Vec<i32>,
@@ -283,10 +316,21 @@ impl ConsumerContext for Context {
                         reply,
                     })
                     .ok()
-                    .and_then(|()| answer.blocking_recv().ok())
-                    .unwrap_or_default();
-                for (partition, stored) in offsets {
-                    let offset = stored.map_or(Offset::Stored, Offset::Offset);
+                    .and_then(|()| answer.blocking_recv().ok());
+                let Some(offsets) = offsets else {
+                    // The task is gone (stopping): take nothing on.
+                    let none = TopicPartitionList::new();
+                    let result = if cooperative {
+                        consumer.incremental_assign(&none)
+                    } else {
+                        consumer.assign(&none)
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(topic = %self.topic, error = %e, "cannot decline the assignment");
+                    }
+                    return;
+                };
+                for (partition, offset) in offsets {
                     if let Err(e) = tpl.set_partition_offset(&self.topic, partition, offset) {
                         tracing::error!(topic = %self.topic, partition, error = %e, "cannot set the start offset");
                     }
@@ -368,6 +412,20 @@ fn poll_loop(
             | Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopic))) => {
                 // The start already warned about a missing topic, once.
                 tracing::debug!(topic = %topic, "topic not available yet");
+                continue;
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                code @ (RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange),
+            ))) => {
+                // The owning task decides, against the watermarks, what this means.
+                if !context.hand_over()
+                    || context
+                        .events
+                        .blocking_send(Event::OutOfRange(code.to_string()))
+                        .is_err()
+                {
+                    break;
+                }
                 continue;
             }
             Some(Err(e)) => {

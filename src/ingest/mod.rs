@@ -9,6 +9,7 @@
 
 pub mod batcher;
 pub mod consumer;
+pub mod start;
 pub mod status;
 pub mod worker;
 
@@ -139,7 +140,7 @@ struct Shared {
 impl Shared {
     fn build(&self, table: Table) -> Result<Subscription, IngestError> {
         let kafka = &self.config.kafka;
-        consumer::subscribe(kafka, &kafka.group_id, table, kafka.auto_offset_reset.as_str(), "")
+        consumer::subscribe(kafka, &kafka.group_id, table, consumer::Role::Ingest)
     }
 
     /// Runs `table`'s consumer, rebuilding it after a fence or a failure, until shutdown.
@@ -175,6 +176,11 @@ impl Shared {
                 linger: self.config.kafka.batch_linger,
             },
             max_record_bytes: self.config.dwh.max_write_batch_bytes,
+            policy: start::Policy {
+                reset: self.config.kafka.auto_offset_reset,
+                adopt_committed: self.config.kafka.adopt_committed_offsets,
+                on_out_of_range: self.config.kafka.on_offset_out_of_range,
+            },
             shutdown: self.shutdown.clone(),
         };
         // The receiver goes with the worker, so callbacks during the close below

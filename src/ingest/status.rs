@@ -5,11 +5,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::store::WriteOutcome;
+
 /// Shared between the ingest tasks and whoever watches them.
 #[derive(Debug, Default)]
 pub struct IngestStatus {
     rows: AtomicU64,
+    inserted: AtomicU64,
+    updated: AtomicU64,
+    skipped: AtomicU64,
     rejects: AtomicU64,
+    retries: AtomicU64,
+    offsets_moved: AtomicU64,
+    tables_stopped: AtomicU64,
     bytes: AtomicU64,
     batches: AtomicU64,
     /// Flush latencies in microseconds, the most recent [`LATENCY_SAMPLES`].
@@ -23,15 +31,35 @@ const LATENCY_SAMPLES: usize = 100_000;
 /// A snapshot of the counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Rows of landed batches: inserted, updated or skipped.
     pub rows: u64,
+    /// Rows whose key was new.
+    pub inserted: u64,
+    /// Rows that replaced an older stored version.
+    pub updated: u64,
+    /// Rows that changed nothing: stored already (a replay or a redelivery). Zero
+    /// in a run without replays: exactly once means no record is written twice.
+    pub skipped: u64,
+    /// Records rejected, by the catalogue or by the database.
     pub rejects: u64,
     pub bytes: u64,
     pub batches: u64,
+    /// Failed write attempts, each retried as the same batch.
+    pub retries: u64,
+    /// Stored offsets outside the log moved on the operator's request.
+    pub offsets_moved: u64,
+    /// Tables stopped because a stored offset did not fit the log.
+    pub tables_stopped: u64,
 }
 
 impl IngestStatus {
-    pub(crate) fn batch_written(&self, rows: usize, rejects: usize, bytes: usize, took: Duration) {
-        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+    pub(crate) fn batch_written(&self, outcome: &WriteOutcome, rejects: usize, bytes: usize, took: Duration) {
+        let inserted = outcome.inserted_ids.len() as u64;
+        self.rows
+            .fetch_add(inserted + outcome.updated + outcome.skipped, Ordering::Relaxed);
+        self.inserted.fetch_add(inserted, Ordering::Relaxed);
+        self.updated.fetch_add(outcome.updated, Ordering::Relaxed);
+        self.skipped.fetch_add(outcome.skipped, Ordering::Relaxed);
         self.rejects.fetch_add(rejects as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
@@ -42,20 +70,45 @@ impl IngestStatus {
         latencies.push(took.as_micros() as u64);
     }
 
-    pub(crate) fn set_failing(&self, topic: &str, cause: Option<String>) {
+    /// Sets or clears why `topic`'s writes fail; true when a failure was cleared.
+    pub(crate) fn set_failing(&self, topic: &str, cause: Option<String>) -> bool {
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let before = failing.len();
         failing.retain(|(t, _)| t != topic);
+        let cleared = failing.len() < before;
         if let Some(cause) = cause {
             failing.push((topic.to_owned(), cause));
         }
+        cleared
+    }
+
+    pub(crate) fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn offset_moved(&self) {
+        self.offsets_moved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `topic` stopped until an operator acts: readiness reports `reason`.
+    pub(crate) fn table_stopped(&self, topic: &str, reason: &str) {
+        self.tables_stopped.fetch_add(1, Ordering::Relaxed);
+        self.set_failing(topic, Some(format!("stopped: {reason}")));
     }
 
     pub fn counters(&self) -> Counters {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Counters {
-            rows: self.rows.load(Ordering::Relaxed),
-            rejects: self.rejects.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            batches: self.batches.load(Ordering::Relaxed),
+            rows: load(&self.rows),
+            inserted: load(&self.inserted),
+            updated: load(&self.updated),
+            skipped: load(&self.skipped),
+            rejects: load(&self.rejects),
+            bytes: load(&self.bytes),
+            batches: load(&self.batches),
+            retries: load(&self.retries),
+            offsets_moved: load(&self.offsets_moved),
+            tables_stopped: load(&self.tables_stopped),
         }
     }
 
@@ -105,22 +158,35 @@ mod tests {
     #[test]
     fn counters_and_failures_are_reported() {
         let s = IngestStatus::default();
-        s.batch_written(10, 2, 1000, Duration::from_millis(5));
-        s.batch_written(5, 0, 500, Duration::from_millis(7));
+        let outcome = |inserted: i64, updated, skipped| WriteOutcome {
+            inserted_ids: (0..inserted).collect(),
+            updated,
+            skipped,
+            ..WriteOutcome::default()
+        };
+        s.batch_written(&outcome(8, 1, 1), 2, 1000, Duration::from_millis(5));
+        s.batch_written(&outcome(5, 0, 0), 0, 500, Duration::from_millis(7));
+        s.retried();
         assert_eq!(
             s.counters(),
             Counters {
                 rows: 15,
+                inserted: 13,
+                updated: 1,
+                skipped: 1,
                 rejects: 2,
                 bytes: 1500,
-                batches: 2
+                batches: 2,
+                retries: 1,
+                ..Counters::default()
             }
         );
         assert_eq!(s.flush_latency(0.99), Some(Duration::from_millis(7)));
         assert_eq!(s.failing(), None);
         s.set_failing("dwh.a", Some("database unreachable: refused".into()));
         s.set_failing("dwh.b", Some("x".into()));
-        s.set_failing("dwh.b", None);
+        assert!(s.set_failing("dwh.b", None), "a failure was cleared");
+        assert!(!s.set_failing("dwh.b", None), "nothing left to clear");
         assert_eq!(s.failing().as_deref(), Some("dwh.a: database unreachable: refused"));
     }
 }

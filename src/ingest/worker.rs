@@ -2,14 +2,24 @@
 //! writes each batch to the DWH in one transaction with its fenced offsets.
 //!
 //! Guarantees: a batch's offsets advance in the same transaction as its rows and
-//! rejects, and only from the position the partition stood at; a failed write is
-//! retried as the same batch (capped exponential backoff) and never skipped; a
-//! fenced write drops the batch and restarts the consumer, which then resumes from
-//! the stored offsets; the Kafka commit follows the DWH commit and only feeds lag
-//! tools. A record the catalogue refuses becomes a reject in its own batch, so a
-//! partition never stalls on it. One batch is written while the next one fills
-//! (decoding and the database overlap); there is never more than one in flight per
-//! table, so a partition's batches commit in order.
+//! rejects, and only from the position the partition stood at. Every failure ends
+//! in one of three ways:
+//! - retried as the same batch (capped exponential backoff, readiness 503 with the
+//!   cause) when the database is away or refuses the work for a reason of its own
+//!   (a permission, a read-only or full database, a timeout);
+//! - rejected with a reason when the record itself is wrong: the catalogue refuses
+//!   it, or the database refuses its row for its data (SQLSTATE classes 22/23),
+//!   found row by row under savepoints inside the batch's own fenced transaction;
+//! - stopped loudly when a stored offset does not fit the log ([`super::start`]).
+//!
+//! A fenced write drops the batch and restarts the consumer, which then resumes
+//! from the stored offsets; a retry fenced at exactly the batch's end found its
+//! earlier, ambiguous attempt committed, and counts as landed. The Kafka commit
+//! follows the DWH commit and only feeds lag tools. One batch is written while the
+//! next one fills (decoding and the database overlap); there is never more than
+//! one in flight per table, so a partition's batches commit in order. At the end
+//! of the shutdown grace period a write in progress is cancelled (its transaction
+//! rolls back, its offsets stay).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,12 +33,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::batcher::{BatchLimits, Batcher, Closed, Entry};
 use super::consumer::{Context, Event, Exit};
+use super::start::{self, Misfit, Policy, Source, StartAt};
 use super::status::IngestStatus;
+use crate::backoff::Backoff;
 use crate::catalogue::{self, RecordError, Row, Table};
-use crate::store::{Batch, Dwh, OffsetAdvance, RejectedRecord, StoreError};
+use crate::store::{Batch, Dwh, OffsetAdvance, Origins, RejectedRecord, StoreError, WriteOutcome};
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How long a watermark or committed-offset query may take on assignment.
+const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Decodes a record value into a row of `table`, refusing values over `limit`.
 pub fn decode(table: Table, payload: &[u8], limit: usize) -> Result<Row, RecordError> {
@@ -48,7 +62,7 @@ pub fn decode(table: Table, payload: &[u8], limit: usize) -> Result<Row, RecordE
 
 enum FlushError {
     Fenced(StoreError),
-    /// The shutdown grace period ran out while retrying.
+    /// The shutdown grace period ran out while writing or retrying.
     Aborted,
 }
 
@@ -61,7 +75,7 @@ pub struct Writer {
     pub dwh: Dwh,
     pub consumer: Arc<BaseConsumer<Context>>,
     pub status: Arc<IngestStatus>,
-    /// The grace period is over: stop retrying.
+    /// The grace period is over: cancel the write in progress, stop retrying.
     pub abort: CancellationToken,
 }
 
@@ -70,6 +84,8 @@ pub struct Worker {
     pub writer: Arc<Writer>,
     pub limits: BatchLimits,
     pub max_record_bytes: usize,
+    /// Where partitions without a usable DWH offset start.
+    pub policy: Policy,
     /// Stop consuming; write what is buffered.
     pub shutdown: CancellationToken,
 }
@@ -84,6 +100,14 @@ struct State {
     positions: HashMap<i32, Option<i64>>,
     /// The batch being written while the next one fills: at most one.
     in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
+}
+
+/// Why assigned partitions cannot start.
+enum NoStart {
+    Shutdown,
+    Misfit(Misfit),
+    /// Moving an operator-reset offset in the DWH failed; start over.
+    Restart(String),
 }
 
 impl Worker {
@@ -141,11 +165,25 @@ impl Worker {
                         }
                     }
                     Some(Event::Assigned { partitions, reply }) => {
-                        let Some(offsets) = self.stored_offsets(&partitions).await else {
-                            return Exit::Shutdown;
+                        match self.starts(&partitions).await {
+                            Ok(starts) => {
+                                let offsets = starts.iter().map(|(p, _, at)| (*p, *at)).collect();
+                                state.positions.extend(starts.into_iter().map(|(p, stored, _)| (p, stored)));
+                                let _ = reply.send(offsets);
+                            }
+                            Err(NoStart::Shutdown) => return Exit::Shutdown,
+                            Err(NoStart::Restart(why)) => return Exit::Restart(why),
+                            Err(NoStart::Misfit(misfit)) => return self.stop(state, misfit).await,
+                        }
+                    }
+                    Some(Event::OutOfRange(cause)) => {
+                        // Write what is buffered, then decide again from the DWH's
+                        // offsets and the watermarks, as on an assignment.
+                        tracing::warn!(topic = %self.writer.topic, %cause, "a fetch fell outside the log; checking the stored offsets");
+                        return match self.drain(state).await {
+                            Ok(()) => Exit::Restart(format!("fetch out of range: {cause}")),
+                            Err(exit) => exit,
                         };
-                        state.positions.extend(offsets.iter().copied());
-                        let _ = reply.send(offsets);
                     }
                     Some(Event::Revoked { partitions, reply }) => {
                         // Write what is buffered while the partitions are still ours.
@@ -161,6 +199,18 @@ impl Worker {
                 },
             }
         }
+    }
+
+    /// Stops the table: nothing is read until an operator acts and restarts.
+    async fn stop(&self, state: &mut State, misfit: Misfit) -> Exit {
+        let reason = misfit.to_string();
+        tracing::error!(topic = %self.writer.topic, reason = %reason, "table stopped: a stored offset does not fit the log");
+        self.writer.status.table_stopped(&self.writer.topic, &reason);
+        // What other partitions buffered is theirs to keep.
+        if let Err(exit) = self.drain(state).await {
+            return exit;
+        }
+        Exit::Stopped(reason)
     }
 
     fn accept(&self, state: &mut State, message: &OwnedMessage, permit: OwnedSemaphorePermit) {
@@ -243,64 +293,188 @@ impl Worker {
         }
     }
 
+    /// Where each assigned partition starts, with its stored offset: the DWH's
+    /// offsets (read again while the DWH is away), checked against the watermarks.
+    async fn starts(&self, partitions: &[i32]) -> Result<Vec<(i32, Option<i64>, Offset)>, NoStart> {
+        let writer = &self.writer;
+        let stored = self.stored_offsets(partitions).await.ok_or(NoStart::Shutdown)?;
+        let consumer = writer.consumer.clone();
+        let topic = writer.topic.clone();
+        let adopt = self.policy.adopt_committed && stored.iter().any(|(_, s)| s.is_none());
+        let owned = partitions.to_vec();
+        // Broker queries block: keep them off the runtime's workers.
+        let (ranges, committed) = tokio::task::spawn_blocking(move || {
+            let ranges: HashMap<i32, start::Range> = owned
+                .iter()
+                .filter_map(|&p| match consumer.fetch_watermarks(&topic, p, BROKER_QUERY_TIMEOUT) {
+                    Ok((low, high)) => Some((p, start::Range { low, high })),
+                    Err(e) => {
+                        tracing::warn!(topic, partition = p, error = %e, "cannot read the watermarks; trusting the stored offset");
+                        None
+                    }
+                })
+                .collect();
+            let committed = if adopt { committed_offsets(&consumer, &topic, &owned) } else { HashMap::new() };
+            (ranges, committed)
+        })
+        .await
+        .map_err(|e| NoStart::Restart(format!("the broker query task failed: {e}")))?;
+        let mut starts = Vec::with_capacity(partitions.len());
+        for (partition, stored) in stored {
+            let decided = start::decide(
+                &writer.topic,
+                partition,
+                stored,
+                committed.get(&partition).copied(),
+                ranges.get(&partition).copied(),
+                self.policy,
+            )
+            .map_err(NoStart::Misfit)?;
+            let stored = match decided.source {
+                Source::Moved { stored, to } => {
+                    self.move_offset(partition, stored, to).await?;
+                    Some(to)
+                }
+                _ => stored,
+            };
+            tracing::info!(
+                topic = %writer.topic,
+                partition,
+                start = ?decided.at,
+                from = ?decided.source,
+                "partition start"
+            );
+            let at = match decided.at {
+                StartAt::Offset(offset) => Offset::Offset(offset),
+                StartAt::Beginning => Offset::Beginning,
+                StartAt::End => Offset::End,
+            };
+            starts.push((partition, stored, at));
+        }
+        Ok(starts)
+    }
+
+    /// Moves a stored offset that did not fit the log, as the operator asked:
+    /// logged and counted, fenced like any batch.
+    async fn move_offset(&self, partition: i32, stored: i64, to: i64) -> Result<(), NoStart> {
+        let writer = &self.writer;
+        let advance = OffsetAdvance {
+            group_id: writer.group_id.clone(),
+            topic: writer.topic.clone(),
+            partition,
+            from: stored,
+            to,
+        };
+        let batch = Batch {
+            table: writer.table,
+            rows: &[],
+            rejects: &[],
+            offsets: std::slice::from_ref(&advance),
+            origins: None,
+        };
+        writer
+            .dwh
+            .write(batch)
+            .await
+            .map_err(|e| NoStart::Restart(format!("cannot move the offset out of range: {e}")))?;
+        tracing::warn!(
+            topic = %writer.topic,
+            partition,
+            stored,
+            to,
+            skipped_records = (to - stored).max(0),
+            "stored offset outside the log moved as KAFKA_ON_OFFSET_OUT_OF_RANGE asks"
+        );
+        writer.status.offset_moved();
+        Ok(())
+    }
+
     /// The stored next offset of each partition, retried while the DWH is away.
     async fn stored_offsets(&self, partitions: &[i32]) -> Option<Vec<(i32, Option<i64>)>> {
-        let mut delay = FIRST_RETRY;
+        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
         loop {
-            let mut offsets = Vec::with_capacity(partitions.len());
-            let mut failure = None;
-            for &partition in partitions {
-                match self
-                    .writer
-                    .dwh
-                    .stored_offset(&self.writer.group_id, &self.writer.topic, partition)
-                    .await
-                {
-                    Ok(stored) => offsets.push((partition, stored)),
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
+            match self.writer.stored_offsets(partitions).await {
+                Ok(offsets) => return Some(offsets),
+                Err(error) => {
+                    tracing::warn!(topic = %self.writer.topic, error = %error, retry_in_ms = backoff.peek().as_millis() as u64, "cannot read stored offsets; retrying");
                 }
             }
-            let Some(error) = failure else { return Some(offsets) };
-            tracing::warn!(topic = %self.writer.topic, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot read stored offsets; retrying");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.shutdown.cancelled() => return None,
+            if !backoff.wait(&self.shutdown).await {
+                return None;
             }
-            delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+}
+
+/// The Kafka committed offsets of `partitions` (those that have one). Blocking.
+fn committed_offsets(consumer: &BaseConsumer<Context>, topic: &str, partitions: &[i32]) -> HashMap<i32, i64> {
+    let mut list = TopicPartitionList::new();
+    for &p in partitions {
+        list.add_partition(topic, p);
+    }
+    match consumer.committed_offsets(list, BROKER_QUERY_TIMEOUT) {
+        Ok(list) => list
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "cannot read the Kafka committed offsets to adopt");
+            HashMap::new()
         }
     }
 }
 
 impl Writer {
+    async fn stored_offsets(&self, partitions: &[i32]) -> Result<Vec<(i32, Option<i64>)>, StoreError> {
+        let mut offsets = Vec::with_capacity(partitions.len());
+        for &partition in partitions {
+            offsets.push((
+                partition,
+                self.dwh.stored_offset(&self.group_id, &self.topic, partition).await?,
+            ));
+        }
+        Ok(offsets)
+    }
+
     /// Writes a closed batch until it lands, is fenced or the grace period ends;
     /// then counts it and tells Kafka. `_memory` is released when this returns.
     async fn land(
         self: Arc<Self>,
-        mut closed: Closed,
+        closed: Closed,
         offsets: Vec<OffsetAdvance>,
         _memory: Option<OwnedSemaphorePermit>,
     ) -> Result<(), FlushError> {
         let started = Instant::now();
-        if let Err(e) = self.write(&mut closed, &offsets).await {
-            if matches!(e, FlushError::Aborted) {
-                tracing::warn!(
-                    topic = %self.topic,
-                    records = closed.records(),
-                    "shutdown grace period over before the batch was written; the next owner reads it again"
-                );
+        let outcome = match self.write(&closed, &offsets).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                if matches!(e, FlushError::Aborted) {
+                    tracing::warn!(
+                        topic = %self.topic,
+                        records = closed.records(),
+                        "shutdown grace period over before the batch was written; the next owner reads it again"
+                    );
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let took = started.elapsed();
-        self.status
-            .batch_written(closed.rows.len(), closed.rejects.len(), closed.bytes, took);
+        for reject in &outcome.refused {
+            tracing::warn!(topic = %self.topic, partition = reject.partition, offset = reject.offset, reason = %reject.reason, "record rejected by the database");
+        }
+        let rejects = closed.rejects.len() + outcome.refused.len();
+        self.status.batch_written(&outcome, rejects, closed.bytes, took);
         tracing::debug!(
             topic = %self.topic,
-            rows = closed.rows.len(),
-            rejects = closed.rejects.len(),
+            rows = closed.rows.len() - outcome.refused.len(),
+            inserted = outcome.inserted_ids.len(),
+            updated = outcome.updated,
+            skipped = outcome.skipped,
+            rejects,
             bytes = closed.bytes,
             took_ms = took.as_secs_f64() * 1000.0,
             "batch committed"
@@ -309,104 +483,77 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes the batch, retrying until it lands, is fenced or the grace period ends.
-    async fn write(&self, closed: &mut Closed, offsets: &[OffsetAdvance]) -> Result<(), FlushError> {
-        let mut delay = FIRST_RETRY;
-        let mut failing = false;
+    /// Writes the batch, retrying every error but a fence as the same batch until
+    /// it lands or the grace period ends (which also cancels a write in progress).
+    async fn write(&self, closed: &Closed, offsets: &[OffsetAdvance]) -> Result<WriteOutcome, FlushError> {
+        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+        // An attempt failed: its commit may have landed even so.
+        let mut ambiguous = false;
         loop {
             let batch = Batch {
                 table: self.table,
                 rows: &closed.rows,
                 rejects: &closed.rejects,
                 offsets,
+                origins: Some(Origins {
+                    topic: &self.topic,
+                    rows: &closed.origins,
+                }),
             };
-            let error = match self.dwh.write(batch).await {
-                Ok(_) => {
-                    if failing {
-                        tracing::info!(topic = %self.topic, "DWH writes succeed again");
-                        self.status.set_failing(&self.topic, None);
-                    }
-                    return Ok(());
+            let result = tokio::select! {
+                result = self.dwh.write(batch) => result,
+                () = self.abort.cancelled() => return Err(FlushError::Aborted),
+            };
+            let error = match result {
+                Ok(outcome) => {
+                    self.recovered();
+                    return Ok(outcome);
                 }
                 Err(e) => e,
             };
             if matches!(error, StoreError::Fenced { .. }) {
+                if ambiguous && self.landed_already(offsets).await {
+                    tracing::info!(topic = %self.topic, "an earlier attempt of this batch had committed");
+                    self.recovered();
+                    return Ok(WriteOutcome::default());
+                }
+                // Whoever owns the partition now writes it; this consumer rejoins.
+                self.status.set_failing(&self.topic, None);
                 return Err(FlushError::Fenced(error));
-            }
-            // The database refused something in the batch rather than being away:
-            // find the rows it refuses and reject them, so the rest lands.
-            if !error.is_transient() && self.isolate(closed, &error).await? > 0 {
-                continue;
             }
             tracing::warn!(
                 topic = %self.topic,
                 error = %error,
-                retry_in_ms = delay.as_millis() as u64,
+                retry_in_ms = backoff.peek().as_millis() as u64,
                 "DWH write failed; retrying the same batch"
             );
             self.status.set_failing(&self.topic, Some(error.to_string()));
-            failing = true;
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = self.abort.cancelled() => return Err(FlushError::Aborted),
-            }
-            delay = (delay * 2).min(MAX_RETRY);
-        }
-    }
-
-    /// Writes each row of the batch alone (idempotent: natural keys) to find those
-    /// the database refuses; moves them to the rejects. Returns how many it moved.
-    async fn isolate(&self, closed: &mut Closed, cause: &StoreError) -> Result<usize, FlushError> {
-        tracing::error!(topic = %self.topic, error = %cause, "DWH refused the batch; finding the rows it refuses");
-        let spec = self.table.spec();
-        let mut kept_rows = Vec::with_capacity(closed.rows.len());
-        let mut kept_origins = Vec::with_capacity(closed.rows.len());
-        let mut moved = 0;
-        for (row, origin) in std::mem::take(&mut closed.rows)
-            .into_iter()
-            .zip(std::mem::take(&mut closed.origins))
-        {
-            match self
-                .dwh
-                .write(Batch::rows(self.table, std::slice::from_ref(&row)))
-                .await
-            {
-                Ok(_) => {
-                    kept_rows.push(row);
-                    kept_origins.push(origin);
-                }
-                Err(e) if e.is_transient() => {
-                    // The database went away meanwhile: keep everything, retry later.
-                    kept_rows.push(row);
-                    kept_origins.push(origin);
-                }
-                Err(e) => {
-                    let record: serde_json::Map<String, serde_json::Value> = spec
-                        .columns
-                        .iter()
-                        .zip(&row.values)
-                        .map(|(c, v)| (c.name.to_owned(), v.to_json()))
-                        .collect();
-                    tracing::warn!(topic = %self.topic, partition = origin.partition, offset = origin.offset, error = %e, "record rejected by the database");
-                    closed.rejects.push(RejectedRecord {
-                        table: self.table,
-                        topic: self.topic.clone(),
-                        partition: origin.partition,
-                        offset: origin.offset,
-                        key: None,
-                        payload: serde_json::Value::Object(record).to_string().into_bytes(),
-                        reason: format!("the database refused the row: {e}"),
-                    });
-                    moved += 1;
-                }
-            }
-            if self.abort.is_cancelled() {
+            self.status.retried();
+            ambiguous = true;
+            if !backoff.wait(&self.abort).await {
                 return Err(FlushError::Aborted);
             }
         }
-        closed.rows = kept_rows;
-        closed.origins = kept_origins;
-        Ok(moved)
+    }
+
+    /// Clears the failing state after a write succeeded.
+    fn recovered(&self) {
+        if self.status.set_failing(&self.topic, None) {
+            tracing::info!(topic = %self.topic, "DWH writes succeed again");
+        }
+    }
+
+    /// Whether every partition of the batch already stands at the batch's end:
+    /// then an earlier attempt committed it, though its answer was lost.
+    async fn landed_already(&self, offsets: &[OffsetAdvance]) -> bool {
+        let partitions: Vec<i32> = offsets.iter().map(|a| a.partition).collect();
+        match self.stored_offsets(&partitions).await {
+            Ok(stored) => offsets
+                .iter()
+                .zip(stored)
+                .all(|(advance, (_, stored))| stored == Some(advance.to)),
+            Err(_) => false,
+        }
     }
 
     /// Tells Kafka how far the DWH got, for lag tools. Failures only log.

@@ -27,15 +27,27 @@ pub enum StoreError {
     Oversized(#[from] Oversized),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// Any other database error: a bug or a schema out of step with this release.
+    /// The database refused the data of a row: a value it cannot store or a
+    /// constraint it violates. Retrying the same rows fails the same way.
+    #[error("the database refused the data: {0}")]
+    Refused(#[source] sqlx::Error),
+    /// Any other database error: a missing permission, a read-only or full
+    /// database, a timeout, a schema out of step with this release. Nothing in the
+    /// data is wrong; the same batch may land once the cause is fixed.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
 }
 
 impl StoreError {
-    /// Whether the same work may succeed when tried again later.
+    /// Whether the same work may succeed when tried again later without anybody
+    /// acting (the database is away or busy).
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// Whether the error belongs to the data written, not to the database.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, StoreError::Refused(_))
     }
 }
 
@@ -43,10 +55,34 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if is_unavailable(&e) {
             StoreError::Unavailable(e)
+        } else if is_data_error(&e) {
+            StoreError::Refused(e)
         } else {
             StoreError::Database(e)
         }
     }
+}
+
+/// SQLite primary result codes that belong to the data: TOOBIG, CONSTRAINT, MISMATCH.
+const SQLITE_DATA_CODES: [u32; 3] = [18, 19, 20];
+
+/// Errors that belong to the row written, so that rejecting the row is right:
+/// PostgreSQL's SQLSTATE classes 22 (data exception) and 23 (integrity constraint
+/// violation), SQLite's TOOBIG, CONSTRAINT and MISMATCH. Everything else (a
+/// permission, a read-only transaction, a full disk, a timeout) is about the
+/// database, and rejecting good rows for it would move them out of their table.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code();
+    let code = code.as_deref().unwrap_or_default();
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        return code
+            .parse::<u32>()
+            .is_ok_and(|c| SQLITE_DATA_CODES.contains(&(c & 0xff)));
+    }
+    code.starts_with("22") || code.starts_with("23")
 }
 
 /// PostgreSQL SQLSTATE of a unique violation.

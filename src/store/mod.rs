@@ -39,6 +39,54 @@ pub struct RejectedRecord {
     pub reason: String,
 }
 
+/// Where a row of a batch came from, so that a row the database refuses can be
+/// rejected with its place in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The origins of a batch's rows (one per row, in order), and their topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Origins<'a> {
+    pub topic: &'a str,
+    pub rows: &'a [Origin],
+}
+
+impl RejectedRecord {
+    /// The reject for a row the database refused: the row as JSON, the database's
+    /// message as the reason.
+    pub fn refused_row(table: Table, topic: &str, origin: Origin, row: &Row, error: &StoreError) -> Self {
+        let record: Map<String, Json> = table
+            .spec()
+            .columns
+            .iter()
+            .zip(&row.values)
+            .map(|(c, v)| (c.name.to_owned(), v.to_json()))
+            .collect();
+        RejectedRecord {
+            table,
+            topic: topic.to_owned(),
+            partition: origin.partition,
+            offset: origin.offset,
+            key: None,
+            payload: Json::Object(record).to_string().into_bytes(),
+            reason: error.to_string(),
+        }
+    }
+}
+
+/// Text as a database can store it: PostgreSQL refuses NUL in any text, even in an
+/// error message a reject keeps, so NUL is written as the escape `\u0000`.
+pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\\u0000"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
 /// Moves a consumer's stored position for one partition from `from` to `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OffsetAdvance {
@@ -89,6 +137,11 @@ pub struct Batch<'a> {
     pub rows: &'a [Row],
     pub rejects: &'a [RejectedRecord],
     pub offsets: &'a [OffsetAdvance],
+    /// When given, a row the database refuses for its data (a constraint, a value
+    /// out of range) is rejected inside this transaction, under a savepoint of its
+    /// own, and the rest lands; without it the whole batch fails with
+    /// [`StoreError::Refused`]. Any other error fails the whole batch either way.
+    pub origins: Option<Origins<'a>>,
 }
 
 impl<'a> Batch<'a> {
@@ -99,6 +152,7 @@ impl<'a> Batch<'a> {
             rows,
             rejects: &[],
             offsets: &[],
+            origins: None,
         }
     }
 }
@@ -110,8 +164,23 @@ pub struct WriteOutcome {
     pub inserted_ids: Vec<i64>,
     /// Rows that replaced a stored, older version (newest-wins tables).
     pub updated: u64,
+    /// Rows that changed nothing: their key was stored already (a replay or a
+    /// redelivery) with a version at least as new, or came again later in the batch.
+    pub skipped: u64,
+    /// Rows the database refused, rejected in the same transaction (only for a
+    /// batch with [`Batch::origins`]).
+    pub refused: Vec<RejectedRecord>,
     /// How many row statements the batch took (chunks by the two limits).
     pub statements: usize,
+}
+
+impl WriteOutcome {
+    /// Adds the counts of a part of the batch that committed.
+    fn absorb(&mut self, part: WriteOutcome) {
+        self.inserted_ids.extend(part.inserted_ids);
+        self.updated += part.updated;
+        self.refused.extend(part.refused);
+    }
 }
 
 /// A read of one table: equality filters, keyset pagination by `id`.
@@ -134,6 +203,9 @@ pub struct Dwh {
     pool: Pool,
     max_rows: usize,
     max_bytes: usize,
+    /// The server-side limit of one statement; a write may take this long per
+    /// statement, plus one, before the client gives up on its connection.
+    statement_timeout: Duration,
     /// Months of `events_part` known to have their partition (PostgreSQL).
     partitions: Arc<Mutex<HashSet<NaiveDate>>>,
 }
@@ -150,6 +222,7 @@ impl Dwh {
             pool,
             max_rows: config.max_rows_per_insert,
             max_bytes: config.max_write_batch_bytes,
+            statement_timeout: config.statement_timeout,
             partitions: Arc::default(),
         })
     }
@@ -189,17 +262,38 @@ impl Dwh {
         }
     }
 
-    /// Writes one batch in one transaction; see the module guarantees.
+    /// Writes one batch in one transaction; see the module guarantees. A write
+    /// whose connection hangs (no answer, not even the server's statement timeout)
+    /// is given up after the statement timeout per statement, plus one, and fails
+    /// as [`StoreError::Unavailable`]: dropping it rolls the transaction back.
     pub async fn write(&self, batch: Batch<'_>) -> Result<WriteOutcome, StoreError> {
         let chunks = chunk::plan(batch.rows.iter().map(Row::approx_bytes), self.max_rows, self.max_bytes)?;
+        // Offsets, rejects, ids and merges: a few statements per chunk at most.
+        let statements = 4 * chunks.len() as u32 + batch.offsets.len() as u32 + batch.rejects.len() as u32 + 4;
+        let limit = self.statement_timeout.saturating_mul(statements);
+        tokio::time::timeout(limit, self.write_within(batch, &chunks))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from the database within {} s", limit.as_secs()),
+                ))))
+            })
+    }
+
+    async fn write_within(
+        &self,
+        batch: Batch<'_>,
+        chunks: &[std::ops::Range<usize>],
+    ) -> Result<WriteOutcome, StoreError> {
         match &self.pool {
             Pool::Postgres(pool) => {
                 if batch.table == Table::EventsPart {
                     self.ensure_partitions(pool, batch.rows).await?;
                 }
-                postgres::write(pool, batch, &chunks).await
+                postgres::write(pool, batch, chunks).await
             }
-            Pool::Sqlite(pool) => sqlite::write(pool, batch, &chunks).await,
+            Pool::Sqlite(pool) => sqlite::write(pool, batch, chunks).await,
         }
     }
 

@@ -24,8 +24,20 @@ pub fn pool(config: &DwhConfig) -> Result<PgPool, StoreError> {
     let options = PgConnectOptions::from_str(config.database_url.expose())
         .map_err(StoreError::Database)?
         .application_name("dwh-helper")
-        // Timestamps travel as UTC whatever the server's default zone.
-        .options([("timezone", "UTC")]);
+        // Timestamps travel as UTC whatever the server's default zone. No statement
+        // runs for ever: a lock held by someone else or a stuck query fails, and the
+        // batch is retried. The server drops a connection whose client went away.
+        .options([
+            ("timezone", "UTC".to_owned()),
+            ("statement_timeout", config.statement_timeout.as_millis().to_string()),
+            (
+                "idle_in_transaction_session_timeout",
+                (config.statement_timeout * 2).as_millis().to_string(),
+            ),
+            ("tcp_keepalives_idle", "30".to_owned()),
+            ("tcp_keepalives_interval", "10".to_owned()),
+            ("tcp_keepalives_count", "3".to_owned()),
+        ]);
     Ok(PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_secs(10))
@@ -48,9 +60,46 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
         ..WriteOutcome::default()
     };
     for range in chunks {
-        write_chunk(&mut tx, spec, &batch.rows[range.clone()], &mut outcome).await?;
+        let rows = &batch.rows[range.clone()];
+        let Some(origins) = batch.origins else {
+            write_chunk(&mut tx, spec, rows, &mut outcome).await?;
+            continue;
+        };
+        // Under a savepoint, so that a row the database refuses costs only the
+        // chunk's work, then each row of the chunk is tried alone.
+        let mut chunk = tx.begin().await?;
+        let mut written = WriteOutcome::default();
+        match write_chunk(&mut chunk, spec, rows, &mut written).await {
+            Ok(()) => {
+                chunk.commit().await?;
+                outcome.absorb(written);
+            }
+            Err(e) if e.is_refused() => {
+                chunk.rollback().await?;
+                for (row, &origin) in rows.iter().zip(&origins.rows[range.clone()]) {
+                    let mut single = tx.begin().await?;
+                    let mut written = WriteOutcome::default();
+                    match write_chunk(&mut single, spec, std::slice::from_ref(row), &mut written).await {
+                        Ok(()) => {
+                            single.commit().await?;
+                            outcome.absorb(written);
+                        }
+                        Err(e) if e.is_refused() => {
+                            single.rollback().await?;
+                            let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
+                            insert_reject(&mut tx, &reject).await?;
+                            outcome.refused.push(reject);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
     tx.commit().await?;
+    outcome.skipped =
+        (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted_ids.len() as u64 - outcome.updated;
     Ok(outcome)
 }
 
@@ -83,7 +132,7 @@ async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<()
         .bind(r.offset)
         .bind(r.key.as_deref())
         .bind(&r.payload)
-        .bind(&r.reason)
+        .bind(super::storable_text(&r.reason))
         .execute(conn)
         .await?;
     Ok(())

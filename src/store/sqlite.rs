@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
-use sqlx::{Row as _, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{Connection as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
@@ -61,22 +61,78 @@ pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>])
         statements: chunks.len(),
         ..WriteOutcome::default()
     };
-    for row in chunks.iter().flat_map(|r| &batch.rows[r.clone()]) {
-        let q = row.values.iter().fold(sqlx::query(&insert), bind);
-        if let Some(inserted) = q.fetch_optional(&mut *tx).await? {
+    let statements = Statements { insert, upsert };
+    for range in chunks {
+        let rows = &batch.rows[range.clone()];
+        let Some(origins) = batch.origins else {
+            write_rows(&mut tx, &statements, rows, &mut outcome).await?;
+            continue;
+        };
+        // As on PostgreSQL: the chunk under a savepoint, then, when the database
+        // refuses a row of it, each row alone under a savepoint of its own.
+        let mut chunk = tx.begin().await?;
+        let mut written = WriteOutcome::default();
+        match write_rows(&mut chunk, &statements, rows, &mut written).await {
+            Ok(()) => {
+                chunk.commit().await?;
+                outcome.absorb(written);
+            }
+            Err(e) if e.is_refused() => {
+                chunk.rollback().await?;
+                for (row, &origin) in rows.iter().zip(&origins.rows[range.clone()]) {
+                    let mut single = tx.begin().await?;
+                    let mut written = WriteOutcome::default();
+                    match write_rows(&mut single, &statements, std::slice::from_ref(row), &mut written).await {
+                        Ok(()) => {
+                            single.commit().await?;
+                            outcome.absorb(written);
+                        }
+                        Err(e) if e.is_refused() => {
+                            single.rollback().await?;
+                            let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
+                            insert_reject(&mut tx, &reject).await?;
+                            outcome.refused.push(reject);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    outcome.skipped =
+        (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted_ids.len() as u64 - outcome.updated;
+    Ok(outcome)
+}
+
+struct Statements {
+    insert: String,
+    upsert: Option<String>,
+}
+
+/// One statement per row: insert when the key is new, else the table's update.
+async fn write_rows(
+    conn: &mut SqliteConnection,
+    statements: &Statements,
+    rows: &[crate::catalogue::Row],
+    outcome: &mut WriteOutcome,
+) -> Result<(), StoreError> {
+    for row in rows {
+        let q = row.values.iter().fold(sqlx::query(&statements.insert), bind);
+        if let Some(inserted) = q.fetch_optional(&mut *conn).await? {
             outcome.inserted_ids.push(inserted.try_get(0)?);
             continue;
         }
         // The key exists: apply the newest-wins update, if the table has one.
-        if let Some(upsert) = &upsert {
+        if let Some(upsert) = &statements.upsert {
             let q = row.values.iter().fold(sqlx::query(upsert), bind);
-            if q.fetch_optional(&mut *tx).await?.is_some() {
+            if q.fetch_optional(&mut *conn).await?.is_some() {
                 outcome.updated += 1;
             }
         }
     }
-    tx.commit().await?;
-    Ok(outcome)
+    Ok(())
 }
 
 async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
@@ -108,7 +164,7 @@ async fn insert_reject(conn: &mut SqliteConnection, r: &RejectedRecord) -> Resul
         .bind(r.offset)
         .bind(r.key.as_deref())
         .bind(&r.payload)
-        .bind(&r.reason)
+        .bind(super::storable_text(&r.reason))
         .execute(conn)
         .await?;
     Ok(())

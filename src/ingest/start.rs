@@ -1,0 +1,289 @@
+//! Where each assigned partition starts reading. Pure: no I/O.
+//!
+//! Guarantees: the offset stored in the DWH wins, but only while it fits the log
+//! (between the low and high watermarks). A stored offset above the high watermark
+//! (the topic was recreated, the cluster migrated) or below the low watermark
+//! (records expired before they were read) is never skipped silently: the table
+//! stops with a [`Misfit`] naming both offsets, unless the operator asked for a
+//! reset with `KAFKA_ON_OFFSET_OUT_OF_RANGE`. With no stored offset the DWH holds
+//! nothing of the partition: it starts from `KAFKA_AUTO_OFFSET_RESET`, or from the
+//! Kafka committed offset only when `KAFKA_ADOPT_COMMITTED_OFFSETS` says so.
+
+use crate::config::{OffsetReset, OutOfRange};
+
+/// A partition's offsets on the broker: `low` is the first held, `high` one past
+/// the last written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub low: i64,
+    pub high: i64,
+}
+
+/// Where to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// At this offset.
+    Offset(i64),
+    /// The first record the broker holds.
+    Beginning,
+    /// After the last record written.
+    End,
+}
+
+/// Why a partition starts where it does (logged once per partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The offset stored in the DWH.
+    Dwh,
+    /// No DWH offset: the Kafka committed offset, adopted on request.
+    KafkaCommitted,
+    /// No DWH offset (and none adopted): `KAFKA_AUTO_OFFSET_RESET`.
+    Reset(OffsetReset),
+    /// The stored offset did not fit the log and the operator asked to move it;
+    /// the DWH offset must be moved from `stored` to the start before reading.
+    Moved { stored: i64, to: i64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    pub at: StartAt,
+    pub source: Source,
+}
+
+/// A stored offset that does not fit the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Misfit {
+    #[error(
+        "{topic}[{partition}]: the DWH stores next offset {stored}, above the high watermark {high} \
+         (was the topic recreated?); nothing is read until an operator decides: restart with \
+         KAFKA_ON_OFFSET_OUT_OF_RANGE=earliest to read the partition from its first record \
+         ({low}), or latest to skip to {high}"
+    )]
+    AboveHigh {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        low: i64,
+        high: i64,
+    },
+    #[error(
+        "{topic}[{partition}]: the DWH stores next offset {stored}, below the low watermark {low}: \
+         records {stored}..{low} expired before they were written; nothing is read until an \
+         operator decides: restore them from the S3 archive (dwh-helper archive restore), then \
+         restart with KAFKA_ON_OFFSET_OUT_OF_RANGE=earliest to go on from {low}"
+    )]
+    BelowLow {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        low: i64,
+        high: i64,
+    },
+}
+
+/// What the operator configured for starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub reset: OffsetReset,
+    pub adopt_committed: bool,
+    pub on_out_of_range: OutOfRange,
+}
+
+/// Decides where `partition` starts. `range` is `None` when the watermarks could
+/// not be read: the stored offset is then trusted (a fetch out of range is caught
+/// later as a consume error and decided again).
+pub fn decide(
+    topic: &str,
+    partition: i32,
+    stored: Option<i64>,
+    committed: Option<i64>,
+    range: Option<Range>,
+    policy: Policy,
+) -> Result<Start, Misfit> {
+    let Policy {
+        reset,
+        adopt_committed,
+        on_out_of_range,
+    } = policy;
+    let Some(stored) = stored else {
+        return Ok(match committed.filter(|_| adopt_committed) {
+            Some(offset) => Start {
+                at: StartAt::Offset(offset),
+                source: Source::KafkaCommitted,
+            },
+            None => Start {
+                at: match reset {
+                    OffsetReset::Earliest => StartAt::Beginning,
+                    OffsetReset::Latest => StartAt::End,
+                },
+                source: Source::Reset(reset),
+            },
+        });
+    };
+    let dwh = Start {
+        at: StartAt::Offset(stored),
+        source: Source::Dwh,
+    };
+    let Some(Range { low, high }) = range else {
+        return Ok(dwh);
+    };
+    if (low..=high).contains(&stored) {
+        return Ok(dwh);
+    }
+    let to = match on_out_of_range {
+        OutOfRange::Earliest => low,
+        OutOfRange::Latest => high,
+        OutOfRange::Stop => {
+            let (topic, partition) = (topic.to_owned(), partition);
+            return Err(if stored > high {
+                Misfit::AboveHigh {
+                    topic,
+                    partition,
+                    stored,
+                    low,
+                    high,
+                }
+            } else {
+                Misfit::BelowLow {
+                    topic,
+                    partition,
+                    stored,
+                    low,
+                    high,
+                }
+            });
+        }
+    };
+    Ok(Start {
+        at: StartAt::Offset(to),
+        source: Source::Moved { stored, to },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: Option<Range> = Some(Range { low: 10, high: 100 });
+
+    fn policy(reset: OffsetReset, adopt_committed: bool, on_out_of_range: OutOfRange) -> Policy {
+        Policy {
+            reset,
+            adopt_committed,
+            on_out_of_range,
+        }
+    }
+
+    fn d(stored: Option<i64>, committed: Option<i64>, adopt: bool, out: OutOfRange) -> Result<Start, Misfit> {
+        decide(
+            "dwh.t",
+            3,
+            stored,
+            committed,
+            R,
+            policy(OffsetReset::Earliest, adopt, out),
+        )
+    }
+
+    #[test]
+    fn a_stored_offset_within_the_log_wins_over_everything() {
+        for stored in [10, 55, 100] {
+            assert_eq!(
+                d(Some(stored), Some(7), true, OutOfRange::Stop),
+                Ok(Start {
+                    at: StartAt::Offset(stored),
+                    source: Source::Dwh
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_stored_offset_the_reset_policy_applies_unless_kafka_offsets_are_adopted() {
+        assert_eq!(
+            d(None, Some(50), false, OutOfRange::Stop).unwrap(),
+            Start {
+                at: StartAt::Beginning,
+                source: Source::Reset(OffsetReset::Earliest)
+            },
+            "a Kafka committed offset is not the DWH's: the DWH holds nothing of the partition"
+        );
+        assert_eq!(
+            decide(
+                "t",
+                0,
+                None,
+                Some(50),
+                R,
+                policy(OffsetReset::Latest, false, OutOfRange::Stop)
+            )
+            .unwrap()
+            .at,
+            StartAt::End
+        );
+        assert_eq!(
+            d(None, Some(50), true, OutOfRange::Stop).unwrap(),
+            Start {
+                at: StartAt::Offset(50),
+                source: Source::KafkaCommitted
+            }
+        );
+        assert_eq!(d(None, None, true, OutOfRange::Stop).unwrap().at, StartAt::Beginning);
+    }
+
+    #[test]
+    fn offsets_outside_the_log_stop_the_table_with_both_offsets_named() {
+        let above = d(Some(101), None, false, OutOfRange::Stop).unwrap_err().to_string();
+        assert!(
+            above.starts_with("dwh.t[3]: the DWH stores next offset 101, above the high watermark 100"),
+            "{above}"
+        );
+        assert!(above.contains("KAFKA_ON_OFFSET_OUT_OF_RANGE=earliest"), "{above}");
+        let below = d(Some(9), None, false, OutOfRange::Stop).unwrap_err().to_string();
+        assert!(
+            below.starts_with("dwh.t[3]: the DWH stores next offset 9, below the low watermark 10"),
+            "{below}"
+        );
+        assert!(below.contains("records 9..10 expired"), "{below}");
+    }
+
+    #[test]
+    fn an_operator_reset_moves_the_stored_offset_to_a_watermark() {
+        assert_eq!(
+            d(Some(500), None, false, OutOfRange::Earliest).unwrap(),
+            Start {
+                at: StartAt::Offset(10),
+                source: Source::Moved { stored: 500, to: 10 }
+            }
+        );
+        assert_eq!(
+            d(Some(2), None, false, OutOfRange::Latest).unwrap(),
+            Start {
+                at: StartAt::Offset(100),
+                source: Source::Moved { stored: 2, to: 100 }
+            }
+        );
+        // Within the log the request changes nothing.
+        assert_eq!(
+            d(Some(20), None, false, OutOfRange::Earliest).unwrap().source,
+            Source::Dwh
+        );
+    }
+
+    #[test]
+    fn unknown_watermarks_trust_the_stored_offset() {
+        assert_eq!(
+            decide(
+                "t",
+                0,
+                Some(1_000),
+                None,
+                None,
+                policy(OffsetReset::Earliest, false, OutOfRange::Stop)
+            )
+            .unwrap()
+            .at,
+            StartAt::Offset(1_000)
+        );
+    }
+}

@@ -1,0 +1,413 @@
+//! Ingest under faults (issue 9): every failure ends in a retry of the same batch,
+//! a reject with its reason, or a loud stop; never a silent loss or a stall. Each
+//! test first shows that the fault happened, then that nothing was lost or
+//! written twice.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use dwh_helper::catalogue::Table;
+use dwh_helper::config::Config;
+use dwh_helper::store::Dwh;
+use sqlx::Connection as _;
+
+const GROUP: &str = "ingest-test";
+
+fn topic(prefix: &str, table: Table) -> String {
+    format!("{prefix}{}", table.name())
+}
+
+async fn migrated(config: &Config) -> Dwh {
+    let dwh = Dwh::connect(&config.dwh).expect("pool");
+    dwh.migrate().await.expect("migrations apply");
+    dwh
+}
+
+async fn exec(url: &str, sql: &str) {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::raw_sql(sql)
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    pg_count(url, sql).await.unwrap_or_else(|| panic!("{sql} answers"))
+}
+
+/// The database name of a test database URL.
+fn database_name(url: &str) -> String {
+    url.rsplit('/').next().expect("a path").to_owned()
+}
+
+/// `url` with another user.
+fn as_user(url: &str, user: &str) -> String {
+    let mut url = url::Url::parse(url).expect("url");
+    url.set_username(user).expect("user");
+    url.to_string()
+}
+
+/// Events of one month far ahead (no partition exists for it yet).
+fn events_of_may_2031(n: usize) -> Vec<serde_json::Value> {
+    events(n, 9)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            e["event_timestamp"] = serde_json::json!(1_936_346_400 + i as i64);
+            e
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_permission_is_retried_as_the_same_batch_and_never_turns_rows_into_rejects() {
+    let (broker, prefix) = broker(2).await;
+    let owner_url = fresh_pg_url().await;
+    let owner = config_from(&ingest_env(&broker, &prefix, &owner_url), &[]);
+    migrated(&owner).await;
+    // Ingest runs as a least-privilege role (as with `run --no-migrate`): it may
+    // write rows and offsets, not create the partition a new month needs.
+    let role = format!("ingest_{}", database_name(&owner_url));
+    exec(
+        &owner_url,
+        &format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}; \
+             GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}"
+        ),
+    )
+    .await;
+    let config = config_from(&ingest_env(&broker, &prefix, &as_user(&owner_url, &role)), &[]);
+    let table = Table::EventsPart;
+    publish(&config, &topic(&prefix, table), &keyed(table, events_of_may_2031(200))).await;
+    let ingest = InProcessIngest::start(config.clone(), Dwh::connect(&config.dwh).expect("pool"));
+
+    // The fault: the partition cannot be created, and readiness says why.
+    let cause = wait_for(Duration::from_secs(60), "writes to fail on the permission", || async {
+        ingest
+            .status
+            .failing()
+            .filter(|cause| cause.contains("permission denied") && ingest.status.counters().retries >= 2)
+    })
+    .await;
+    assert!(cause.starts_with(&topic(&prefix, table)), "{cause}");
+    assert_eq!(count(&owner_url, "SELECT count(*) FROM events_part").await, 0);
+    assert_eq!(
+        count(&owner_url, "SELECT count(*) FROM dwh_rejected_records").await,
+        0,
+        "a permission is not the rows' fault"
+    );
+    assert_eq!(
+        count(&owner_url, "SELECT count(*) FROM dwh_consumer_offsets").await,
+        0,
+        "the offsets stay"
+    );
+
+    // The operator creates the partition: the same batch lands, nothing else to do.
+    exec(&owner_url, "SELECT dwh_ensure_events_partition('2031-05-12')").await;
+    wait_for(Duration::from_secs(60), "the retried batch to land", || async {
+        (count(&owner_url, "SELECT count(*) FROM events_part_y2031m05").await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(count(&owner_url, "SELECT count(*) FROM dwh_rejected_records").await, 0);
+    wait_for(Duration::from_secs(10), "readiness to clear", || async {
+        ingest.status.failing().is_none().then_some(())
+    })
+    .await;
+    let counters = ingest.status.counters();
+    assert_eq!((counters.inserted, counters.skipped, counters.rejects), (200, 0, 0));
+    ingest.stop().await;
+}
+
+/// `{"uuid":"\u0000abc",…}`: the reason quotes the value, and PostgreSQL refuses
+/// NUL in text; the reject must still land, and the table go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_with_a_nul_character_is_rejected_and_the_table_goes_on() {
+    for sqlite in [false, true] {
+        let (broker, prefix) = broker(1).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = if sqlite {
+            format!("sqlite://{}", dir.path().join("dwh.db").display())
+        } else {
+            fresh_pg_url().await
+        };
+        let config = config_from(&ingest_env(&broker, &prefix, &url), &[]);
+        let dwh = migrated(&config).await;
+        let table = Table::UserLocations;
+        let valid = keyed(table, locations(1));
+        let poison = br#"{"uuid":"\u0000abc","latitude":1,"longitude":2}"#.to_vec();
+        publish(
+            &config,
+            &topic(&prefix, table),
+            &[("nul".to_owned(), poison.clone()), valid[0].clone()],
+        )
+        .await;
+        let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+        wait_for(Duration::from_secs(30), "the record and the reject to land", || async {
+            let rows = dwh.count_rows("user_locations").await.ok()?;
+            let rejects = dwh.count_rows("dwh_rejected_records").await.ok()?;
+            (rows == 1 && rejects == 1).then_some(())
+        })
+        .await;
+        assert_eq!(ingest.status.failing(), None, "sqlite={sqlite}");
+        assert_eq!(
+            dwh.stored_offset(GROUP, &topic(&prefix, table), 0)
+                .await
+                .expect("offset"),
+            Some(2),
+            "sqlite={sqlite}"
+        );
+        let reason: String = if sqlite {
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+            sqlx::query_scalar("SELECT reason FROM dwh_rejected_records")
+                .fetch_one(&mut conn)
+                .await
+                .expect("reason")
+        } else {
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::query_scalar("SELECT reason FROM dwh_rejected_records")
+                .fetch_one(&mut conn)
+                .await
+                .expect("reason")
+        };
+        assert_eq!(
+            reason, r#"field "uuid": expected UUID, got "\u0000abc""#,
+            "sqlite={sqlite}"
+        );
+        ingest.stop().await;
+    }
+}
+
+/// The connection fails after COMMIT was sent, the commit landed: the retry finds
+/// the offsets at the batch's end. It counts as landed (no rebalance), and
+/// readiness, 503 while it failed, is 200 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_that_finds_its_batch_committed_counts_it_landed_and_readiness_recovers() {
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &url),
+        &[("DWH_STATEMENT_TIMEOUT_SECONDS", "1")],
+    );
+    let dwh = migrated(&config).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(10));
+    let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+    publish(&config, &topic, &records[..5]).await;
+    wait_for(Duration::from_secs(30), "the first batch", || async {
+        (dwh.stored_offset(GROUP, &topic, 0).await.ok()?? == 5).then_some(())
+    })
+    .await;
+
+    // A lock makes the next write time out (57014) on every attempt.
+    let mut blocker = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE user_locations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .expect("lock");
+    publish(&config, &topic, &records[5..]).await;
+    wait_for(Duration::from_secs(30), "the write to fail", || async {
+        ingest
+            .status
+            .failing()
+            .filter(|cause| cause.contains("statement timeout"))
+    })
+    .await;
+    // What an attempt whose answer was lost leaves: its rows and its offset.
+    let columns = dwh_helper::store::sql::column_list(table.spec());
+    for (_, payload) in &records[5..] {
+        sqlx::query(&format!(
+            "INSERT INTO user_locations ({columns}) SELECT {columns} FROM jsonb_populate_record(NULL::user_locations, $1::jsonb)"
+        ))
+        .bind(String::from_utf8(payload.clone()).expect("utf-8"))
+        .execute(&mut blocker)
+        .await
+        .expect("row");
+    }
+    sqlx::query("UPDATE dwh_consumer_offsets SET next_offset = 10 WHERE topic = $1")
+        .bind(&topic)
+        .execute(&mut blocker)
+        .await
+        .expect("offset");
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await.expect("commit");
+
+    wait_for(Duration::from_secs(30), "readiness to recover", || async {
+        ingest.status.failing().is_none().then_some(())
+    })
+    .await;
+    assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 10);
+    assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), Some(10));
+    // Landed, not fenced: the consumer kept its partition and goes on.
+    publish(&config, &topic, &keyed(table, locations(12))[10..]).await;
+    wait_for(Duration::from_secs(30), "the next batch", || async {
+        (dwh.stored_offset(GROUP, &topic, 0).await.ok()?? == 12).then_some(())
+    })
+    .await;
+    assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 12);
+    assert_eq!(ingest.status.counters().skipped, 0);
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stored_offset_above_the_high_watermark_stops_the_table_until_the_operator_decides() {
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(&ingest_env(&broker, &prefix, &url), &[]);
+    let dwh = migrated(&config).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    // The topic was recreated: the DWH remembers offset 1000 of the old one.
+    exec(
+        &url,
+        &format!("INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) VALUES ('{GROUP}', '{topic}', 0, 1000)"),
+    )
+    .await;
+    publish(&config, &topic, &keyed(table, locations(10))).await;
+    let other = Table::EventsPart;
+    publish(
+        &config,
+        &format!("{prefix}{}", other.name()),
+        &keyed(other, events(20, 1)),
+    )
+    .await;
+    let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+    let cause = wait_for(Duration::from_secs(30), "the table to stop", || async {
+        ingest.status.failing()
+    })
+    .await;
+    assert!(
+        cause.contains(&format!(
+            "{topic}[0]: the DWH stores next offset 1000, above the high watermark 10"
+        )) && cause.contains("KAFKA_ON_OFFSET_OUT_OF_RANGE=earliest"),
+        "{cause}"
+    );
+    assert_eq!(ingest.status.counters().tables_stopped, 1);
+    // Other tables go on.
+    wait_for(Duration::from_secs(30), "the other table to land", || async {
+        (dwh.count_rows("events_part").await.ok()? == 20).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        dwh.count_rows("user_locations").await.expect("count"),
+        0,
+        "nothing skipped silently"
+    );
+    assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), Some(1000));
+    ingest.stop().await;
+
+    // The operator asks for the partition from its first record.
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &url),
+        &[("KAFKA_ON_OFFSET_OUT_OF_RANGE", "earliest")],
+    );
+    let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+    wait_for(Duration::from_secs(30), "the partition to be read again", || async {
+        (dwh.count_rows("user_locations").await.ok()? == 10).then_some(())
+    })
+    .await;
+    assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), Some(10));
+    let counters = ingest.status.counters();
+    assert_eq!((counters.offsets_moved, counters.tables_stopped), (1, 0));
+    assert_eq!(ingest.status.failing(), None);
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_the_dwh_has_no_offset_for_starts_from_the_reset_policy_not_from_kafka() {
+    let (broker, prefix) = broker(1).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(18));
+    let run = |url: String, extra: &'static [(&'static str, &'static str)], until: i64| {
+        let config = config_from(&ingest_env(&broker, &prefix, &url), extra);
+        let topic = topic.clone();
+        async move {
+            let dwh = migrated(&config).await;
+            let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+            wait_for(Duration::from_secs(30), "the partition to be caught up", || async {
+                (dwh.stored_offset(GROUP, &topic, 0).await.ok()?? == until).then_some(())
+            })
+            .await;
+            ingest.stop().await;
+            dwh.count_rows("user_locations").await.expect("count")
+        }
+    };
+    // An old deployment: its ingest mirrored offset 10 to Kafka for the group.
+    let config = config_from(&ingest_env(&broker, &prefix, &fresh_pg_url().await), &[]);
+    publish(&config, &topic, &records[..10]).await;
+    assert_eq!(run(fresh_pg_url().await, &[], 10).await, 10);
+
+    // A fresh DWH on that group holds none of the partition: every record lands,
+    // not only those after the Kafka offset.
+    publish(&config, &topic, &records[10..15]).await;
+    assert_eq!(run(fresh_pg_url().await, &[], 15).await, 15);
+
+    // Adopting the Kafka offsets (now 15) is an explicit choice.
+    publish(&config, &topic, &records[15..]).await;
+    assert_eq!(
+        run(fresh_pg_url().await, &[("KAFKA_ADOPT_COMMITTED_OFFSETS", "true")], 18).await,
+        3
+    );
+}
+
+/// A write stuck on a lock: SIGTERM ends the process at the grace deadline
+/// (the write cancelled, nothing committed); a second signal ends it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_cancels_a_stuck_write_at_the_deadline_and_a_second_signal_exits_at_once() {
+    for second_signal in [false, true] {
+        let (broker, prefix) = broker(1).await;
+        let url = fresh_pg_url().await;
+        let grace = if second_signal { "60" } else { "2" };
+        let mut env = ingest_env(&broker, &prefix, &url);
+        env.push(("KAFKA_SHUTDOWN_GRACE_SECONDS".into(), grace.into()));
+        let config = config_from(&env, &[]);
+        let dwh = migrated(&config).await;
+        let table = Table::UserLocations;
+        let topic = topic(&prefix, table);
+        let mut blocker = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE user_locations IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut blocker)
+            .await
+            .expect("lock");
+        publish(&config, &topic, &keyed(table, locations(5))).await;
+        let mut child = Child::ingest(&env);
+        // The fault: the write waits on the lock.
+        let name = database_name(&url);
+        wait_for(Duration::from_secs(30), "the write to wait on the lock", || async {
+            let sql =
+                format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND wait_event_type = 'Lock'");
+            (count(&url, &sql).await > 0).then_some(())
+        })
+        .await;
+        child.signal("TERM");
+        let started = Instant::now();
+        if second_signal {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(child.running(), "the first signal waits for the write");
+            child.signal("TERM");
+        }
+        let status = child.wait_exit(Duration::from_secs(15)).expect("the process exits");
+        let took = started.elapsed();
+        let log = child.log_text();
+        if second_signal {
+            assert!(took < Duration::from_secs(4), "{took:?}");
+            assert!(log.contains("nothing buffered was committed"), "{log}");
+            assert!(!status.success());
+        } else {
+            assert!(
+                took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+                "{took:?}"
+            );
+            assert!(log.contains("shutdown grace period over"), "{log}");
+            assert!(status.success(), "{status:?}\n{log}");
+        }
+        sqlx::raw_sql("ROLLBACK").execute(&mut blocker).await.expect("unlock");
+        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0);
+        assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), None);
+    }
+}
