@@ -1,7 +1,8 @@
 //! dwh-helper: Kafka topics to DWH tables, exactly once.
 //!
 //! The modules follow the pipeline: [`config`], the table [`catalogue`], [`kafka`]
-//! (clients, dev broker), [`ingest`] (consumer, batcher, worker), the DWH [`store`],
+//! (clients, the consumer every role shares, dev broker), [`ingest`] (batcher,
+//! start offsets, worker), the DWH [`store`], the [`archive`], [`appmetrica`],
 //! the [`http`] API, and the [`cli`] that wires them together.
 
 pub mod alloc;

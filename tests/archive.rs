@@ -241,3 +241,108 @@ async fn an_unreachable_store_delays_the_archive_and_not_the_ingest() {
     let status = child.terminate(Duration::from_secs(30)).expect("stops");
     assert!(status.success());
 }
+
+/// An archive member evicted while its upload failed retries it once S3 is back,
+/// under the same first-offset key as the partition's new owner, with fewer
+/// records: the longer object stays. A shorter stored object is still replaced
+/// by a longer one, and a key nobody wrote is created.
+#[tokio::test]
+async fn a_shorter_archive_object_never_replaces_a_longer_one() {
+    use dwh_helper::archive::{place, Placed};
+    let (s3, _) = s3_bucket(&[]).await;
+    let key = "archive/user_locations/dt=2024-03-01/dwh.user_locations-0-00000000000000000000.jsonl.gz";
+    let never = tokio_util::sync::CancellationToken::new();
+    let object = |last: i64| {
+        let metadata = vec![
+            ("first-offset", "0".to_owned()),
+            ("last-offset", last.to_string()),
+            ("records", (last + 1).to_string()),
+        ];
+        (bytes::Bytes::from(vec![b'x'; (last + 1) as usize]), metadata)
+    };
+    let stored_last = || async {
+        let info = s3.object_info(key).await.expect("stored");
+        (info.metadata["last-offset"].clone(), info.size)
+    };
+
+    let (body, metadata) = object(99);
+    assert_eq!(place(&s3, key, body, &metadata, 99, &never).await, Some(Placed::Stored));
+    assert_eq!(stored_last().await, ("99".to_owned(), 100));
+
+    // The zombie's retry: offsets 0..=49 only.
+    let (body, metadata) = object(49);
+    assert_eq!(
+        place(&s3, key, body, &metadata, 49, &never).await,
+        Some(Placed::Covered { last_offset: 99 })
+    );
+    assert_eq!(
+        stored_last().await,
+        ("99".to_owned(), 100),
+        "the longer object was kept"
+    );
+
+    // The same range again (a retry after a crash) is covered too; a longer one
+    // replaces the stored object.
+    let (body, metadata) = object(99);
+    assert_eq!(
+        place(&s3, key, body, &metadata, 99, &never).await,
+        Some(Placed::Covered { last_offset: 99 })
+    );
+    let (body, metadata) = object(149);
+    assert_eq!(
+        place(&s3, key, body, &metadata, 149, &never).await,
+        Some(Placed::Stored)
+    );
+    assert_eq!(stored_last().await, ("149".to_owned(), 150));
+}
+
+/// The Kafka broker goes down in the middle of ingest and archive, then comes
+/// back: both resume by themselves, every record lands once in the DWH and
+/// once in the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kafka_broker_outage_mid_stream_loses_nothing_in_ingest_or_archive() {
+    let (broker, prefix) = broker(4).await;
+    let topic = format!("{prefix}{}", TABLE.name());
+    let url = fresh_pg_url().await;
+    let (s3, _) = s3_bucket(&[]).await;
+    let env = env_for(&broker, &prefix, &url, &s3_endpoint(), s3.bucket());
+    let config = config_from(&env, &[]);
+    migrated_with_write_counter(&config, &url).await;
+    let records = keyed(TABLE, sample::records(TABLE, 20_000, 21));
+    publish(&config, &topic, &records[..10_000]).await;
+    let child = Child::run(&env, "ingest,archive");
+    let rows = || async { pg_count(&url, "SELECT count(*) FROM user_locations").await.unwrap_or(0) };
+    wait_for(Duration::from_secs(60), "rows and archived objects", || async {
+        let listed = s3.list_all("archive/user_locations/").await.ok()?;
+        (rows().await > 0 && !listed.is_empty()).then_some(())
+    })
+    .await;
+
+    broker.set_broker_up(1, false).expect("broker down");
+    // The fault: the clients lose the broker (and say so).
+    wait_for(Duration::from_secs(30), "the clients to notice", || async {
+        let log = child.log_text();
+        (log.contains("Connection refused") || log.contains("brokers are down")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    broker.set_broker_up(1, true).expect("broker up");
+    publish(&config, &topic, &records[10_000..]).await;
+
+    wait_for(Duration::from_secs(120), "every row", || async {
+        (rows().await == 20_000).then_some(())
+    })
+    .await;
+    assert_written_once(&url, 20_000).await;
+    let report = archive_complete(&env, &config, &topic, Duration::from_secs(120)).await;
+    assert_eq!(report["problems"], 0, "{report}");
+    let status = child.terminate(Duration::from_secs(30)).expect("stops");
+    assert!(status.success());
+}
+
+/// Migrates the DWH and counts each key's writes by committed transactions.
+async fn migrated_with_write_counter(config: &Config, url: &str) {
+    let dwh = dwh_helper::store::Dwh::connect(&config.dwh).expect("pool");
+    dwh.migrate().await.expect("migrations apply");
+    count_writes(url).await;
+}

@@ -411,3 +411,217 @@ async fn shutdown_cancels_a_stuck_write_at_the_deadline_and_a_second_signal_exit
         assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), None);
     }
 }
+
+/// One table's writes wait on a lock for twice `max.poll.interval.ms`, with far
+/// more records than its memory share: its consumer pauses instead of blocking,
+/// stays in the group (no rebalance), and the other tables keep landing rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_other_table() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &url),
+        &[
+            ("KAFKA_LIBRDKAFKA_MAX_POLL_INTERVAL_MS", "7000"),
+            // 1 MiB a table.
+            ("KAFKA_MAX_IN_FLIGHT_BYTES", "7MiB"),
+            ("KAFKA_BATCH_MAX_ROWS", "1000"),
+        ],
+    );
+    let dwh = migrated(&config).await;
+    let (stalled, other) = (Table::UserLocations, Table::EventsPart);
+    let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+    publish(&config, &topic(&prefix, other), &keyed(other, events(100, 1))).await;
+    wait_for(Duration::from_secs(30), "the group to settle", || async {
+        (dwh.count_rows("events_part").await.ok()? == 100).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut blocker = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE user_locations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .expect("lock");
+    let before = ingest.status.counters();
+    // About 3 MiB of records: three times the table's memory share.
+    let backlog = keyed(stalled, locations(20_000));
+    publish(&config, &topic(&prefix, stalled), &backlog).await;
+    let name = database_name(&url);
+    wait_for(Duration::from_secs(30), "a write to wait on the lock", || async {
+        let sql =
+            format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND wait_event_type = 'Lock'");
+        (count(&url, &sql).await > 0).then_some(())
+    })
+    .await;
+    let stall = Instant::now();
+    let mut landed = 100;
+    for round in 0..14 {
+        let more = keyed(other, events(100, 10 + round));
+        publish(&config, &topic(&prefix, other), &more).await;
+        landed += 100;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for(Duration::from_secs(10), "the other table to keep landing", || async {
+        (dwh.count_rows("events_part").await.ok()? == landed).then_some(())
+    })
+    .await;
+    assert!(
+        stall.elapsed() > Duration::from_secs(14),
+        "the stall outlasted max.poll.interval.ms twice"
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        )
+        .await,
+        1,
+        "still stalled"
+    );
+    let during = ingest.status.counters();
+    assert!(
+        during.pauses > before.pauses,
+        "the stalled table paused fetching: {during:?}"
+    );
+    assert_eq!(
+        during.rebalances, before.rebalances,
+        "no member was evicted: {during:?}"
+    );
+
+    sqlx::raw_sql("ROLLBACK").execute(&mut blocker).await.expect("unlock");
+    wait_for(Duration::from_secs(60), "the backlog to land", || async {
+        (dwh.count_rows("user_locations").await.ok()? == 20_000).then_some(())
+    })
+    .await;
+    let after = ingest.status.counters();
+    assert_eq!(after.rebalances, before.rebalances, "{after:?}");
+    assert_eq!(after.skipped, 0, "nothing was written twice");
+    ingest.stop().await;
+}
+
+/// Versions of user properties, newest arrival wins: round `r` sets every
+/// property's `value_text` to `r` (zero-padded, so text order is round order).
+fn property_round(keys: usize, round: usize) -> Vec<(String, Vec<u8>)> {
+    let records = (0..keys)
+        .map(|k| {
+            serde_json::json!({
+                "application_id": 7,
+                "profile_id": format!("profile-{k}"),
+                "property_name": "tier",
+                "property_kind": "temporary",
+                "value_text": format!("{round:06}"),
+                "snapshot_date": "2024-03-01",
+                "source": "test"
+            })
+        })
+        .collect();
+    keyed(Table::TmpUserProperties, records)
+}
+
+/// A member is frozen (SIGSTOP) past its session timeout with a write in flight;
+/// the group gives its partitions to the other member; then it thaws (SIGCONT).
+/// No record is written twice, and no property ever goes back to an older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothing_goes_back() {
+    let (broker, prefix) = broker(4).await;
+    let url = fresh_pg_url().await;
+    let env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    // Each write of a property version is counted; a version older than the
+    // stored one is recorded; every statement takes 0.2 s, so that a write is in
+    // flight most of the time.
+    exec(
+        &url,
+        "CREATE TABLE test_writes (key text PRIMARY KEY, n int NOT NULL);
+         CREATE TABLE test_regressions (profile_id text, stored text, incoming text);
+         CREATE FUNCTION test_count_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO test_writes VALUES (NEW.profile_id || ':' || NEW.value_text, 1)
+                 ON CONFLICT (key) DO UPDATE SET n = test_writes.n + 1;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_count_write BEFORE INSERT ON tmp_user_properties
+             FOR EACH ROW EXECUTE FUNCTION test_count_write();
+         CREATE FUNCTION test_regression() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.value_text < OLD.value_text THEN
+                 INSERT INTO test_regressions VALUES (OLD.profile_id, OLD.value_text, NEW.value_text);
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_regression BEFORE UPDATE ON tmp_user_properties
+             FOR EACH ROW EXECUTE FUNCTION test_regression();
+         CREATE FUNCTION test_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
+         CREATE TRIGGER test_slow BEFORE INSERT ON tmp_user_properties
+             FOR EACH STATEMENT EXECUTE FUNCTION test_slow();",
+    )
+    .await;
+    let topic = topic(&prefix, Table::TmpUserProperties);
+    let (keys, rounds) = (100, 40);
+    let producing = {
+        let (config, topic) = (config.clone(), topic.clone());
+        tokio::spawn(async move {
+            for round in 0..rounds {
+                publish(&config, &topic, &property_round(keys, round)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let mut zombie = Child::ingest(&env);
+    let other = Child::ingest(&env);
+    // Versions of a key that meet in one batch are merged (the newest is
+    // written), so fewer writes than records land: count what is written.
+    let written = || async { count(&url, "SELECT coalesce(sum(n), 0) FROM test_writes").await };
+    let last = format!("{:06}", rounds - 1);
+    let newest = || async {
+        let sql = format!("SELECT count(*) FROM tmp_user_properties WHERE value_text = '{last}'");
+        count(&url, &sql).await
+    };
+    wait_for(Duration::from_secs(60), "both members to write", || async {
+        (written().await > 500 && zombie.log_text().contains("partitions assigned")).then_some(())
+    })
+    .await;
+    // Freeze it while its write is in the database.
+    let zombie_pid = zombie.child.id();
+    wait_for(Duration::from_secs(30), "a write of the zombie in flight", || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dwh-helper' AND state = 'active' \
+                   AND query LIKE '%tmp_user_properties%'";
+        (count(&url, sql).await > 0).then_some(())
+    })
+    .await;
+    zombie.signal("STOP");
+    let assigned_before = other.log_text().matches("partitions assigned").count();
+    // The group moves on: the other member is given the zombie's partitions.
+    wait_for(Duration::from_secs(60), "the other member to take over", || async {
+        (other.log_text().matches("partitions assigned").count() > assigned_before).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    zombie.signal("CONT");
+    producing.await.expect("all published");
+    wait_for(
+        Duration::from_secs(120),
+        "the newest version of every property",
+        || async { (newest().await == keys as i64).then_some(()) },
+    )
+    .await;
+    // Settle: a late write of the zombie would land now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    eprintln!("zombie pid {zombie_pid}; writes {}", written().await);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM test_writes WHERE n > 1").await,
+        0,
+        "a record was written twice"
+    );
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM test_regressions").await,
+        0,
+        "a value went back"
+    );
+    assert_eq!(newest().await, keys as i64, "every property holds its newest version");
+    assert!(zombie.running(), "the zombie lives on after its thaw");
+    drop((zombie, other));
+}

@@ -288,23 +288,42 @@ async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
     env.push(("KAFKA_BATCH_MAX_ROWS".into(), "2000".into()));
     let config = config_from(&env, &[]);
     migrated(&config).await;
+    count_writes(&url).await;
     let records = keyed(table, sample::records(table, 200_000, 5));
     publish(&config, &topic, &records).await;
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64 | 1)
-        .unwrap_or(7);
-    eprintln!("kill moments seed: {seed}");
+    let seed = std::env::var("DWH_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 | 1)
+                .unwrap_or(7)
+        });
+    eprintln!("kill moments seed: {seed} (DWH_TEST_SEED={seed} replays it)");
     let mut moments = Moments(seed);
     let mut child = Child::ingest(&env);
-    let mut kills = 0;
-    while kills < 6 {
-        tokio::time::sleep(Duration::from_millis(moments.next_ms(500, 4000))).await;
+    let landed = || async { pg_count(&url, "SELECT count(*) FROM user_locations").await.unwrap_or(0) };
+    // Each kill falls after the restarted process wrote something, and before
+    // everything was written: rows landed at each kill, strictly rising.
+    let mut at_kills: Vec<i64> = Vec::new();
+    while at_kills.len() < 6 {
+        let before = at_kills.last().copied().unwrap_or(0);
+        wait_for(Duration::from_secs(120), "progress before the next kill", || async {
+            (landed().await > before).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(moments.next_ms(0, 1500))).await;
         child.crash();
-        kills += 1;
+        at_kills.push(landed().await);
         child = Child::ingest(&env);
     }
+    eprintln!("rows landed at each kill: {at_kills:?}");
+    assert!(
+        at_kills.windows(2).all(|w| w[0] < w[1]) && at_kills[0] > 0 && at_kills[5] < 200_000,
+        "every kill fell mid-stream: {at_kills:?}"
+    );
     let ends = caught_up(&config, &url, &prefix, table, Duration::from_secs(300)).await;
     drop(child);
     assert_eq!(ends.len(), 16);
@@ -320,6 +339,7 @@ async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
         Some(200_000),
         "no natural key twice"
     );
+    assert_written_once(&url, 200_000).await;
     assert_eq!(
         pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
         Some(0)
@@ -346,6 +366,7 @@ async fn instances_leaving_and_joining_mid_stream_lose_and_duplicate_nothing() {
     let env = ingest_env(&broker, &prefix, &url);
     let config = config_from(&env, &[]);
     migrated(&config).await;
+    count_writes(&url).await;
     let producing = trickle(&config, &topic, keyed(table, sample::records(table, 60_000, 6)), 2_000);
     let a = Child::ingest(&env);
     let b = Child::ingest(&env);
@@ -369,6 +390,7 @@ async fn instances_leaving_and_joining_mid_stream_lose_and_duplicate_nothing() {
         pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
         Some(60_000)
     );
+    assert_written_once(&url, 60_000).await;
     drop((a, c, d));
 }
 
@@ -382,6 +404,7 @@ async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
     let env = ingest_env(&broker, &prefix, &url);
     let config = config_from(&env, &[]);
     migrated(&config).await;
+    count_writes(&url).await;
     let producing = trickle(&config, &topic, keyed(table, sample::records(table, 40_000, 7)), 1_000);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -433,6 +456,7 @@ async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
         pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
         Some(40_000)
     );
+    assert_written_once(&url, 40_000).await;
     assert_eq!(ready().await.map(|r| r.0), Some(200), "ready again");
     let status = child.terminate(Duration::from_secs(40)).expect("stops in time");
     assert!(status.success(), "the outage did not make it exit: {status:?}");

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::catalogue::Table;
 use crate::config::Config;
-use crate::ingest::consumer::{self, ConsumerError, Event, Exit, Role, Subscription};
-use crate::s3::S3;
+use crate::kafka::consumer::{self, ConsumerError, Event, Exit, Role, Subscription};
+use crate::s3::{Condition, S3};
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -43,17 +43,8 @@ pub fn group_id(config: &Config) -> String {
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-    let budget = config.kafka.max_in_flight_bytes.min(u32::MAX as usize);
-    let memory = Arc::new(Semaphore::new(budget));
-    let abort = CancellationToken::new();
-    {
-        let (shutdown, abort, grace) = (shutdown.clone(), abort.clone(), config.kafka.shutdown_grace);
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            abort.cancel();
-        });
-    }
+    let budget = consumer::table_budget(config.kafka.max_in_flight_bytes);
+    let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();
     for table in Table::ALL {
@@ -63,20 +54,15 @@ pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result
             group: group.clone(),
             table,
             s3: s3.clone(),
-            memory: memory.clone(),
-            budget: budget as u32,
+            memory: Arc::new(Semaphore::new(budget as usize)),
+            budget,
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
         tasks.spawn(archiver.supervise(first));
     }
     tracing::info!(group = %group, bucket = s3.bucket(), prefix = %config.s3.archive_prefix, "archive started");
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "an archive task failed");
-        }
-    }
-    tracing::info!("archive stopped");
+    consumer::join_tables("archive", tasks).await;
     Ok(())
 }
 
@@ -112,6 +98,9 @@ enum Stored {
     /// Stored, but the offset did not move: rebuild the consumer so that the next
     /// object starts at this one's first offset again (same key).
     CommitFailed,
+    /// A longer object was kept and the offset moved past it: rebuild the
+    /// consumer so that it resumes there.
+    Skipped,
 }
 
 impl Stored {
@@ -120,6 +109,7 @@ impl Stored {
             Stored::Committed => None,
             Stored::Aborted => Some(Exit::Shutdown),
             Stored::CommitFailed => Some(Exit::Restart("an archive commit failed".into())),
+            Stored::Skipped => Some(Exit::Restart("resuming after a longer archive object".into())),
         }
     }
 }
@@ -130,7 +120,7 @@ impl Archiver {
         let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
-            let (poller, events) = subscription.poll(self.memory.clone(), self.budget)?;
+            let (poller, events) = subscription.poll(self.memory.clone(), self.budget, Arc::default())?;
             let exit = self.serve(&consumer, events).await;
             drop(consumer);
             poller.close().await;
@@ -252,42 +242,40 @@ impl Archiver {
             ("last-offset", object.last_offset.to_string()),
             ("records", object.records.to_string()),
         ];
-        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
-        loop {
-            let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
-            match self
-                .s3
-                .put_object(
-                    &key,
-                    stream,
-                    Some("application/gzip"),
-                    &metadata,
-                    Some(body.len() as u64),
-                )
-                .await
-            {
-                Ok(size) => {
-                    tracing::debug!(key, records = object.records, bytes = size, "archive object stored");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(key, error = %e, retry_in_ms = backoff.peek().as_millis() as u64, "archive upload failed; retrying");
-                    if !backoff.wait(&self.abort).await {
-                        return Stored::Aborted;
-                    }
-                }
+        let placed = match place(&self.s3, &key, body, &metadata, object.last_offset, &self.abort).await {
+            Some(placed) => placed,
+            None => return Stored::Aborted,
+        };
+        let commit_to = match placed {
+            Placed::Stored => {
+                tracing::debug!(key, records = object.records, "archive object stored");
+                object.last_offset + 1
             }
-        }
+            Placed::Covered { last_offset } => {
+                // Another member stored more of this partition under the same key
+                // (this one was evicted meanwhile): keep the longer object and go
+                // on after it, never overwrite it with less.
+                tracing::warn!(
+                    key,
+                    ours = object.last_offset,
+                    stored = last_offset,
+                    "a longer archive object is stored already; kept"
+                );
+                last_offset + 1
+            }
+        };
         // A synchronous commit: at most one stored object per partition is ever
         // uncommitted, and it is the one a restart begins with (same key), so a
         // re-archive can only overwrite, never overlap.
         let mut list = TopicPartitionList::new();
-        if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(object.last_offset + 1)) {
+        if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(commit_to)) {
             tracing::error!(topic, partition, error = %e, "cannot list the archive commit");
             return Stored::CommitFailed;
         }
         for attempt in 1..=3u32 {
             match tokio::task::block_in_place(|| consumer.commit(&list, CommitMode::Sync)) {
+                // After a kept longer object the consumer must resume past it.
+                Ok(()) if commit_to > object.last_offset + 1 => return Stored::Skipped,
                 Ok(()) => return Stored::Committed,
                 Err(e) => {
                     tracing::warn!(topic, partition, attempt, error = %e, "archive offset commit failed");
@@ -297,6 +285,86 @@ impl Archiver {
         }
         Stored::CommitFailed
     }
+}
+
+/// How storing an archive object ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// The object is stored at its key.
+    Stored,
+    /// An object at the key already holds this range and more (up to
+    /// `last_offset`): it was kept.
+    Covered { last_offset: i64 },
+}
+
+/// Stores an archive object at `key` unless a longer one is there: the stored
+/// object's `last-offset` is read first, and the write is conditional on what
+/// was read (absent, or that very object), so that a member evicted while its
+/// upload was failing can never replace a newer owner's longer object with its
+/// shorter one. Retries with backoff while S3 fails; `None` once `abort` fires.
+pub async fn place(
+    s3: &S3,
+    key: &str,
+    body: Bytes,
+    metadata: &[(&str, String)],
+    last_offset: i64,
+    abort: &CancellationToken,
+) -> Option<Placed> {
+    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+    loop {
+        let stored = match s3.object_info(key).await {
+            Ok(info) => Ok(Some(info)),
+            Err(crate::s3::S3Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let result = match stored {
+            Ok(Some(info)) => {
+                let stored_last = info.metadata.get("last-offset").and_then(|v| v.parse::<i64>().ok());
+                match (stored_last, info.etag.as_deref()) {
+                    (Some(stored_last), _) if stored_last >= last_offset => {
+                        return Some(Placed::Covered {
+                            last_offset: stored_last,
+                        })
+                    }
+                    (_, Some(etag)) => put(s3, key, &body, metadata, Condition::Matches(etag)).await,
+                    (_, None) => put(s3, key, &body, metadata, Condition::Any).await,
+                }
+            }
+            Ok(None) => put(s3, key, &body, metadata, Condition::Absent).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return Some(Placed::Stored),
+            // Somebody wrote the key between the read and the write: read again.
+            Err(crate::s3::S3Error::PreconditionFailed { .. } | crate::s3::S3Error::Conflict { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(key, error = %e, retry_in_ms = backoff.peek().as_millis() as u64, "archive upload failed; retrying");
+                if !backoff.wait(abort).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn put(
+    s3: &S3,
+    key: &str,
+    body: &Bytes,
+    metadata: &[(&str, String)],
+    condition: Condition<'_>,
+) -> Result<(), crate::s3::S3Error> {
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
+    s3.put_object_if(
+        key,
+        stream,
+        Some("application/gzip"),
+        metadata,
+        Some(body.len() as u64),
+        condition,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Adds a record to its partition's open object.

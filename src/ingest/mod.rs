@@ -1,14 +1,15 @@
 //! The ingest role: one consumer per table topic, all in `KAFKA_GROUP_ID`, each
 //! writing its batches to the DWH exactly once.
 //!
-//! Guarantees: see [`worker`] (fenced batches, retries, rejects) and [`consumer`]
-//! (rebalances pass through the owning task). On shutdown every worker writes what
-//! it buffered, then the consumers leave the group; after `KAFKA_SHUTDOWN_GRACE_SECONDS`
-//! retries stop and the rest is left for the next owner (nothing is lost: its
-//! offsets were not advanced).
+//! Guarantees: see [`worker`] (fenced batches, retries, rejects), [`start`] (where
+//! partitions start) and [`crate::kafka::consumer`] (rebalances pass through the
+//! owning task; fetching pauses, never blocks). Each table holds its own share of
+//! `KAFKA_MAX_IN_FLIGHT_BYTES`. On shutdown every worker writes what it buffered,
+//! then the consumers leave the group; after `KAFKA_SHUTDOWN_GRACE_SECONDS` the
+//! write in progress is cancelled and the rest is left for the next owner (nothing
+//! is lost: its offsets were not advanced).
 
 pub mod batcher;
-pub mod consumer;
 pub mod start;
 pub mod status;
 pub mod worker;
@@ -22,15 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalogue::Table;
 use crate::config::Config;
+use crate::kafka::consumer::{self, Exit, Subscription};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
 use batcher::BatchLimits;
-use consumer::Exit;
-use consumer::Subscription;
 pub use status::{Counters, IngestStatus};
 use worker::{Worker, Writer};
 
-pub use consumer::ConsumerError as IngestError;
+pub use crate::kafka::consumer::ConsumerError as IngestError;
 
 /// Runs the ingest role until `shutdown` is cancelled and everything buffered is
 /// written (or the grace period is over).
@@ -41,25 +41,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     prepare_topics(config).await?;
-    let budget = config.kafka.max_in_flight_bytes.min(u32::MAX as usize);
-    let memory = Arc::new(Semaphore::new(budget));
-    let abort = CancellationToken::new();
-    {
-        let (shutdown, abort, grace) = (shutdown.clone(), abort.clone(), config.kafka.shutdown_grace);
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-            abort.cancel();
-        });
-    }
+    let budget = consumer::table_budget(config.kafka.max_in_flight_bytes);
+    let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
     for table in Table::ALL {
         let shared = Shared {
             config: config.clone(),
             dwh: dwh.clone(),
             status: status.clone(),
-            memory: memory.clone(),
-            budget: budget as u32,
+            memory: Arc::new(Semaphore::new(budget as usize)),
+            budget,
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -69,12 +60,7 @@ pub async fn run(
         tasks.spawn(shared.supervise(table, first));
     }
     tracing::info!(group = %config.kafka.group_id, prefix = %config.kafka.topic_prefix, "ingest started");
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "an ingest task failed");
-        }
-    }
-    tracing::info!("ingest stopped");
+    consumer::join_tables("ingest", tasks).await;
     Ok(())
 }
 
@@ -158,7 +144,7 @@ impl Shared {
 
     async fn consume(&self, table: Table, subscription: Subscription) -> Result<Exit, IngestError> {
         let consumer = subscription.consumer.clone();
-        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget)?;
+        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget, self.status.pauses())?;
         let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),

@@ -2,7 +2,7 @@
 //! and ops, and whether DWH writes are failing (readiness goes 503 while they are).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::store::WriteOutcome;
@@ -18,6 +18,9 @@ pub struct IngestStatus {
     retries: AtomicU64,
     offsets_moved: AtomicU64,
     tables_stopped: AtomicU64,
+    rebalances: AtomicU64,
+    /// Shared with the poll threads, which count their pauses here.
+    pauses: Arc<AtomicU64>,
     bytes: AtomicU64,
     batches: AtomicU64,
     /// Flush latencies in microseconds, the most recent [`LATENCY_SAMPLES`].
@@ -50,6 +53,10 @@ pub struct Counters {
     pub offsets_moved: u64,
     /// Tables stopped because a stored offset did not fit the log.
     pub tables_stopped: u64,
+    /// Assignments and revocations the consumers went through.
+    pub rebalances: u64,
+    /// Times fetching paused: the memory budget spent or a writer behind.
+    pub pauses: u64,
 }
 
 impl IngestStatus {
@@ -86,6 +93,15 @@ impl IngestStatus {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn rebalanced(&self) {
+        self.rebalances.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter the poll threads count their pauses in.
+    pub(crate) fn pauses(&self) -> Arc<AtomicU64> {
+        self.pauses.clone()
+    }
+
     pub(crate) fn offset_moved(&self) {
         self.offsets_moved.fetch_add(1, Ordering::Relaxed);
     }
@@ -109,6 +125,8 @@ impl IngestStatus {
             retries: load(&self.retries),
             offsets_moved: load(&self.offsets_moved),
             tables_stopped: load(&self.tables_stopped),
+            rebalances: load(&self.rebalances),
+            pauses: load(&self.pauses),
         }
     }
 

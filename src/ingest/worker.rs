@@ -32,11 +32,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::batcher::{BatchLimits, Batcher, Closed, Entry};
-use super::consumer::{Context, Event, Exit};
 use super::start::{self, Misfit, Policy, Source, StartAt};
 use super::status::IngestStatus;
 use crate::backoff::Backoff;
 use crate::catalogue::{self, RecordError, Row, Table};
+use crate::kafka::consumer::{Context, Event, Exit};
 use crate::store::{Batch, Dwh, OffsetAdvance, Origins, RejectedRecord, StoreError, WriteOutcome};
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -165,6 +165,7 @@ impl Worker {
                         }
                     }
                     Some(Event::Assigned { partitions, reply }) => {
+                        self.writer.status.rebalanced();
                         match self.starts(&partitions).await {
                             Ok(starts) => {
                                 let offsets = starts.iter().map(|(p, _, at)| (*p, *at)).collect();
@@ -186,6 +187,7 @@ impl Worker {
                         };
                     }
                     Some(Event::Revoked { partitions, reply }) => {
+                        self.writer.status.rebalanced();
                         // Write what is buffered while the partitions are still ours.
                         let drained = self.drain(state).await;
                         for partition in &partitions {

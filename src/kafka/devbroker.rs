@@ -137,6 +137,16 @@ impl DevBroker {
         &self.bootstrap
     }
 
+    /// Takes broker `broker_id` (1-based) down: its connections are cut and new
+    /// ones refused, as in a broker outage; `up` brings it back. For tests.
+    pub fn set_broker_up(&self, broker_id: i32, up: bool) -> Result<(), DevBrokerError> {
+        if ffi::set_broker_up(self._owner.client(), broker_id, up) {
+            Ok(())
+        } else {
+            Err(DevBrokerError::Setting("a broker's availability"))
+        }
+    }
+
     /// Stops the forwarders; the cluster stops when the value is dropped.
     pub fn stop(mut self) {
         self.forwarders.abort_all();

@@ -1,4 +1,5 @@
-//! The two librdkafka mock-cluster settings that rdkafka does not wrap.
+//! The librdkafka mock-cluster controls that rdkafka does not wrap: two settings
+//! and a broker's outage (down, then up again), for outage tests.
 //!
 //! `unsafe` is denied crate-wide; this module and `alloc.rs` are the exceptions. Each call
 //! passes a mock-cluster handle that librdkafka itself returned for a client that
@@ -39,4 +40,21 @@ pub fn set_advertised_listener<C: ClientContext>(client: &Client<C>, broker_id: 
     // SAFETY: `cluster` belongs to `client`; librdkafka copies `host` before returning.
     unsafe { rdsys::rd_kafka_mock_broker_set_host_port(cluster, broker_id, host.as_ptr(), i32::from(port)) };
     true
+}
+
+/// Takes mock broker `broker_id` down (connections cut, new ones refused) or
+/// brings it back up.
+pub fn set_broker_up<C: ClientContext>(client: &Client<C>, broker_id: i32, up: bool) -> bool {
+    let Some(cluster) = mock_cluster(client) else {
+        return false;
+    };
+    // SAFETY: `cluster` belongs to `client`, which is borrowed for this call.
+    let err = unsafe {
+        if up {
+            rdsys::rd_kafka_mock_broker_set_up(cluster, broker_id)
+        } else {
+            rdsys::rd_kafka_mock_broker_set_down(cluster, broker_id)
+        }
+    };
+    err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
 }

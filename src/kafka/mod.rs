@@ -5,6 +5,7 @@
 //! `KAFKA_LIBRDKAFKA_*` properties (applied last, so ops can override any default
 //! set here); topic names are `{KAFKA_TOPIC_PREFIX}{table}`.
 
+pub mod consumer;
 pub mod devbroker;
 mod ffi;
 pub mod publish;

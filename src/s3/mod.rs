@@ -56,6 +56,30 @@ pub struct ObjectInfo {
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
+/// When a write may replace what is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition<'a> {
+    /// Always.
+    Any,
+    /// Only when nothing is stored at the key (`If-None-Match: *`).
+    Absent,
+    /// Only while the stored object has this ETag (`If-Match`).
+    Matches(&'a str),
+}
+
+impl Condition<'_> {
+    fn if_match(self) -> Option<String> {
+        match self {
+            Condition::Matches(etag) => Some(etag.to_owned()),
+            _ => None,
+        }
+    }
+
+    fn if_none_match(self) -> Option<String> {
+        (self == Condition::Absent).then(|| "*".to_owned())
+    }
+}
+
 /// A listing: the objects directly under a prefix, newest first, and the
 /// "folders" (common prefixes) one level down.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -332,6 +356,27 @@ impl S3 {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
+        self.put_object_if(key, body, content_type, metadata, size_hint, Condition::Any)
+            .await
+    }
+
+    /// [`S3::put_object`], stored only while `condition` holds when the upload
+    /// completes; otherwise [`S3Error::PreconditionFailed`] (or
+    /// [`S3Error::Conflict`] for a concurrent conditional write), and nothing
+    /// changed.
+    pub async fn put_object_if<S, E>(
+        &self,
+        key: &str,
+        body: S,
+        content_type: Option<&str>,
+        metadata: &[(&str, String)],
+        size_hint: Option<u64>,
+        condition: Condition<'_>,
+    ) -> Result<u64, S3Error>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
         let mut body = std::pin::pin!(body);
         let read_error = |e: E| S3Error::BadRequest {
             detail: format!("reading the upload failed: {e}"),
@@ -353,7 +398,7 @@ impl S3 {
                         1 => pending.pop().unwrap_or_default(),
                         _ => pending.concat().into(),
                     };
-                    self.put_whole(key, data, content_type, metadata, None).await?;
+                    self.put_whole(key, data, content_type, metadata, condition).await?;
                     return Ok(pending_len);
                 }
             }
@@ -394,7 +439,7 @@ impl S3 {
         .await;
         match result {
             Ok(total) => {
-                upload.complete(None).await?;
+                upload.complete(condition).await?;
                 Ok(total)
             }
             Err(e) => {
@@ -404,14 +449,14 @@ impl S3 {
         }
     }
 
-    /// One PutObject, conditional on `if_match` when given.
+    /// One PutObject, under `condition`.
     async fn put_whole(
         &self,
         key: &str,
         data: Bytes,
         content_type: Option<&str>,
         metadata: &[(&str, String)],
-        if_match: Option<&str>,
+        condition: Condition<'_>,
     ) -> Result<(), S3Error> {
         let mut request = self
             .client
@@ -421,7 +466,8 @@ impl S3 {
             .content_length(data.len() as i64)
             .body(ByteStream::from(data))
             .set_content_type(content_type.map(str::to_owned))
-            .set_if_match(if_match.map(str::to_owned));
+            .set_if_match(condition.if_match())
+            .set_if_none_match(condition.if_none_match());
         for (name, value) in metadata {
             request = request.metadata(*name, value);
         }
@@ -474,7 +520,7 @@ impl S3 {
         if info.size <= self.multipart_threshold {
             let current = self.get_range_or_empty(key, info.size, &etag).await?;
             let patched = patch::splice(&current, &data, offset as usize);
-            self.put_whole(key, patched.into(), content_type, &metadata, Some(&etag))
+            self.put_whole(key, patched.into(), content_type, &metadata, Condition::Matches(&etag))
                 .await
                 .map_err(|e| conflict_on_precondition(e, key))?;
         } else {
@@ -490,7 +536,7 @@ impl S3 {
                         return Err(S3Error::Conflict { key: key.to_owned() });
                     }
                     upload
-                        .complete(Some(&etag))
+                        .complete(Condition::Matches(&etag))
                         .await
                         .map_err(|e| conflict_on_precondition(e, key))?;
                 }
@@ -738,7 +784,7 @@ impl<'a> Multipart<'a> {
         Ok(())
     }
 
-    async fn complete(self, if_match: Option<&str>) -> Result<(), S3Error> {
+    async fn complete(self, condition: Condition<'_>) -> Result<(), S3Error> {
         let parts = self.parts;
         let result = self
             .s3
@@ -748,7 +794,8 @@ impl<'a> Multipart<'a> {
             .key(&self.key)
             .upload_id(&self.upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-            .set_if_match(if_match.map(str::to_owned))
+            .set_if_match(condition.if_match())
+            .set_if_none_match(condition.if_none_match())
             .send()
             .await;
         if let Err(e) = result {

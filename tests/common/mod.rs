@@ -416,6 +416,40 @@ pub async fn pg_count(url: &str, sql: &str) -> Option<i64> {
     sqlx::query_scalar::<_, i64>(sql).fetch_one(&mut conn).await.ok()
 }
 
+/// Counts, in the test database, every row a committed transaction wrote into
+/// `user_locations`, key by key, whether or not it changed the table: a BEFORE
+/// INSERT trigger fires for rows that `ON CONFLICT` then skips too, and rolls back
+/// with its transaction. A record delivered twice shows up as a count of 2, which
+/// `count(DISTINCT key)` cannot see.
+pub async fn count_writes(url: &str) {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE TABLE test_writes (key text PRIMARY KEY, n int NOT NULL);
+         CREATE FUNCTION test_count_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO test_writes VALUES (NEW.uuid::text, 1)
+                 ON CONFLICT (key) DO UPDATE SET n = test_writes.n + 1;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_count_write BEFORE INSERT ON user_locations
+             FOR EACH ROW EXECUTE FUNCTION test_count_write();",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("write counter");
+}
+
+/// Asserts that each of `expected` keys was written by exactly one committed
+/// transaction.
+pub async fn assert_written_once(url: &str, expected: i64) {
+    assert_eq!(pg_count(url, "SELECT count(*) FROM test_writes").await, Some(expected));
+    assert_eq!(
+        pg_count(url, "SELECT count(*) FROM test_writes WHERE n > 1").await,
+        Some(0),
+        "a record was written by two committed transactions"
+    );
+}
+
 /// Sum of the stored next offsets of `topic` for `group`.
 pub async fn stored_offsets(url: &str, group: &str, topic: &str) -> Vec<(i32, i64)> {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");

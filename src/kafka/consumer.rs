@@ -1,14 +1,21 @@
 //! The Kafka side of one table's ingest: a consumer polled on its own thread.
 //!
 //! Guarantees: the poll thread only passes things on. Records go to the owning
-//! task over a bounded channel, each holding its share of the global in-flight
-//! memory budget; rebalance callbacks send "assigned"/"revoked" to the same task
-//! (after the records polled before them) and wait for its answer, so partitions
-//! are assigned at the offsets the DWH stores and revoked only after the task has
-//! written or dropped what it buffered for them.
+//! task over a bounded channel, each holding its share of the in-flight memory
+//! budget; rebalance callbacks send "assigned"/"revoked" to the same task (after
+//! the records polled before them) and wait for its answer, so partitions are
+//! assigned at the offsets the task chose and revoked after it has written what it
+//! buffered for them (or after half of `max.poll.interval.ms`: the fence keeps a
+//! late write from landing twice). The poll thread never blocks on the task or on
+//! memory: when the budget is spent or the task is behind, it pauses its
+//! partitions and keeps polling, so the member stays in its group however long the
+//! database stalls. Partitions are assigned `cooperative-sticky` by default: a
+//! rebalance moves only the partitions that change hands.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -24,11 +31,44 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::{self, KafkaSetupError};
 
+/// The memory share of one table's consumer: the role's budget split evenly, so
+/// that one table whose writes stall cannot starve the others.
+pub fn table_budget(role_budget: usize) -> u32 {
+    (role_budget / Table::ALL.len()).clamp(1, u32::MAX as usize) as u32
+}
+
+/// A token cancelled `grace` after `shutdown`: when retries stop and a write in
+/// progress is given up.
+pub fn grace_deadline(shutdown: &CancellationToken, grace: Duration) -> CancellationToken {
+    let abort = CancellationToken::new();
+    let (shutdown, deadline) = (shutdown.clone(), abort.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+        deadline.cancel();
+    });
+    abort
+}
+
+/// Waits for every table's task of a role; a task that failed is logged.
+pub async fn join_tables(role: &str, mut tasks: tokio::task::JoinSet<()>) {
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(role, error = %e, "a table task failed");
+        }
+    }
+    tracing::info!(role, "stopped");
+}
+
 /// Batches of records buffered between a poll thread and its task (memory is
 /// bounded by the in-flight byte budget; this only bounds the count).
 const CHANNEL_BATCHES: usize = 64;
 /// Records handed over at once: one wake-up of the task per batch, not per record.
 const HANDOVER_RECORDS: usize = 256;
+/// How long the poll loop waits for a record, or for memory while paused.
+const POLL_WAIT: Duration = Duration::from_millis(100);
+/// librdkafka's default `max.poll.interval.ms`.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -156,8 +196,16 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
             ("queued.max.messages.kbytes", "16384"),
             // Pick up topics created after the start within seconds.
             ("topic.metadata.refresh.interval.ms", "10000"),
+            // A rebalance moves only the partitions that change hands; the others
+            // keep their buffers and go on (KAFKA_LIBRDKAFKA_PARTITION_ASSIGNMENT_STRATEGY
+            // overrides it; every member of a group must use the same protocol).
+            ("partition.assignment.strategy", "cooperative-sticky"),
         ],
     )?;
+    let max_poll_interval = settings
+        .get("max.poll.interval.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
     if let Some(instance) = &kafka.group_instance_id {
         settings.set(
             "group.instance.id",
@@ -168,6 +216,7 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
         topic: topic.clone(),
         events,
         pending: std::sync::Mutex::new(Vec::new()),
+        revoke_wait: Duration::from_millis(max_poll_interval / 2),
     };
     let consumer: BaseConsumer<Context> =
         settings
@@ -187,16 +236,21 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
 
 impl Subscription {
     /// Starts the poll thread; returns it and the events for the owning task.
-    pub fn poll(self, memory: Arc<Semaphore>, budget: u32) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
+    /// `pauses` counts how often fetching paused (memory spent or the task behind).
+    pub fn poll(
+        self,
+        memory: Arc<Semaphore>,
+        budget: u32,
+        pauses: Arc<AtomicU64>,
+    ) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
         let stop = CancellationToken::new();
         let thread = {
             // The context holds the sender the poll loop hands records over on.
             let (consumer, stop) = (self.consumer.clone(), stop.clone());
-            let runtime = tokio::runtime::Handle::current();
             let name = format!("poll-{}", consumer.context().topic);
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || poll_loop(consumer, memory, budget, stop, runtime))
+                .spawn(move || poll_loop(consumer, memory, budget, pauses, stop))
                 .map_err(ConsumerError::Thread)?
         };
         Ok((
@@ -265,17 +319,86 @@ pub struct Context {
     /// Records polled but not handed over yet (only the poll thread touches it:
     /// the poll loop and the rebalance callback, which runs inside `poll`).
     pending: std::sync::Mutex<Vec<(OwnedMessage, OwnedSemaphorePermit)>>,
+    /// How long a revoke waits for the task to write what it buffered.
+    revoke_wait: Duration,
+}
+
+/// Whether the task took what was offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handed {
+    /// Everything pending is with the task (or nothing was pending).
+    All,
+    /// The channel is full: the records stay pending (under their permits).
+    Later,
+    /// The task is gone.
+    Gone,
 }
 
 impl Context {
-    /// Hands the polled records over; false when the task is gone.
-    fn hand_over(&self) -> bool {
-        let records = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        records.is_empty() || self.events.blocking_send(Event::Records(records)).is_ok()
+    /// Offers the polled records to the task without waiting.
+    fn hand_over(&self) -> Handed {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_empty() {
+            return Handed::All;
+        }
+        match self.events.try_send(Event::Records(std::mem::take(&mut *pending))) {
+            Ok(()) => Handed::All,
+            Err(mpsc::error::TrySendError::Full(Event::Records(records))) => {
+                *pending = records;
+                Handed::Later
+            }
+            Err(_) => Handed::Gone,
+        }
+    }
+
+    /// Hands everything over, waiting at most until `deadline`; false when the
+    /// task is gone or the deadline passed.
+    fn hand_over_by(&self, deadline: Instant) -> bool {
+        loop {
+            match self.hand_over() {
+                Handed::All => return true,
+                Handed::Gone => return false,
+                Handed::Later if Instant::now() >= deadline => return false,
+                Handed::Later => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Sends `event`, waiting at most until `deadline` (`None`: for as long as
+    /// the task lives); false when it was not sent.
+    fn send_by(&self, mut event: Event, deadline: Option<Instant>) -> bool {
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return false;
+                    }
+                    event = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 
     fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Waits for a oneshot answer, at most until `deadline` when one is given.
+fn answer_by<T>(mut answer: oneshot::Receiver<T>, deadline: Option<Instant>) -> Option<T> {
+    let Some(deadline) = deadline else {
+        return answer.blocking_recv().ok();
+    };
+    loop {
+        match answer.try_recv() {
+            Ok(value) => return Some(value),
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+            Err(oneshot::error::TryRecvError::Empty) if Instant::now() >= deadline => return None,
+            Err(oneshot::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
@@ -298,7 +421,11 @@ impl ClientContext for Context {
 impl ConsumerContext for Context {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         // Records polled before the rebalance reach the task before it hears of it.
-        self.hand_over();
+        // An assignment waits for the task as long as it takes (it chooses the
+        // offsets); a revoke at most `revoke_wait`.
+        let revoking = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS;
+        let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
+        self.hand_over_by(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let partitions: Vec<i32> = tpl
             .elements()
@@ -309,14 +436,11 @@ impl ConsumerContext for Context {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let (reply, answer) = oneshot::channel();
-                let offsets = self
-                    .events
-                    .blocking_send(Event::Assigned {
-                        partitions: partitions.clone(),
-                        reply,
-                    })
-                    .ok()
-                    .and_then(|()| answer.blocking_recv().ok());
+                let event = Event::Assigned {
+                    partitions: partitions.clone(),
+                    reply,
+                };
+                let offsets = self.send_by(event, None).then(|| answer_by(answer, None)).flatten();
                 let Some(offsets) = offsets else {
                     // The task is gone (stopping): take nothing on.
                     let none = TopicPartitionList::new();
@@ -344,15 +468,16 @@ impl ConsumerContext for Context {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let (reply, answer) = oneshot::channel();
-                if self
-                    .events
-                    .blocking_send(Event::Revoked {
-                        partitions: partitions.clone(),
-                        reply,
-                    })
-                    .is_ok()
-                {
-                    let _ = answer.blocking_recv();
+                let event = Event::Revoked {
+                    partitions: partitions.clone(),
+                    reply,
+                };
+                let answered = self.send_by(event, deadline) && answer_by(answer, deadline).is_some();
+                if !answered {
+                    // The task is stuck writing (or gone). Leaving now keeps this
+                    // member in the group; a write of these partitions that lands
+                    // later is fenced if the next owner wrote first.
+                    tracing::warn!(topic = %self.topic, ?partitions, wait_ms = self.revoke_wait.as_millis() as u64, "revoking before the buffered records were written");
                 }
                 tracing::info!(topic = %self.topic, ?partitions, "partitions revoked");
                 if cooperative {
@@ -382,27 +507,64 @@ impl ConsumerContext for Context {
 
 /// Polls `consumer` until `stop` is cancelled or the task goes away. Records are
 /// handed over in batches: when [`HANDOVER_RECORDS`] are gathered, when nothing
-/// more is ready, and before a rebalance or a wait for memory.
+/// more is ready, and before a rebalance. Nothing here blocks: when a record finds
+/// no memory, or the task does not take what is gathered, the assigned partitions
+/// are paused and polling goes on (serving rebalances and the group's liveness)
+/// until memory comes back and the task catches up; then they resume.
 fn poll_loop(
     consumer: Arc<BaseConsumer<Context>>,
     memory: Arc<Semaphore>,
     memory_budget: u32,
+    pauses: Arc<AtomicU64>,
     stop: CancellationToken,
-    runtime: tokio::runtime::Handle,
 ) {
     let context = consumer.context();
     let topic = context.topic.clone();
+    // Records polled while no memory was left (fetched before the pause took
+    // effect), in poll order, each with the permits it needs.
+    let mut held: VecDeque<(OwnedMessage, u32)> = VecDeque::new();
+    let mut paused = false;
+    // The task did not take the last offer: try again each round.
+    let mut behind = false;
     while !stop.is_cancelled() {
-        let gathering = context.pending() > 0;
-        let timeout = if gathering {
+        while let Some((message, permits)) = held.pop_front() {
+            match memory.clone().try_acquire_many_owned(permits) {
+                Ok(permit) => context
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((message, permit)),
+                Err(_) => {
+                    held.push_front((message, permits));
+                    break;
+                }
+            }
+        }
+        let pending = context.pending();
+        if pending > 0 && (pending >= HANDOVER_RECORDS || behind || !held.is_empty()) {
+            match context.hand_over() {
+                Handed::Gone => break,
+                handed => behind = handed == Handed::Later,
+            }
+        }
+        let blocked = !held.is_empty() || behind;
+        if blocked != paused {
+            if blocked {
+                pauses.fetch_add(1, Ordering::Relaxed);
+            }
+            set_paused(&consumer, &topic, blocked);
+            paused = blocked;
+        }
+        let timeout = if context.pending() > 0 && !blocked {
             Duration::ZERO
         } else {
-            Duration::from_millis(100)
+            POLL_WAIT
         };
         let message = match consumer.poll(timeout) {
             None => {
-                if !context.hand_over() {
-                    break;
+                match context.hand_over() {
+                    Handed::Gone => break,
+                    handed => behind = handed == Handed::Later,
                 }
                 continue;
             }
@@ -418,11 +580,9 @@ fn poll_loop(
                 code @ (RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange),
             ))) => {
                 // The owning task decides, against the watermarks, what this means.
-                if !context.hand_over()
-                    || context
-                        .events
-                        .blocking_send(Event::OutOfRange(code.to_string()))
-                        .is_err()
+                let deadline = Instant::now() + context.revoke_wait;
+                if !context.hand_over_by(deadline)
+                    || !context.send_by(Event::OutOfRange(code.to_string()), Some(deadline))
                 {
                     break;
                 }
@@ -435,32 +595,50 @@ fn poll_loop(
         };
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         let permits = u32::try_from(size).unwrap_or(u32::MAX).clamp(1, memory_budget);
-        let permit = match memory.clone().try_acquire_many_owned(permits) {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Hand over what is gathered first: its permits must be able to
-                // come back. Then waiting is the backpressure: nothing more is
-                // fetched into our memory until batches are written.
-                if !context.hand_over() {
-                    break;
-                }
-                let permit = runtime.block_on(async {
-                    tokio::select! {
-                        permit = memory.clone().acquire_many_owned(permits) => permit.ok(),
-                        () = stop.cancelled() => None,
-                    }
-                });
-                let Some(permit) = permit else { break };
-                permit
-            }
-        };
-        let full = {
-            let mut pending = context.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending.push((message, permit));
-            pending.len() >= HANDOVER_RECORDS
-        };
-        if full && !context.hand_over() {
-            break;
+        if !held.is_empty() {
+            // Keep poll order: nothing overtakes a record waiting for memory. A
+            // record here comes from a partition assigned since the pause (or
+            // fetched before it): pause again, so that fetching stops there too.
+            held.push_back((message, permits));
+            set_paused(&consumer, &topic, true);
+            paused = true;
+            continue;
         }
+        match memory.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => context
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((message, permit)),
+            Err(_) => {
+                held.push_back((message, permits));
+                if !paused {
+                    pauses.fetch_add(1, Ordering::Relaxed);
+                    set_paused(&consumer, &topic, true);
+                    paused = true;
+                }
+            }
+        }
+    }
+}
+
+/// Pauses or resumes fetching of every assigned partition.
+fn set_paused(consumer: &BaseConsumer<Context>, topic: &str, pause: bool) {
+    let assignment = match consumer.assignment() {
+        Ok(assignment) => assignment,
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "cannot read the assignment to pause or resume it");
+            return;
+        }
+    };
+    let result = if pause {
+        tracing::debug!(topic, "memory budget spent or the writer behind: fetching paused");
+        consumer.pause(&assignment)
+    } else {
+        tracing::debug!(topic, "fetching resumed");
+        consumer.resume(&assignment)
+    };
+    if let Err(e) = result {
+        tracing::warn!(topic, pause, error = %e, "cannot pause or resume fetching");
     }
 }
