@@ -17,7 +17,7 @@ struct Setup {
     env: Vec<(String, String)>,
     config: Config,
     url: String,
-    _broker: DevBroker,
+    broker: DevBroker,
     ingest: InProcessIngest,
 }
 
@@ -50,7 +50,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
         env,
         config,
         url,
-        _broker: broker,
+        broker,
         ingest,
     }
 }
@@ -427,5 +427,39 @@ async fn a_poller_killed_half_way_through_a_window_fetches_it_again_exactly_once
     landed(&s.url, "events_part", 400).await;
     let status = poller.terminate(Duration::from_secs(20)).expect("stops");
     assert!(status.success());
+    s.ingest.stop().await;
+}
+
+/// The Kafka broker is down while an export is published: the idempotent
+/// producer waits it out, the export completes, and every event lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_export_published_while_the_broker_is_down_completes_once_it_is_back() {
+    let s = setup(&[]).await;
+    let day = "2024-03-05";
+    let rows = logs_api::events(day, 300, 31, 0);
+    s.api.script("events", day, script(vec![Step::Preparing], rows));
+    s.broker.set_broker_up(1, false).expect("broker down");
+    let exporting = tokio::spawn({
+        let env = s.env.clone();
+        async move { export(&env, day, day).await }
+    });
+    // The export fetches (one 202, then the data) and publishes into the outage.
+    wait_for(Duration::from_secs(30), "the export to be fetched", || async {
+        (s.api.seen().len() >= 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!exporting.is_finished(), "the export waits for the broker");
+    s.broker.set_broker_up(1, true).expect("broker up");
+    let output = exporting.await.expect("export task");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    landed(&s.url, "events_part", 300).await;
+    let ends: i64 = watermarks(&s.config, &format!("{}events_part", s.config.kafka.topic_prefix))
+        .await
+        .iter()
+        .map(|w| w.high)
+        .sum();
+    assert_eq!(ends, 300, "each event published once");
     s.ingest.stop().await;
 }

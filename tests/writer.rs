@@ -682,3 +682,34 @@ async fn a_reason_with_nul_is_stored_escaped() {
         assert_eq!(count_rejects(&dwh).await, 1, "{db:?}");
     }
 }
+
+#[tokio::test]
+async fn a_read_only_sqlite_database_fails_the_whole_batch_and_rejects_nothing() {
+    let (dwh, config, _guard) = dwh(Db::Sqlite, &[]).await;
+    // The same file opened read-only: SQLITE_READONLY, the database's fault.
+    let read_only_url = format!("{}?mode=ro", config.database_url.expose());
+    let read_only = Dwh::connect(&common::config_for(&read_only_url, &[]).dwh).expect("pool");
+    let records = rows(Table::UserLocations, &common::locations(5));
+    let origins: Vec<Origin> = (0..5).map(|offset| Origin { partition: 0, offset }).collect();
+    let err = read_only
+        .write(Batch {
+            table: Table::UserLocations,
+            rows: &records,
+            rejects: &[],
+            offsets: &[location_advance(0, 5)],
+            origins: Some(Origins {
+                topic: "dwh.user_locations",
+                rows: &origins,
+            }),
+        })
+        .await
+        .expect_err("read-only");
+    assert!(!err.is_refused() && !err.is_transient(), "{err:?}");
+    assert!(err.to_string().contains("readonly"), "{err}");
+    assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0);
+    assert_eq!(count_rejects(&dwh).await, 0, "no good row became a reject");
+    assert_eq!(
+        dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
+        None
+    );
+}

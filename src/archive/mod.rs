@@ -43,7 +43,7 @@ pub fn group_id(config: &Config) -> String {
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-    let budget = consumer::table_budget(config.kafka.max_in_flight_bytes);
+    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes).held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();
@@ -196,6 +196,10 @@ impl Archiver {
                     }
                     // The archive's consumer resets to the earliest record by itself.
                     Some(Event::OutOfRange(_)) => {}
+                    Some(Event::PollFailed(why)) => {
+                        tracing::error!(table = %self.table, %why, "the poll thread failed; rebuilding the consumer");
+                        return Exit::Restart(format!("the poll thread failed: {why}"));
+                    }
                     Some(Event::Revoked { partitions, reply }) => {
                         // Not stored, not committed: the next owner archives these
                         // records again, under the same keys.

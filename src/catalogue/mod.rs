@@ -349,10 +349,25 @@ pub const EVENT_HASH_V1_FIELDS: &[&str] = &[
 /// Lowercase hex. A NULL field and an absent column hash alike, so a column that
 /// is added (nullable) or dropped leaves every stored hash as it was.
 pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
+    // The columns of the frozen fields, looked up once per table spec.
+    static EVENTS_PART: std::sync::OnceLock<Vec<(&'static str, Option<usize>)>> = std::sync::OnceLock::new();
+    let lookup = || -> Vec<(&'static str, Option<usize>)> {
+        EVENT_HASH_V1_FIELDS
+            .iter()
+            .map(|name| (*name, spec.index_of(name)))
+            .collect()
+    };
+    let own;
+    let fields = if std::ptr::eq(spec, Table::EventsPart.spec()) {
+        EVENTS_PART.get_or_init(lookup)
+    } else {
+        own = lookup();
+        &own
+    };
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     hasher.update(b"event-hash-v1\x1e");
-    for name in EVENT_HASH_V1_FIELDS {
-        let Some(text) = spec.index_of(name).and_then(|i| row.values[i].canonical_text()) else {
+    for (name, index) in fields {
+        let Some(text) = index.and_then(|i| row.values[i].canonical_text()) else {
             continue;
         };
         hasher.update(name.as_bytes());

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// dev broker to hold the backlog, or KAFKA_TOPIC_PARTITIONS]
     #[arg(long)]
     partitions: Option<i32>,
+    /// Pad each record's JSON to about this many bytes (scenario ingest), to measure
+    /// memory with large records: `--record-bytes 1024`, `--record-bytes 1048576`
+    #[arg(long)]
+    record_bytes: Option<usize>,
     /// Records per POST request (scenario http)
     #[arg(long, default_value_t = 10_000)]
     per_request: usize,
@@ -93,7 +97,7 @@ pub async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         if rows == 0 {
             bail!("--rows must be positive");
         }
-        let report = super::bench_ingest::run(&config, rows, args.partitions).await?;
+        let report = super::bench_ingest::run(&config, rows, args.partitions, args.record_bytes).await?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {

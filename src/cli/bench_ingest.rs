@@ -42,11 +42,30 @@ pub(super) struct IngestReport {
     copy_seconds: Option<f64>,
     copy_rows_per_second: Option<f64>,
     ratio_to_copy: Option<f64>,
+    /// `KAFKA_MAX_IN_FLIGHT_BYTES` of the ingest process, in MiB.
+    budget_mib: f64,
+    /// The documented bound of peak RSS for that budget (README, "Memory").
+    rss_bound_mib: f64,
 }
 
-pub(super) async fn run(config: &Config, rows: usize, partitions: Option<i32>) -> anyhow::Result<IngestReport> {
+/// Record `k` of the benchmark: a sample event, padded to about `bytes` of JSON.
+fn bench_record(k: u64, bytes: Option<usize>) -> serde_json::Value {
+    let mut record = sample::record(Table::EventsPart, k);
+    if let Some(bytes) = bytes {
+        let size = record.to_string().len();
+        record["original_device_model"] = serde_json::Value::String("x".repeat(bytes.saturating_sub(size + 28)));
+    }
+    record
+}
+
+pub(super) async fn run(
+    config: &Config,
+    rows: usize,
+    partitions: Option<i32>,
+    record_bytes: Option<usize>,
+) -> anyhow::Result<IngestReport> {
     let scratch = Scratch::create(&config.dwh.database_url).await?;
-    let result = measure(config, rows, partitions, &scratch).await;
+    let result = measure(config, rows, partitions, record_bytes, &scratch).await;
     scratch.drop_database().await;
     result
 }
@@ -55,6 +74,7 @@ async fn measure(
     config: &Config,
     rows: usize,
     partitions: Option<i32>,
+    record_bytes: Option<usize>,
     scratch: &Scratch,
 ) -> anyhow::Result<IngestReport> {
     let mut dwh_config = config.dwh.clone();
@@ -64,7 +84,7 @@ async fn measure(
 
     let prefix = format!("bench{}.", std::process::id());
     let group = format!("dwh-bench-{}", std::process::id());
-    let sample_size = sample::record(Table::EventsPart, 0).to_string().len();
+    let sample_size = bench_record(0, record_bytes).to_string().len();
     let (broker, bootstrap, partitions) = match &config.kafka.bootstrap_servers {
         Some(servers) => (
             None,
@@ -87,6 +107,13 @@ async fn measure(
         }
     };
     let mut kafka_config = config.kafka.clone();
+    if sample_size > 512 * 1024 {
+        // Records of a MiB and more: above librdkafka's default message size.
+        let max = (sample_size * 2).max(1 << 20).to_string();
+        kafka_config
+            .librdkafka
+            .push(("message.max.bytes".into(), crate::config::Secret::new(max)));
+    }
     kafka_config.bootstrap_servers = Some(bootstrap.clone());
     kafka_config.topic_prefix = prefix.clone();
     let topic = kafka::topic_name(&prefix, Table::EventsPart);
@@ -100,7 +127,7 @@ async fn measure(
     let mut batch = publisher.batch();
     let mut payload_bytes = 0u64;
     for k in 0..rows as u64 {
-        let record = sample::record(Table::EventsPart, k);
+        let record = bench_record(k, record_bytes);
         let key = catalogue::natural_key(
             Table::EventsPart.spec(),
             &catalogue::decode_json(Table::EventsPart, record.clone())?.row,
@@ -153,6 +180,8 @@ async fn measure(
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    // Not a log event: a panic or librdkafka's own output.
+                    eprintln!("ingest: {line}");
                     continue;
                 };
                 if event["message"] == "batch committed" {
@@ -209,7 +238,7 @@ async fn measure(
             Some(
                 copy_baseline(
                     &scratch.url,
-                    (0..rows as u64).map(|k| sample::record(Table::EventsPart, k)),
+                    (0..rows as u64).map(|k| bench_record(k, record_bytes)),
                     None,
                 )
                 .await?,
@@ -250,7 +279,19 @@ async fn measure(
         copy_seconds: copy.map(|d| d.as_secs_f64()),
         copy_rows_per_second: copy_rps,
         ratio_to_copy: copy_rps.map(|c| rows_per_second / c),
+        budget_mib: config.kafka.max_in_flight_bytes as f64 / MIB,
+        rss_bound_mib: rss_bound(config) as f64 / MIB,
     })
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// The documented bound of an ingest process's peak RSS (README, "Memory"): the
+/// process itself, the in-flight budget (librdkafka's prefetch included), and
+/// the statement text of a write in progress per table, twice (built, then sent).
+pub(super) fn rss_bound(config: &Config) -> usize {
+    const BASE: usize = 96 << 20;
+    BASE + config.kafka.max_in_flight_bytes + 2 * config.dwh.max_write_batch_bytes * Table::ALL.len()
 }
 
 /// The peak resident set size of process `pid` (Linux `VmHWM`), in MiB.
@@ -265,10 +306,11 @@ pub(super) fn print(r: &IngestReport) {
     let opt = |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1} {unit}"));
     println!("scenario         ingest ({}, {})", r.backend, r.broker);
     println!(
-        "records          {} events_part over {} partitions, {:.1} MB of JSON",
+        "records          {} events_part over {} partitions, {:.1} MB of JSON ({} bytes each)",
         r.rows,
         r.partitions,
-        r.payload_bytes as f64 / 1e6
+        r.payload_bytes as f64 / 1e6,
+        r.payload_bytes / r.rows.max(1) as u64
     );
     println!(
         "publish          {:.2} s (not part of the measurement)",
@@ -278,7 +320,12 @@ pub(super) fn print(r: &IngestReport) {
         "ingest           {:>10.0} rows/s  {:>6.1} MB/s  {:>7.2} s (start to caught up)",
         r.rows_per_second, r.mb_per_second, r.seconds
     );
-    println!("peak RSS         {}", opt(r.peak_rss_mib, "MiB"));
+    println!(
+        "peak RSS         {}  (bound {:.0} MiB for KAFKA_MAX_IN_FLIGHT_BYTES {:.0} MiB)",
+        opt(r.peak_rss_mib, "MiB"),
+        r.rss_bound_mib,
+        r.budget_mib
+    );
     println!(
         "batch flush      p50 {}  p99 {}  ({} batches)",
         opt(r.flush_p50_ms, "ms"),

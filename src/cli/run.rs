@@ -94,6 +94,15 @@ async fn serve_roles(
     shutdown: CancellationToken,
     status: Arc<IngestStatus>,
 ) -> anyhow::Result<()> {
+    // KAFKA_MAX_IN_FLIGHT_BYTES bounds the whole process: the roles that consume
+    // share it.
+    let consuming = [Role::Ingest, Role::Archive]
+        .iter()
+        .filter(|r| roles.contains(r))
+        .count()
+        .max(1);
+    let mut config = config;
+    config.kafka.max_in_flight_bytes /= consuming;
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     if roles.contains(&Role::Ingest) {
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());

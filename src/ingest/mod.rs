@@ -41,7 +41,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     prepare_topics(config).await?;
-    let budget = consumer::table_budget(config.kafka.max_in_flight_bytes);
+    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes).held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
     for table in Table::ALL {

@@ -177,6 +177,10 @@ impl Worker {
                             Err(NoStart::Misfit(misfit)) => return self.stop(state, misfit).await,
                         }
                     }
+                    Some(Event::PollFailed(why)) => {
+                        tracing::error!(topic = %self.writer.topic, %why, "the poll thread failed; rebuilding the consumer");
+                        return Exit::Restart(format!("the poll thread failed: {why}"));
+                    }
                     Some(Event::OutOfRange(cause)) => {
                         // Write what is buffered, then decide again from the DWH's
                         // offsets and the watermarks, as on an assignment.

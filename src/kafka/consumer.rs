@@ -31,10 +31,33 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::{self, KafkaSetupError};
 
-/// The memory share of one table's consumer: the role's budget split evenly, so
-/// that one table whose writes stall cannot starve the others.
-pub fn table_budget(role_budget: usize) -> u32 {
-    (role_budget / Table::ALL.len()).clamp(1, u32::MAX as usize) as u32
+/// How one table's consumer may use memory. The role's budget is split evenly
+/// between its seven tables (so that one table whose writes stall cannot starve
+/// the others); of a table's share, a quarter is librdkafka's prefetch (half as
+/// its queue, half as one fetch response in flight) and the rest is held records,
+/// counted by [`Role::charge`] per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryShare {
+    /// `queued.max.messages.kbytes` and `fetch.max.bytes`, each.
+    pub prefetch_half: usize,
+    /// Bytes of held records (as charged), the semaphore's permits.
+    pub held: u32,
+}
+
+/// The smallest prefetch half: librdkafka raises `fetch.max.bytes` to
+/// `message.max.bytes` (1 MB) anyway.
+const MIN_PREFETCH_HALF: usize = 1 << 20;
+
+impl MemoryShare {
+    pub fn of(role_budget: usize) -> Self {
+        let table = role_budget / Table::ALL.len();
+        let prefetch_half = (table / 8).max(MIN_PREFETCH_HALF);
+        let held = table.saturating_sub(2 * prefetch_half).max(MIN_PREFETCH_HALF);
+        MemoryShare {
+            prefetch_half,
+            held: held.min(u32::MAX as usize) as u32,
+        }
+    }
 }
 
 /// A token cancelled `grace` after `shutdown`: when retries stop and a write in
@@ -67,6 +90,9 @@ const CHANNEL_BATCHES: usize = 64;
 const HANDOVER_RECORDS: usize = 256;
 /// How long the poll loop waits for a record, or for memory while paused.
 const POLL_WAIT: Duration = Duration::from_millis(100);
+/// How long the poll thread waits for memory or for the task before it pauses
+/// fetching: short against `max.poll.interval.ms`, long against a batch write.
+const SHORT_WAIT: Duration = Duration::from_secs(1);
 /// librdkafka's default `max.poll.interval.ms`.
 const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
@@ -162,6 +188,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// What a record of `size` bytes (payload and key) costs in memory while it
+    /// is held: ingest holds the decoded row, about twice the JSON it came from
+    /// (a value per column, each with its own allocation); the archive holds the
+    /// record's line, gzipped, at most its size.
+    pub fn charge(self, size: usize) -> usize {
+        match self {
+            Role::Ingest => size.saturating_mul(2),
+            Role::Archive => size,
+        }
+    }
+
     fn offset_reset(self) -> &'static str {
         match self {
             Role::Ingest => "error",
@@ -181,6 +218,7 @@ impl Role {
 /// owning task decides what is committed where).
 pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) -> Result<Subscription, ConsumerError> {
     let instance_suffix = role.suffix();
+    let share = MemoryShare::of(kafka.max_in_flight_bytes);
     let topic = kafka::topic_name(&kafka.topic_prefix, table);
     let (events, receiver) = mpsc::channel(CHANNEL_BATCHES);
     let mut settings = kafka::client_config(
@@ -192,8 +230,12 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
             ("enable.auto.offset.store", "false"),
             ("enable.partition.eof", "false"),
             ("auto.offset.reset", role.offset_reset()),
-            // librdkafka's own prefetch counts against memory too: keep it modest.
-            ("queued.max.messages.kbytes", "16384"),
+            // librdkafka's prefetch is part of the table's memory share.
+            (
+                "queued.max.messages.kbytes",
+                &(share.prefetch_half / 1024).max(1).to_string(),
+            ),
+            ("fetch.max.bytes", &share.prefetch_half.to_string()),
             // Pick up topics created after the start within seconds.
             ("topic.metadata.refresh.interval.ms", "10000"),
             // A rebalance moves only the partitions that change hands; the others
@@ -217,6 +259,8 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
         events,
         pending: std::sync::Mutex::new(Vec::new()),
         revoke_wait: Duration::from_millis(max_poll_interval / 2),
+        role,
+        runtime: tokio::runtime::Handle::current(),
     };
     let consumer: BaseConsumer<Context> =
         settings
@@ -250,7 +294,21 @@ impl Subscription {
             let name = format!("poll-{}", consumer.context().topic);
             std::thread::Builder::new()
                 .name(name)
-                .spawn(move || poll_loop(consumer, memory, budget, pauses, stop))
+                .spawn(move || {
+                    let events = consumer.context().events.clone();
+                    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        poll_loop(consumer, memory, budget, pauses, stop)
+                    }));
+                    if let Err(panic) = polled {
+                        // Never leave the task waiting for records that cannot come.
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        let _ = events.blocking_send(Event::PollFailed(why));
+                    }
+                })
                 .map_err(ConsumerError::Thread)?
         };
         Ok((
@@ -304,6 +362,8 @@ pub enum Event {
     /// A fetch position fell outside a partition's log (consumers of
     /// [`Role::Ingest`] never jump by themselves).
     OutOfRange(String),
+    /// The poll thread failed (a bug): the consumer must be rebuilt.
+    PollFailed(String),
     /// Partitions are being revoked; answer once nothing of them stays buffered.
     Revoked {
         partitions: Vec<i32>,
@@ -321,6 +381,19 @@ pub struct Context {
     pending: std::sync::Mutex<Vec<(OwnedMessage, OwnedSemaphorePermit)>>,
     /// How long a revoke waits for the task to write what it buffered.
     revoke_wait: Duration,
+    /// What a held record costs ([`Role::charge`]).
+    role: Role,
+    /// The runtime the poll thread blocks on for short, bounded waits.
+    runtime: tokio::runtime::Handle,
+}
+
+/// Whether an event reached the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Yes,
+    /// The task is gone (closing): nobody to wait for.
+    Gone,
+    TimedOut,
 }
 
 /// Whether the task took what was offered.
@@ -335,45 +408,34 @@ enum Handed {
 }
 
 impl Context {
-    /// Offers the polled records to the task without waiting.
-    fn hand_over(&self) -> Handed {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.is_empty() {
+    /// Hands everything over, waiting at most `wait` for room in the channel.
+    /// Call from the poll thread only (it blocks on `runtime`).
+    fn hand_over_within(&self, runtime: &tokio::runtime::Handle, wait: Duration) -> Handed {
+        let records = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if records.is_empty() {
             return Handed::All;
         }
-        match self.events.try_send(Event::Records(std::mem::take(&mut *pending))) {
+        // An async fn: its timer is made when `block_on` first polls it.
+        match runtime.block_on(self.events.send_timeout(Event::Records(records), wait)) {
             Ok(()) => Handed::All,
-            Err(mpsc::error::TrySendError::Full(Event::Records(records))) => {
-                *pending = records;
+            Err(mpsc::error::SendTimeoutError::Timeout(Event::Records(records))) => {
+                *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = records;
                 Handed::Later
             }
             Err(_) => Handed::Gone,
         }
     }
 
-    /// Hands everything over, waiting at most until `deadline`; false when the
-    /// task is gone or the deadline passed.
-    fn hand_over_by(&self, deadline: Instant) -> bool {
-        loop {
-            match self.hand_over() {
-                Handed::All => return true,
-                Handed::Gone => return false,
-                Handed::Later if Instant::now() >= deadline => return false,
-                Handed::Later => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    }
-
     /// Sends `event`, waiting at most until `deadline` (`None`: for as long as
-    /// the task lives); false when it was not sent.
-    fn send_by(&self, mut event: Event, deadline: Option<Instant>) -> bool {
+    /// the task lives).
+    fn send_by(&self, mut event: Event, deadline: Option<Instant>) -> Sent {
         loop {
             match self.events.try_send(event) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Ok(()) => return Sent::Yes,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Sent::Gone,
                 Err(mpsc::error::TrySendError::Full(back)) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return false;
+                        return Sent::TimedOut;
                     }
                     event = back;
                     std::thread::sleep(Duration::from_millis(5));
@@ -425,7 +487,12 @@ impl ConsumerContext for Context {
         // offsets); a revoke at most `revoke_wait`.
         let revoking = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS;
         let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
-        self.hand_over_by(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)));
+        let wait = if revoking {
+            self.revoke_wait
+        } else {
+            Duration::from_secs(3600)
+        };
+        self.hand_over_within(&self.runtime, wait);
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let partitions: Vec<i32> = tpl
             .elements()
@@ -440,7 +507,9 @@ impl ConsumerContext for Context {
                     partitions: partitions.clone(),
                     reply,
                 };
-                let offsets = self.send_by(event, None).then(|| answer_by(answer, None)).flatten();
+                let offsets = (self.send_by(event, None) == Sent::Yes)
+                    .then(|| answer_by(answer, None))
+                    .flatten();
                 let Some(offsets) = offsets else {
                     // The task is gone (stopping): take nothing on.
                     let none = TopicPartitionList::new();
@@ -472,8 +541,9 @@ impl ConsumerContext for Context {
                     partitions: partitions.clone(),
                     reply,
                 };
-                let answered = self.send_by(event, deadline) && answer_by(answer, deadline).is_some();
-                if !answered {
+                let sent = self.send_by(event, deadline);
+                let answered = sent == Sent::Yes && answer_by(answer, deadline).is_some();
+                if !answered && sent != Sent::Gone {
                     // The task is stuck writing (or gone). Leaving now keeps this
                     // member in the group; a write of these partitions that lands
                     // later is fenced if the next owner wrote first.
@@ -507,10 +577,11 @@ impl ConsumerContext for Context {
 
 /// Polls `consumer` until `stop` is cancelled or the task goes away. Records are
 /// handed over in batches: when [`HANDOVER_RECORDS`] are gathered, when nothing
-/// more is ready, and before a rebalance. Nothing here blocks: when a record finds
-/// no memory, or the task does not take what is gathered, the assigned partitions
-/// are paused and polling goes on (serving rebalances and the group's liveness)
-/// until memory comes back and the task catches up; then they resume.
+/// more is ready, and before a rebalance. Waits are short and bounded: when a
+/// record finds no memory, or the task does not take what is gathered, within
+/// [`SHORT_WAIT`], the assigned partitions are paused and polling goes on
+/// (serving rebalances and the group's liveness) until memory comes back and the
+/// task catches up; then they resume.
 fn poll_loop(
     consumer: Arc<BaseConsumer<Context>>,
     memory: Arc<Semaphore>,
@@ -519,6 +590,7 @@ fn poll_loop(
     stop: CancellationToken,
 ) {
     let context = consumer.context();
+    let runtime = &context.runtime;
     let topic = context.topic.clone();
     // Records polled while no memory was left (fetched before the pause took
     // effect), in poll order, each with the permits it needs.
@@ -542,7 +614,9 @@ fn poll_loop(
         }
         let pending = context.pending();
         if pending > 0 && (pending >= HANDOVER_RECORDS || behind || !held.is_empty()) {
-            match context.hand_over() {
+            // While paused, only look; otherwise wait a moment for the task.
+            let wait = if paused { Duration::ZERO } else { SHORT_WAIT };
+            match context.hand_over_within(runtime, wait) {
                 Handed::Gone => break,
                 handed => behind = handed == Handed::Later,
             }
@@ -562,9 +636,12 @@ fn poll_loop(
         };
         let message = match consumer.poll(timeout) {
             None => {
-                match context.hand_over() {
-                    Handed::Gone => break,
-                    handed => behind = handed == Handed::Later,
+                if context.pending() > 0 {
+                    let wait = if paused { Duration::ZERO } else { SHORT_WAIT };
+                    match context.hand_over_within(runtime, wait) {
+                        Handed::Gone => break,
+                        handed => behind = handed == Handed::Later,
+                    }
                 }
                 continue;
             }
@@ -581,8 +658,8 @@ fn poll_loop(
             ))) => {
                 // The owning task decides, against the watermarks, what this means.
                 let deadline = Instant::now() + context.revoke_wait;
-                if !context.hand_over_by(deadline)
-                    || !context.send_by(Event::OutOfRange(code.to_string()), Some(deadline))
+                if context.hand_over_within(runtime, context.revoke_wait) != Handed::All
+                    || context.send_by(Event::OutOfRange(code.to_string()), Some(deadline)) != Sent::Yes
                 {
                     break;
                 }
@@ -594,7 +671,9 @@ fn poll_loop(
             }
         };
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
-        let permits = u32::try_from(size).unwrap_or(u32::MAX).clamp(1, memory_budget);
+        let permits = u32::try_from(context.role.charge(size))
+            .unwrap_or(u32::MAX)
+            .clamp(1, memory_budget);
         if !held.is_empty() {
             // Keep poll order: nothing overtakes a record waiting for memory. A
             // record here comes from a partition assigned since the pause (or
@@ -604,13 +683,30 @@ fn poll_loop(
             paused = true;
             continue;
         }
-        match memory.clone().try_acquire_many_owned(permits) {
-            Ok(permit) => context
+        let permit = match memory.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => Some(permit),
+            Err(_) if paused => None,
+            Err(_) => {
+                // Hand over what is gathered first (its permits must be able to
+                // come back), then wait a moment for memory.
+                if context.hand_over_within(runtime, SHORT_WAIT) == Handed::Gone {
+                    break;
+                }
+                // Timers need the runtime's context: build the timeout inside.
+                let acquire = memory.clone().acquire_many_owned(permits);
+                runtime
+                    .block_on(async { tokio::time::timeout(SHORT_WAIT, acquire).await })
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        };
+        match permit {
+            Some(permit) => context
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((message, permit)),
-            Err(_) => {
+            None => {
                 held.push_back((message, permits));
                 if !paused {
                     pauses.fetch_add(1, Ordering::Relaxed);
@@ -640,5 +736,30 @@ fn set_paused(consumer: &BaseConsumer<Context>, topic: &str, pause: bool) {
     };
     if let Err(e) = result {
         tracing::warn!(topic, pause, error = %e, "cannot pause or resume fetching");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_role_budget_is_split_between_tables_and_prefetch_within_it() {
+        const MIB: usize = 1 << 20;
+        for budget in [64 * MIB, 256 * MIB, 1024 * MIB] {
+            let share = MemoryShare::of(budget);
+            let per_table = 2 * share.prefetch_half + share.held as usize;
+            assert!(per_table <= budget / Table::ALL.len(), "{budget}: {share:?}");
+            assert!(share.held as usize >= per_table * 3 / 4 - 1, "{budget}: {share:?}");
+        }
+        // A tiny budget still leaves librdkafka its minimum and the table a record.
+        let small = MemoryShare::of(MIB);
+        assert_eq!((small.prefetch_half, small.held as usize), (MIB, MIB));
+    }
+
+    #[test]
+    fn ingest_charges_the_decoded_row_and_the_archive_the_record() {
+        assert_eq!(Role::Ingest.charge(1000), 2000);
+        assert_eq!(Role::Archive.charge(1000), 1000);
     }
 }
