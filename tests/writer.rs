@@ -622,39 +622,51 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
 
 #[tokio::test]
 async fn an_error_of_the_database_rather_than_the_data_fails_the_whole_batch_and_rejects_nothing() {
-    let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
-    let url = config.database_url.expose().to_owned();
-    let name = url.rsplit('/').next().expect("database name").to_owned();
-    // After a failover the database answers read-only (25006): the rows are fine.
-    exec(
-        &config,
-        &format!("ALTER DATABASE {name} SET default_transaction_read_only = on"),
-    )
-    .await;
-    let read_only = Dwh::connect(&config).expect("pool");
-    let records = rows(Table::UserLocations, &common::locations(5));
-    let origins: Vec<Origin> = (0..5).map(|offset| Origin { partition: 0, offset }).collect();
-    let err = read_only
-        .write(Batch {
-            table: Table::UserLocations,
-            rows: &records,
-            rejects: &[],
-            offsets: &[location_advance(0, 5)],
-            origins: Some(Origins {
-                topic: "dwh.user_locations",
-                rows: &origins,
-            }),
-        })
-        .await
-        .expect_err("read-only");
-    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
-    assert!(err.to_string().contains("read-only transaction"), "{err}");
-    assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0);
-    assert_eq!(count_rejects(&dwh).await, 0, "no good row became a reject");
-    assert_eq!(
-        dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
-        None
-    );
+    for db in BOTH {
+        let (dwh, config, _guard) = dwh(db, &[]).await;
+        let url = config.database_url.expose().to_owned();
+        // Read-only, the database's fault and not the rows': PostgreSQL after a
+        // failover (25006), SQLite's file opened read-only (SQLITE_READONLY).
+        let (read_only, message) = match db {
+            Db::Postgres => {
+                let name = url.rsplit('/').next().expect("database name").to_owned();
+                exec(
+                    &config,
+                    &format!("ALTER DATABASE {name} SET default_transaction_read_only = on"),
+                )
+                .await;
+                (Dwh::connect(&config).expect("pool"), "read-only transaction")
+            }
+            Db::Sqlite => {
+                let read_only = common::config_for(&format!("{url}?mode=ro"), &[]).dwh;
+                (Dwh::connect(&read_only).expect("pool"), "readonly")
+            }
+        };
+        let records = rows(Table::UserLocations, &common::locations(5));
+        let origins: Vec<Origin> = (0..5).map(|offset| Origin { partition: 0, offset }).collect();
+        let err = read_only
+            .write(Batch {
+                table: Table::UserLocations,
+                rows: &records,
+                rejects: &[],
+                offsets: &[location_advance(0, 5)],
+                origins: Some(Origins {
+                    topic: "dwh.user_locations",
+                    rows: &origins,
+                }),
+            })
+            .await
+            .expect_err("read-only");
+        assert!(matches!(err, StoreError::Database(_)), "{db:?}: {err:?}");
+        assert!(err.to_string().contains(message), "{db:?}: {err}");
+        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0, "{db:?}");
+        assert_eq!(count_rejects(&dwh).await, 0, "{db:?}: no good row became a reject");
+        assert_eq!(
+            dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
+            None,
+            "{db:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -681,35 +693,4 @@ async fn a_reason_with_nul_is_stored_escaped() {
         .expect("a NUL in a reason does not stall the table");
         assert_eq!(count_rejects(&dwh).await, 1, "{db:?}");
     }
-}
-
-#[tokio::test]
-async fn a_read_only_sqlite_database_fails_the_whole_batch_and_rejects_nothing() {
-    let (dwh, config, _guard) = dwh(Db::Sqlite, &[]).await;
-    // The same file opened read-only: SQLITE_READONLY, the database's fault.
-    let read_only_url = format!("{}?mode=ro", config.database_url.expose());
-    let read_only = Dwh::connect(&common::config_for(&read_only_url, &[]).dwh).expect("pool");
-    let records = rows(Table::UserLocations, &common::locations(5));
-    let origins: Vec<Origin> = (0..5).map(|offset| Origin { partition: 0, offset }).collect();
-    let err = read_only
-        .write(Batch {
-            table: Table::UserLocations,
-            rows: &records,
-            rejects: &[],
-            offsets: &[location_advance(0, 5)],
-            origins: Some(Origins {
-                topic: "dwh.user_locations",
-                rows: &origins,
-            }),
-        })
-        .await
-        .expect_err("read-only");
-    assert!(!err.is_refused() && !err.is_transient(), "{err:?}");
-    assert!(err.to_string().contains("readonly"), "{err}");
-    assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0);
-    assert_eq!(count_rejects(&dwh).await, 0, "no good row became a reject");
-    assert_eq!(
-        dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
-        None
-    );
 }

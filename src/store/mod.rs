@@ -6,6 +6,56 @@
 //! `DWH_MAX_ROWS_PER_INSERT` rows or `DWH_MAX_WRITE_BATCH_BYTES` bytes of row data.
 //! A fenced offset aborts the whole transaction with [`StoreError::Fenced`].
 
+/// Writes a batch's rows, chunk by chunk, inside the open transaction `$tx`, the
+/// same way on both backends (a macro: their connection types differ).
+/// `$write(conn, $ctx, rows, outcome)` writes rows. With origins, each chunk runs
+/// under a savepoint; when the database refuses the data of a row in it, the
+/// chunk is rolled back and each of its rows is tried alone under a savepoint of
+/// its own: the refused ones become rejects (`insert_reject` of the backend, in
+/// the same transaction), the rest lands. Any other error fails the batch.
+macro_rules! write_rows_isolating {
+    ($tx:ident, $batch:expr, $chunks:expr, $outcome:ident, $write:ident, $ctx:expr) => {{
+        for range in $chunks {
+            let rows = &$batch.rows[range.clone()];
+            let Some(origins) = $batch.origins else {
+                $write(&mut $tx, $ctx, rows, &mut $outcome).await?;
+                continue;
+            };
+            let mut chunk = $tx.begin().await?;
+            let mut written = WriteOutcome::default();
+            match $write(&mut chunk, $ctx, rows, &mut written).await {
+                Ok(()) => {
+                    chunk.commit().await?;
+                    $outcome.absorb(written);
+                }
+                Err(e) if e.is_refused() => {
+                    chunk.rollback().await?;
+                    for (row, &origin) in rows.iter().zip(&origins.rows[range.clone()]) {
+                        let mut single = $tx.begin().await?;
+                        let mut written = WriteOutcome::default();
+                        match $write(&mut single, $ctx, std::slice::from_ref(row), &mut written).await {
+                            Ok(()) => {
+                                single.commit().await?;
+                                $outcome.absorb(written);
+                            }
+                            Err(e) if e.is_refused() => {
+                                single.rollback().await?;
+                                let reject = RejectedRecord::refused_row($batch.table, origins.topic, origin, row, &e);
+                                insert_reject(&mut $tx, &reject).await?;
+                                $outcome.refused.push(reject);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        $outcome.skipped =
+            ($batch.rows.len() - $outcome.refused.len()) as u64 - $outcome.inserted_ids.len() as u64 - $outcome.updated;
+    }};
+}
+
 mod chunk;
 mod error;
 mod postgres;

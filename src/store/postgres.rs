@@ -59,47 +59,8 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
         statements: chunks.len(),
         ..WriteOutcome::default()
     };
-    for range in chunks {
-        let rows = &batch.rows[range.clone()];
-        let Some(origins) = batch.origins else {
-            write_chunk(&mut tx, spec, rows, &mut outcome).await?;
-            continue;
-        };
-        // Under a savepoint, so that a row the database refuses costs only the
-        // chunk's work, then each row of the chunk is tried alone.
-        let mut chunk = tx.begin().await?;
-        let mut written = WriteOutcome::default();
-        match write_chunk(&mut chunk, spec, rows, &mut written).await {
-            Ok(()) => {
-                chunk.commit().await?;
-                outcome.absorb(written);
-            }
-            Err(e) if e.is_refused() => {
-                chunk.rollback().await?;
-                for (row, &origin) in rows.iter().zip(&origins.rows[range.clone()]) {
-                    let mut single = tx.begin().await?;
-                    let mut written = WriteOutcome::default();
-                    match write_chunk(&mut single, spec, std::slice::from_ref(row), &mut written).await {
-                        Ok(()) => {
-                            single.commit().await?;
-                            outcome.absorb(written);
-                        }
-                        Err(e) if e.is_refused() => {
-                            single.rollback().await?;
-                            let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
-                            insert_reject(&mut tx, &reject).await?;
-                            outcome.refused.push(reject);
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    write_rows_isolating!(tx, batch, chunks, outcome, write_chunk, spec);
     tx.commit().await?;
-    outcome.skipped =
-        (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted_ids.len() as u64 - outcome.updated;
     Ok(outcome)
 }
 

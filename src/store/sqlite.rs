@@ -62,47 +62,8 @@ pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>])
         ..WriteOutcome::default()
     };
     let statements = Statements { insert, upsert };
-    for range in chunks {
-        let rows = &batch.rows[range.clone()];
-        let Some(origins) = batch.origins else {
-            write_rows(&mut tx, &statements, rows, &mut outcome).await?;
-            continue;
-        };
-        // As on PostgreSQL: the chunk under a savepoint, then, when the database
-        // refuses a row of it, each row alone under a savepoint of its own.
-        let mut chunk = tx.begin().await?;
-        let mut written = WriteOutcome::default();
-        match write_rows(&mut chunk, &statements, rows, &mut written).await {
-            Ok(()) => {
-                chunk.commit().await?;
-                outcome.absorb(written);
-            }
-            Err(e) if e.is_refused() => {
-                chunk.rollback().await?;
-                for (row, &origin) in rows.iter().zip(&origins.rows[range.clone()]) {
-                    let mut single = tx.begin().await?;
-                    let mut written = WriteOutcome::default();
-                    match write_rows(&mut single, &statements, std::slice::from_ref(row), &mut written).await {
-                        Ok(()) => {
-                            single.commit().await?;
-                            outcome.absorb(written);
-                        }
-                        Err(e) if e.is_refused() => {
-                            single.rollback().await?;
-                            let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
-                            insert_reject(&mut tx, &reject).await?;
-                            outcome.refused.push(reject);
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    write_rows_isolating!(tx, batch, chunks, outcome, write_rows, &statements);
     tx.commit().await?;
-    outcome.skipped =
-        (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted_ids.len() as u64 - outcome.updated;
     Ok(outcome)
 }
 
