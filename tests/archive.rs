@@ -243,11 +243,11 @@ async fn an_unreachable_store_delays_the_archive_and_not_the_ingest() {
 }
 
 /// An archive member evicted while its upload failed retries it once S3 is back,
-/// under the same first-offset key as the partition's new owner, with fewer
-/// records: the longer object stays. A shorter stored object is still replaced
-/// by a longer one, and a key nobody wrote is created.
+/// under the same first-offset key as the partition's new owner: whatever the
+/// two lengths, the object stored first stays and the other member goes on after
+/// it, so the archive has neither a gap nor an overlap.
 #[tokio::test]
-async fn a_shorter_archive_object_never_replaces_a_longer_one() {
+async fn an_archive_object_stored_under_a_key_is_never_replaced() {
     use dwh_helper::archive::{place, Placed};
     let (s3, _) = s3_bucket(&[]).await;
     let key = "archive/user_locations/dt=2024-03-01/dwh.user_locations-0-00000000000000000000.jsonl.gz";
@@ -260,40 +260,99 @@ async fn a_shorter_archive_object_never_replaces_a_longer_one() {
         ];
         (bytes::Bytes::from(vec![b'x'; (last + 1) as usize]), metadata)
     };
-    let stored_last = || async {
+    let stored = || async {
         let info = s3.object_info(key).await.expect("stored");
         (info.metadata["last-offset"].clone(), info.size)
     };
 
     let (body, metadata) = object(99);
-    assert_eq!(place(&s3, key, body, &metadata, 99, &never).await, Some(Placed::Stored));
-    assert_eq!(stored_last().await, ("99".to_owned(), 100));
+    assert_eq!(place(&s3, key, body, &metadata, &never).await, Some(Placed::Stored));
+    assert_eq!(stored().await, ("99".to_owned(), 100));
+    // The zombie's retry, shorter or longer: the stored object stays.
+    for last in [49, 99, 149] {
+        let (body, metadata) = object(last);
+        assert_eq!(
+            place(&s3, key, body, &metadata, &never).await,
+            Some(Placed::Covered { last_offset: 99 }),
+            "{last}"
+        );
+        assert_eq!(stored().await, ("99".to_owned(), 100), "{last}: kept");
+    }
+    // Something at the key that is no archive object is replaced.
+    put_bytes(&s3, key, b"stray".to_vec()).await;
+    let (body, metadata) = object(9);
+    assert_eq!(place(&s3, key, body, &metadata, &never).await, Some(Placed::Stored));
+    assert_eq!(stored().await, ("9".to_owned(), 10));
+}
 
-    // The zombie's retry: offsets 0..=49 only.
-    let (body, metadata) = object(49);
-    assert_eq!(
-        place(&s3, key, body, &metadata, 49, &never).await,
-        Some(Placed::Covered { last_offset: 99 })
+/// A member of the archive group, its uploads failing, is frozen past its session
+/// timeout; the other member takes its partitions and archives them from the
+/// same first offsets. When the first one thaws and S3 is back, its retried
+/// uploads find those keys taken and go on after them: `archive verify` finds
+/// every offset once, no gap, no overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_evicted_archive_member_retrying_its_upload_leaves_no_gap_and_no_overlap() {
+    let (broker, prefix) = broker(2).await;
+    let topic = format!("{prefix}{}", TABLE.name());
+    let url = fresh_pg_url().await;
+    let (s3, _) = s3_bucket(&[]).await;
+    let endpoint = s3_endpoint();
+    let proxy = TcpProxy::start(endpoint.trim_start_matches("http://")).await;
+    let direct = env_for(&broker, &prefix, &url, &endpoint, s3.bucket());
+    let proxied = env_for(
+        &broker,
+        &prefix,
+        &url,
+        &format!("http://127.0.0.1:{}", proxy.port),
+        s3.bucket(),
     );
-    assert_eq!(
-        stored_last().await,
-        ("99".to_owned(), 100),
-        "the longer object was kept"
-    );
+    let config = config_from(&direct, &[]);
+    let records = keyed(TABLE, sample::records(TABLE, 6_000, 22));
+    publish(&config, &topic, &records[..2_000]).await;
+    let mut zombie = Child::run(&proxied, "archive");
+    wait_for(Duration::from_secs(60), "the first objects", || async {
+        let listed = s3.list_all("archive/user_locations/").await.ok()?;
+        (listed.len() >= 2).then_some(())
+    })
+    .await;
 
-    // The same range again (a retry after a crash) is covered too; a longer one
-    // replaces the stored object.
-    let (body, metadata) = object(99);
-    assert_eq!(
-        place(&s3, key, body, &metadata, 99, &never).await,
-        Some(Placed::Covered { last_offset: 99 })
-    );
-    let (body, metadata) = object(149);
-    assert_eq!(
-        place(&s3, key, body, &metadata, 149, &never).await,
-        Some(Placed::Stored)
-    );
-    assert_eq!(stored_last().await, ("149".to_owned(), 150));
+    // Its uploads fail from now on, with objects in hand.
+    proxy.stop();
+    publish(&config, &topic, &records[2_000..4_000]).await;
+    wait_for(Duration::from_secs(30), "uploads to fail", || async {
+        zombie
+            .log_text()
+            .contains("archive upload failed; retrying")
+            .then_some(())
+    })
+    .await;
+    zombie.signal("STOP");
+    // More records before the new owner starts: its objects from the same first
+    // offsets are likely longer than the frozen member's.
+    publish(&config, &topic, &records[4_000..]).await;
+    let owner = Child::run(&direct, "archive");
+    // The group moves on: the new owner archives everything, from the offsets
+    // the frozen member had committed.
+    archive_complete(&direct, &config, &topic, Duration::from_secs(120)).await;
+
+    proxy.resume().await;
+    zombie.signal("CONT");
+    wait_for(
+        Duration::from_secs(60),
+        "the thawed member's retry to find the key taken",
+        || async {
+            zombie
+                .log_text()
+                .contains("an archive object is stored under this key already")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = archive_complete(&direct, &config, &topic, Duration::from_secs(60)).await;
+    assert_eq!(report["problems"], 0, "{report}");
+    assert!(zombie.running(), "the thawed member goes on");
+    drop((zombie, owner));
 }
 
 /// The Kafka broker goes down in the middle of ingest and archive, then comes

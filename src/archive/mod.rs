@@ -5,8 +5,11 @@
 //! named by its first offset ([`format::object_key`]); the Kafka offset moves past
 //! an object's records only after the object is stored (a synchronous commit, so
 //! at most one stored object per partition is ever uncommitted), so after a crash the
-//! same first offset is archived again under the same key (overwriting, never
-//! duplicating), and nothing is skipped. While S3 cannot be reached the same
+//! same first offset is archived again under the same key, and nothing is
+//! skipped. An object is written only where none is stored ([`place`]): the first
+//! object under a key stays and a later writer (a restart, or a member evicted
+//! while its upload failed) goes on after it, so objects never overlap and never
+//! leave a gap. While S3 cannot be reached the same
 //! object is retried with capped backoff and the group stops fetching (bounded
 //! memory); the ingest role, a separate group, is not affected.
 
@@ -98,8 +101,8 @@ enum Stored {
     /// Stored, but the offset did not move: rebuild the consumer so that the next
     /// object starts at this one's first offset again (same key).
     CommitFailed,
-    /// A longer object was kept and the offset moved past it: rebuild the
-    /// consumer so that it resumes there.
+    /// An object stored earlier under the key was kept and the offset moved
+    /// to its end: rebuild the consumer so that it resumes there.
     Skipped,
 }
 
@@ -109,7 +112,7 @@ impl Stored {
             Stored::Committed => None,
             Stored::Aborted => Some(Exit::Shutdown),
             Stored::CommitFailed => Some(Exit::Restart("an archive commit failed".into())),
-            Stored::Skipped => Some(Exit::Restart("resuming after a longer archive object".into())),
+            Stored::Skipped => Some(Exit::Restart("resuming after an archive object stored earlier".into())),
         }
     }
 }
@@ -246,7 +249,7 @@ impl Archiver {
             ("last-offset", object.last_offset.to_string()),
             ("records", object.records.to_string()),
         ];
-        let placed = match place(&self.s3, &key, body, &metadata, object.last_offset, &self.abort).await {
+        let placed = match place(&self.s3, &key, body, &metadata, &self.abort).await {
             Some(placed) => placed,
             None => return Stored::Aborted,
         };
@@ -256,14 +259,13 @@ impl Archiver {
                 object.last_offset + 1
             }
             Placed::Covered { last_offset } => {
-                // Another member stored more of this partition under the same key
-                // (this one was evicted meanwhile): keep the longer object and go
-                // on after it, never overwrite it with less.
+                // Stored already under this first offset (by the partition's
+                // other owner, or before a crash): keep it and go on after it.
                 tracing::warn!(
                     key,
                     ours = object.last_offset,
                     stored = last_offset,
-                    "a longer archive object is stored already; kept"
+                    "an archive object is stored under this key already; kept, going on after it"
                 );
                 last_offset + 1
             }
@@ -278,8 +280,9 @@ impl Archiver {
         }
         for attempt in 1..=3u32 {
             match tokio::task::block_in_place(|| consumer.commit(&list, CommitMode::Sync)) {
-                // After a kept longer object the consumer must resume past it.
-                Ok(()) if commit_to > object.last_offset + 1 => return Stored::Skipped,
+                // After a kept object of another length the consumer must resume
+                // where it ends.
+                Ok(()) if commit_to != object.last_offset + 1 => return Stored::Skipped,
                 Ok(()) => return Stored::Committed,
                 Err(e) => {
                     tracing::warn!(topic, partition, attempt, error = %e, "archive offset commit failed");
@@ -296,22 +299,22 @@ impl Archiver {
 pub enum Placed {
     /// The object is stored at its key.
     Stored,
-    /// An object at the key already holds this range and more (up to
-    /// `last_offset`): it was kept.
+    /// An object was stored at the key already (by this partition's earlier
+    /// owner, or before a crash), reaching `last_offset`: it was kept, and the
+    /// archive goes on after it.
     Covered { last_offset: i64 },
 }
 
-/// Stores an archive object at `key` unless a longer one is there: the stored
-/// object's `last-offset` is read first, and the write is conditional on what
-/// was read (absent, or that very object), so that a member evicted while its
-/// upload was failing can never replace a newer owner's longer object with its
-/// shorter one. Retries with backoff while S3 fails; `None` once `abort` fires.
+/// Stores an archive object at `key` only if nothing is stored there: the first
+/// object written under a first offset stays, and whoever comes later moves on
+/// after it. A member evicted while its upload failed can then never replace the
+/// new owner's object (nor the other way round): no gap, no overlap. Retries with
+/// backoff while S3 fails; `None` once `abort` fires.
 pub async fn place(
     s3: &S3,
     key: &str,
     body: Bytes,
     metadata: &[(&str, String)],
-    last_offset: i64,
     abort: &CancellationToken,
 ) -> Option<Placed> {
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
@@ -322,18 +325,14 @@ pub async fn place(
             Err(e) => Err(e),
         };
         let result = match stored {
-            Ok(Some(info)) => {
-                let stored_last = info.metadata.get("last-offset").and_then(|v| v.parse::<i64>().ok());
-                match (stored_last, info.etag.as_deref()) {
-                    (Some(stored_last), _) if stored_last >= last_offset => {
-                        return Some(Placed::Covered {
-                            last_offset: stored_last,
-                        })
-                    }
-                    (_, Some(etag)) => put(s3, key, &body, metadata, Condition::Matches(etag)).await,
-                    (_, None) => put(s3, key, &body, metadata, Condition::Any).await,
-                }
-            }
+            Ok(Some(info)) => match info.metadata.get("last-offset").and_then(|v| v.parse::<i64>().ok()) {
+                Some(last_offset) => return Some(Placed::Covered { last_offset }),
+                // Not an archive object (no range): replace that very object.
+                None => match info.etag.as_deref() {
+                    Some(etag) => put(s3, key, &body, metadata, Condition::Matches(etag)).await,
+                    None => put(s3, key, &body, metadata, Condition::Any).await,
+                },
+            },
             Ok(None) => put(s3, key, &body, metadata, Condition::Absent).await,
             Err(e) => Err(e),
         };
