@@ -281,6 +281,21 @@ fn demo_runs_sample_data_through_the_pipeline_and_prints_a_summary() {
         !dir.path().join("dwh-helper.db").exists(),
         "the demo leaves no database behind"
     );
+    // A newcomer's first run warns only about the data: the seven invalid
+    // records, nothing about the pipeline (no SQLite lock waits reported as
+    // slow statements).
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert_eq!(
+        warnings.iter().filter(|l| l.contains("record rejected")).count(),
+        7,
+        "{stderr}"
+    );
+    let others: Vec<&&str> = warnings.iter().filter(|l| !l.contains("record rejected")).collect();
+    assert!(others.is_empty(), "warnings not about the data: {others:#?}");
 }
 
 #[test]

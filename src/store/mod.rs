@@ -244,7 +244,7 @@ pub struct ReadQuery {
 #[derive(Debug, Clone)]
 enum Pool {
     Postgres(sqlx::PgPool),
-    Sqlite(sqlx::SqlitePool),
+    Sqlite(sqlite::Pools),
 }
 
 /// A handle to the DWH; cheap to clone.
@@ -266,7 +266,7 @@ impl Dwh {
     pub fn connect(config: &DwhConfig) -> Result<Self, StoreError> {
         let pool = match config.database_url.backend() {
             Backend::Postgres => Pool::Postgres(postgres::pool(config)?),
-            Backend::Sqlite => Pool::Sqlite(sqlite::pool(config)?),
+            Backend::Sqlite => Pool::Sqlite(sqlite::pools(config)?),
         };
         Ok(Dwh {
             pool,
@@ -293,7 +293,7 @@ impl Dwh {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.pool {
             Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
-            Pool::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Pool::Sqlite(pools) => sqlx::migrate!("./migrations/sqlite").run(&pools.write).await?,
         }
         Ok(())
     }
@@ -303,7 +303,7 @@ impl Dwh {
         let query = async {
             match &self.pool {
                 Pool::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
-                Pool::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
+                Pool::Sqlite(pools) => sqlx::query("SELECT 1").execute(&pools.read).await.map(|_| ()),
             }
         };
         match tokio::time::timeout(timeout, query).await {
@@ -343,7 +343,7 @@ impl Dwh {
                 }
                 postgres::write(pool, batch, chunks).await
             }
-            Pool::Sqlite(pool) => sqlite::write(pool, batch, chunks).await,
+            Pool::Sqlite(pools) => sqlite::write(&pools.write, batch, chunks).await,
         }
     }
 
@@ -351,7 +351,7 @@ impl Dwh {
     pub async fn read(&self, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
         match &self.pool {
             Pool::Postgres(pool) => postgres::read(pool, table, query).await,
-            Pool::Sqlite(pool) => sqlite::read(pool, table, query).await,
+            Pool::Sqlite(pools) => sqlite::read(&pools.read, table, query).await,
         }
     }
 
@@ -367,12 +367,12 @@ impl Dwh {
                     .fetch_optional(pool)
                     .await?
             }
-            Pool::Sqlite(pool) => {
+            Pool::Sqlite(pools) => {
                 sqlx::query_scalar(sql)
                     .bind(group_id)
                     .bind(topic)
                     .bind(partition)
-                    .fetch_optional(pool)
+                    .fetch_optional(&pools.read)
                     .await?
             }
         };
@@ -392,7 +392,7 @@ impl Dwh {
         let sql = format!("SELECT count(*) FROM {name}");
         let count = match &self.pool {
             Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
-            Pool::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
+            Pool::Sqlite(pools) => sqlx::query_scalar(&sql).fetch_one(&pools.read).await?,
         };
         Ok(count)
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{Connection, PgConnection, PgPool, Row as _};
+use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Row as _};
 
 use super::error::is_unique_violation;
 use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
@@ -37,7 +37,9 @@ pub fn pool(config: &DwhConfig) -> Result<PgPool, StoreError> {
             ("tcp_keepalives_idle", "30".to_owned()),
             ("tcp_keepalives_interval", "10".to_owned()),
             ("tcp_keepalives_count", "3".to_owned()),
-        ]);
+        ])
+        // Slow statements are logged at debug (LOG_LEVEL=info,sqlx=debug shows them).
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
     Ok(PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_secs(10))

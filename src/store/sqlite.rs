@@ -10,25 +10,48 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
-use sqlx::{Connection as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
 
 use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
-pub fn pool(config: &DwhConfig) -> Result<SqlitePool, StoreError> {
+/// The pools of one SQLite database: SQLite takes one writer at a time, so all
+/// writes share one connection (they queue in the pool, not on SQLite's lock),
+/// and reads run beside them (WAL).
+#[derive(Debug, Clone)]
+pub struct Pools {
+    pub read: SqlitePool,
+    pub write: SqlitePool,
+}
+
+pub fn pools(config: &DwhConfig) -> Result<Pools, StoreError> {
     let url = config.database_url.expose();
     let options = SqliteConnectOptions::from_str(url)
         .map_err(StoreError::Database)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(30));
+        .busy_timeout(Duration::from_secs(30))
+        // A statement waiting for the writer is no fault: slow ones at debug.
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+    let pool = |max: u32| {
+        SqlitePoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_lazy_with(options.clone())
+    };
     // An in-memory database exists once per connection: keep exactly one.
-    let max = if url.contains(":memory:") { 1 } else { config.pool_size };
-    Ok(SqlitePoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_lazy_with(options))
+    if url.contains(":memory:") {
+        let only = pool(1);
+        return Ok(Pools {
+            read: only.clone(),
+            write: only,
+        });
+    }
+    Ok(Pools {
+        read: pool(config.pool_size),
+        write: pool(1),
+    })
 }
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;

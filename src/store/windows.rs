@@ -50,7 +50,12 @@ impl Dwh {
     pub async fn windows(&self, application_id: i64) -> Result<Vec<WindowRecord>, StoreError> {
         let rows: Vec<Row> = match &self.pool {
             Pool::Postgres(pool) => sqlx::query_as(SELECT).bind(application_id).fetch_all(pool).await?,
-            Pool::Sqlite(pool) => sqlx::query_as(SELECT).bind(application_id).fetch_all(pool).await?,
+            Pool::Sqlite(pools) => {
+                sqlx::query_as(SELECT)
+                    .bind(application_id)
+                    .fetch_all(&pools.read)
+                    .await?
+            }
         };
         Ok(rows
             .into_iter()
@@ -88,8 +93,8 @@ impl Dwh {
         }
         match &self.pool {
             Pool::Postgres(pool) => bind_all!(sqlx::query(UPSERT)).execute(pool).await?,
-            Pool::Sqlite(pool) => {
-                bind_all!(sqlx::query(UPSERT)).execute(pool).await?;
+            Pool::Sqlite(pools) => {
+                bind_all!(sqlx::query(UPSERT)).execute(&pools.write).await?;
                 return Ok(());
             }
         };
