@@ -266,13 +266,16 @@ async fn an_archive_object_stored_under_a_key_is_never_replaced() {
     };
 
     let (body, metadata) = object(99);
-    assert_eq!(place(&s3, key, body, &metadata, &never).await, Some(Placed::Stored));
+    assert_eq!(
+        place(Table::UserLocations, &s3, key, body, &metadata, &never).await,
+        Some(Placed::Stored)
+    );
     assert_eq!(stored().await, ("99".to_owned(), 100));
     // The zombie's retry, shorter or longer: the stored object stays.
     for last in [49, 99, 149] {
         let (body, metadata) = object(last);
         assert_eq!(
-            place(&s3, key, body, &metadata, &never).await,
+            place(Table::UserLocations, &s3, key, body, &metadata, &never).await,
             Some(Placed::Covered { last_offset: 99 }),
             "{last}"
         );
@@ -281,7 +284,10 @@ async fn an_archive_object_stored_under_a_key_is_never_replaced() {
     // Something at the key that is no archive object is replaced.
     put_bytes(&s3, key, b"stray".to_vec()).await;
     let (body, metadata) = object(9);
-    assert_eq!(place(&s3, key, body, &metadata, &never).await, Some(Placed::Stored));
+    assert_eq!(
+        place(Table::UserLocations, &s3, key, body, &metadata, &never).await,
+        Some(Placed::Stored)
+    );
     assert_eq!(stored().await, ("9".to_owned(), 10));
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::net::TcpListener;
+use common::free_port;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -136,13 +136,6 @@ fn migrate_reports_an_unreachable_database_without_its_password() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("error:"), "{stderr}");
     assert!(!stderr.contains("pw-hidden"), "{stderr}");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn terminate(child: &Child) {

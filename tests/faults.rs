@@ -9,21 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dwh_helper::catalogue::Table;
-use dwh_helper::config::Config;
 use dwh_helper::store::Dwh;
 use sqlx::Connection as _;
-
-const GROUP: &str = "ingest-test";
-
-fn topic(prefix: &str, table: Table) -> String {
-    format!("{prefix}{}", table.name())
-}
-
-async fn migrated(config: &Config) -> Dwh {
-    let dwh = Dwh::connect(&config.dwh).expect("pool");
-    dwh.migrate().await.expect("migrations apply");
-    dwh
-}
 
 async fn exec(url: &str, sql: &str) {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");

@@ -10,20 +10,7 @@ use common::*;
 use dwh_helper::catalogue::Table;
 use dwh_helper::config::Config;
 use dwh_helper::sample;
-use dwh_helper::store::Dwh;
 use sqlx::{Connection as _, Row as _};
-
-const GROUP: &str = "ingest-test";
-
-fn topic(prefix: &str, table: Table) -> String {
-    format!("{prefix}{}", table.name())
-}
-
-async fn migrated(config: &Config) -> Dwh {
-    let dwh = Dwh::connect(&config.dwh).expect("pool");
-    dwh.migrate().await.expect("migrations apply");
-    dwh
-}
 
 /// Waits until the DWH's stored offsets of `table` equal the broker's end offsets
 /// (every partition caught up), then returns those end offsets.

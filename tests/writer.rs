@@ -211,6 +211,7 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
             key: Some(b"k".to_vec()),
             payload: b"{oops".to_vec(),
             reason: "record is not valid JSON".into(),
+            class: "invalid_json",
         };
         let first = rows(Table::EventsPart, &events(10, 1));
         let rejects = [reject(10)];
@@ -569,6 +570,7 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
             key: None,
             payload: b"{oops".to_vec(),
             reason: "record is not valid JSON".into(),
+            class: "invalid_json",
         };
         let outcome = dwh
             .write(Batch {
@@ -681,6 +683,7 @@ async fn a_reason_with_nul_is_stored_escaped() {
             key: Some(b"\0k".to_vec()),
             payload: b"{\"uuid\":\"\\u0000abc\"}\0".to_vec(),
             reason: "field \"uuid\": expected UUID, got \"\0abc\"".into(),
+            class: "invalid_field",
         };
         dwh.write(Batch {
             table: Table::UserLocations,

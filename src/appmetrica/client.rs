@@ -21,6 +21,7 @@ use super::mapping;
 use super::window::Window;
 use crate::backoff::Backoff;
 use crate::config::AppMetricaConfig;
+use crate::telemetry::events::AppMetricaResponse;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Attempts of one request on 429, 5xx and connection errors before giving up.
@@ -143,6 +144,10 @@ impl LogsApi {
                 .header(reqwest::header::AUTHORIZATION, format!("OAuth {token}"))
                 .send()
                 .await;
+            AppMetricaResponse {
+                status: sent.as_ref().map_or(0, |r| r.status().as_u16()),
+            }
+            .emit();
             let retry_reason = match sent {
                 Err(e) => format!("request failed: {}", without_url(&e)),
                 Ok(response) => match response.status().as_u16() {

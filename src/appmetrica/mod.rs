@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::kafka::{self, Publisher};
 use crate::store::{Dwh, WindowRecord};
+use crate::telemetry::events::AppMetricaWindowDone;
 pub use client::{ExportError, LogsApi};
 use window::Window;
 
@@ -108,10 +109,16 @@ impl Exporter {
                 record.rows_fetched = outcome.fetched as i64;
                 record.rows_published = outcome.published as i64;
                 self.save(&record).await;
-                tracing::info!(
-                    window = %window, fetched = outcome.fetched, published = outcome.published,
-                    unmapped = outcome.unmapped, parts = outcome.parts, "window published"
-                );
+                AppMetricaWindowDone {
+                    window,
+                    endpoint: &record.endpoint,
+                    rows_fetched: outcome.fetched,
+                    rows_published: outcome.published,
+                    unmapped: outcome.unmapped,
+                    parts: outcome.parts,
+                    took: started.elapsed(),
+                }
+                .emit();
             }
             // Interrupted: left as running, so it is fetched again.
             Err(ExportError::Cancelled) => {}

@@ -20,6 +20,8 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::telemetry::events::{ArchiveStored, ArchiveUploadFailed};
+
 use bytes::Bytes;
 use flate2::write::GzEncoder;
 use rdkafka::consumer::{CommitMode, Consumer as _};
@@ -123,7 +125,7 @@ impl Archiver {
         let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
-            let (poller, events) = subscription.poll(self.memory.clone(), self.budget, Arc::default())?;
+            let (poller, events) = subscription.poll(self.memory.clone(), self.budget, Arc::new(|| ()))?;
             let exit = self.serve(&consumer, events).await;
             drop(consumer);
             poller.close().await;
@@ -249,13 +251,22 @@ impl Archiver {
             ("last-offset", object.last_offset.to_string()),
             ("records", object.records.to_string()),
         ];
-        let placed = match place(&self.s3, &key, body, &metadata, &self.abort).await {
+        let bytes = body.len() as u64;
+        let started = std::time::Instant::now();
+        let placed = match place(self.table, &self.s3, &key, body, &metadata, &self.abort).await {
             Some(placed) => placed,
             None => return Stored::Aborted,
         };
         let commit_to = match placed {
             Placed::Stored => {
-                tracing::debug!(key, records = object.records, "archive object stored");
+                ArchiveStored {
+                    table: self.table,
+                    key: &key,
+                    records: object.records,
+                    bytes,
+                    took: started.elapsed(),
+                }
+                .emit();
                 object.last_offset + 1
             }
             Placed::Covered { last_offset } => {
@@ -311,6 +322,7 @@ pub enum Placed {
 /// new owner's object (nor the other way round): no gap, no overlap. Retries with
 /// backoff while S3 fails; `None` once `abort` fires.
 pub async fn place(
+    table: Table,
     s3: &S3,
     key: &str,
     body: Bytes,
@@ -341,7 +353,13 @@ pub async fn place(
             // Somebody wrote the key between the read and the write: read again.
             Err(crate::s3::S3Error::PreconditionFailed { .. } | crate::s3::S3Error::Conflict { .. }) => continue,
             Err(e) => {
-                tracing::warn!(key, error = %e, retry_in_ms = backoff.peek().as_millis() as u64, "archive upload failed; retrying");
+                ArchiveUploadFailed {
+                    table,
+                    key,
+                    error: &e,
+                    retry_in: backoff.peek(),
+                }
+                .emit();
                 if !backoff.wait(abort).await {
                     return None;
                 }

@@ -62,6 +62,12 @@ impl Table {
     }
 }
 
+impl serde::Serialize for Table {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
 impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -137,6 +143,21 @@ pub enum RecordError {
     Field { field: &'static str, problem: FieldProblem },
     #[error("record is {size} bytes, over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+}
+
+impl RecordError {
+    /// A bounded name of the error, for metrics labels.
+    pub fn class(&self) -> &'static str {
+        match self {
+            RecordError::Empty => "empty",
+            RecordError::NotUtf8(_) => "not_utf8",
+            RecordError::InvalidJson(_) => "invalid_json",
+            RecordError::NotAnObject(_) => "not_an_object",
+            RecordError::Missing(_) => "missing_field",
+            RecordError::Field { .. } => "invalid_field",
+            RecordError::TooLarge { .. } => "too_large",
+        }
+    }
 }
 
 /// A decoded record and what was noticed on the way.

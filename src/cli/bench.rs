@@ -136,12 +136,13 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let mut http_config = config.http.clone();
-    http_config.api_token = None;
-    let max_body = http_config
+    let mut open_config = config.clone();
+    open_config.http.api_token = None;
+    let max_body = open_config
+        .http
         .max_body_bytes
         .max(bodies.iter().map(Vec::len).max().unwrap_or(0) + 1);
-    let app = http::router(AppState::new(dwh.clone(), &http_config), max_body);
+    let app = http::router(AppState::new(dwh.clone(), &open_config), max_body);
     let stop = CancellationToken::new();
     let server = tokio::spawn(http::serve(listener, app, stop.clone()));
 

@@ -70,10 +70,15 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         tokio::spawn(async move { ingest::run(&config, dwh, status, shutdown).await })
     };
+    let lag = {
+        let (config, dwh, shutdown) = (config.clone(), dwh.clone(), shutdown.clone());
+        let interval = config.metrics.lag_interval;
+        tokio::spawn(crate::telemetry::lag::run(config, dwh, false, interval, shutdown))
+    };
     wait_caught_up(&config, &dwh, &shutdown).await?;
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();
 
-    let mut state = AppState::new(dwh.clone(), &config.http);
+    let mut state = AppState::new(dwh.clone(), &config);
     state.ingest = Some(status.clone());
     let app = http::router(state, config.http.max_body_bytes);
     let server = tokio::spawn(http::serve(listener, app, shutdown.clone()));
@@ -102,12 +107,21 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
         counters.batches
     );
     println!();
+    println!("`dwh-helper status` of this DWH and broker:");
+    println!();
+    let report = crate::report::gather(&config, &dwh, Some(&status)).await;
+    for line in report.render().lines() {
+        println!("  {line}");
+    }
+    println!();
     println!("Try:");
     println!("  curl 'http://{address}/dwh/events_part?limit=3'");
     println!("  curl 'http://{address}/dwh/user_locations?limit=2'");
     println!("  curl -X POST 'http://{address}/dwh/user_locations' -H 'content-type: application/json' \\");
     println!("       -d '{{\"data\": [{{\"uuid\": \"3f1c0c8e-0000-4000-8000-000000000001\", \"event_time\": \"2024-03-01T10:00:00Z\", \"latitude\": 55.75, \"longitude\": 37.62}}]}}'");
     println!("  curl 'http://{address}/health/ready'");
+    println!("  curl 'http://{address}/status'");
+    println!("  curl -s 'http://{address}/metrics' | grep dwh_helper_rows_inserted");
     use std::io::Write as _;
     std::io::stdout().flush()?;
 
@@ -118,6 +132,7 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
     }
     ingest.await.context("ingest task")??;
     server.await.context("API task")??;
+    lag.await.context("lag task")?;
     broker.stop();
     Ok(())
 }

@@ -12,6 +12,7 @@ mod demo;
 mod dev_broker;
 mod produce;
 mod run;
+mod status;
 
 use std::process::ExitCode;
 
@@ -42,6 +43,8 @@ enum Command {
     Migrate,
     /// Publish JSON lines onto a table's topic (validated first; keyed by natural key)
     Produce(produce::ProduceArgs),
+    /// Where every table and partition stands: DWH offsets, watermarks, lag, rejects, archive, AppMetrica (exit 1 when failing)
+    Status(status::StatusArgs),
     /// AppMetrica Logs API: backfill a range of days, or list the recorded windows
     Appmetrica(appmetrica::AppMetricaArgs),
     /// Read the S3 archive back: restore a table's records onto its topic, or verify the archive
@@ -65,7 +68,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(&config.log);
+    crate::telemetry::init_all(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Status(args) => return status::status(config, args).await,
             Command::Run(args) => run::run(config, args).await,
             Command::Migrate => migrate(&config).await,
             Command::Produce(args) => produce::produce(config, args).await,
@@ -84,9 +88,10 @@ pub fn main() -> ExitCode {
             Command::Appmetrica(args) => appmetrica::appmetrica(config, args).await,
             Command::Bench(args) => bench::bench(config, args).await,
         }
+        .map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");

@@ -108,6 +108,20 @@ async fn serve_roles(
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         tasks.spawn(async move { Ok(ingest::run(&config, dwh, status, shutdown).await?) });
     }
+    let observed = [Role::Ingest, Role::Archive, Role::Api]
+        .iter()
+        .any(|r| roles.contains(r));
+    if config.kafka.bootstrap_servers.is_some() && observed {
+        // Lag from the DWH's offsets and the watermarks, on its own task so that
+        // it goes on while a consumer is stuck (and an API-only instance shows it).
+        let (config, dwh, shutdown) = (config.clone(), dwh.clone(), shutdown.clone());
+        let archive = roles.contains(&Role::Archive);
+        let interval = config.metrics.lag_interval;
+        tasks.spawn(async move {
+            crate::telemetry::lag::run(config, dwh, archive, interval, shutdown).await;
+            Ok(())
+        });
+    }
     if roles.contains(&Role::Appmetrica) {
         let (config, dwh, shutdown) = (config.clone(), dwh.clone(), shutdown.clone());
         tasks.spawn(async move { crate::appmetrica::run(&config, dwh, shutdown).await });
@@ -122,7 +136,7 @@ async fn serve_roles(
             .await
             .with_context(|| format!("cannot listen on HTTP_BIND {}", config.http.bind))?;
         tracing::info!(address = %config.http.bind, "HTTP API listening");
-        let mut state = AppState::new(dwh, &config.http);
+        let mut state = AppState::new(dwh, &config);
         if roles.contains(&Role::Ingest) {
             state.ingest = Some(status);
         }

@@ -41,6 +41,17 @@ pub struct Config {
     pub appmetrica: AppMetricaConfig,
     pub log: LogConfig,
     pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `METRICS_`: what `/metrics` exposes.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Per-partition series carry a `partition` label; off, they fold into their
+    /// table (for clusters with thousands of partitions).
+    pub partition_labels: bool,
+    /// How often the lag loop reads the DWH's offsets and the watermarks.
+    pub lag_interval: Duration,
 }
 
 /// `DWH_`: the warehouse database.
@@ -248,6 +259,12 @@ struct RawLog {
     format: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    partition_labels: Option<String>,
+    lag_interval_seconds: Option<String>,
+}
+
 #[derive(Default, Deserialize)]
 struct RawHttp {
     bind: Option<String>,
@@ -284,6 +301,7 @@ impl Config {
             appmetrica: appmetrica(block("APPMETRICA_", read("APPMETRICA_"))?)?,
             log: log(block("LOG_", read("LOG_"))?)?,
             http: http(block("HTTP_", read("HTTP_"))?)?,
+            metrics: metrics(block("METRICS_", read("METRICS_"))?)?,
         })
     }
 }
@@ -561,6 +579,13 @@ fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
         bind,
         api_token,
         max_body_bytes: size("HTTP_MAX_BODY_BYTES", raw.max_body_bytes, 64 * MIB, 1024)?,
+    })
+}
+
+fn metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
+    Ok(MetricsConfig {
+        partition_labels: boolean("METRICS_PARTITION_LABELS", raw.partition_labels, true)?,
+        lag_interval: seconds("METRICS_LAG_INTERVAL_SECONDS", raw.lag_interval_seconds, 15)?,
     })
 }
 

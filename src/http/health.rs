@@ -25,7 +25,12 @@ async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
             format!("DWH writes failing: {failing}"),
         ));
     }
-    match state.dwh.ping(state.ready_timeout).await {
+    let ping = state.dwh.ping(state.ready_timeout).await;
+    crate::telemetry::metrics::metrics()
+        .dwh_up
+        .get_or_create(&Vec::new())
+        .set(i64::from(ping.is_ok()));
+    match ping {
         Ok(()) => Ok(Json(json!({ "status": "ok" }))),
         Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }

@@ -1,4 +1,4 @@
-//! The HTTP API (axum): tables, health.
+//! The HTTP API (axum): tables, S3, health, metrics and status.
 //!
 //! Guarantees: every error is a JSON body `{"error": "..."}` with a fitting status;
 //! when an API token is configured every route but `/health/*` requires it; request
@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 mod health;
+mod observe;
 pub mod s3;
 pub mod tables;
 
@@ -21,7 +22,7 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
-use crate::config::{HttpConfig, Secret};
+use crate::config::{Config, Secret};
 use crate::ingest::IngestStatus;
 use crate::store::Dwh;
 
@@ -35,16 +36,19 @@ pub struct AppState {
     pub ingest: Option<Arc<IngestStatus>>,
     /// The object store, when one is configured.
     pub s3: Option<crate::s3::S3>,
+    /// What `GET /status` reads the broker and the DWH with.
+    pub config: Arc<Config>,
 }
 
 impl AppState {
-    pub fn new(dwh: Dwh, http: &HttpConfig) -> Self {
+    pub fn new(dwh: Dwh, config: &Config) -> Self {
         AppState {
             dwh,
-            api_token: http.api_token.clone().map(Arc::new),
+            api_token: config.http.api_token.clone().map(Arc::new),
             ready_timeout: Duration::from_secs(2),
             ingest: None,
             s3: None,
+            config: Arc::new(config.clone()),
         }
     }
 }
@@ -54,6 +58,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let protected = Router::new()
         .merge(tables::router())
         .merge(s3::router())
+        .merge(observe::router())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(health::router())
@@ -61,6 +66,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(observe::track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -54,6 +54,8 @@ pub struct Closed {
     pub rejects: Vec<RejectedRecord>,
     pub spans: BTreeMap<i32, Span>,
     pub bytes: usize,
+    /// The Kafka timestamp (ms) of each partition's last record, where it has one.
+    pub timestamps: BTreeMap<i32, i64>,
 }
 
 impl Closed {
@@ -134,6 +136,16 @@ impl Batcher {
         self.is_full() || self.deadline().is_some_and(|deadline| now >= deadline)
     }
 
+    /// Notes the Kafka timestamp of `partition`'s latest record (for lag in time).
+    pub fn stamp(&mut self, partition: i32, timestamp_ms: i64) {
+        self.batch.timestamps.insert(partition, timestamp_ms);
+    }
+
+    /// Records in the open batch.
+    pub fn records(&self) -> usize {
+        self.batch.records()
+    }
+
     /// The offset after the last record of `partition` in the open batch.
     pub fn next_offset(&self, partition: i32) -> Option<i64> {
         self.batch.spans.get(&partition).map(|span| span.to)
@@ -181,6 +193,7 @@ mod tests {
             key: None,
             payload: b"{".to_vec(),
             reason: "bad".into(),
+            class: "invalid_json",
         })
     }
 

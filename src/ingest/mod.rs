@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::kafka::consumer::{self, Exit, Subscription};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
+use crate::telemetry::events::{FetchPaused, IngestStarted};
 use batcher::BatchLimits;
 pub use status::{Counters, IngestStatus};
 use worker::{Worker, Writer};
@@ -59,7 +60,11 @@ pub async fn run(
         let first = shared.build(table)?;
         tasks.spawn(shared.supervise(table, first));
     }
-    tracing::info!(group = %config.kafka.group_id, prefix = %config.kafka.topic_prefix, "ingest started");
+    IngestStarted {
+        group: &config.kafka.group_id,
+        prefix: &config.kafka.topic_prefix,
+    }
+    .emit();
     consumer::join_tables("ingest", tasks).await;
     Ok(())
 }
@@ -144,7 +149,11 @@ impl Shared {
 
     async fn consume(&self, table: Table, subscription: Subscription) -> Result<Exit, IngestError> {
         let consumer = subscription.consumer.clone();
-        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget, self.status.pauses())?;
+        let on_pause = {
+            let status = self.status.clone();
+            Arc::new(move || FetchPaused { table }.emit(&status))
+        };
+        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget, on_pause)?;
         let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),
@@ -168,6 +177,8 @@ impl Shared {
                 on_out_of_range: self.config.kafka.on_offset_out_of_range,
             },
             shutdown: self.shutdown.clone(),
+            memory: self.memory.clone(),
+            budget: self.budget,
         };
         // The receiver goes with the worker, so callbacks during the close below
         // find nobody to wait for and simply unassign.

@@ -1,8 +1,9 @@
 //! What the ingest role reports while it runs: counters for the demo, the bench
 //! and ops, and whether DWH writes are failing (readiness goes 503 while they are).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::store::WriteOutcome;
@@ -19,8 +20,7 @@ pub struct IngestStatus {
     offsets_moved: AtomicU64,
     tables_stopped: AtomicU64,
     rebalances: AtomicU64,
-    /// Shared with the poll threads, which count their pauses here.
-    pauses: Arc<AtomicU64>,
+    pauses: AtomicU64,
     bytes: AtomicU64,
     batches: AtomicU64,
     /// Flush latencies in microseconds, the most recent [`LATENCY_SAMPLES`].
@@ -97,9 +97,8 @@ impl IngestStatus {
         self.rebalances.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The counter the poll threads count their pauses in.
-    pub(crate) fn pauses(&self) -> Arc<AtomicU64> {
-        self.pauses.clone()
+    pub(crate) fn paused(&self) {
+        self.pauses.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn offset_moved(&self) {
@@ -134,6 +133,16 @@ impl IngestStatus {
     pub fn flush_latency(&self, q: f64) -> Option<Duration> {
         let mut sorted = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
         quantile(&mut sorted, q).map(Duration::from_micros)
+    }
+
+    /// Why each failing topic fails, by topic.
+    pub fn failing_topics(&self) -> HashMap<String, String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Why DWH writes fail right now (`topic: cause`), or `None` when they do not.

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::batcher::{BatchLimits, Batcher, Closed, Entry};
@@ -38,6 +38,11 @@ use crate::backoff::Backoff;
 use crate::catalogue::{self, RecordError, Row, Table};
 use crate::kafka::consumer::{Context, Event, Exit};
 use crate::store::{Batch, Dwh, OffsetAdvance, Origins, RejectedRecord, StoreError, WriteOutcome};
+use crate::telemetry::events::{
+    BatchCommitted, BufferLevel, ConsumerEnded, OffsetFenced, OffsetMoved, Rebalanced, RecordRejected, RecordsConsumed,
+    TableStopped, WriteFailed, WritesRecovered,
+};
+use crate::telemetry::lag;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -88,6 +93,9 @@ pub struct Worker {
     pub policy: Policy,
     /// Stop consuming; write what is buffered.
     pub shutdown: CancellationToken,
+    /// The table's memory and its size, reported as metrics.
+    pub memory: Arc<Semaphore>,
+    pub budget: u32,
 }
 
 struct State {
@@ -100,6 +108,8 @@ struct State {
     positions: HashMap<i32, Option<i64>>,
     /// The batch being written while the next one fills: at most one.
     in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
+    /// Records of the batch in flight.
+    in_flight_records: usize,
 }
 
 /// Why assigned partitions cannot start.
@@ -117,12 +127,18 @@ impl Worker {
             memory: None,
             positions: HashMap::new(),
             in_flight: None,
+            in_flight_records: 0,
         };
         let exit = self.serve(&mut state, &mut events).await;
         // Never leave a write running behind a consumer that is gone.
         if let Some(task) = state.in_flight.take() {
             let _ = task.await;
         }
+        lag::forget(self.writer.table);
+        ConsumerEnded {
+            table: self.writer.table,
+        }
+        .emit();
         exit
     }
 
@@ -143,6 +159,8 @@ impl Worker {
                 joined = async { state.in_flight.as_mut().expect("checked by the guard").await },
                     if state.in_flight.is_some() => {
                     state.in_flight = None;
+                    state.in_flight_records = 0;
+                    self.report_buffer(state);
                     if let Err(exit) = self.settled(joined) {
                         return exit;
                     }
@@ -155,6 +173,7 @@ impl Worker {
                 event = events.recv() => match event {
                     None => return Exit::Restart("the poll thread stopped".into()),
                     Some(Event::Records(records)) => {
+                        let count = records.len() as u64;
                         for (message, permit) in records {
                             self.accept(state, &message, permit);
                             if state.batcher.is_full() {
@@ -163,14 +182,21 @@ impl Worker {
                                 }
                             }
                         }
+                        RecordsConsumed { table: self.writer.table, records: count }.emit();
+                        let fetched = state
+                            .positions
+                            .iter()
+                            .filter_map(|(&p, &position)| Some((p, state.batcher.next_offset(p).or(position)?)));
+                        lag::fetched(self.writer.table, fetched);
+                        self.report_buffer(state);
                     }
                     Some(Event::Assigned { partitions, reply }) => {
-                        self.writer.status.rebalanced();
                         match self.starts(&partitions).await {
                             Ok(starts) => {
                                 let offsets = starts.iter().map(|(p, _, at)| (*p, *at)).collect();
                                 state.positions.extend(starts.into_iter().map(|(p, stored, _)| (p, stored)));
                                 let _ = reply.send(offsets);
+                                Rebalanced { table: self.writer.table, now: state.positions.len() }.emit(&self.writer.status);
                             }
                             Err(NoStart::Shutdown) => return Exit::Shutdown,
                             Err(NoStart::Restart(why)) => return Exit::Restart(why),
@@ -191,13 +217,14 @@ impl Worker {
                         };
                     }
                     Some(Event::Revoked { partitions, reply }) => {
-                        self.writer.status.rebalanced();
                         // Write what is buffered while the partitions are still ours.
                         let drained = self.drain(state).await;
                         for partition in &partitions {
                             state.positions.remove(partition);
+                            lag::forget_partition(self.writer.table, *partition);
                         }
                         let _ = reply.send(());
+                        Rebalanced { table: self.writer.table, now: state.positions.len() }.emit(&self.writer.status);
                         if let Err(exit) = drained {
                             return exit;
                         }
@@ -207,11 +234,27 @@ impl Worker {
         }
     }
 
+    /// Reports what the table holds in memory.
+    fn report_buffer(&self, state: &State) {
+        let available = self.memory.available_permits() as u64;
+        BufferLevel {
+            table: self.writer.table,
+            records: state.batcher.records() + state.in_flight_records,
+            held_bytes: u64::from(self.budget).saturating_sub(available),
+            budget_bytes: u64::from(self.budget),
+        }
+        .emit();
+    }
+
     /// Stops the table: nothing is read until an operator acts and restarts.
     async fn stop(&self, state: &mut State, misfit: Misfit) -> Exit {
         let reason = misfit.to_string();
-        tracing::error!(topic = %self.writer.topic, reason = %reason, "table stopped: a stored offset does not fit the log");
-        self.writer.status.table_stopped(&self.writer.topic, &reason);
+        TableStopped {
+            table: self.writer.table,
+            topic: &self.writer.topic,
+            reason: &reason,
+        }
+        .emit(&self.writer.status);
         // What other partitions buffered is theirs to keep.
         if let Err(exit) = self.drain(state).await {
             return exit;
@@ -235,7 +278,13 @@ impl Worker {
         let entry = match decode(self.writer.table, payload, self.max_record_bytes) {
             Ok(row) => Entry::Row(row),
             Err(reason) => {
-                tracing::warn!(topic = %self.writer.topic, partition, offset, %reason, "record rejected");
+                RecordRejected {
+                    topic: &self.writer.topic,
+                    partition,
+                    offset,
+                    reason: &reason,
+                }
+                .emit();
                 Entry::Reject(RejectedRecord {
                     table: self.writer.table,
                     topic: self.writer.topic.clone(),
@@ -244,12 +293,16 @@ impl Worker {
                     key: message.key().map(<[u8]>::to_vec),
                     payload: payload.to_vec(),
                     reason: reason.to_string(),
+                    class: reason.class(),
                 })
             }
         };
         state
             .batcher
             .push(partition, position, offset, payload.len(), entry, Instant::now());
+        if let Some(timestamp) = message.timestamp().to_millis() {
+            state.batcher.stamp(partition, timestamp);
+        }
         match &mut state.memory {
             Some(held) => held.merge(permit),
             None => state.memory = Some(permit),
@@ -268,6 +321,7 @@ impl Worker {
             state.positions.insert(advance.partition, Some(advance.to));
         }
         let memory = state.memory.take();
+        state.in_flight_records = closed.records();
         state.in_flight = Some(tokio::spawn(self.writer.clone().land(closed, offsets, memory)));
         Ok(())
     }
@@ -290,10 +344,7 @@ impl Worker {
     fn settled(&self, joined: Result<Result<(), FlushError>, tokio::task::JoinError>) -> Result<(), Exit> {
         match joined {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(FlushError::Fenced(e))) => {
-                tracing::warn!(topic = %self.writer.topic, error = %e, "offset fenced: batch dropped, rejoining the group");
-                Err(Exit::Restart(e.to_string()))
-            }
+            Ok(Err(FlushError::Fenced(e))) => Err(Exit::Restart(e.to_string())),
             Ok(Err(FlushError::Aborted)) => Err(Exit::Shutdown),
             Err(e) => Err(Exit::Restart(format!("the flush task failed: {e}"))),
         }
@@ -383,15 +434,14 @@ impl Worker {
             .write(batch)
             .await
             .map_err(|e| NoStart::Restart(format!("cannot move the offset out of range: {e}")))?;
-        tracing::warn!(
-            topic = %writer.topic,
+        OffsetMoved {
+            table: writer.table,
+            topic: &writer.topic,
             partition,
             stored,
             to,
-            skipped_records = (to - stored).max(0),
-            "stored offset outside the log moved as KAFKA_ON_OFFSET_OUT_OF_RANGE asks"
-        );
-        writer.status.offset_moved();
+        }
+        .emit(&writer.status);
         Ok(())
     }
 
@@ -468,23 +518,22 @@ impl Writer {
                 return Err(e);
             }
         };
-        let took = started.elapsed();
-        for reject in &outcome.refused {
-            tracing::warn!(topic = %self.topic, partition = reject.partition, offset = reject.offset, reason = %reject.reason, "record rejected by the database");
+        BatchCommitted {
+            table: self.table,
+            topic: &self.topic,
+            outcome: &outcome,
+            rejects: &closed.rejects,
+            bytes: closed.bytes,
+            took: started.elapsed(),
         }
-        let rejects = closed.rejects.len() + outcome.refused.len();
-        self.status.batch_written(&outcome, rejects, closed.bytes, took);
-        tracing::debug!(
-            topic = %self.topic,
-            rows = closed.rows.len() - outcome.refused.len(),
-            inserted = outcome.inserted_ids.len(),
-            updated = outcome.updated,
-            skipped = outcome.skipped,
-            rejects,
-            bytes = closed.bytes,
-            took_ms = took.as_secs_f64() * 1000.0,
-            "batch committed"
-        );
+        .emit(&self.status);
+        for advance in &offsets {
+            lag::written(
+                self.table,
+                advance.partition,
+                closed.timestamps.get(&advance.partition).copied(),
+            );
+        }
         self.commit_to_kafka(&offsets);
         Ok(())
     }
@@ -512,29 +561,32 @@ impl Writer {
             };
             let error = match result {
                 Ok(outcome) => {
-                    self.recovered();
+                    self.recovered(false);
                     return Ok(outcome);
                 }
                 Err(e) => e,
             };
             if matches!(error, StoreError::Fenced { .. }) {
                 if ambiguous && self.landed_already(offsets).await {
-                    tracing::info!(topic = %self.topic, "an earlier attempt of this batch had committed");
-                    self.recovered();
+                    self.recovered(true);
                     return Ok(WriteOutcome::default());
                 }
                 // Whoever owns the partition now writes it; this consumer rejoins.
-                self.status.set_failing(&self.topic, None);
+                OffsetFenced {
+                    table: self.table,
+                    topic: &self.topic,
+                    error: &error,
+                }
+                .emit(&self.status);
                 return Err(FlushError::Fenced(error));
             }
-            tracing::warn!(
-                topic = %self.topic,
-                error = %error,
-                retry_in_ms = backoff.peek().as_millis() as u64,
-                "DWH write failed; retrying the same batch"
-            );
-            self.status.set_failing(&self.topic, Some(error.to_string()));
-            self.status.retried();
+            WriteFailed {
+                table: self.table,
+                topic: &self.topic,
+                error: &error,
+                retry_in: backoff.peek(),
+            }
+            .emit(&self.status);
             ambiguous = true;
             if !backoff.wait(&self.abort).await {
                 return Err(FlushError::Aborted);
@@ -543,10 +595,13 @@ impl Writer {
     }
 
     /// Clears the failing state after a write succeeded.
-    fn recovered(&self) {
-        if self.status.set_failing(&self.topic, None) {
-            tracing::info!(topic = %self.topic, "DWH writes succeed again");
+    fn recovered(&self, landed_earlier: bool) {
+        WritesRecovered {
+            table: self.table,
+            topic: &self.topic,
+            landed_earlier,
         }
+        .emit(&self.status);
     }
 
     /// Whether every partition of the batch already stands at the batch's end:

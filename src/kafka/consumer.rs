@@ -13,7 +13,6 @@
 //! rebalance moves only the partitions that change hands.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -278,14 +277,17 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
     })
 }
 
+/// Called from the poll thread each time fetching pauses.
+pub type OnPause = Arc<dyn Fn() + Send + Sync>;
+
 impl Subscription {
     /// Starts the poll thread; returns it and the events for the owning task.
-    /// `pauses` counts how often fetching paused (memory spent or the task behind).
+    /// `on_pause` is called each time fetching pauses (memory spent or the task behind).
     pub fn poll(
         self,
         memory: Arc<Semaphore>,
         budget: u32,
-        pauses: Arc<AtomicU64>,
+        on_pause: OnPause,
     ) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
         let stop = CancellationToken::new();
         let thread = {
@@ -297,7 +299,7 @@ impl Subscription {
                 .spawn(move || {
                     let events = consumer.context().events.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        poll_loop(consumer, memory, budget, pauses, stop)
+                        poll_loop(consumer, memory, budget, on_pause, stop)
                     }));
                     if let Err(panic) = polled {
                         // Never leave the task waiting for records that cannot come.
@@ -586,7 +588,7 @@ fn poll_loop(
     consumer: Arc<BaseConsumer<Context>>,
     memory: Arc<Semaphore>,
     memory_budget: u32,
-    pauses: Arc<AtomicU64>,
+    on_pause: OnPause,
     stop: CancellationToken,
 ) {
     let context = consumer.context();
@@ -624,7 +626,7 @@ fn poll_loop(
         let blocked = !held.is_empty() || behind;
         if blocked != paused {
             if blocked {
-                pauses.fetch_add(1, Ordering::Relaxed);
+                on_pause();
             }
             set_paused(&consumer, &topic, blocked);
             paused = blocked;
@@ -709,7 +711,7 @@ fn poll_loop(
             None => {
                 held.push_back((message, permits));
                 if !paused {
-                    pauses.fetch_add(1, Ordering::Relaxed);
+                    on_pause();
                     set_paused(&consumer, &topic, true);
                     paused = true;
                 }

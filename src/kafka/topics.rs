@@ -6,7 +6,11 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use std::collections::HashMap;
+
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::{client_config, KafkaSetupError};
 use crate::config::KafkaConfig;
@@ -75,6 +79,86 @@ impl Metadata {
             })
             .collect()
     }
+    /// Watermarks of every partition of those of `topics` that exist, by topic.
+    /// Blocking; three requests however many partitions there are (metadata, then
+    /// the earliest and the latest offsets of all partitions at once).
+    pub fn watermarks_of(&self, topics: &[String]) -> Result<HashMap<String, Vec<Watermarks>>, KafkaError> {
+        let metadata = self.client.fetch_metadata(None, METADATA_TIMEOUT)?;
+        let mut list = TopicPartitionList::new();
+        for topic in metadata.topics() {
+            if topic.error().is_some() || !topics.iter().any(|t| t == topic.name()) {
+                continue;
+            }
+            for partition in topic.partitions() {
+                list.add_partition(topic.name(), partition.id());
+            }
+        }
+        let mut marks: HashMap<String, Vec<Watermarks>> = HashMap::new();
+        if list.count() == 0 {
+            return Ok(marks);
+        }
+        let ends = |at: Offset| -> Result<HashMap<(String, i32), i64>, KafkaError> {
+            let mut query = list.clone();
+            query.set_all_offsets(at)?;
+            let answer = self.client.offsets_for_times(query, METADATA_TIMEOUT)?;
+            answer
+                .elements()
+                .iter()
+                .map(|e| {
+                    e.error()?;
+                    match e.offset() {
+                        Offset::Offset(o) => Ok(((e.topic().to_owned(), e.partition()), o)),
+                        // The broker did not resolve the offset.
+                        _ => Err(KafkaError::OffsetFetch(RDKafkaErrorCode::OffsetNotAvailable)),
+                    }
+                })
+                .collect()
+        };
+        let low = ends(Offset::Beginning)?;
+        let high = ends(Offset::End)?;
+        for ((topic, partition), high) in high {
+            let low = low.get(&(topic.clone(), partition)).copied().unwrap_or(0);
+            marks
+                .entry(topic)
+                .or_default()
+                .push(Watermarks { partition, low, high });
+        }
+        for list in marks.values_mut() {
+            list.sort_by_key(|w| w.partition);
+        }
+        Ok(marks)
+    }
+}
+
+/// The offsets `group_id` committed in Kafka for the given partitions of each
+/// topic (those that have one), by topic and partition. Blocking; one request.
+/// The client does not join the group.
+pub fn committed(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    partitions: &[(String, Vec<i32>)],
+) -> Result<std::collections::HashMap<(String, i32), i64>, KafkaError> {
+    let client: BaseConsumer = client_config(kafka, &[("enable.auto.commit", "false"), ("group.id", group_id)])
+        .map_err(|_| KafkaError::ClientCreation("KAFKA_BOOTSTRAP_SERVERS is not set".into()))?
+        .create()?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for (topic, ps) in partitions {
+        for &p in ps {
+            list.add_partition(topic, p);
+        }
+    }
+    if list.count() == 0 {
+        return Ok(Default::default());
+    }
+    Ok(client
+        .committed_offsets(list, METADATA_TIMEOUT)?
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Creates `topics` with `partitions` partitions each (replication 1 on a single

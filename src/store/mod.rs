@@ -59,6 +59,7 @@ macro_rules! write_rows_isolating {
 mod chunk;
 mod error;
 mod postgres;
+mod progress;
 pub mod sql;
 mod sqlite;
 mod windows;
@@ -72,6 +73,7 @@ use serde_json::{Map, Value as Json};
 
 pub use chunk::{plan as plan_chunks, Oversized};
 pub use error::StoreError;
+pub use progress::{RejectCounts, StoredOffset};
 pub use windows::WindowRecord;
 
 use crate::catalogue::{Column, Row, Table};
@@ -87,6 +89,8 @@ pub struct RejectedRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub reason: String,
+    /// A bounded name of the reason (`invalid_json`, `refused`, ...) for metrics.
+    pub class: &'static str,
 }
 
 /// Where a row of a batch came from, so that a row the database refuses can be
@@ -123,6 +127,7 @@ impl RejectedRecord {
             key: None,
             payload: Json::Object(record).to_string().into_bytes(),
             reason: error.to_string(),
+            class: "refused",
         }
     }
 }

@@ -95,7 +95,7 @@ impl Api {
     pub async fn start(dwh: Dwh, config: &Config) -> Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("address"));
-        let mut state = AppState::new(dwh, &config.http);
+        let mut state = AppState::new(dwh, config);
         if config.s3.is_configured() {
             state.s3 = Some(dwh_helper::s3::S3::new(&config.s3));
         }
@@ -177,6 +177,79 @@ pub fn locations(n: usize) -> Vec<serde_json::Value> {
 
 use dwh_helper::kafka::devbroker::DevBrokerOptions;
 pub use dwh_helper::kafka::DevBroker;
+
+/// The consumer group of [`ingest_env`].
+pub const GROUP: &str = "ingest-test";
+
+/// The topic of `table` under `prefix`.
+pub fn topic(prefix: &str, table: dwh_helper::catalogue::Table) -> String {
+    format!("{prefix}{}", table.name())
+}
+
+/// A DWH handle for `config`, migrations applied.
+pub async fn migrated(config: &Config) -> Dwh {
+    let dwh = Dwh::connect(&config.dwh).expect("pool");
+    dwh.migrate().await.expect("migrations apply");
+    dwh
+}
+
+/// A loopback port nobody listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `/metrics` scrape, parsed by a Prometheus text parser.
+pub struct Scrape(pub Vec<prometheus_parse::Sample>);
+
+impl Scrape {
+    /// Scrapes `base`/metrics with the bearer `token`; `None` while it does not answer.
+    pub async fn get(base: &str, token: &str) -> Option<Scrape> {
+        let response = reqwest::Client::new()
+            .get(format!("{base}/metrics"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .ok()?;
+        assert_eq!(response.status().as_u16(), 200, "/metrics answers 200");
+        let text = response.text().await.ok()?;
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition");
+        Some(Scrape(parsed.samples))
+    }
+
+    /// Samples named `name` whose labels include every pair of `labels`.
+    pub fn find<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = f64> + 'a {
+        self.0
+            .iter()
+            .filter(move |s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    }
+
+    /// The one sample of `name` with `labels`, if there is one.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<f64> = self.find(name, labels).collect();
+        assert!(found.len() <= 1, "{name}{labels:?} matches {} series", found.len());
+        found.first().copied()
+    }
+
+    /// The sum over every series of `name` with `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.find(name, labels).sum()
+    }
+
+    /// How many series of `name` have `labels`.
+    pub fn series(&self, name: &str, labels: &[(&str, &str)]) -> usize {
+        self.find(name, labels).count()
+    }
+}
 
 /// A dev broker whose seven topics (under a prefix of their own) have `partitions`
 /// partitions each.

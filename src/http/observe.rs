@@ -1,0 +1,83 @@
+//! `GET /metrics` (Prometheus text), `GET /status` (the report of
+//! [`crate::report`] as JSON), and the middleware that measures every request.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use super::AppState;
+use crate::report::{self, State as Verdict};
+use crate::telemetry::events::HttpRequestServed;
+use crate::telemetry::metrics::metrics;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/status", get(status))
+}
+
+async fn scrape() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        metrics().encode(),
+    )
+        .into_response()
+}
+
+/// The report; 503 when the verdict is `failing`, so a probe can act on the code.
+async fn status(State(state): State<AppState>) -> Response {
+    let report = report::gather(&state.config, &state.dwh, state.ingest.as_deref()).await;
+    let code = if report.verdict.state == Verdict::Failing {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(report)).into_response()
+}
+
+/// Counts and times each request by route template (never the raw path), method
+/// and status.
+pub async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
+    let started = Instant::now();
+    let response = {
+        let _serving = InFlight::enter();
+        next.run(request).await
+    };
+    HttpRequestServed {
+        route: &route,
+        method: &method,
+        status: response.status().as_u16(),
+        took: started.elapsed(),
+    }
+    .emit();
+    response
+}
+
+/// Counts a request in flight until dropped (also when the client goes away).
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> Self {
+        metrics().http_in_flight.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics().http_in_flight.dec();
+    }
+}

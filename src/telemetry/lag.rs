@@ -1,0 +1,191 @@
+//! The lag loop: every `METRICS_LAG_INTERVAL_SECONDS` it reads the offsets stored
+//! in the DWH and the broker's watermarks and sets the lag gauges. It runs on its
+//! own task with its own clients, so it goes on (and the lag grows) while a
+//! table's consumer is stuck, say on a stopped database: then the last offsets
+//! read from the DWH stand, and the watermarks still move.
+//!
+//! Three views of one partition:
+//! - `consumer_lag_records`: high watermark minus the DWH's stored offset, all
+//!   that is not yet in the DWH;
+//! - `buffer_lag_records`: of that, what this process fetched and holds in memory
+//!   (fetched, not yet committed in the DWH); the rest is not fetched yet;
+//! - `consumer_lag_seconds`: now minus the Kafka timestamp of the last record
+//!   this process wrote, while records wait (0 when caught up).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::metrics;
+use crate::catalogue::Table;
+use crate::config::Config;
+use crate::kafka;
+use crate::report::{self, BrokerView};
+use crate::store::{Dwh, StoredOffset};
+
+/// What this process knows of a partition it consumes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// The next offset to fetch.
+    fetched: Option<i64>,
+    /// Kafka timestamp (ms) of the last record written to the DWH.
+    written_at: Option<i64>,
+}
+
+static PROGRESS: Mutex<BTreeMap<(Table, i32), Progress>> = Mutex::new(BTreeMap::new());
+
+fn progress() -> std::sync::MutexGuard<'static, BTreeMap<(Table, i32), Progress>> {
+    PROGRESS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The consumer of `table` has fetched up to (not including) these offsets.
+pub fn fetched(table: Table, next: impl Iterator<Item = (i32, i64)>) {
+    let mut progress = progress();
+    for (partition, offset) in next {
+        progress.entry((table, partition)).or_default().fetched = Some(offset);
+    }
+}
+
+/// A batch of `table` landed; its last record of `partition` bore `timestamp_ms`.
+pub fn written(table: Table, partition: i32, timestamp_ms: Option<i64>) {
+    if let Some(ts) = timestamp_ms {
+        progress().entry((table, partition)).or_default().written_at = Some(ts);
+    }
+}
+
+/// The consumer of `table` ended: what it fetched is gone.
+pub fn forget(table: Table) {
+    progress().retain(|(t, _), _| *t != table);
+}
+
+/// `partition` of `table` was revoked.
+pub fn forget_partition(table: Table, partition: i32) {
+    progress().remove(&(table, partition));
+}
+
+/// Runs the loop until `shutdown`.
+pub async fn run(config: Config, dwh: Dwh, archive: bool, interval: Duration, shutdown: CancellationToken) {
+    let archive_group = archive.then(|| crate::archive::group_id(&config));
+    let mut stored: Option<Vec<StoredOffset>> = None;
+    let mut broker: Option<BrokerView> = None;
+    loop {
+        let m = metrics();
+        match dwh.stored_offsets(&config.kafka.group_id).await {
+            Ok(offsets) => {
+                stored = Some(offsets);
+                m.dwh_up.get_or_create(&Vec::new()).set(1);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "lag: cannot read the stored offsets; keeping the last ones");
+                m.dwh_up.get_or_create(&Vec::new()).set(0);
+                m.lag_probe_failures
+                    .get_or_create(&vec![("source", "dwh".into())])
+                    .inc();
+            }
+        }
+        let (c, group) = (config.clone(), archive_group.clone());
+        match tokio::task::spawn_blocking(move || report::read_broker(&c, group.as_deref())).await {
+            Ok(Ok(view)) => {
+                broker = Some(view);
+                m.kafka_up.get_or_create(&Vec::new()).set(1);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "lag: cannot read the watermarks; keeping the last ones");
+                m.kafka_up.get_or_create(&Vec::new()).set(0);
+                m.lag_probe_failures
+                    .get_or_create(&vec![("source", "kafka".into())])
+                    .inc();
+            }
+            Err(e) => tracing::warn!(error = %e, "lag: the broker query task failed"),
+        }
+        if let Some(application) = config.appmetrica.application_id {
+            windows(&dwh, application).await;
+        }
+        if let (Some(stored), Some(broker)) = (&stored, &broker) {
+            publish(&config, stored, broker, archive_group.is_some());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Sets the AppMetrica windows gauge, by state.
+async fn windows(dwh: &Dwh, application: i64) {
+    let Ok(windows) = dwh.windows(application).await else {
+        return;
+    };
+    let mut by_state: HashMap<&str, i64> = ["pending", "running", "done", "failed"]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
+    for w in &windows {
+        *by_state.entry(w.status.as_str()).or_default() += 1;
+    }
+    for (state, count) in by_state {
+        metrics()
+            .appmetrica_windows
+            .get_or_create(&vec![("state", state.to_owned())])
+            .set(count);
+    }
+}
+
+/// Sets the lag gauges from one reading.
+fn publish(config: &Config, stored: &[StoredOffset], broker: &BrokerView, archive: bool) {
+    let m = metrics();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let stored: HashMap<(&str, i32), i64> = stored
+        .iter()
+        .map(|o| ((o.topic.as_str(), o.partition), o.next_offset))
+        .collect();
+    let progress = progress().clone();
+    // Sums (records) and maxima (seconds) per label set: with partition labels
+    // off, a table's partitions fold into one series.
+    let mut lag: HashMap<Vec<(&'static str, String)>, i64> = HashMap::new();
+    let mut seconds: HashMap<Vec<(&'static str, String)>, f64> = HashMap::new();
+    let mut buffered: HashMap<Vec<(&'static str, String)>, i64> = HashMap::new();
+    let mut archived: HashMap<Vec<(&'static str, String)>, i64> = HashMap::new();
+    for table in Table::ALL {
+        let topic = kafka::topic_name(&config.kafka.topic_prefix, table);
+        let Some(marks) = broker.watermarks.get(&topic) else {
+            continue;
+        };
+        for &(partition, range) in marks {
+            let labels = m.partition(table, partition);
+            let at = stored.get(&(topic.as_str(), partition)).copied();
+            let behind = report::lag(at, range);
+            *lag.entry(labels.clone()).or_default() += behind;
+            let mine = progress.get(&(table, partition)).copied().unwrap_or_default();
+            let late = match mine.written_at {
+                Some(ts) if behind > 0 => ((now_ms - ts).max(0) as f64) / 1000.0,
+                _ => 0.0,
+            };
+            let slot = seconds.entry(labels.clone()).or_default();
+            *slot = slot.max(late);
+            let held = match (mine.fetched, at) {
+                (Some(fetched), Some(at)) => (fetched - at).max(0),
+                _ => 0,
+            };
+            *buffered.entry(labels.clone()).or_default() += held;
+            if archive {
+                let committed = broker.archived.get(&(topic.clone(), partition)).copied();
+                *archived.entry(labels).or_default() += report::lag(committed, range);
+            }
+        }
+    }
+    for (labels, value) in lag {
+        m.consumer_lag.get_or_create(&labels).set(value);
+    }
+    for (labels, value) in seconds {
+        m.consumer_lag_seconds.get_or_create(&labels).set(value);
+    }
+    for (labels, value) in buffered {
+        m.buffer_lag.get_or_create(&labels).set(value);
+    }
+    for (labels, value) in archived {
+        m.archive_lag.get_or_create(&labels).set(value);
+    }
+}
