@@ -200,7 +200,7 @@ async fn an_unreachable_store_delays_the_archive_and_not_the_ingest() {
     let records = keyed(TABLE, sample::records(TABLE, 20_000, 12));
     publish(&config, &topic, &records[..5_000]).await;
 
-    let child = Child::run(&env, "ingest,archive");
+    let child = Child::observed(&env, "ingest,archive");
     wait_for(Duration::from_secs(60), "some archived objects", || async {
         let listed = s3.list_all("archive/user_locations/").await.ok()?;
         (listed.len() >= 4).then_some(())
@@ -227,10 +227,11 @@ async fn an_unreachable_store_delays_the_archive_and_not_the_ingest() {
         archived_during, archived_before,
         "nothing reached the store while it was away"
     );
-    assert!(
-        child.log_text().contains("archive upload failed; retrying"),
-        "the failures are logged and retried"
-    );
+    let failures = child
+        .table_metric("dwh_helper_archive_failures_total", TABLE)
+        .await
+        .expect("scrape");
+    assert!(failures >= 1.0, "the failures are counted and retried");
 
     proxy.resume().await;
     let mut verify_env = env.clone();
@@ -315,7 +316,7 @@ async fn an_evicted_archive_member_retrying_its_upload_leaves_no_gap_and_no_over
     let config = config_from(&direct, &[]);
     let records = keyed(TABLE, sample::records(TABLE, 6_000, 22));
     publish(&config, &topic, &records[..2_000]).await;
-    let mut zombie = Child::run(&proxied, "archive");
+    let mut zombie = Child::observed(&proxied, "archive");
     wait_for(Duration::from_secs(60), "the first objects", || async {
         let listed = s3.list_all("archive/user_locations/").await.ok()?;
         (listed.len() >= 2).then_some(())
@@ -326,10 +327,8 @@ async fn an_evicted_archive_member_retrying_its_upload_leaves_no_gap_and_no_over
     proxy.stop();
     publish(&config, &topic, &records[2_000..4_000]).await;
     wait_for(Duration::from_secs(30), "uploads to fail", || async {
-        zombie
-            .log_text()
-            .contains("archive upload failed; retrying")
-            .then_some(())
+        let failures = zombie.table_metric("dwh_helper_archive_failures_total", TABLE).await?;
+        (failures >= 1.0).then_some(())
     })
     .await;
     zombie.signal("STOP");
@@ -347,10 +346,10 @@ async fn an_evicted_archive_member_retrying_its_upload_leaves_no_gap_and_no_over
         Duration::from_secs(60),
         "the thawed member's retry to find the key taken",
         || async {
-            zombie
-                .log_text()
-                .contains("an archive object is stored under this key already")
-                .then_some(())
+            let kept = zombie
+                .table_metric("dwh_helper_archive_objects_kept_total", TABLE)
+                .await?;
+            (kept >= 1.0).then_some(())
         },
     )
     .await;

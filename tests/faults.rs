@@ -552,8 +552,9 @@ async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothi
             }
         })
     };
-    let mut zombie = Child::ingest(&env);
-    let other = Child::ingest(&env);
+    let mut zombie = Child::observed(&env, "ingest");
+    let other = Child::observed(&env, "ingest");
+    let table = Table::TmpUserProperties;
     // Versions of a key that meet in one batch are merged (the newest is
     // written), so fewer writes than records land: count what is written.
     let written = || async { count(&url, "SELECT coalesce(sum(n), 0) FROM test_writes").await };
@@ -563,7 +564,8 @@ async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothi
         count(&url, &sql).await
     };
     wait_for(Duration::from_secs(60), "both members to write", || async {
-        (written().await > 500 && zombie.log_text().contains("partitions assigned")).then_some(())
+        let zombie_holds = zombie.table_metric("dwh_helper_partitions_assigned", table).await? > 0.0;
+        (written().await > 500 && zombie_holds).then_some(())
     })
     .await;
     // Freeze it while its write is in the database.
@@ -575,10 +577,12 @@ async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothi
     })
     .await;
     zombie.signal("STOP");
-    let assigned_before = other.log_text().matches("partitions assigned").count();
-    // The group moves on: the other member is given the zombie's partitions.
+    // The group moves on: the other member is given the zombie's partitions,
+    // every partition of the topic.
+    let partitions = watermarks(&config, &topic).await.len() as f64;
     wait_for(Duration::from_secs(60), "the other member to take over", || async {
-        (other.log_text().matches("partitions assigned").count() > assigned_before).then_some(())
+        let held = other.table_metric("dwh_helper_partitions_assigned", table).await?;
+        (held == partitions).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -605,5 +609,15 @@ async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothi
     );
     assert_eq!(newest().await, keys as i64, "every property holds its newest version");
     assert!(zombie.running(), "the zombie lives on after its thaw");
+    // The two members met on a partition: one of them (the zombie's late write,
+    // or the new owner's write behind the zombie's lock) was fenced.
+    let mut fenced = 0.0;
+    for member in [&zombie, &other] {
+        fenced += member
+            .table_metric("dwh_helper_batches_fenced_total", table)
+            .await
+            .expect("scrape");
+    }
+    assert!(fenced >= 1.0, "no write was fenced: the zombie never met the new owner");
     drop((zombie, other));
 }

@@ -461,26 +461,23 @@ async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
     let config = config_from(&env, &[]);
     migrated(&config).await;
     let table = Table::UserLocations;
-    let child = Child::ingest(&env);
-    // Wait until the group is settled (all seven consumers assigned, no rebalance
-    // for a while: a rebalance rightly writes the buffer), then give it records.
+    let child = Child::observed(&env, "ingest");
+    // Wait until the group is settled (all seven consumers hold both partitions,
+    // no rebalance for a while: a rebalance rightly writes the buffer), then give
+    // it records.
     let topic = topic(&prefix, table);
-    let assigned = |log: &str| {
-        Table::ALL.iter().all(|t| {
-            let name = format!("{prefix}{}", t.name());
-            log.lines()
-                .any(|line| line.contains("partitions assigned") && line.contains(&name))
-        })
+    let settled = || async {
+        let m = child.scrape().await?;
+        let assigned = Table::ALL
+            .iter()
+            .all(|t| m.value("dwh_helper_partitions_assigned", &[("table", t.name())]) == Some(2.0));
+        Some((assigned, m.sum("dwh_helper_rebalances_total", &[])))
     };
-    wait_for(Duration::from_secs(60), "every consumer assigned", || async {
-        assigned(&child.log_text()).then_some(())
-    })
-    .await;
     wait_for(Duration::from_secs(60), "a settled group", || async {
-        let before = child.log_text().matches("partitions revoked").count();
+        let (assigned, before) = settled().await?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let log = child.log_text();
-        (log.matches("partitions revoked").count() == before && assigned(&log)).then_some(())
+        let (still, after) = settled().await?;
+        (assigned && still && before == after).then_some(())
     })
     .await;
     publish(&config, &topic, &keyed(table, sample::records(table, 500, 8))).await;
@@ -512,9 +509,11 @@ async fn a_topic_created_after_the_start_is_warned_about_once_then_consumed() {
     migrated(&config).await;
     let table = Table::UserLocations;
     let topic = topic(&prefix, table);
-    let child = Child::ingest(&env);
-    wait_for(Duration::from_secs(60), "the missing-topic warning", || async {
-        child.log_text().contains("ingest started").then_some(())
+    let child = Child::observed(&env, "ingest");
+    // The ingest role has started once its tables' failing gauges exist.
+    wait_for(Duration::from_secs(60), "the ingest role to start", || async {
+        child.table_metric("dwh_helper_failing", table).await?;
+        (child.scrape().await?.series("dwh_helper_failing", &[]) == 7).then_some(())
     })
     .await;
     let warnings = child

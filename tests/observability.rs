@@ -186,6 +186,7 @@ async fn metrics_count_exactly_what_landed_and_lag_grows_while_the_database_is_s
     );
     let (code, report) = get_status(&base).await.expect("status answers");
     assert_eq!((code, report["verdict"]["state"].as_str()), (200, Some("caught_up")));
+    every_metric_of_the_alerts_and_the_dashboard_is_exposed(&base).await;
 
     // The database stops: the consumer is stuck retrying, the lag loop goes on.
     let cluster = tokio::task::spawn_blocking(move || {
@@ -241,6 +242,43 @@ async fn metrics_count_exactly_what_landed_and_lag_grows_while_the_database_is_s
     assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(380));
     drop(child);
     drop(cluster);
+}
+
+/// The metric names `deploy/` uses (alert rules, Grafana dashboard) each appear
+/// as a sample in a real scrape.
+async fn every_metric_of_the_alerts_and_the_dashboard_is_exposed(base: &str) {
+    let text = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let exposed: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for file in ["deploy/prometheus/alerts.yml", "deploy/grafana/dwh-helper.json"] {
+        let source = std::fs::read_to_string(format!("{root}/{file}")).expect("deploy file");
+        let named: std::collections::BTreeSet<&str> = source
+            .match_indices("dwh_helper_")
+            .map(|(at, _)| {
+                let rest = &source[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        assert!(named.len() >= 3, "{file} names metrics");
+        for name in named {
+            assert!(exposed.contains(name), "{file} uses {name}, which no scrape exposes");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::events::{ArchiveStored, ArchiveUploadFailed};
+use crate::telemetry::events::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed};
 
 use bytes::Bytes;
 use flate2::write::GzEncoder;
@@ -272,12 +272,13 @@ impl Archiver {
             Placed::Covered { last_offset } => {
                 // Stored already under this first offset (by the partition's
                 // other owner, or before a crash): keep it and go on after it.
-                tracing::warn!(
-                    key,
-                    ours = object.last_offset,
-                    stored = last_offset,
-                    "an archive object is stored under this key already; kept, going on after it"
-                );
+                ArchiveObjectKept {
+                    table: self.table,
+                    key: &key,
+                    ours: object.last_offset,
+                    stored: last_offset,
+                }
+                .emit();
                 last_offset + 1
             }
         };

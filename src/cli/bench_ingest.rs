@@ -9,7 +9,6 @@
 
 use std::io::BufRead as _;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -159,38 +158,35 @@ async fn measure(
     }
 
     eprintln!("bench: starting the ingest role");
-    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let metrics_url = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}/metrics", listener.local_addr()?)
+    };
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["run", "--roles", "ingest", "--no-migrate"])
+        .args(["run", "--roles", "ingest,api", "--no-migrate"])
         .env("DWH_DATABASE_URL", scratch.url.expose())
         .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
         .env("KAFKA_TOPIC_PREFIX", &prefix)
         .env("KAFKA_GROUP_ID", &group)
         .env("KAFKA_AUTO_OFFSET_RESET", "earliest")
+        .env(
+            "HTTP_BIND",
+            metrics_url.trim_start_matches("http://").trim_end_matches("/metrics"),
+        )
+        .env_remove("HTTP_API_TOKEN")
         .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "warn,dwh_helper::ingest::worker=debug")
+        .env("LOG_LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start the ingest child process")?;
     let reader = {
+        // Warnings and errors (and anything not a log event: a panic) are shown.
         let stderr = child.stderr.take().context("child stderr")?;
-        let latencies = latencies.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    // Not a log event: a panic or librdkafka's own output.
-                    eprintln!("ingest: {line}");
-                    continue;
-                };
-                if event["message"] == "batch committed" {
-                    if let Some(ms) = event["took_ms"].as_f64() {
-                        latencies.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
-                    }
-                } else if event["level"] == "ERROR" || event["level"] == "WARN" {
-                    eprintln!("ingest: {line}");
-                }
+                eprintln!("ingest: {line}");
             }
         })
     };
@@ -220,6 +216,15 @@ async fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     peak_rss = peak_rss_mib(pid).or(peak_rss);
+    // Batches and flush latency from the child's own /metrics.
+    let exposition = reqwest::get(&metrics_url)
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .context("cannot scrape the ingest process's /metrics")?
+        .text()
+        .await?;
+    let flushes = Histogram::read(&exposition, "dwh_helper_batch_flush_duration_seconds", "events_part")
+        .context("the scrape has no flush histogram for events_part")?;
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let status = tokio::task::spawn_blocking(move || child.wait()).await??;
     let _ = reader.join();
@@ -246,12 +251,6 @@ async fn measure(
         }
         Backend::Sqlite => None,
     };
-    let mut latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    latencies.sort_by(f64::total_cmp);
-    let quantile = |q: f64| {
-        (!latencies.is_empty())
-            .then(|| latencies[((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1])
-    };
     let rows_per_second = rows as f64 / seconds;
     let copy_rps = copy.map(|d| rows as f64 / d.as_secs_f64());
     Ok(IngestReport {
@@ -273,9 +272,9 @@ async fn measure(
         rows_per_second,
         mb_per_second: payload_bytes as f64 / 1e6 / seconds,
         peak_rss_mib: peak_rss,
-        batches: latencies.len(),
-        flush_p50_ms: quantile(0.5),
-        flush_p99_ms: quantile(0.99),
+        batches: flushes.count as usize,
+        flush_p50_ms: flushes.quantile(0.5).map(|s| s * 1000.0),
+        flush_p99_ms: flushes.quantile(0.99).map(|s| s * 1000.0),
         copy_seconds: copy.map(|d| d.as_secs_f64()),
         copy_rows_per_second: copy_rps,
         ratio_to_copy: copy_rps.map(|c| rows_per_second / c),
@@ -285,6 +284,60 @@ async fn measure(
 }
 
 const MIB: f64 = (1 << 20) as f64;
+
+/// One table's histogram read back from a Prometheus text exposition.
+#[derive(Debug, PartialEq)]
+struct Histogram {
+    /// `(upper bound, cumulative count)`, in bound order.
+    buckets: Vec<(f64, f64)>,
+    count: f64,
+}
+
+impl Histogram {
+    /// The `{table="..."}` series of histogram `name` in `text`.
+    fn read(text: &str, name: &str, table: &str) -> Option<Histogram> {
+        let bucket_prefix = format!("{name}_bucket{{");
+        let label = format!("table=\"{table}\"");
+        let mut buckets = Vec::new();
+        let mut count = None;
+        for line in text.lines().filter(|l| l.contains(&label)) {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            if series.starts_with(&bucket_prefix) {
+                // The `le` label itself (not the end of `table=`).
+                let le = series.split(['{', ',']).find_map(|p| p.strip_prefix("le=\""))?;
+                let le = le.split('"').next()?;
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                buckets.push((bound, value));
+            } else if series.starts_with(&format!("{name}_count{{")) {
+                count = Some(value);
+            }
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Some(Histogram { buckets, count: count? })
+    }
+
+    /// The `q` quantile as Prometheus's `histogram_quantile` estimates it: linear
+    /// within the bucket it falls in.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0.0 {
+            return None;
+        }
+        let rank = q * self.count;
+        let mut lower = (0.0, 0.0);
+        for &(bound, cumulative) in &self.buckets {
+            if cumulative >= rank {
+                if bound.is_infinite() {
+                    return Some(lower.0);
+                }
+                let within = (rank - lower.1) / (cumulative - lower.1).max(f64::MIN_POSITIVE);
+                return Some(lower.0 + (bound - lower.0) * within);
+            }
+            lower = (bound, cumulative);
+        }
+        None
+    }
+}
 
 /// The documented bound of an ingest process's peak RSS (README, "Memory"): the
 /// process itself, the in-flight budget (librdkafka's prefetch included), and
@@ -335,5 +388,32 @@ pub(super) fn print(r: &IngestReport) {
     if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
         println!("plain COPY       {rps:>10.0} rows/s  {:>6}       {s:>7.2} s", "");
         println!("ingest / COPY    {ratio:>10.2}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_read_back_from_the_exposition() {
+        let text = "\
+# TYPE x histogram
+x_sum{table=\"events_part\"} 1.5
+x_count{table=\"events_part\"} 10
+x_bucket{le=\"0.1\",table=\"events_part\"} 0
+x_bucket{table=\"events_part\",le=\"0.2\"} 5
+x_bucket{table=\"events_part\",le=\"0.4\"} 9
+x_bucket{table=\"events_part\",le=\"+Inf\"} 10
+x_count{table=\"user_locations\"} 3
+";
+        let h = Histogram::read(text, "x", "events_part").expect("found");
+        assert_eq!(h.count, 10.0);
+        assert_eq!(h.buckets.len(), 4);
+        assert_eq!(h.quantile(0.5), Some(0.2), "the fifth of ten ends the 0.1..0.2 bucket");
+        let p80 = h.quantile(0.8).expect("p80");
+        assert!((p80 - 0.35).abs() < 1e-9, "three of four into 0.2..0.4: {p80}");
+        assert_eq!(h.quantile(0.99), Some(0.4), "the +Inf bucket reports its lower bound");
+        assert_eq!(Histogram::read(text, "x", "mobile_devices"), None);
     }
 }

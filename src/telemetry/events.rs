@@ -337,6 +337,28 @@ impl ArchiveUploadFailed<'_> {
     }
 }
 
+/// An archive object was found stored under its key already (by the partition's
+/// other owner, or before a crash): it is kept and the archive goes on after it.
+#[derive(Debug)]
+pub struct ArchiveObjectKept<'a> {
+    pub table: Table,
+    pub key: &'a str,
+    pub ours: i64,
+    pub stored: i64,
+}
+
+impl ArchiveObjectKept<'_> {
+    pub fn emit(&self) {
+        tracing::warn!(
+            key = self.key,
+            ours = self.ours,
+            stored = self.stored,
+            "an archive object is stored under this key already; kept, going on after it"
+        );
+        metrics().archive_kept.get_or_create(&Metrics::table(self.table)).inc();
+    }
+}
+
 /// One Logs API request answered (or failed to connect: `status` 0).
 #[derive(Debug)]
 pub struct AppMetricaResponse {

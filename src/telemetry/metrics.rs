@@ -73,6 +73,7 @@ pub struct Metrics {
     pub archive_bytes: Counters,
     pub archive_upload_duration: Histograms,
     pub archive_failures: Counters,
+    pub archive_kept: Counters,
 
     // AppMetrica.
     pub appmetrica_windows: Gauges,
@@ -160,6 +161,7 @@ impl Metrics {
             archive_bytes: Counters::default(),
             archive_upload_duration: Histograms::new_with_constructor(upload_buckets),
             archive_failures: Counters::default(),
+            archive_kept: Counters::default(),
             appmetrica_windows: Gauges::default(),
             appmetrica_rows_fetched: Counters::default(),
             appmetrica_rows_published: Counters::default(),
@@ -326,6 +328,11 @@ impl Metrics {
             "archive_failures",
             "Failed archive uploads (each retried)",
             m.archive_failures.clone(),
+        );
+        r.register(
+            "archive_objects_kept",
+            "Objects found stored under their key already (kept; the archive goes on after them)",
+            m.archive_kept.clone(),
         );
         r.register(
             "appmetrica_windows",

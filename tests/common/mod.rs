@@ -207,7 +207,10 @@ pub struct Scrape(pub Vec<prometheus_parse::Sample>);
 impl Scrape {
     /// Scrapes `base`/metrics with the bearer `token`; `None` while it does not answer.
     pub async fn get(base: &str, token: &str) -> Option<Scrape> {
-        let response = reqwest::Client::new()
+        let response = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("client")
             .get(format!("{base}/metrics"))
             .bearer_auth(token)
             .send()
@@ -378,6 +381,8 @@ impl Drop for InProcessIngest {
 pub struct Child {
     pub child: std::process::Child,
     log: std::path::PathBuf,
+    /// Base URL and token of its API, when it serves one to scrape.
+    api: Option<(String, String)>,
 }
 
 impl Child {
@@ -401,7 +406,36 @@ impl Child {
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("dwh-helper starts");
-        Child { child, log }
+        Child { child, log, api: None }
+    }
+
+    /// `dwh-helper run --roles <roles>,api`, the API on a free loopback port, so
+    /// that tests read its `/metrics` rather than its log.
+    pub fn observed(env: &[(String, String)], roles: &str) -> Child {
+        let port = free_port();
+        let mut env = env.to_vec();
+        env.retain(|(k, _)| k != "HTTP_BIND");
+        env.push(("HTTP_BIND".into(), format!("127.0.0.1:{port}")));
+        let token = env
+            .iter()
+            .find(|(k, _)| k == "HTTP_API_TOKEN")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let mut child = Child::run(&env, &format!("{roles},api"));
+        child.api = Some((format!("http://127.0.0.1:{port}"), token));
+        child
+    }
+
+    /// A scrape of its `/metrics` (started with [`Child::observed`]); `None`
+    /// while it does not answer.
+    pub async fn scrape(&self) -> Option<Scrape> {
+        let (base, token) = self.api.as_ref().expect("a child started with Child::observed");
+        Scrape::get(base, token).await
+    }
+
+    /// The value of `name{table=...}` in a scrape, 0 when absent.
+    pub async fn table_metric(&self, name: &str, table: dwh_helper::catalogue::Table) -> Option<f64> {
+        Some(self.scrape().await?.sum(name, &[("table", table.name())]))
     }
 
     /// What the child logged so far.
