@@ -419,3 +419,286 @@ async fn with_partition_labels_off_a_thousand_partitions_make_no_per_partition_s
         drop(api);
     }
 }
+
+/// A metric data point: name, attributes, value.
+type Point = (String, Vec<(String, String)>, f64);
+
+/// What an OTLP/HTTP receiver got, decoded as a collector would.
+#[derive(Default)]
+struct Received {
+    spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+    service_names: Vec<String>,
+    /// `(metric name, attributes, value)` of every number data point.
+    points: Vec<Point>,
+    headers: Vec<(String, String)>,
+}
+
+fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn attributes(kv: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<(String, String)> {
+    kv.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect()
+}
+
+/// A local OTLP/HTTP protobuf receiver on a free port.
+async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>) {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
+    use prost::Message as _;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Received::default()));
+    let headers_of = |headers: &HeaderMap| -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+            .collect()
+    };
+    let traces = {
+        let received = received.clone();
+        move |headers: HeaderMap, body: Bytes| async move {
+            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf traces");
+            let mut r = received.lock().expect("lock");
+            r.headers.extend(headers_of(&headers));
+            for resource in request.resource_spans {
+                if let Some(res) = &resource.resource {
+                    for (k, v) in attributes(&res.attributes) {
+                        if k == "service.name" {
+                            r.service_names.push(v);
+                        }
+                    }
+                }
+                for scope in resource.scope_spans {
+                    r.spans.extend(scope.spans);
+                }
+            }
+            ""
+        }
+    };
+    let metrics = {
+        let received = received.clone();
+        move |body: Bytes| async move {
+            let request = ExportMetricsServiceRequest::decode(body).expect("OTLP protobuf metrics");
+            let mut r = received.lock().expect("lock");
+            for resource in request.resource_metrics {
+                for scope in resource.scope_metrics {
+                    for metric in scope.metrics {
+                        let points = match metric.data {
+                            Some(Data::Sum(sum)) => sum.data_points,
+                            Some(Data::Gauge(gauge)) => gauge.data_points,
+                            _ => Vec::new(),
+                        };
+                        for p in points {
+                            let value = match p.value {
+                                Some(number_data_point::Value::AsDouble(v)) => v,
+                                Some(number_data_point::Value::AsInt(v)) => v as f64,
+                                None => continue,
+                            };
+                            r.points.push((metric.name.clone(), attributes(&p.attributes), value));
+                        }
+                    }
+                }
+            }
+            ""
+        }
+    };
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(traces))
+        .route("/v1/metrics", axum::routing::post(metrics));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, received)
+}
+
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .map(|kv| text(&kv.value))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_receives_flush_spans_and_the_rows_metric_and_log_lines_carry_the_trace_id() {
+    let (endpoint, received) = otlp_receiver().await;
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    env.retain(|(k, _)| k != "LOG_LEVEL");
+    env.extend(
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-value"),
+            ("OTEL_SERVICE_NAME", "dwh-helper-under-test"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("LOG_FORMAT", "json"),
+            ("LOG_LEVEL", "info,dwh_helper::ingest=debug"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let locations = topic(&prefix, Table::UserLocations);
+    publish(
+        &config,
+        &locations,
+        &keyed(Table::UserLocations, sample::records(Table::UserLocations, 25, 5)),
+    )
+    .await;
+    let child = Child::observed(&env, "ingest");
+
+    // Flush spans of user_locations covering the 25 rows, each committed.
+    let flushes = wait_for(Duration::from_secs(60), "flush spans of 25 rows", || async {
+        let r = received.lock().expect("lock");
+        let flushes: Vec<_> = r
+            .spans
+            .iter()
+            .filter(|s| s.name == "batch_flush" && attribute(s, "table").as_deref() == Some("user_locations"))
+            .cloned()
+            .collect();
+        let rows: i64 = flushes
+            .iter()
+            .filter_map(|s| attribute(s, "rows")?.parse::<i64>().ok())
+            .sum();
+        (rows == 25).then_some(flushes)
+    })
+    .await;
+    for flush in &flushes {
+        assert_eq!(attribute(flush, "outcome").as_deref(), Some("committed"));
+        assert_eq!(attribute(flush, "rejects").as_deref(), Some("0"));
+        assert!(attribute(flush, "bytes").is_some_and(|b| b != "0"));
+        let r = received.lock().expect("lock");
+        let children: Vec<&str> = r
+            .spans
+            .iter()
+            .filter(|s| s.parent_span_id == flush.span_id && s.trace_id == flush.trace_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        assert!(children.contains(&"dwh_write"), "{children:?}");
+        assert!(children.contains(&"kafka_commit"), "{children:?}");
+    }
+    // The rows-inserted metric, bridged from /metrics.
+    wait_for(
+        Duration::from_secs(30),
+        "dwh_helper_rows_inserted_total 25 over OTLP",
+        || async {
+            let r = received.lock().expect("lock");
+            r.points
+                .iter()
+                .any(|(name, attrs, value)| {
+                    name == "dwh_helper_rows_inserted_total"
+                        && attrs.contains(&("table".to_owned(), "user_locations".to_owned()))
+                        && *value == 25.0
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // HTTP requests have spans too, by route template.
+    child.scrape().await.expect("scrape");
+    wait_for(Duration::from_secs(30), "an http_request span", || async {
+        let r = received.lock().expect("lock");
+        r.spans
+            .iter()
+            .any(|s| s.name == "http_request" && attribute(s, "route").as_deref() == Some("/metrics"))
+            .then_some(())
+    })
+    .await;
+    {
+        let r = received.lock().expect("lock");
+        assert!(
+            r.service_names.iter().all(|n| n == "dwh-helper-under-test"),
+            "{:?}",
+            r.service_names
+        );
+        assert!(
+            r.headers
+                .contains(&("x-collector-key".to_owned(), "otlp-secret-value".to_owned())),
+            "OTEL_EXPORTER_OTLP_HEADERS are sent"
+        );
+    }
+    // A log line inside a flush span carries that span's trace id.
+    let traces: Vec<String> = flushes
+        .iter()
+        .map(|s| s.trace_id.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    let log = child.log_text();
+    let committed: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["message"] == "batch committed")
+        .collect();
+    assert!(!committed.is_empty(), "batch committed is logged at debug");
+    for event in &committed {
+        let trace = event["span"]["trace_id"].as_str().unwrap_or_default();
+        assert!(
+            traces.iter().any(|t| t == trace),
+            "{event} carries a trace id of a flush span"
+        );
+    }
+    assert!(!log.contains("otlp-secret-value"), "the OTLP headers are a secret");
+    drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_the_ingest_nothing_and_is_warned_about_once() {
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    // Nothing listens there: every export fails at once.
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    env.extend(
+        [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let locations = topic(&prefix, Table::UserLocations);
+    publish(
+        &config,
+        &locations,
+        &keyed(Table::UserLocations, sample::records(Table::UserLocations, 40, 6)),
+    )
+    .await;
+    let child = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(60), "rows to land and exports to fail", || async {
+        let m = child.scrape().await?;
+        let rows = m.value("dwh_helper_rows_inserted_total", &[("table", "user_locations")])?;
+        let failures = m.value("dwh_helper_otlp_export_failures_total", &[])?;
+        (rows == 40.0 && failures >= 3.0).then_some(())
+    })
+    .await;
+    let warnings = child.log_text().matches("OTLP export failed").count();
+    assert_eq!(warnings, 1, "one warning a minute, however many exports fail");
+
+    // Only OTLP/HTTP protobuf is spoken: another protocol is a configuration error.
+    let out = Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+        .arg("migrate")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("OTEL_EXPORTER_OTLP_PROTOCOL: \"grpc\" is not supported; use http/protobuf"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

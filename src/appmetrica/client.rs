@@ -137,13 +137,17 @@ impl LogsApi {
             if cancel.is_cancelled() {
                 return Err(ExportError::Cancelled);
             }
-            let sent = self
-                .http
-                .get(self.url(&window.endpoint))
-                .query(&query)
-                .header(reqwest::header::AUTHORIZATION, format!("OAuth {token}"))
-                .send()
-                .await;
+            let poll = tracing::info_span!(target: "dwh_helper::appmetrica", "appmetrica_poll", status = tracing::field::Empty);
+            let sent = tracing::Instrument::instrument(
+                self.http
+                    .get(self.url(&window.endpoint))
+                    .query(&query)
+                    .header(reqwest::header::AUTHORIZATION, format!("OAuth {token}"))
+                    .send(),
+                poll.clone(),
+            )
+            .await;
+            poll.record("status", sent.as_ref().map_or(0, |r| r.status().as_u16()));
             AppMetricaResponse {
                 status: sent.as_ref().map_or(0, |r| r.status().as_u16()),
             }

@@ -74,6 +74,17 @@ impl Exporter {
     /// tried again up to [`WINDOW_ATTEMPTS`] times; the window is marked failed
     /// when they all fail.
     pub async fn run_window(&self, window: &Window, cancel: &CancellationToken) -> Result<Outcome, ExportError> {
+        let span = crate::telemetry::traced(tracing::info_span!(
+            target: "dwh_helper::appmetrica",
+            "appmetrica_window",
+            window = %window,
+            endpoint = %window.endpoint,
+            trace_id = tracing::field::Empty,
+        ));
+        tracing::Instrument::instrument(self.run_window_within(window, cancel), span).await
+    }
+
+    async fn run_window_within(&self, window: &Window, cancel: &CancellationToken) -> Result<Outcome, ExportError> {
         let started = Instant::now();
         let mut record = WindowRecord {
             application_id: self.application_id(),

@@ -253,7 +253,17 @@ impl Archiver {
         ];
         let bytes = body.len() as u64;
         let started = std::time::Instant::now();
-        let placed = match place(self.table, &self.s3, &key, body, &metadata, &self.abort).await {
+        let upload = crate::telemetry::traced(tracing::info_span!(
+            target: "dwh_helper::archive",
+            "archive_upload",
+            table = %self.table,
+            key = %key,
+            bytes,
+            records = object.records,
+            trace_id = tracing::field::Empty,
+        ));
+        let placing = place(self.table, &self.s3, &key, body, &metadata, &self.abort);
+        let placed = match tracing::Instrument::instrument(placing, upload).await {
             Some(placed) => placed,
             None => return Stored::Aborted,
         };

@@ -198,14 +198,10 @@ async fn measure(
             bail!("the ingest process exited early: {status}");
         }
         peak_rss = peak_rss_mib(pid).or(peak_rss);
-        let mut behind = false;
-        for w in &ends {
-            let stored = dwh.stored_offset(&group, &topic, w.partition).await?.unwrap_or(0);
-            if stored < w.high {
-                behind = true;
-                break;
-            }
-        }
+        let stored = dwh.topic_offsets(&group, &topic).await?;
+        let behind = ends
+            .iter()
+            .any(|w| stored.get(&w.partition).copied().unwrap_or(0) < w.high);
         if !behind {
             break;
         }

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingest::{self, IngestStatus};
 use crate::kafka::devbroker::DevBrokerOptions;
-use crate::kafka::{self, topics, DevBroker, Publisher};
+use crate::kafka::{self, DevBroker, Publisher};
 use crate::sample;
 use crate::store::Dwh;
 
@@ -184,31 +184,26 @@ async fn publish_samples(config: &Config, rows: u64) -> anyhow::Result<(u64, u64
 
 /// Waits until the DWH's stored offsets reach the end of every partition.
 async fn wait_caught_up(config: &Config, dwh: &Dwh, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let kafka = config.kafka.clone();
-    let ends = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64)>> {
-        let metadata = topics::Metadata::connect(&kafka)?;
-        let mut ends = Vec::new();
-        for table in Table::ALL {
-            let topic = kafka::topic_name(&kafka.topic_prefix, table);
-            for w in metadata.watermarks(&topic)? {
-                ends.push((topic.clone(), w.partition, w.high));
-            }
-        }
-        Ok(ends)
-    })
-    .await??;
+    let broker = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || crate::report::read_broker(&config, None))
+            .await?
+            .map_err(anyhow::Error::msg)?
+    };
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let mut behind = 0;
-        for (topic, partition, end) in &ends {
-            let stored = dwh
-                .stored_offset(&config.kafka.group_id, topic, *partition)
-                .await?
-                .unwrap_or(0);
-            if stored < *end {
-                behind += 1;
-            }
-        }
+        let stored: std::collections::HashMap<(String, i32), i64> = dwh
+            .stored_offsets(&config.kafka.group_id)
+            .await?
+            .into_iter()
+            .map(|o| ((o.topic, o.partition), o.next_offset))
+            .collect();
+        let behind = broker
+            .watermarks
+            .iter()
+            .flat_map(|(topic, marks)| marks.iter().map(move |(p, range)| (topic, *p, *range)))
+            .filter(|(topic, p, range)| crate::report::lag(stored.get(&((*topic).clone(), *p)).copied(), *range) > 0)
+            .count();
         if behind == 0 {
             return Ok(());
         }

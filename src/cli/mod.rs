@@ -68,12 +68,22 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init_all(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP export sends through this runtime: start it inside.
+    let otel = {
+        let _inside = runtime.enter();
+        match crate::telemetry::init_all(&config) {
+            Ok(otel) => otel,
+            Err(e) => {
+                eprintln!("configuration error: {e}");
+                return ExitCode::from(2);
+            }
         }
     };
     let result = runtime.block_on(async {
@@ -90,6 +100,11 @@ pub fn main() -> ExitCode {
         }
         .map(|()| ExitCode::SUCCESS)
     });
+    // Flush what is queued for the collector (bounded by the exporter timeout).
+    {
+        let _inside = runtime.enter();
+        drop(otel);
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -396,6 +396,22 @@ fn kafka(raw: RawKafka, passthrough: impl Iterator<Item = (String, String)>) -> 
     })
 }
 
+/// librdkafka properties the service sets itself, with what to use instead.
+const OWNED_PROPERTIES: [(&str, &str); 6] = [
+    ("bootstrap.servers", "use KAFKA_BOOTSTRAP_SERVERS"),
+    ("group.id", "use KAFKA_GROUP_ID"),
+    ("group.instance.id", "use KAFKA_GROUP_INSTANCE_ID"),
+    (
+        "auto.offset.reset",
+        "use KAFKA_AUTO_OFFSET_RESET (a partition with no DWH offset) or KAFKA_ON_OFFSET_OUT_OF_RANGE",
+    ),
+    ("enable.auto.commit", "offsets are stored in the DWH with each batch"),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored in the DWH with each batch",
+    ),
+];
+
 /// `KAFKA_LIBRDKAFKA_SASL_PASSWORD=x` → (`sasl.password`, x). librdkafka property
 /// names are lowercase words joined by dots, so the mapping is unambiguous.
 fn librdkafka_properties(vars: impl Iterator<Item = (String, String)>) -> Result<Vec<(String, Secret)>, ConfigError> {
@@ -404,6 +420,12 @@ fn librdkafka_properties(vars: impl Iterator<Item = (String, String)>) -> Result
             let property = name[LIBRDKAFKA_PREFIX.len()..].to_ascii_lowercase().replace('_', ".");
             if property.is_empty() || property.split('.').any(str::is_empty) {
                 return Err(ConfigError::new(name, "does not name a librdkafka property"));
+            }
+            if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(owned, _)| *owned == property) {
+                return Err(ConfigError::new(
+                    name,
+                    format!("{property} is set by dwh-helper (exactly once depends on it); {instead}"),
+                ));
             }
             Ok((property, Secret::new(value)))
         })
@@ -785,6 +807,16 @@ mod tests {
             (
                 &[("KAFKA_LIBRDKAFKA_", "x")],
                 "KAFKA_LIBRDKAFKA_: does not name a librdkafka property",
+            ),
+            (
+                &[("KAFKA_LIBRDKAFKA_AUTO_OFFSET_RESET", "latest")],
+                "KAFKA_LIBRDKAFKA_AUTO_OFFSET_RESET: auto.offset.reset is set by dwh-helper (exactly once depends on it); \
+                 use KAFKA_AUTO_OFFSET_RESET (a partition with no DWH offset) or KAFKA_ON_OFFSET_OUT_OF_RANGE",
+            ),
+            (
+                &[("KAFKA_LIBRDKAFKA_ENABLE_AUTO_COMMIT", "true")],
+                "KAFKA_LIBRDKAFKA_ENABLE_AUTO_COMMIT: enable.auto.commit is set by dwh-helper (exactly once depends on it); \
+                 offsets are stored in the DWH with each batch",
             ),
             (
                 &[("KAFKA_TOPIC_PREFIX", "dwh/")],

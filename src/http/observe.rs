@@ -66,6 +66,27 @@ pub async fn track(request: Request, next: Next) -> Response {
     response
 }
 
+/// The span of one request: method and route template (never the raw path),
+/// the status once answered, and the trace id for its log lines.
+pub fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    crate::telemetry::traced(tracing::info_span!(
+        target: "dwh_helper::http",
+        "http_request",
+        method = %request.method(),
+        route,
+        status = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    ))
+}
+
+pub fn record_status<B>(response: &axum::http::Response<B>, _latency: std::time::Duration, span: &tracing::Span) {
+    span.record("status", response.status().as_u16());
+}
+
 /// Counts a request in flight until dropped (also when the client goes away).
 struct InFlight;
 

@@ -30,6 +30,7 @@ use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::batcher::{BatchLimits, Batcher, Closed, Entry};
 use super::start::{self, Misfit, Policy, Source, StartAt};
@@ -486,20 +487,43 @@ fn committed_offsets(consumer: &BaseConsumer<Context>, topic: &str, partitions: 
 
 impl Writer {
     async fn stored_offsets(&self, partitions: &[i32]) -> Result<Vec<(i32, Option<i64>)>, StoreError> {
-        let mut offsets = Vec::with_capacity(partitions.len());
-        for &partition in partitions {
-            offsets.push((
-                partition,
-                self.dwh.stored_offset(&self.group_id, &self.topic, partition).await?,
-            ));
-        }
-        Ok(offsets)
+        let stored = self.dwh.topic_offsets(&self.group_id, &self.topic).await?;
+        Ok(partitions.iter().map(|&p| (p, stored.get(&p).copied())).collect())
     }
 
     /// Writes a closed batch until it lands, is fenced or the grace period ends;
     /// then counts it and tells Kafka. `_memory` is released when this returns.
     async fn land(
         self: Arc<Self>,
+        closed: Closed,
+        offsets: Vec<OffsetAdvance>,
+        memory: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), FlushError> {
+        let partitions: Vec<i32> = offsets.iter().map(|a| a.partition).collect();
+        let span = crate::telemetry::traced(tracing::info_span!(
+            target: "dwh_helper::ingest",
+            "batch_flush",
+            table = %self.table,
+            topic = %self.topic,
+            partitions = ?partitions,
+            rows = closed.rows.len(),
+            rejects = tracing::field::Empty,
+            bytes = closed.bytes,
+            outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        ));
+        let landed = self.land_within(closed, offsets, memory).instrument(span.clone()).await;
+        let outcome = match &landed {
+            Ok(()) => "committed",
+            Err(FlushError::Fenced(_)) => "fenced",
+            Err(FlushError::Aborted) => "aborted",
+        };
+        span.record("outcome", outcome);
+        landed
+    }
+
+    async fn land_within(
+        &self,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
         _memory: Option<OwnedSemaphorePermit>,
@@ -518,6 +542,7 @@ impl Writer {
                 return Err(e);
             }
         };
+        tracing::Span::current().record("rejects", closed.rejects.len() + outcome.refused.len());
         BatchCommitted {
             table: self.table,
             topic: &self.topic,
@@ -534,7 +559,7 @@ impl Writer {
                 closed.timestamps.get(&advance.partition).copied(),
             );
         }
-        self.commit_to_kafka(&offsets);
+        tracing::info_span!(target: "dwh_helper::ingest", "kafka_commit").in_scope(|| self.commit_to_kafka(&offsets));
         Ok(())
     }
 
@@ -555,8 +580,9 @@ impl Writer {
                     rows: &closed.origins,
                 }),
             };
+            let attempt = tracing::info_span!(target: "dwh_helper::ingest", "dwh_write", retry = ambiguous);
             let result = tokio::select! {
-                result = self.dwh.write(batch) => result,
+                result = self.dwh.write(batch).instrument(attempt) => result,
                 () = self.abort.cancelled() => return Err(FlushError::Aborted),
             };
             let error = match result {

@@ -28,6 +28,8 @@ pub struct RejectCounts {
 const SELECT_GROUP: &str =
     "SELECT topic, partition, next_offset, updated_at FROM dwh_consumer_offsets WHERE group_id = $1 ORDER BY topic, partition";
 
+const SELECT_TOPIC: &str = "SELECT partition, next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2";
+
 /// Binds: the cut-off of "recent".
 const COUNT_REJECTS: &str = "SELECT table_name, count(*), \
      COALESCE(SUM(CASE WHEN rejected_at >= $1 THEN 1 ELSE 0 END), 0) FROM dwh_rejected_records GROUP BY table_name";
@@ -54,6 +56,27 @@ impl Dwh {
                 updated_at,
             })
             .collect())
+    }
+
+    /// The stored next offset of every partition of `topic` that has one, in one query.
+    pub async fn topic_offsets(&self, group_id: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError> {
+        let rows: Vec<(i32, i64)> = match &self.pool {
+            Pool::Postgres(pool) => {
+                sqlx::query_as(SELECT_TOPIC)
+                    .bind(group_id)
+                    .bind(topic)
+                    .fetch_all(pool)
+                    .await?
+            }
+            Pool::Sqlite(pools) => {
+                sqlx::query_as(SELECT_TOPIC)
+                    .bind(group_id)
+                    .bind(topic)
+                    .fetch_all(&pools.read)
+                    .await?
+            }
+        };
+        Ok(rows.into_iter().collect())
     }
 
     /// Rejects per table: all of them, and those of the last 24 hours.

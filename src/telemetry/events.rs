@@ -14,6 +14,12 @@ use crate::catalogue::Table;
 use crate::ingest::IngestStatus;
 use crate::store::{RejectedRecord, WriteOutcome};
 
+/// Log targets: the part of the service an event belongs to, so that `LOG_LEVEL`
+/// directives such as `dwh_helper::ingest=debug` reach its events.
+const INGEST: &str = "dwh_helper::ingest";
+const ARCHIVE: &str = "dwh_helper::archive";
+const APPMETRICA: &str = "dwh_helper::appmetrica";
+
 /// What an event can carry as a cause or a name: shown in logs, debuggable.
 pub trait Shown: Display + Debug + Sync {}
 
@@ -29,7 +35,7 @@ pub struct IngestStarted<'a> {
 
 impl IngestStarted<'_> {
     pub fn emit(&self) {
-        tracing::info!(group = %self.group, prefix = %self.prefix, "ingest started");
+        tracing::info!(target: INGEST, group = %self.group, prefix = %self.prefix, "ingest started");
         for table in Table::ALL {
             let labels = Metrics::table(table);
             metrics().failing.get_or_create(&labels).set(0);
@@ -66,7 +72,7 @@ pub struct RecordRejected<'a> {
 
 impl RecordRejected<'_> {
     pub fn emit(&self) {
-        tracing::warn!(topic = %self.topic, partition = self.partition, offset = self.offset, reason = %self.reason, "record rejected");
+        tracing::warn!(target: INGEST, topic = %self.topic, partition = self.partition, offset = self.offset, reason = %self.reason, "record rejected");
     }
 }
 
@@ -85,7 +91,7 @@ pub struct BatchCommitted<'a> {
 impl BatchCommitted<'_> {
     pub fn emit(&self, status: &IngestStatus) {
         for reject in &self.outcome.refused {
-            tracing::warn!(topic = %self.topic, partition = reject.partition, offset = reject.offset, reason = %reject.reason, "record rejected by the database");
+            tracing::warn!(target: INGEST, topic = %self.topic, partition = reject.partition, offset = reject.offset, reason = %reject.reason, "record rejected by the database");
         }
         let rejects = self.rejects.len() + self.outcome.refused.len();
         status.batch_written(self.outcome, rejects, self.bytes, self.took);
@@ -104,6 +110,7 @@ impl BatchCommitted<'_> {
         m.batches.get_or_create(&labels).inc();
         m.flush_duration.get_or_create(&labels).observe(self.took.as_secs_f64());
         tracing::debug!(
+            target: INGEST,
             topic = %self.topic,
             inserted,
             updated = self.outcome.updated,
@@ -128,6 +135,7 @@ pub struct WriteFailed<'a> {
 impl WriteFailed<'_> {
     pub fn emit(&self, status: &IngestStatus) {
         tracing::warn!(
+            target: INGEST,
             topic = %self.topic,
             error = %self.error,
             retry_in_ms = self.retry_in.as_millis() as u64,
@@ -153,10 +161,10 @@ pub struct WritesRecovered<'a> {
 impl WritesRecovered<'_> {
     pub fn emit(&self, status: &IngestStatus) {
         if self.landed_earlier {
-            tracing::info!(topic = %self.topic, "an earlier attempt of this batch had committed");
+            tracing::info!(target: INGEST, topic = %self.topic, "an earlier attempt of this batch had committed");
         }
         if status.set_failing(self.topic, None) {
-            tracing::info!(topic = %self.topic, "DWH writes succeed again");
+            tracing::info!(target: INGEST, topic = %self.topic, "DWH writes succeed again");
             metrics().failing.get_or_create(&Metrics::table(self.table)).set(0);
         }
     }
@@ -173,7 +181,7 @@ pub struct OffsetFenced<'a> {
 
 impl OffsetFenced<'_> {
     pub fn emit(&self, status: &IngestStatus) {
-        tracing::warn!(topic = %self.topic, error = %self.error, "offset fenced: batch dropped, rejoining the group");
+        tracing::warn!(target: INGEST, topic = %self.topic, error = %self.error, "offset fenced: batch dropped, rejoining the group");
         status.set_failing(self.topic, None);
         let labels = Metrics::table(self.table);
         metrics().batches_fenced.get_or_create(&labels).inc();
@@ -256,7 +264,7 @@ pub struct TableStopped<'a> {
 
 impl TableStopped<'_> {
     pub fn emit(&self, status: &IngestStatus) {
-        tracing::error!(topic = %self.topic, reason = %self.reason, "table stopped: a stored offset does not fit the log");
+        tracing::error!(target: INGEST, topic = %self.topic, reason = %self.reason, "table stopped: a stored offset does not fit the log");
         status.table_stopped(self.topic, self.reason);
         metrics()
             .table_stopped
@@ -278,6 +286,7 @@ pub struct OffsetMoved<'a> {
 impl OffsetMoved<'_> {
     pub fn emit(&self, status: &IngestStatus) {
         tracing::warn!(
+            target: INGEST,
             topic = %self.topic,
             partition = self.partition,
             stored = self.stored,
@@ -303,6 +312,7 @@ pub struct ArchiveStored<'a> {
 impl ArchiveStored<'_> {
     pub fn emit(&self) {
         tracing::debug!(
+            target: ARCHIVE,
             key = self.key,
             records = self.records,
             bytes = self.bytes,
@@ -329,7 +339,7 @@ pub struct ArchiveUploadFailed<'a> {
 
 impl ArchiveUploadFailed<'_> {
     pub fn emit(&self) {
-        tracing::warn!(key = self.key, error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64, "archive upload failed; retrying");
+        tracing::warn!(target: ARCHIVE, key = self.key, error = %self.error, retry_in_ms = self.retry_in.as_millis() as u64, "archive upload failed; retrying");
         metrics()
             .archive_failures
             .get_or_create(&Metrics::table(self.table))
@@ -350,6 +360,7 @@ pub struct ArchiveObjectKept<'a> {
 impl ArchiveObjectKept<'_> {
     pub fn emit(&self) {
         tracing::warn!(
+            target: ARCHIVE,
             key = self.key,
             ours = self.ours,
             stored = self.stored,
@@ -404,6 +415,7 @@ pub struct AppMetricaWindowDone<'a> {
 impl AppMetricaWindowDone<'_> {
     pub fn emit(&self) {
         tracing::info!(
+            target: APPMETRICA,
             window = %self.window,
             fetched = self.rows_fetched,
             published = self.rows_published,

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub archive_upload_duration: Histograms,
     pub archive_failures: Counters,
     pub archive_kept: Counters,
+    pub otlp_failures: Counters,
 
     // AppMetrica.
     pub appmetrica_windows: Gauges,
@@ -162,6 +163,7 @@ impl Metrics {
             archive_upload_duration: Histograms::new_with_constructor(upload_buckets),
             archive_failures: Counters::default(),
             archive_kept: Counters::default(),
+            otlp_failures: Counters::default(),
             appmetrica_windows: Gauges::default(),
             appmetrica_rows_fetched: Counters::default(),
             appmetrica_rows_published: Counters::default(),
@@ -328,6 +330,11 @@ impl Metrics {
             "archive_failures",
             "Failed archive uploads (each retried)",
             m.archive_failures.clone(),
+        );
+        r.register(
+            "otlp_export_failures",
+            "OTLP exports that failed (the data is dropped)",
+            m.otlp_failures.clone(),
         );
         r.register(
             "archive_objects_kept",

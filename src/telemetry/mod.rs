@@ -8,29 +8,67 @@
 pub mod events;
 pub mod lag;
 pub mod metrics;
+pub mod otel;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::{Config, LogConfig, LogFormat};
 
-/// Sets up logging and the metrics' label choice from the configuration.
-pub fn init_all(config: &Config) {
+/// Sets up logging, the metrics' label choice and, when an OTLP endpoint is
+/// configured, the OpenTelemetry export (call inside the Tokio runtime). The
+/// returned handle flushes the export when dropped.
+pub fn init_all(config: &Config) -> Result<Option<otel::Otel>, otel::OtelError> {
     metrics::configure(config.metrics.partition_labels);
-    init(&config.log);
+    let otel = otel::start()?;
+    init(&config.log, otel.as_ref());
+    Ok(otel)
 }
 
-/// Installs the global subscriber. The level was validated with the configuration.
-pub fn init(config: &LogConfig) {
+/// Installs the global subscriber: the log lines, and the spans to OTLP when
+/// `otel` is running. The level was validated with the configuration. Log lines
+/// inside a span show its fields, its `trace_id` among them (see [`traced`]).
+pub fn init(config: &LogConfig, otel: Option<&otel::Otel>) {
     let filter = EnvFilter::builder()
         .parse(&config.level)
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second init (tests, embedded use) keeps the first subscriber.
-    let _ = match config.format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let lines = match config.format {
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
     };
+    let spans = otel.map(|o| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(o.tracer_provider.tracer("dwh-helper"))
+    });
+    // A second init (tests, embedded use) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(spans)
+        .with(lines)
+        .try_init();
+}
+
+/// Records the OpenTelemetry trace id in `span`'s `trace_id` field (declared
+/// `trace_id = tracing::field::Empty`), so that log lines inside it carry it.
+/// Without an export there is no trace id and the field stays empty.
+pub fn traced(span: tracing::Span) -> tracing::Span {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = span.context();
+    let trace = context.span().span_context().trace_id();
+    if trace != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace));
+    }
+    span
 }
