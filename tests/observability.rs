@@ -428,6 +428,7 @@ type Point = (String, Vec<(String, String)>, f64);
 struct Received {
     spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
     service_names: Vec<String>,
+    environments: Vec<String>,
     /// `(metric name, attributes, value)` of every number data point.
     points: Vec<Point>,
     headers: Vec<(String, String)>,
@@ -472,8 +473,10 @@ async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>)
             for resource in request.resource_spans {
                 if let Some(res) = &resource.resource {
                     for (k, v) in attributes(&res.attributes) {
-                        if k == "service.name" {
-                            r.service_names.push(v);
+                        match k.as_str() {
+                            "service.name" => r.service_names.push(v),
+                            "deployment.environment" => r.environments.push(v),
+                            _ => {}
                         }
                     }
                 }
@@ -539,6 +542,7 @@ async fn otlp_receives_flush_spans_and_the_rows_metric_and_log_lines_carry_the_t
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-key=otlp-secret-value"),
             ("OTEL_SERVICE_NAME", "dwh-helper-under-test"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=observability-test"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("LOG_FORMAT", "json"),
@@ -617,9 +621,14 @@ async fn otlp_receives_flush_spans_and_the_rows_metric_and_log_lines_carry_the_t
     {
         let r = received.lock().expect("lock");
         assert!(
-            r.service_names.iter().all(|n| n == "dwh-helper-under-test"),
+            !r.service_names.is_empty() && r.service_names.iter().all(|n| n == "dwh-helper-under-test"),
             "{:?}",
             r.service_names
+        );
+        assert!(
+            !r.environments.is_empty() && r.environments.iter().all(|e| e == "observability-test"),
+            "OTEL_RESOURCE_ATTRIBUTES reach the resource: {:?}",
+            r.environments
         );
         assert!(
             r.headers

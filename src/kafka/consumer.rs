@@ -468,6 +468,13 @@ fn answer_by<T>(mut answer: oneshot::Receiver<T>, deadline: Option<Instant>) -> 
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        // A failed Kafka commit loses nothing: the DWH holds the offsets and the
+        // commit only mirrors them for lag tools; one fails whenever a rebalance
+        // is in progress. Not a warning for ops.
+        if facility == "COMMITFAIL" {
+            tracing::debug!(topic = %self.topic, facility, "librdkafka: {message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(topic = %self.topic, facility, "librdkafka: {message}")
