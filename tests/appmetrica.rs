@@ -463,3 +463,41 @@ async fn an_export_published_while_the_broker_is_down_completes_once_it_is_back(
     assert_eq!(ends, 300, "each event published once");
     s.ingest.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_export_window_is_one_span_with_a_child_span_per_logs_api_request() {
+    let (endpoint, received) = common::otlp::receiver().await;
+    let s = setup(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ])
+    .await;
+    let day = "2024-03-06";
+    s.api.script(
+        "events",
+        day,
+        script(vec![Step::Preparing, Step::Preparing], logs_api::events(day, 20, 3, 0)),
+    );
+    let output = export(&s.env, day, day).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // The export flushes its spans before it exits.
+    let spans = received.lock().expect("lock").spans.clone();
+    let window = spans
+        .iter()
+        .find(|span| span.name == "appmetrica_window")
+        .unwrap_or_else(|| {
+            panic!(
+                "a window span among {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(common::otlp::attribute(window, "endpoint").as_deref(), Some("events"));
+    let mut polls: Vec<String> = spans
+        .iter()
+        .filter(|span| span.name == "appmetrica_poll" && span.parent_span_id == window.span_id)
+        .map(|span| common::otlp::attribute(span, "status").unwrap_or_default())
+        .collect();
+    polls.sort();
+    assert_eq!(polls, ["200", "202", "202"], "two polls answered 202, then the data");
+    s.ingest.stop().await;
+}

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::otlp;
 use common::*;
 use dwh_helper::catalogue::Table;
 use dwh_helper::config::Config;
@@ -411,4 +412,36 @@ async fn migrated_with_write_counter(config: &Config, url: &str) {
     let dwh = dwh_helper::store::Dwh::connect(&config.dwh).expect("pool");
     dwh.migrate().await.expect("migrations apply");
     count_writes(url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_archive_object_stored_is_an_upload_span() {
+    let (endpoint, received) = otlp::receiver().await;
+    let (broker, prefix) = broker(1).await;
+    let topic = format!("{prefix}{}", TABLE.name());
+    let url = fresh_pg_url().await;
+    let (s3, _) = s3_bucket(&[]).await;
+    let mut env = env_for(&broker, &prefix, &url, &s3_endpoint(), s3.bucket());
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint));
+    env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
+    let config = config_from(&env, &[]);
+    publish(&config, &topic, &keyed(TABLE, sample::records(TABLE, 50, 31))).await;
+    let child = Child::run(&env, "archive");
+    let objects = wait_for(Duration::from_secs(60), "an archived object", || async {
+        let listed = s3.list_all("archive/user_locations/").await.ok()?;
+        (!listed.is_empty()).then_some(listed)
+    })
+    .await;
+    let key = objects[0].key.clone();
+    let upload = wait_for(Duration::from_secs(30), "its upload span", || async {
+        let r = received.lock().expect("lock");
+        r.spans
+            .iter()
+            .find(|s| s.name == "archive_upload" && otlp::attribute(s, "key").as_deref() == Some(key.as_str()))
+            .cloned()
+    })
+    .await;
+    assert_eq!(otlp::attribute(&upload, "table").as_deref(), Some("user_locations"));
+    assert!(otlp::attribute(&upload, "records").is_some_and(|r| r != "0"));
+    drop(child);
 }

@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::otlp::attribute;
 use common::*;
 use dwh_helper::catalogue::Table;
 use dwh_helper::sample;
@@ -420,119 +421,9 @@ async fn with_partition_labels_off_a_thousand_partitions_make_no_per_partition_s
     }
 }
 
-/// A metric data point: name, attributes, value.
-type Point = (String, Vec<(String, String)>, f64);
-
-/// What an OTLP/HTTP receiver got, decoded as a collector would.
-#[derive(Default)]
-struct Received {
-    spans: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
-    service_names: Vec<String>,
-    environments: Vec<String>,
-    /// `(metric name, attributes, value)` of every number data point.
-    points: Vec<Point>,
-    headers: Vec<(String, String)>,
-}
-
-fn text(value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
-    use opentelemetry_proto::tonic::common::v1::any_value::Value;
-    match value.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(Value::StringValue(s)) => s.clone(),
-        Some(Value::IntValue(i)) => i.to_string(),
-        Some(Value::DoubleValue(d)) => d.to_string(),
-        Some(Value::BoolValue(b)) => b.to_string(),
-        _ => String::new(),
-    }
-}
-
-fn attributes(kv: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> Vec<(String, String)> {
-    kv.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect()
-}
-
-/// A local OTLP/HTTP protobuf receiver on a free port.
-async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>) {
-    use axum::body::Bytes;
-    use axum::http::HeaderMap;
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
-    use prost::Message as _;
-    let received = std::sync::Arc::new(std::sync::Mutex::new(Received::default()));
-    let headers_of = |headers: &HeaderMap| -> Vec<(String, String)> {
-        headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
-            .collect()
-    };
-    let traces = {
-        let received = received.clone();
-        move |headers: HeaderMap, body: Bytes| async move {
-            let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf traces");
-            let mut r = received.lock().expect("lock");
-            r.headers.extend(headers_of(&headers));
-            for resource in request.resource_spans {
-                if let Some(res) = &resource.resource {
-                    for (k, v) in attributes(&res.attributes) {
-                        match k.as_str() {
-                            "service.name" => r.service_names.push(v),
-                            "deployment.environment" => r.environments.push(v),
-                            _ => {}
-                        }
-                    }
-                }
-                for scope in resource.scope_spans {
-                    r.spans.extend(scope.spans);
-                }
-            }
-            ""
-        }
-    };
-    let metrics = {
-        let received = received.clone();
-        move |body: Bytes| async move {
-            let request = ExportMetricsServiceRequest::decode(body).expect("OTLP protobuf metrics");
-            let mut r = received.lock().expect("lock");
-            for resource in request.resource_metrics {
-                for scope in resource.scope_metrics {
-                    for metric in scope.metrics {
-                        let points = match metric.data {
-                            Some(Data::Sum(sum)) => sum.data_points,
-                            Some(Data::Gauge(gauge)) => gauge.data_points,
-                            _ => Vec::new(),
-                        };
-                        for p in points {
-                            let value = match p.value {
-                                Some(number_data_point::Value::AsDouble(v)) => v,
-                                Some(number_data_point::Value::AsInt(v)) => v as f64,
-                                None => continue,
-                            };
-                            r.points.push((metric.name.clone(), attributes(&p.attributes), value));
-                        }
-                    }
-                }
-            }
-            ""
-        }
-    };
-    let app = axum::Router::new()
-        .route("/v1/traces", axum::routing::post(traces))
-        .route("/v1/metrics", axum::routing::post(metrics));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (base, received)
-}
-
-fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .map(|kv| text(&kv.value))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_receives_flush_spans_and_the_rows_metric_and_log_lines_carry_the_trace_id() {
-    let (endpoint, received) = otlp_receiver().await;
+    let (endpoint, received) = otlp::receiver().await;
     let (broker, prefix) = broker(1).await;
     let url = fresh_pg_url().await;
     let mut env = ingest_env(&broker, &prefix, &url);
@@ -607,6 +498,20 @@ async fn otlp_receives_flush_spans_and_the_rows_metric_and_log_lines_carry_the_t
                 .then_some(())
         },
     )
+    .await;
+    // The flush histogram is an OTel histogram, one observation per flush.
+    let flushed = flushes.len() as f64;
+    wait_for(Duration::from_secs(30), "the flush histogram over OTLP", || async {
+        let r = received.lock().expect("lock");
+        r.histograms
+            .iter()
+            .any(|(name, attrs, count)| {
+                name == "dwh_helper_batch_flush_duration_seconds"
+                    && attrs.contains(&("table".to_owned(), "user_locations".to_owned()))
+                    && *count == flushed
+            })
+            .then_some(())
+    })
     .await;
     // HTTP requests have spans too, by route template.
     child.scrape().await.expect("scrape");

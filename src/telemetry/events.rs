@@ -9,7 +9,7 @@
 use std::fmt::{Debug, Display};
 use std::time::Duration;
 
-use super::metrics::{metrics, Metrics};
+use super::metrics::{metrics, Metrics, FLUSH_DURATION, HTTP_DURATION, UPLOAD_DURATION, WINDOW_DURATION};
 use crate::catalogue::Table;
 use crate::ingest::IngestStatus;
 use crate::store::{RejectedRecord, WriteOutcome};
@@ -109,6 +109,7 @@ impl BatchCommitted<'_> {
         m.ingested_bytes.get_or_create(&labels).inc_by(self.bytes as u64);
         m.batches.get_or_create(&labels).inc();
         m.flush_duration.get_or_create(&labels).observe(self.took.as_secs_f64());
+        super::otel::record(FLUSH_DURATION.0, &labels, self.took.as_secs_f64());
         tracing::debug!(
             target: INGEST,
             topic = %self.topic,
@@ -325,6 +326,7 @@ impl ArchiveStored<'_> {
         m.archive_upload_duration
             .get_or_create(&labels)
             .observe(self.took.as_secs_f64());
+        super::otel::record(UPLOAD_DURATION.0, &labels, self.took.as_secs_f64());
     }
 }
 
@@ -435,6 +437,7 @@ impl AppMetricaWindowDone<'_> {
         m.appmetrica_window_duration
             .get_or_create(&labels)
             .observe(self.took.as_secs_f64());
+        super::otel::record(WINDOW_DURATION.0, &labels, self.took.as_secs_f64());
     }
 }
 
@@ -453,6 +456,7 @@ impl HttpRequestServed<'_> {
         let m = metrics();
         let route = vec![("route", self.route.to_owned()), ("method", self.method.to_owned())];
         m.http_duration.get_or_create(&route).observe(self.took.as_secs_f64());
+        super::otel::record(HTTP_DURATION.0, &route, self.took.as_secs_f64());
         let mut labels = route;
         labels.push(("status", self.status.to_string()));
         m.http_requests.get_or_create(&labels).inc();

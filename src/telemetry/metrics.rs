@@ -95,20 +95,32 @@ pub struct Metrics {
     uptime: Gauge<f64, AtomicU64>,
 }
 
+/// The duration histograms: exposition name and bucket bounds (start, factor,
+/// count), shared by `/metrics` and the OTLP export.
+pub const FLUSH_DURATION: (&str, f64, f64, u16) = ("dwh_helper_batch_flush_duration_seconds", 0.001, 2.0, 17);
+pub const HTTP_DURATION: (&str, f64, f64, u16) = ("dwh_helper_http_request_duration_seconds", 0.0005, 2.0, 16);
+pub const UPLOAD_DURATION: (&str, f64, f64, u16) = ("dwh_helper_archive_upload_duration_seconds", 0.01, 2.0, 15);
+pub const WINDOW_DURATION: (&str, f64, f64, u16) = ("dwh_helper_appmetrica_window_duration_seconds", 1.0, 2.0, 14);
+
+/// The bucket bounds of a histogram.
+pub fn bounds((_, start, factor, count): (&str, f64, f64, u16)) -> Vec<f64> {
+    exponential_buckets(start, factor, count).collect()
+}
+
 fn flush_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+    Histogram::new(bounds(FLUSH_DURATION))
 }
 
 fn http_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    Histogram::new(bounds(HTTP_DURATION))
 }
 
 fn upload_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+    Histogram::new(bounds(UPLOAD_DURATION))
 }
 
 fn window_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(1.0, 2.0, 14))
+    Histogram::new(bounds(WINDOW_DURATION))
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();

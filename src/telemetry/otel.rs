@@ -24,7 +24,22 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 
-use super::metrics::metrics;
+use super::metrics::{bounds, metrics, FLUSH_DURATION, HTTP_DURATION, UPLOAD_DURATION, WINDOW_DURATION};
+
+/// The duration histograms as OTel histograms (buckets and all), recorded by the
+/// events beside the Prometheus ones: an observable bridge can carry only their
+/// sums and counts. Set once the export runs.
+static HISTOGRAMS: std::sync::OnceLock<
+    std::collections::HashMap<&'static str, opentelemetry::metrics::Histogram<f64>>,
+> = std::sync::OnceLock::new();
+
+/// Records `seconds` in histogram `name` (a `*_DURATION` name) when exporting.
+pub fn record(name: &str, labels: &[(&'static str, String)], seconds: f64) {
+    if let Some(histogram) = HISTOGRAMS.get().and_then(|h| h.get(name)) {
+        let attributes: Vec<KeyValue> = labels.iter().map(|(k, v)| KeyValue::new(*k, v.clone())).collect();
+        histogram.record(seconds, &attributes);
+    }
+}
 
 /// The variables that turn the export on.
 const ENDPOINTS: [&str; 3] = [
@@ -105,7 +120,20 @@ pub fn start() -> Result<Option<Otel>, OtelError> {
         .with_periodic_exporter(points)
         .with_resource(resource)
         .build();
-    bridge(meter_provider.meter("dwh-helper"));
+    let meter = meter_provider.meter("dwh-helper");
+    let histograms = [FLUSH_DURATION, HTTP_DURATION, UPLOAD_DURATION, WINDOW_DURATION]
+        .into_iter()
+        .map(|h| {
+            let instrument = meter
+                .f64_histogram(h.0)
+                .with_unit("s")
+                .with_boundaries(bounds(h))
+                .build();
+            (h.0, instrument)
+        })
+        .collect();
+    let _ = HISTOGRAMS.set(histograms);
+    bridge(meter);
     Ok(Some(Otel {
         tracer_provider,
         meter_provider,
@@ -193,7 +221,7 @@ impl HttpClient for TokioHttp {
 }
 
 /// The metrics of `/metrics` as OTel observable instruments: counters and gauges
-/// by name and labels, histograms as their `_sum` and `_count`. One registry
+/// by name and labels (the histograms are recorded directly). One registry
 /// serves both exports; each collection reads one exposition. A family appears
 /// in the exposition once it has a series, so a task looks for new ones every
 /// second and bridges them.
@@ -241,10 +269,8 @@ fn instrument(meter: &opentelemetry::metrics::Meter, name: &str, kind: Kind, rea
     };
     match kind {
         Kind::Counter => counter(format!("{name}_total"), read),
-        Kind::Histogram => {
-            counter(format!("{name}_sum"), read.clone());
-            counter(format!("{name}_count"), read);
-        }
+        // Recorded as OTel histograms by the events (see `record`).
+        Kind::Histogram => {}
         Kind::Gauge => {
             let sample = name.to_owned();
             meter

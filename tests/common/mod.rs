@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod logs_api;
+pub mod otlp;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
