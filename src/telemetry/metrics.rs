@@ -443,10 +443,6 @@ impl Metrics {
         labels
     }
 
-    pub fn partition_labels(&self) -> bool {
-        self.partition_labels
-    }
-
     /// The Prometheus text exposition of every metric, process gauges refreshed.
     pub fn encode(&self) -> String {
         let (rss, fds) = process_usage();
