@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real servers, which it starts itself:
+#   - tansu, a second Kafka-protocol broker (in memory) that answers ListOffsets by
+#     timestamp, which librdkafka's mock cluster does not: built once with
+#     `cargo install` and cached under the cargo home, unless DWH_TEST_TANSU_BOOTSTRAP
+#     points at a running broker already;
 #   - a throwaway PostgreSQL cluster in a temporary directory (initdb + pg_ctl of the
 #     installed PostgreSQL, on a free port), unless DWH_TEST_DATABASE_URL points at a
 #     running server already;
@@ -11,8 +15,14 @@ cd "$(dirname "$0")/.."
 tmp=""
 pg_ctl_cmd=()
 s3_pid=""
+s3_log=""
+tansu_pid=""
+tansu_log=""
 cleanup() {
   if [ -n "$s3_pid" ]; then kill "$s3_pid" 2>/dev/null || true; fi
+  if [ -n "$s3_log" ]; then rm -f "$s3_log"; fi
+  if [ -n "$tansu_pid" ]; then kill "$tansu_pid" 2>/dev/null || true; fi
+  if [ -n "$tansu_log" ]; then rm -f "$tansu_log"; fi
   if [ ${#pg_ctl_cmd[@]} -gt 0 ]; then
     "${pg_ctl_cmd[@]}" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true
   fi
@@ -72,6 +82,31 @@ if [ -z "${DWH_TEST_S3_ENDPOINT:-}" ]; then
   done
   export DWH_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
   echo "scripts/test.sh: S3 (moto $(python3 -c 'import moto; print(moto.__version__)')) on 127.0.0.1:$s3_port"
+fi
+
+# tansu: a real broker for the time-based replay scenarios.
+if [ -z "${DWH_TEST_TANSU_BOOTSTRAP:-}" ]; then
+  tansu_version=0.6.0
+  tansu_root="${CARGO_HOME:-$HOME/.cargo}/dwh-helper-tools/tansu-$tansu_version-dynostore"
+  if [ ! -x "$tansu_root/bin/tansu" ]; then
+    echo "scripts/test.sh: building tansu $tansu_version once (about 15 minutes), cached in $tansu_root"
+    cargo install tansu --locked --quiet --version "$tansu_version" --features dynostore --root "$tansu_root"
+  fi
+  tansu_port=$(free_port)
+  tansu_log=$(mktemp /tmp/dwh-helper-tansu.XXXXXX)
+  # Its own flags only: tansu also reads STORAGE_ENGINE, OTEL_* and others from the
+  # environment.
+  env -i PATH="$PATH" "$tansu_root/bin/tansu" broker \
+    --storage-engine memory://tansu/ \
+    --listener-url "tcp://127.0.0.1:$tansu_port" \
+    --advertised-listener-url "tcp://127.0.0.1:$tansu_port" >"$tansu_log" 2>&1 &
+  tansu_pid=$!
+  for _ in $(seq 1 100); do
+    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $tansu_port), 0.2)" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  export DWH_TEST_TANSU_BOOTSTRAP="127.0.0.1:$tansu_port"
+  echo "scripts/test.sh: tansu $tansu_version on 127.0.0.1:$tansu_port"
 fi
 
 cargo test --locked "$@"

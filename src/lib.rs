@@ -15,6 +15,7 @@ pub mod config;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod replay;
 pub mod report;
 pub mod s3;
 pub mod sample;

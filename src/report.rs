@@ -17,7 +17,7 @@ use crate::catalogue::Table;
 use crate::config::Config;
 use crate::ingest::IngestStatus;
 use crate::kafka::{self, topics};
-use crate::store::{Dwh, RejectCounts, StoredOffset};
+use crate::store::{Dwh, RejectCounts, ReplayRecord, StoredOffset};
 
 /// One partition's range on the broker: `(low, high)`.
 pub type Range = (i64, i64);
@@ -154,7 +154,12 @@ pub struct Report {
     pub tables: Vec<TableReport>,
     pub archive: Option<ArchiveReport>,
     pub appmetrica: Option<AppMetricaReport>,
+    /// The group's last executed replays, newest first.
+    pub replays: Vec<ReplayRecord>,
 }
+
+/// Replays shown by `status`.
+const REPLAYS_SHOWN: i64 = 3;
 
 /// What the DWH says.
 #[derive(Debug, Default)]
@@ -163,6 +168,7 @@ struct DwhView {
     rejects: HashMap<Table, RejectCounts>,
     rows: HashMap<Table, i64>,
     appmetrica: Option<AppMetricaReport>,
+    replays: Vec<ReplayRecord>,
 }
 
 async fn read_dwh(config: &Config, dwh: &Dwh) -> Result<DwhView, String> {
@@ -172,6 +178,10 @@ async fn read_dwh(config: &Config, dwh: &Dwh) -> Result<DwhView, String> {
             .await
             .map_err(|e| e.to_string())?,
         rejects: dwh.reject_counts().await.map_err(|e| e.to_string())?,
+        replays: dwh
+            .replays(&config.kafka.group_id, REPLAYS_SHOWN)
+            .await
+            .map_err(|e| e.to_string())?,
         ..DwhView::default()
     };
     for table in Table::ALL {
@@ -297,6 +307,7 @@ fn assemble(
         tables,
         archive,
         appmetrica: dwh_view.appmetrica,
+        replays: dwh_view.replays,
     }
 }
 
@@ -422,6 +433,24 @@ impl Report {
                     .as_deref()
                     .map(|e| format!("; last error: {e}"))
                     .unwrap_or_default()
+            );
+        }
+        for (i, r) in self.replays.iter().enumerate() {
+            let reread: i64 = r
+                .plan
+                .iter()
+                .filter_map(|p| Some(p.current? - p.new))
+                .filter(|n| *n > 0)
+                .sum();
+            let _ = writeln!(
+                out,
+                "{}{} replay: {} by {} at {} ({} partition(s), {reread} record(s) to read again)",
+                if i == 0 { "\n" } else { "" },
+                if i == 0 { "last" } else { "earlier" },
+                r.scenario,
+                r.executed_by,
+                r.executed_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                r.plan.len()
             );
         }
         let _ = writeln!(out, "\n{}", self.verdict.summary);

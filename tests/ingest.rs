@@ -12,23 +12,6 @@ use dwh_helper::config::Config;
 use dwh_helper::sample;
 use sqlx::{Connection as _, Row as _};
 
-/// Waits until the DWH's stored offsets of `table` equal the broker's end offsets
-/// (every partition caught up), then returns those end offsets.
-async fn caught_up(config: &Config, url: &str, prefix: &str, table: Table, limit: Duration) -> Vec<(i32, i64)> {
-    let topic = topic(prefix, table);
-    wait_for(limit, &format!("{topic} to be caught up"), || async {
-        let ends: Vec<(i32, i64)> = watermarks(config, &topic)
-            .await
-            .iter()
-            .filter(|w| w.high > 0)
-            .map(|w| (w.partition, w.high))
-            .collect();
-        let stored = stored_offsets(url, GROUP, &topic).await;
-        (!ends.is_empty() && stored == ends).then_some(ends)
-    })
-    .await
-}
-
 /// The text of each column of the one row `sql` selects (columns cast to text).
 async fn row_text(url: &str, sql: &str, bind: &str) -> Vec<Option<String>> {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");

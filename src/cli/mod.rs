@@ -11,6 +11,8 @@ mod bench_ingest;
 mod demo;
 mod dev_broker;
 mod produce;
+mod rejects;
+mod replay;
 mod run;
 mod status;
 
@@ -43,6 +45,11 @@ enum Command {
     Migrate,
     /// Publish JSON lines onto a table's topic (validated first; keyed by natural key)
     Produce(produce::ProduceArgs),
+    /// Move where tables' ingest reads (rewind for backfill, or skip ahead); prints the plan, --execute applies it
+    Replay(replay::ReplayArgs),
+    /// The rejected records: list them, requeue them once the producer is fixed, purge old ones
+    #[command(subcommand)]
+    Rejects(rejects::RejectsCommand),
     /// Where every table and partition stands: DWH offsets, watermarks, lag, rejects, archive, AppMetrica (exit 1 when failing)
     Status(status::StatusArgs),
     /// AppMetrica Logs API: backfill a range of days, or list the recorded windows
@@ -92,6 +99,8 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run::run(config, args).await,
             Command::Migrate => migrate(&config).await,
             Command::Produce(args) => produce::produce(config, args).await,
+            Command::Replay(args) => replay::replay(config, args).await,
+            Command::Rejects(command) => rejects::rejects(config, command).await,
             Command::DevBroker(args) => dev_broker::dev_broker(args).await,
             Command::Demo(args) => demo::demo(config, args).await,
             Command::Archive(args) => archive::archive(config, args).await,

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::catalogue::Table;
+
 pub use secret::{Backend, DatabaseUrl, Secret};
 
 /// A configuration error: which variable, and what is wrong with it.
@@ -91,6 +93,9 @@ pub struct KafkaConfig {
     pub on_offset_out_of_range: OutOfRange,
     /// Static membership: each consumer joins as `{id}-{table}`.
     pub group_instance_id: Option<String>,
+    /// The tables this instance ingests (`KAFKA_INGEST_TABLES`; all by default).
+    /// Leaving one out pauses its ingest, e.g. while it is replayed.
+    pub ingest_tables: Vec<Table>,
     pub shutdown_grace: Duration,
     /// `KAFKA_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`.
     pub librdkafka: Vec<(String, Secret)>,
@@ -224,6 +229,7 @@ struct RawKafka {
     adopt_committed_offsets: Option<String>,
     on_offset_out_of_range: Option<String>,
     group_instance_id: Option<String>,
+    ingest_tables: Option<String>,
     shutdown_grace_seconds: Option<String>,
 }
 
@@ -391,9 +397,28 @@ fn kafka(raw: RawKafka, passthrough: impl Iterator<Item = (String, String)>) -> 
             }
         },
         group_instance_id: raw.group_instance_id.map(|s| s.trim().to_owned()),
+        ingest_tables: ingest_tables(raw.ingest_tables)?,
         shutdown_grace: seconds("KAFKA_SHUTDOWN_GRACE_SECONDS", raw.shutdown_grace_seconds, 30)?,
         librdkafka: librdkafka_properties(passthrough)?,
     })
+}
+
+/// `KAFKA_INGEST_TABLES`: comma-separated table names; unset or empty means all.
+fn ingest_tables(raw: Option<String>) -> Result<Vec<Table>, ConfigError> {
+    let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
+        return Ok(Table::ALL.to_vec());
+    };
+    let mut tables = Vec::new();
+    for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let table: Table = name
+            .parse()
+            .map_err(|e| ConfigError::new("KAFKA_INGEST_TABLES", format!("{e}")))?;
+        if !tables.contains(&table) {
+            tables.push(table);
+        }
+    }
+    tables.sort();
+    Ok(tables)
 }
 
 /// librdkafka properties the service sets itself, with what to use instead.
@@ -742,6 +767,15 @@ mod tests {
         assert!(!d.kafka.create_topics);
         assert_eq!(d.kafka.auto_offset_reset, OffsetReset::Earliest);
         assert_eq!(d.kafka.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn ingest_tables_default_to_all_and_name_the_unknown_one() {
+        assert_eq!(config(&[]).unwrap().kafka.ingest_tables, Table::ALL.to_vec());
+        let c = config(&[("KAFKA_INGEST_TABLES", "user-locations, events_part")]).unwrap();
+        assert_eq!(c.kafka.ingest_tables, [Table::EventsPart, Table::UserLocations]);
+        let err = config(&[("KAFKA_INGEST_TABLES", "events_part,evnts")]).unwrap_err();
+        assert!(err.contains("KAFKA_INGEST_TABLES") && err.contains("evnts"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod status;
 pub mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
 use tokio::sync::Semaphore;
@@ -45,7 +46,7 @@ pub async fn run(
     let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes).held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
-    for table in Table::ALL {
+    for &table in &config.kafka.ingest_tables {
         let shared = Shared {
             config: config.clone(),
             dwh: dwh.clone(),
@@ -65,8 +66,50 @@ pub async fn run(
         prefix: &config.kafka.topic_prefix,
     }
     .emit();
+    // Announced until every table's task is done: writes go on in the grace period.
+    let member = member_name(config);
+    let done = CancellationToken::new();
+    let announcer = tokio::spawn(announce(
+        dwh.clone(),
+        config.kafka.group_id.clone(),
+        config.kafka.ingest_tables.clone(),
+        member.clone(),
+        done.clone(),
+    ));
     consumer::join_tables("ingest", tasks).await;
+    done.cancel();
+    let _ = announcer.await;
+    if let Err(e) = dwh.leave_member(&config.kafka.group_id, &member).await {
+        tracing::debug!(target: "dwh_helper::ingest", error = %e, "cannot remove this instance from dwh_ingest_members");
+    }
     Ok(())
+}
+
+/// How often an instance announces its tables in `dwh_ingest_members`.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an announcement counts: a crashed instance stops counting after it.
+pub const ANNOUNCE_FRESH: Duration = Duration::from_secs(15);
+
+/// This instance, as `replay` names it: host, process id and static member id.
+fn member_name(config: &Config) -> String {
+    let mut name = format!("{}:{}", crate::telemetry::host_name(), std::process::id());
+    if let Some(id) = &config.kafka.group_instance_id {
+        name.push_str(&format!(" ({id})"));
+    }
+    name
+}
+
+/// Announces `tables` every [`ANNOUNCE_INTERVAL`] until `done`.
+async fn announce(dwh: Dwh, group: String, tables: Vec<Table>, member: String, done: CancellationToken) {
+    loop {
+        if let Err(e) = dwh.announce_member(&group, &tables, &member).await {
+            tracing::debug!(target: "dwh_helper::ingest", error = %e, "cannot announce this instance in dwh_ingest_members");
+        }
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(ANNOUNCE_INTERVAL) => {}
+        }
+    }
 }
 
 /// Creates missing topics when asked to; otherwise warns once per missing topic.

@@ -8,6 +8,7 @@
 pub mod consumer;
 pub mod devbroker;
 mod ffi;
+pub mod groups;
 pub mod publish;
 pub mod topics;
 

@@ -108,8 +108,16 @@ impl Batch<'_> {
     /// Queues one record; waits while the producer's queue or the in-flight bound
     /// is full.
     pub async fn send(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), PublishError> {
+        self.send_record(topic, Some(key), payload).await
+    }
+
+    /// Like [`Batch::send`], for a record that may have no key.
+    pub async fn send_record(&mut self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Result<(), PublishError> {
         loop {
-            let record = FutureRecord::to(topic).key(key).payload(payload);
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
             match self.publisher.producer.send_result(record) {
                 Ok(delivery) => {
                     self.pending.push(Pending {

@@ -130,6 +130,28 @@ impl Metadata {
     }
 }
 
+impl Metadata {
+    /// For each of `partitions` of `topic`, the broker's answer to "the first
+    /// offset whose timestamp is at or after `millis`" (ListOffsets by time):
+    /// `Offset::Offset(o)`, or `Offset::End` when no record is that recent.
+    /// Blocking; one request.
+    pub fn offsets_at(&self, topic: &str, partitions: &[i32], millis: i64) -> Result<HashMap<i32, Offset>, KafkaError> {
+        let mut query = TopicPartitionList::new();
+        for &p in partitions {
+            query.add_partition_offset(topic, p, Offset::Offset(millis))?;
+        }
+        let answer = self.client.offsets_for_times(query, METADATA_TIMEOUT)?;
+        answer
+            .elements()
+            .iter()
+            .map(|e| {
+                e.error()?;
+                Ok((e.partition(), e.offset()))
+            })
+            .collect()
+    }
+}
+
 /// The offsets `group_id` committed in Kafka for the given partitions of each
 /// topic (those that have one), by topic and partition. Blocking; one request.
 /// The client does not join the group.

@@ -56,10 +56,28 @@ macro_rules! write_rows_isolating {
     }};
 }
 
+/// Runs `$body` with `$pool` bound to the backend's pool (for SQLite, its `read`
+/// or `write` pool): one query text, written once, for both backends (a macro:
+/// their pool types differ).
+macro_rules! on_pool {
+    ($dwh:expr, $side:ident, |$pool:ident| $body:expr) => {
+        match &$dwh.pool {
+            Pool::Postgres($pool) => $body,
+            Pool::Sqlite(pools) => {
+                let $pool = &pools.$side;
+                $body
+            }
+        }
+    };
+}
+
 mod chunk;
 mod error;
+mod members;
 mod postgres;
 mod progress;
+mod rejects;
+mod replays;
 pub mod sql;
 mod sqlite;
 mod windows;
@@ -73,7 +91,10 @@ use serde_json::{Map, Value as Json};
 
 pub use chunk::{plan as plan_chunks, Oversized};
 pub use error::StoreError;
+pub use members::Reader;
 pub use progress::{RejectCounts, StoredOffset};
+pub use rejects::{RejectFilter, StoredReject};
+pub use replays::{PlannedOffset, ReplayRecord};
 pub use windows::WindowRecord;
 
 use crate::catalogue::{Column, Row, Table};
@@ -124,7 +145,9 @@ impl RejectedRecord {
             topic: topic.to_owned(),
             partition: origin.partition,
             offset: origin.offset,
-            key: None,
+            // The raw bytes are not kept once decoded: the record is stored as the
+            // decoded row, keyed by its natural key (what `produce` would send).
+            key: Some(crate::catalogue::natural_key(table.spec(), row).into_bytes()),
             payload: Json::Object(record).to_string().into_bytes(),
             reason: error.to_string(),
             class: "refused",

@@ -62,6 +62,16 @@ pub fn init(config: &LogConfig, otel: Option<&otel::Otel>) {
 /// Records the OpenTelemetry trace id in `span`'s `trace_id` field (declared
 /// `trace_id = tracing::field::Empty`), so that log lines inside it carry it.
 /// Without an export there is no trace id and the field stays empty.
+/// This machine's name, for naming an instance to people.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 pub fn traced(span: tracing::Span) -> tracing::Span {
     use opentelemetry::trace::TraceContextExt as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;

@@ -518,6 +518,29 @@ where
     }
 }
 
+/// Waits until the DWH's stored offsets of `table` equal the broker's end offsets
+/// (every partition caught up), then returns those end offsets.
+pub async fn caught_up(
+    config: &Config,
+    url: &str,
+    prefix: &str,
+    table: dwh_helper::catalogue::Table,
+    limit: std::time::Duration,
+) -> Vec<(i32, i64)> {
+    let topic = topic(prefix, table);
+    wait_for(limit, &format!("{topic} to be caught up"), || async {
+        let ends: Vec<(i32, i64)> = watermarks(config, &topic)
+            .await
+            .iter()
+            .filter(|w| w.high > 0)
+            .map(|w| (w.partition, w.high))
+            .collect();
+        let stored = stored_offsets(url, GROUP, &topic).await;
+        (!ends.is_empty() && stored == ends).then_some(ends)
+    })
+    .await
+}
+
 /// One number from a PostgreSQL query.
 pub async fn pg_count(url: &str, sql: &str) -> Option<i64> {
     let mut conn = sqlx::PgConnection::connect(url).await.ok()?;

@@ -1,0 +1,701 @@
+//! `dwh-helper replay` and `dwh-helper rejects` as ops run them, against the dev
+//! broker, a real PostgreSQL and a real `dwh-helper run` child.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use dwh_helper::catalogue::Table;
+use dwh_helper::config::Config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dwh-helper");
+const TABLE: Table = Table::UserLocations;
+
+/// `dwh-helper <args>` with `env` only.
+fn cli(env: &[(String, String)], args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("USER", "replay-test")
+        .envs(env.iter().cloned())
+        .output()
+        .expect("dwh-helper runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `dwh-helper <args>`, asserting it exits 0; returns stdout and stderr.
+fn ok(env: &[(String, String)], args: &[&str]) -> (String, String) {
+    let out = cli(env, args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{args:?} failed: {stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+/// A digest of every row of the table, every column included.
+async fn table_digest(url: &str) -> String {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query_scalar("SELECT md5(string_agg(t::text, ',' ORDER BY uuid)) FROM user_locations t")
+        .fetch_one(&mut conn)
+        .await
+        .expect("digest")
+}
+
+/// Starts an ingest child, waits until it is caught up with the broker, and
+/// returns the child (to scrape) with the end offsets.
+async fn ingest_until_caught_up(env: &[(String, String)], config: &Config, url: &str, prefix: &str) -> Child {
+    let child = Child::observed(env, "ingest");
+    caught_up(config, url, prefix, TABLE, Duration::from_secs(90)).await;
+    child
+}
+
+/// Rows the child counted as already stored, once its count settles at `expected`.
+async fn skipped_reaches(child: &Child, expected: f64) {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("rows_skipped_total = {expected}"),
+        || async {
+            let skipped = child.table_metric("dwh_helper_rows_skipped_total", TABLE).await?;
+            (skipped == expected).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_duplicates() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let topic = topic(&prefix, TABLE);
+    let records = keyed(TABLE, locations(40));
+    publish(&config, &topic, &records).await;
+
+    // Ingested to the end; while the child runs, an execution is refused.
+    let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
+    let before = stored_offsets(&url, GROUP, &topic).await;
+    let ends: Vec<i64> = before.iter().map(|(_, o)| *o).collect();
+    assert_eq!(ends.iter().sum::<i64>(), 40);
+    let digest = table_digest(&url).await;
+    let out = cli(
+        &env,
+        &["replay", "--table", "user_locations", "--to-earliest", "--execute"],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("group ingest-test is ingesting user_locations by "),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    assert_eq!(stored_offsets(&url, GROUP, &topic).await, before);
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+
+    // The plan alone changes nothing.
+    let (plan, _) = ok(&env, &["replay", "--table", "user_locations", "--to-earliest"]);
+    assert!(
+        plan.contains("2 partition(s): 40 record(s) to read again, 0 to skip"),
+        "{plan}"
+    );
+    assert!(plan.contains("nothing changed"), "{plan}");
+    assert_eq!(stored_offsets(&url, GROUP, &topic).await, before);
+
+    // --to-earliest: everything is read again, and stored already.
+    let (done, warnings) = ok(
+        &env,
+        &["replay", "--table", "user_locations", "--to-earliest", "--execute"],
+    );
+    assert!(done.contains("partition(s) of group ingest-test moved"), "{done}");
+    assert_eq!(stored_offsets(&url, GROUP, &topic).await, vec![(0, 0), (1, 0)]);
+    // The mock cluster refuses commits from outside a group it knows (real
+    // Kafka takes them once the group is empty: see the tansu test).
+    assert!(
+        warnings.contains("Kafka's committed offsets of ingest-test were not updated"),
+        "{warnings}"
+    );
+    let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
+    skipped_reaches(&child, 40.0).await;
+    assert_eq!(
+        child.table_metric("dwh_helper_rows_inserted_total", TABLE).await,
+        Some(0.0)
+    );
+    assert_eq!(table_digest(&url).await, digest, "the rows are unchanged");
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(40));
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+
+    // --shift-by on one partition, exported; --to-offset beyond the log is clamped.
+    let dir = tempfile::tempdir().expect("dir");
+    let plan_path = dir.path().join("plan.csv");
+    let plan_file = plan_path.to_str().unwrap();
+    let (plan, _) = ok(
+        &env,
+        &[
+            "replay",
+            "--table",
+            "user_locations",
+            "--partitions",
+            "0",
+            "--shift-by",
+            "-5",
+            "--export",
+            plan_file,
+        ],
+    );
+    assert!(plan.contains("1 partition(s): 5 record(s) to read again"), "{plan}");
+    assert_eq!(
+        std::fs::read_to_string(&plan_path).unwrap(),
+        format!("{topic},0,{}\n", ends[0] - 5)
+    );
+    let (plan, warnings) = ok(&env, &["replay", "--table", "user_locations", "--to-offset", "1000"]);
+    assert!(
+        warnings.contains(&format!(
+            "{topic} partition 0: offset 1000 is above the high watermark {}",
+            ends[0]
+        )),
+        "{warnings}"
+    );
+    assert!(plan.contains("0 record(s) to read again, 0 to skip"), "{plan}");
+
+    // --from-file applies the exported plan: partition 0 only.
+    ok(&env, &["replay", "--from-file", plan_file, "--execute"]);
+    assert_eq!(
+        stored_offsets(&url, GROUP, &topic).await,
+        vec![(0, ends[0] - 5), (1, ends[1])]
+    );
+    let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
+    skipped_reaches(&child, 5.0).await;
+    assert_eq!(table_digest(&url).await, digest);
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+
+    // --to-latest skips what was published while ingest was stopped.
+    let later = keyed(TABLE, locations(50)).split_off(40);
+    publish(&config, &topic, &later).await;
+    let (plan, _) = ok(
+        &env,
+        &["replay", "--table", "user_locations", "--to-latest", "--execute"],
+    );
+    assert!(plan.contains("0 record(s) to read again, 10 to skip"), "{plan}");
+    let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(40));
+    assert_eq!(table_digest(&url).await, digest);
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+
+    // Each execution is recorded, and `status` shows the last one.
+    assert_eq!(
+        pg_count(
+            &url,
+            "SELECT count(*) FROM dwh_replays WHERE executed_by LIKE 'replay-test@%'"
+        )
+        .await,
+        Some(3)
+    );
+    let (status, _) = ok(&env, &["status"]);
+    assert!(status.contains("last replay: --to-latest"), "{status}");
+    let (json, _) = ok(&env, &["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+    assert_eq!(report["replays"][0]["scenario"], "--to-latest");
+    assert_eq!(report["replays"][0]["plan"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn usage_errors_name_the_flag_and_exit_2() {
+    let env: Vec<(String, String)> = vec![("KAFKA_BOOTSTRAP_SERVERS".into(), "127.0.0.1:1".into())];
+    for (args, expected) in [
+        (&["replay", "--table", "user_locations"][..], "--to-earliest"),
+        (
+            &["replay", "--table", "user_locations", "--to-earliest", "--to-latest"],
+            "cannot be used with",
+        ),
+        (&["replay", "--to-earliest"], "--table"),
+        (&["replay", "--table", "users", "--to-earliest"], "users"),
+        (
+            &["replay", "--table", "user_locations", "--by-duration", "soon"],
+            "soon",
+        ),
+        (
+            &["rejects", "purge", "--table", "user_locations", "--before", "yesterday"],
+            "YYYY-MM-DD",
+        ),
+    ] {
+        let out = cli(&env, args);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+async fn committed_offsets(config: &Config, topic: &str) -> Vec<(i32, i64)> {
+    let kafka = config.kafka.clone();
+    let list = vec![(topic.to_owned(), vec![0, 1])];
+    let mut offsets: Vec<(i32, i64)> = tokio::task::spawn_blocking(move || {
+        dwh_helper::kafka::topics::committed(&kafka, GROUP, &list).expect("committed offsets")
+    })
+    .await
+    .expect("task")
+    .into_iter()
+    .map(|((_, p), o)| (p, o))
+    .collect();
+    offsets.sort();
+    offsets
+}
+
+/// The records of `topic` from `from` on in each partition, as (key, payload).
+async fn read_topic(config: &Config, topic: &str, from: &[i64], until: &[i64]) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::Message as _;
+    let kafka = config.kafka.clone();
+    let (topic, from, until) = (topic.to_owned(), from.to_vec(), until.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = dwh_helper::kafka::client_config(&kafka, &[("group.id", "replay-test-reader")])
+            .expect("config")
+            .create()
+            .expect("consumer");
+        let mut list = rdkafka::TopicPartitionList::new();
+        for (p, &o) in from.iter().enumerate() {
+            list.add_partition_offset(&topic, p as i32, rdkafka::Offset::Offset(o))
+                .expect("offset");
+        }
+        consumer.assign(&list).expect("assign");
+        let wanted: i64 = until.iter().zip(&from).map(|(u, f)| u - f).sum();
+        let mut records = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while (records.len() as i64) < wanted && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                records.push((m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default().to_vec()));
+            }
+        }
+        records
+    })
+    .await
+    .expect("reader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let topic = topic(&prefix, TABLE);
+    // Records over DWH_MAX_WRITE_BATCH_BYTES are rejected as too large: 4 of
+    // the 12 carry a long city name.
+    let records: Vec<(String, Vec<u8>)> = keyed(
+        TABLE,
+        locations(12)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut r)| {
+                if i % 3 == 0 {
+                    r["city"] = serde_json::json!("Moscow ".repeat(200));
+                }
+                r
+            })
+            .collect(),
+    );
+    env.push(("DWH_MAX_WRITE_BATCH_BYTES".into(), "1024".into()));
+    publish(&config, &topic, &records).await;
+    let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(8));
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
+        Some(4)
+    );
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+
+    let (list, _) = ok(
+        &env,
+        &[
+            "rejects",
+            "list",
+            "--table",
+            "user_locations",
+            "--reason",
+            "OVER THE LIMIT",
+        ],
+    );
+    assert!(list.contains("4 reject(s)"), "{list}");
+    let (none, _) = ok(
+        &env,
+        &[
+            "rejects",
+            "list",
+            "--table",
+            "user_locations",
+            "--reason",
+            "no such reason",
+        ],
+    );
+    assert!(none.contains("0 reject(s)"), "{none}");
+    let (json, _) = ok(
+        &env,
+        &[
+            "rejects",
+            "list",
+            "--table",
+            "user_locations",
+            "--json",
+            "--since",
+            "1h",
+        ],
+    );
+    let listed: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(listed.len(), 4);
+    for r in &listed {
+        let (key, payload) = records
+            .iter()
+            .find(|(k, _)| r["key"] == serde_json::json!(k))
+            .unwrap_or_else(|| panic!("a reject of a published record: {r}"));
+        assert_eq!(
+            r["payload"],
+            serde_json::json!(String::from_utf8_lossy(payload)),
+            "{key}"
+        );
+    }
+    let ends: Vec<i64> = watermarks(&config, &topic).await.iter().map(|w| w.high).collect();
+    let (dry, _) = ok(&env, &["rejects", "requeue", "--table", "user_locations", "--dry-run"]);
+    assert!(
+        dry.contains("dry run: 4 reject(s) of user_locations would be requeued"),
+        "{dry}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let high = |marks: Vec<dwh_helper::kafka::topics::Watermarks>| marks.iter().map(|w| w.high).collect::<Vec<_>>();
+    assert_eq!(high(watermarks(&config, &topic).await), ends, "a dry run sends nothing");
+
+    // The limit is raised; the rejects go back onto the topic, byte for byte
+    // with their keys, and land.
+    env.retain(|(k, _)| k != "DWH_MAX_WRITE_BATCH_BYTES");
+    let (sent, _) = ok(&env, &["rejects", "requeue", "--table", "user_locations"]);
+    assert!(sent.contains("requeued 4 reject(s) of user_locations"), "{sent}");
+    assert!(sent.contains("4 marked requeued"), "{sent}");
+    let after = high(watermarks(&config, &topic).await);
+    let mut resent = read_topic(&config, &topic, &ends, &after).await;
+    let mut originals: Vec<(Option<Vec<u8>>, Vec<u8>)> = records
+        .iter()
+        .filter(|(_, p)| p.len() > 1024)
+        .map(|(k, p)| (Some(k.clone().into_bytes()), p.clone()))
+        .collect();
+    resent.sort();
+    originals.sort();
+    assert_eq!(resent, originals, "the rejected records, byte for byte with their keys");
+    let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(12));
+    assert_eq!(
+        pg_count(
+            &url,
+            "SELECT count(*) FROM dwh_rejected_records WHERE requeued_at IS NOT NULL"
+        )
+        .await,
+        Some(4)
+    );
+    assert_eq!(
+        child.table_metric("dwh_helper_rows_inserted_total", TABLE).await,
+        Some(4.0)
+    );
+
+    // A second requeue sends nothing.
+    let (again, _) = ok(&env, &["rejects", "requeue", "--table", "user_locations"]);
+    assert!(again.contains("nothing to requeue"), "{again}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(high(watermarks(&config, &topic).await), after, "nothing was sent again");
+    let (pending, _) = ok(&env, &["rejects", "list", "--table", "user_locations", "--pending"]);
+    assert!(pending.contains("0 reject(s)"), "{pending}");
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+
+    // Purge deletes by date, only before it.
+    let (kept, _) = ok(
+        &env,
+        &[
+            "rejects",
+            "purge",
+            "--table",
+            "user_locations",
+            "--before",
+            "2000-01-01",
+        ],
+    );
+    assert!(kept.contains("purged 0 reject(s)"), "{kept}");
+    let (purged, _) = ok(
+        &env,
+        &[
+            "rejects",
+            "purge",
+            "--table",
+            "user_locations",
+            "--before",
+            "2100-01-01",
+        ],
+    );
+    assert!(purged.contains("purged 4 reject(s)"), "{purged}");
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
+        Some(0)
+    );
+}
+
+/// A broker that answers ListOffsets by timestamp, which the mock cluster does
+/// not (librdkafka issue 4755): tansu, started by scripts/test.sh. Without it
+/// the test fails rather than skips.
+fn tansu_bootstrap() -> String {
+    std::env::var("DWH_TEST_TANSU_BOOTSTRAP").unwrap_or_else(|_| {
+        panic!("DWH_TEST_TANSU_BOOTSTRAP is not set: run the tests with scripts/test.sh, which starts tansu")
+    })
+}
+
+/// The first offset of each partition whose records came after `at`, from the
+/// records published before and after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_time() {
+    let bootstrap = tansu_bootstrap();
+    let url = fresh_pg_url().await;
+    let prefix = format!("time{}.", std::process::id());
+    let env: Vec<(String, String)> = [
+        ("DWH_DATABASE_URL", url.as_str()),
+        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+        ("KAFKA_TOPIC_PREFIX", prefix.as_str()),
+        ("KAFKA_GROUP_ID", GROUP),
+        ("LOG_LEVEL", "warn"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let topic = topic(&prefix, TABLE);
+    dwh_helper::kafka::topics::create(&config.kafka, std::slice::from_ref(&topic), 2)
+        .await
+        .expect("topic created on tansu");
+    let all = keyed(TABLE, locations(30));
+    publish(&config, &topic, &all[..20]).await;
+    let before_gap: Vec<i64> = watermarks(&config, &topic).await.iter().map(|w| w.high).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let at = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish(&config, &topic, &all[20..]).await;
+    let ends: Vec<i64> = watermarks(&config, &topic).await.iter().map(|w| w.high).collect();
+    assert_eq!(ends.iter().sum::<i64>(), 30);
+    assert_ne!(before_gap, ends, "records came after the time");
+
+    // Ingest stands at the end (as if caught up); the time moves it back to the
+    // first record after `at` in each partition: the offsets before the gap.
+    ok(
+        &env,
+        &["replay", "--table", "user_locations", "--to-latest", "--execute"],
+    );
+    let expected: Vec<(i32, i64)> = before_gap.iter().enumerate().map(|(p, &o)| (p as i32, o)).collect();
+    let (plan, warnings) = ok(
+        &env,
+        &[
+            "replay",
+            "--table",
+            "user_locations",
+            "--to-datetime",
+            &at.to_rfc3339(),
+            "--execute",
+        ],
+    );
+    assert!(warnings.is_empty(), "{warnings}");
+    assert!(plan.contains("10 record(s) to read again"), "{plan}");
+    assert!(
+        plan.contains("Kafka's committed offsets of ingest-test mirror the new positions"),
+        "{plan}"
+    );
+    assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected);
+    assert_eq!(committed_offsets(&config, &topic).await, expected);
+
+    // --by-duration: the same time, given as how long ago it was.
+    ok(
+        &env,
+        &["replay", "--table", "user_locations", "--to-latest", "--execute"],
+    );
+    let ago = (chrono::Utc::now() - at).num_milliseconds();
+    let (plan, _) = ok(
+        &env,
+        &[
+            "replay",
+            "--table",
+            "user_locations",
+            "--by-duration",
+            &format!("{ago}ms"),
+            "--execute",
+        ],
+    );
+    assert!(plan.contains("10 record(s) to read again"), "{plan}");
+    assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected);
+
+    // A time after the last record: the high watermark, with a warning.
+    let (plan, warnings) = ok(
+        &env,
+        &[
+            "replay",
+            "--table",
+            "user_locations",
+            "--to-datetime",
+            &chrono::Utc::now().to_rfc3339(),
+        ],
+    );
+    assert!(warnings.contains("no record at or after"), "{warnings}");
+    assert!(plan.contains("0 record(s) to read again, 0 to skip"), "{plan}");
+}
+
+/// The bookkeeping behind `replay` and `rejects`, on both backends (the demo and
+/// a laptop run on SQLite): offsets and the replay record in one transaction,
+/// reject filters, requeue marks, purge, and ingest announcements.
+#[tokio::test]
+async fn replays_rejects_and_announcements_are_kept_on_both_backends() {
+    use dwh_helper::store::{Batch, PlannedOffset, RejectFilter, RejectedRecord};
+    for db in [Db::Postgres, Db::Sqlite] {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        let plan = vec![
+            PlannedOffset {
+                table: "user_locations".into(),
+                topic: "dwh.user_locations".into(),
+                partition: 0,
+                current: None,
+                new: 7,
+            },
+            PlannedOffset {
+                table: "user_locations".into(),
+                topic: "dwh.user_locations".into(),
+                partition: 1,
+                current: Some(9),
+                new: 3,
+            },
+        ];
+        let id = dwh
+            .execute_replay("g", "ops@host", "--to-offset 3", &plan)
+            .await
+            .expect("replay");
+        let offsets = dwh.topic_offsets("g", "dwh.user_locations").await.expect("offsets");
+        assert_eq!((offsets.get(&0), offsets.get(&1)), (Some(&7), Some(&3)), "{db:?}");
+        let replays = dwh.replays("g", 5).await.expect("replays");
+        assert_eq!(replays.len(), 1, "{db:?}");
+        assert_eq!((replays[0].id, replays[0].scenario.as_str()), (id, "--to-offset 3"));
+        assert_eq!(replays[0].plan, plan, "{db:?}");
+        assert!(dwh.replays("other", 5).await.expect("replays").is_empty());
+
+        let rejects: Vec<RejectedRecord> = (0..3)
+            .map(|i| RejectedRecord {
+                table: TABLE,
+                topic: "dwh.user_locations".into(),
+                partition: 0,
+                offset: i,
+                key: (i > 0).then(|| format!("k{i}").into_bytes()),
+                payload: format!("bad {i}").into_bytes(),
+                reason: if i == 2 {
+                    "field \"latitude\": too far north".into()
+                } else {
+                    "record is not valid JSON".into()
+                },
+                class: "invalid_json",
+            })
+            .collect();
+        dwh.write(Batch {
+            table: TABLE,
+            rows: &[],
+            rejects: &rejects,
+            offsets: &[],
+            origins: None,
+        })
+        .await
+        .expect("rejects written");
+        let all = dwh.rejects(TABLE, &RejectFilter::default()).await.expect("list");
+        assert_eq!(all.len(), 3, "{db:?}");
+        assert_eq!((all[0].key.clone(), all[1].key.clone()), (None, Some(b"k1".to_vec())));
+        assert_eq!(all[2].payload, b"bad 2");
+        let north = RejectFilter {
+            reason: Some("NORTH".into()),
+            ..RejectFilter::default()
+        };
+        assert_eq!(dwh.rejects(TABLE, &north).await.expect("list").len(), 1, "{db:?}");
+        let recent = RejectFilter {
+            since: Some(chrono::Utc::now() - chrono::Duration::minutes(5)),
+            ..RejectFilter::default()
+        };
+        assert_eq!(dwh.rejects(TABLE, &recent).await.expect("list").len(), 3, "{db:?}");
+        let future = RejectFilter {
+            since: Some(chrono::Utc::now() + chrono::Duration::minutes(5)),
+            ..RejectFilter::default()
+        };
+        assert!(dwh.rejects(TABLE, &future).await.expect("list").is_empty(), "{db:?}");
+        assert!(dwh
+            .rejects(Table::EventsPart, &RejectFilter::default())
+            .await
+            .expect("list")
+            .is_empty());
+
+        assert_eq!(dwh.mark_requeued(&[all[0].id, all[2].id]).await.expect("mark"), 2);
+        assert_eq!(dwh.mark_requeued(&[all[0].id]).await.expect("mark"), 0, "marked once");
+        let pending = RejectFilter {
+            pending_only: true,
+            ..RejectFilter::default()
+        };
+        let left = dwh.rejects(TABLE, &pending).await.expect("list");
+        assert_eq!(left.iter().map(|r| r.id).collect::<Vec<_>>(), [all[1].id], "{db:?}");
+        let capped = RejectFilter {
+            max_id: Some(all[0].id),
+            ..RejectFilter::default()
+        };
+        assert_eq!(dwh.rejects(TABLE, &capped).await.expect("list").len(), 1, "{db:?}");
+        assert_eq!(dwh.last_reject_id().await.expect("max"), all[2].id);
+        let past = chrono::Utc::now() - chrono::Duration::days(1);
+        assert_eq!(dwh.purge_rejects(TABLE, past).await.expect("purge"), 0, "{db:?}");
+        let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+        assert_eq!(dwh.purge_rejects(TABLE, later).await.expect("purge"), 3, "{db:?}");
+
+        dwh.announce_member("g", &[TABLE, Table::EventsPart], "host:1")
+            .await
+            .expect("announce");
+        dwh.announce_member("g", &[TABLE], "host:1")
+            .await
+            .expect("announce again");
+        let readers = dwh.readers("g", Duration::from_secs(15)).await.expect("readers");
+        assert_eq!(readers.len(), 2, "{db:?}: {readers:?}");
+        assert!(dwh
+            .readers("other", Duration::from_secs(15))
+            .await
+            .expect("readers")
+            .is_empty());
+        dwh.leave_member("g", "host:1").await.expect("leave");
+        assert!(
+            dwh.readers("g", Duration::from_secs(15))
+                .await
+                .expect("readers")
+                .is_empty(),
+            "{db:?}"
+        );
+    }
+}
