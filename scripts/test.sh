@@ -4,6 +4,7 @@
 #     timestamp, which librdkafka's mock cluster does not: built once with
 #     `cargo install` and cached under the cargo home, unless DWH_TEST_TANSU_BOOTSTRAP
 #     points at a running broker already;
+#   - Chromium (Debian's package), to render the /docs page in a test;
 #   - a throwaway PostgreSQL cluster in a temporary directory (initdb + pg_ctl of the
 #     installed PostgreSQL, on a free port), unless DWH_TEST_DATABASE_URL points at a
 #     running server already;
@@ -82,6 +83,17 @@ if [ -z "${DWH_TEST_S3_ENDPOINT:-}" ]; then
   done
   export DWH_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
   echo "scripts/test.sh: S3 (moto $(python3 -c 'import moto; print(moto.__version__)')) on 127.0.0.1:$s3_port"
+fi
+
+# Chromium renders /docs in a test, with every other host blocked.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "scripts/test.sh: installing Debian's chromium for the docs page test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "scripts/test.sh: chromium not found; install it (apt-get install chromium)" >&2
+    exit 1
+  fi
 fi
 
 # tansu: a real broker for the time-based replay scenarios.

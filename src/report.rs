@@ -78,7 +78,7 @@ fn misfit(stored: Option<i64>, (low, high): Range) -> Option<String> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     CaughtUp,
@@ -86,14 +86,14 @@ pub enum State {
     Failing,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Verdict {
     pub state: State,
     /// One line for a person.
     pub summary: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PartitionReport {
     pub partition: i32,
     /// The next offset stored in the DWH, if any.
@@ -104,8 +104,9 @@ pub struct PartitionReport {
     pub problem: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TableReport {
+    #[schema(value_type = String)]
     pub table: Table,
     pub topic: String,
     pub rows: Option<i64>,
@@ -117,8 +118,9 @@ pub struct TableReport {
     pub partitions: Vec<PartitionReport>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ArchivePartition {
+    #[schema(value_type = String)]
     pub table: Table,
     pub partition: i32,
     /// The archive group's committed offset: everything before it is in S3.
@@ -126,14 +128,14 @@ pub struct ArchivePartition {
     pub lag: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ArchiveReport {
     pub group: String,
     pub lag: i64,
     pub partitions: Vec<ArchivePartition>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct AppMetricaReport {
     pub done: usize,
     pub running: usize,
@@ -142,7 +144,7 @@ pub struct AppMetricaReport {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Report {
     pub verdict: Verdict,
     pub checked_at: DateTime<Utc>,

@@ -40,6 +40,19 @@ fn ok(env: &[(String, String)], args: &[&str]) -> (String, String) {
     (stdout, stderr)
 }
 
+/// The words of a command line (no argument of these tests holds a space).
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Stops a child with SIGTERM and asserts it exited 0.
+fn stop(child: Child) {
+    assert_eq!(
+        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
+        Some(true)
+    );
+}
+
 /// A digest of every row of the table, every column included.
 async fn table_digest(url: &str) -> String {
     use sqlx::Connection as _;
@@ -100,13 +113,10 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
     );
     assert!(stderr.contains("nothing was changed"), "{stderr}");
     assert_eq!(stored_offsets(&url, GROUP, &topic).await, before);
-    assert_eq!(
-        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
-        Some(true)
-    );
+    stop(child);
 
     // The plan alone changes nothing.
-    let (plan, _) = ok(&env, &["replay", "--table", "user_locations", "--to-earliest"]);
+    let (plan, _) = ok(&env, &words("replay --table user_locations --to-earliest"));
     assert!(
         plan.contains("2 partition(s): 40 record(s) to read again, 0 to skip"),
         "{plan}"
@@ -135,10 +145,7 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
     );
     assert_eq!(table_digest(&url).await, digest, "the rows are unchanged");
     assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(40));
-    assert_eq!(
-        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
-        Some(true)
-    );
+    stop(child);
 
     // --shift-by on one partition, exported; --to-offset beyond the log is clamped.
     let dir = tempfile::tempdir().expect("dir");
@@ -163,7 +170,7 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
         std::fs::read_to_string(&plan_path).unwrap(),
         format!("{topic},0,{}\n", ends[0] - 5)
     );
-    let (plan, warnings) = ok(&env, &["replay", "--table", "user_locations", "--to-offset", "1000"]);
+    let (plan, warnings) = ok(&env, &words("replay --table user_locations --to-offset 1000"));
     assert!(
         warnings.contains(&format!(
             "{topic} partition 0: offset 1000 is above the high watermark {}",
@@ -182,10 +189,7 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
     let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
     skipped_reaches(&child, 5.0).await;
     assert_eq!(table_digest(&url).await, digest);
-    assert_eq!(
-        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
-        Some(true)
-    );
+    stop(child);
 
     // --to-latest skips what was published while ingest was stopped.
     let later = keyed(TABLE, locations(50)).split_off(40);
@@ -199,10 +203,7 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(40));
     assert_eq!(table_digest(&url).await, digest);
-    assert_eq!(
-        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
-        Some(true)
-    );
+    stop(child);
 
     // Each execution is recorded, and `status` shows the last one.
     assert_eq!(
@@ -213,9 +214,9 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
         .await,
         Some(3)
     );
-    let (status, _) = ok(&env, &["status"]);
+    let (status, _) = ok(&env, &words("status"));
     assert!(status.contains("last replay: --to-latest"), "{status}");
-    let (json, _) = ok(&env, &["status", "--json"]);
+    let (json, _) = ok(&env, &words("status --json"));
     let report: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
     assert_eq!(report["replays"][0]["scenario"], "--to-latest");
     assert_eq!(report["replays"][0]["plan"].as_array().map(Vec::len), Some(2));
@@ -325,47 +326,16 @@ async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
         pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
         Some(4)
     );
-    assert_eq!(
-        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
-        Some(true)
-    );
+    stop(child);
 
-    let (list, _) = ok(
-        &env,
-        &[
-            "rejects",
-            "list",
-            "--table",
-            "user_locations",
-            "--reason",
-            "OVER THE LIMIT",
-        ],
-    );
+    let (list, _) = ok(&env, &words("rejects list --table user_locations --reason LIMIT"));
     assert!(list.contains("4 reject(s)"), "{list}");
     let (none, _) = ok(
         &env,
-        &[
-            "rejects",
-            "list",
-            "--table",
-            "user_locations",
-            "--reason",
-            "no such reason",
-        ],
+        &words("rejects list --table user_locations --reason nosuchreason"),
     );
     assert!(none.contains("0 reject(s)"), "{none}");
-    let (json, _) = ok(
-        &env,
-        &[
-            "rejects",
-            "list",
-            "--table",
-            "user_locations",
-            "--json",
-            "--since",
-            "1h",
-        ],
-    );
+    let (json, _) = ok(&env, &words("rejects list --table user_locations --json --since 1h"));
     let listed: Vec<serde_json::Value> = json
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
@@ -383,7 +353,7 @@ async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
         );
     }
     let ends: Vec<i64> = watermarks(&config, &topic).await.iter().map(|w| w.high).collect();
-    let (dry, _) = ok(&env, &["rejects", "requeue", "--table", "user_locations", "--dry-run"]);
+    let (dry, _) = ok(&env, &words("rejects requeue --table user_locations --dry-run"));
     assert!(
         dry.contains("dry run: 4 reject(s) of user_locations would be requeued"),
         "{dry}"
@@ -395,7 +365,7 @@ async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
     // The limit is raised; the rejects go back onto the topic, byte for byte
     // with their keys, and land.
     env.retain(|(k, _)| k != "DWH_MAX_WRITE_BATCH_BYTES");
-    let (sent, _) = ok(&env, &["rejects", "requeue", "--table", "user_locations"]);
+    let (sent, _) = ok(&env, &words("rejects requeue --table user_locations"));
     assert!(sent.contains("requeued 4 reject(s) of user_locations"), "{sent}");
     assert!(sent.contains("4 marked requeued"), "{sent}");
     let after = high(watermarks(&config, &topic).await);
@@ -424,41 +394,18 @@ async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
     );
 
     // A second requeue sends nothing.
-    let (again, _) = ok(&env, &["rejects", "requeue", "--table", "user_locations"]);
+    let (again, _) = ok(&env, &words("rejects requeue --table user_locations"));
     assert!(again.contains("nothing to requeue"), "{again}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(high(watermarks(&config, &topic).await), after, "nothing was sent again");
-    let (pending, _) = ok(&env, &["rejects", "list", "--table", "user_locations", "--pending"]);
+    let (pending, _) = ok(&env, &words("rejects list --table user_locations --pending"));
     assert!(pending.contains("0 reject(s)"), "{pending}");
-    assert_eq!(
-        child.terminate(Duration::from_secs(30)).map(|s| s.success()),
-        Some(true)
-    );
+    stop(child);
 
     // Purge deletes by date, only before it.
-    let (kept, _) = ok(
-        &env,
-        &[
-            "rejects",
-            "purge",
-            "--table",
-            "user_locations",
-            "--before",
-            "2000-01-01",
-        ],
-    );
+    let (kept, _) = ok(&env, &words("rejects purge --table user_locations --before 2000-01-01"));
     assert!(kept.contains("purged 0 reject(s)"), "{kept}");
-    let (purged, _) = ok(
-        &env,
-        &[
-            "rejects",
-            "purge",
-            "--table",
-            "user_locations",
-            "--before",
-            "2100-01-01",
-        ],
-    );
+    let (purged, _) = ok(&env, &words("rejects purge --table user_locations --before 2100-01-01"));
     assert!(purged.contains("purged 4 reject(s)"), "{purged}");
     assert_eq!(
         pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
@@ -498,15 +445,27 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
     dwh_helper::kafka::topics::create(&config.kafka, std::slice::from_ref(&topic), 2)
         .await
         .expect("topic created on tansu");
+    // One record per produce request: tansu 0.6's ListOffsets (latest) answers
+    // one past the last batch's first offset, right only for batches of one.
     let all = keyed(TABLE, locations(30));
-    publish(&config, &topic, &all[..20]).await;
+    let publish_one_by_one = |records: &'static [(String, Vec<u8>)]| {
+        let (config, topic) = (config.clone(), topic.clone());
+        async move {
+            for record in records {
+                publish(&config, &topic, std::slice::from_ref(record)).await;
+            }
+        }
+    };
+    let all: &'static [(String, Vec<u8>)] = Vec::leak(all);
+    publish_one_by_one(&all[..20]).await;
     let before_gap: Vec<i64> = watermarks(&config, &topic).await.iter().map(|w| w.high).collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let at = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    publish(&config, &topic, &all[20..]).await;
+    publish_one_by_one(&all[20..]).await;
     let ends: Vec<i64> = watermarks(&config, &topic).await.iter().map(|w| w.high).collect();
-    assert_eq!(ends.iter().sum::<i64>(), 30);
+    let marks = watermarks(&config, &topic).await;
+    assert_eq!(ends.iter().sum::<i64>(), 30, "{before_gap:?} {ends:?} {marks:?}");
     assert_ne!(before_gap, ends, "records came after the time");
 
     // Ingest stands at the end (as if caught up); the time moves it back to the
@@ -556,8 +515,10 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
     assert!(plan.contains("10 record(s) to read again"), "{plan}");
     assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected);
 
-    // A time after the last record: the high watermark, with a warning.
-    let (plan, warnings) = ok(
+    // A time after the last record: the high watermark. (Kafka answers -1 there,
+    // which replay resolves with a warning, a unit test's case; tansu answers the
+    // end offset itself.)
+    let (plan, _) = ok(
         &env,
         &[
             "replay",
@@ -567,8 +528,12 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
             &chrono::Utc::now().to_rfc3339(),
         ],
     );
-    assert!(warnings.contains("no record at or after"), "{warnings}");
     assert!(plan.contains("0 record(s) to read again, 0 to skip"), "{plan}");
+    assert_eq!(
+        stored_offsets(&url, GROUP, &topic).await,
+        expected,
+        "a plan alone changes nothing"
+    );
 }
 
 /// The bookkeeping behind `replay` and `rejects`, on both backends (the demo and

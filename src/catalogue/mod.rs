@@ -263,7 +263,7 @@ fn missing(spec: &TableSpec, row: &Row, consider: impl Fn(&str) -> bool) -> Resu
 }
 
 /// Required columns that [`derive`] can fill in.
-fn derived_columns(table: Table) -> &'static [&'static str] {
+pub fn derived_columns(table: Table) -> &'static [&'static str] {
     match table {
         Table::EventsPart => &["event_date", "event_hash", "dup_seq"],
         Table::TmpEventProperties => &["event_date", "dup_seq"],

@@ -2,23 +2,40 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(live)).routes(routes!(ready))
 }
 
-async fn live() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
-async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// The process answers (no token needed).
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)))]
+async fn live() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The DWH answers, and this instance's writes are not failing (no token needed).
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Not ready, and why", body = ErrorBody),
+    ))]
+async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if let Some(failing) = state.ingest.as_ref().and_then(|s| s.failing()) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -31,7 +48,7 @@ async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
         .get_or_create(&Vec::new())
         .set(i64::from(ping.is_ok()));
     match ping {
-        Ok(()) => Ok(Json(json!({ "status": "ok" }))),
+        Ok(()) => Ok(Json(Health { status: "ok" })),
         Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }

@@ -1,13 +1,15 @@
 //! The HTTP API (axum): tables, S3, health, metrics and status.
 //!
 //! Guarantees: every error is a JSON body `{"error": "..."}` with a fitting status;
-//! when an API token is configured every route but `/health/*` requires it; request
-//! bodies over `HTTP_MAX_BODY_BYTES` get 413.
+//! when an API token is configured every route but `/health/*`, `/openapi.json` and
+//! `/docs` requires it; request bodies over `HTTP_MAX_BODY_BYTES` get 413. The
+//! OpenAPI document is built from the handlers' annotations (`openapi.rs`).
 
 mod auth;
 mod error;
 mod health;
 mod observe;
+pub mod openapi;
 pub mod s3;
 pub mod tables;
 
@@ -19,6 +21,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
 
@@ -53,16 +56,20 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// The whole API, and its OpenAPI document.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    let protected = Router::new()
+    let protected = OpenApiRouter::new()
         .merge(tables::router())
         .merge(s3::router())
         .merge(observe::router())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
-    Router::new()
+    let (routes, api) = OpenApiRouter::with_openapi(openapi::base())
         .merge(health::router())
         .merge(protected)
+        .split_for_parts();
+    Router::new()
+        .merge(routes)
+        .merge(openapi::router(openapi::finish(api)))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

@@ -7,20 +7,27 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::error::ErrorBody;
 use super::AppState;
 use crate::report::{self, State as Verdict};
 use crate::telemetry::events::HttpRequestServed;
 use crate::telemetry::metrics::metrics;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/metrics", get(scrape))
-        .route("/status", get(status))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(scrape)).routes(routes!(status))
 }
 
+/// The Prometheus text exposition (README "Monitoring" lists the metrics).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn scrape() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -30,6 +37,13 @@ async fn scrape() -> Response {
 }
 
 /// The report; 503 when the verdict is `failing`, so a probe can act on the code.
+#[utoipa::path(get, path = "/status", tag = "operations",
+    responses(
+        (status = 200, description = "Caught up or lagging: where every table and partition stands", body = report::Report),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 503, description = "Failing: the same report, its verdict says why", body = report::Report),
+    ),
+    security(("bearer" = [])))]
 async fn status(State(state): State<AppState>) -> Response {
     let report = report::gather(&state.config, &state.dwh, state.ingest.as_deref()).await;
     let code = if report.verdict.state == Verdict::Failing {

@@ -9,35 +9,86 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Multipart, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 use futures_util::TryStreamExt as _;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
+use utoipa_axum::routes;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
-use crate::s3::{ExpirationRule, S3Error, S3};
+use crate::s3::{ExpirationRule, ObjectInfo, S3Error, S3};
 
 /// S3's key limit, in bytes.
 const MAX_KEY_BYTES: usize = 1024;
 const DEFAULT_LIMIT: usize = 1000;
 const MAX_LIMIT: usize = 10_000;
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> OpenApiRouter<AppState> {
     // Uploads stream to the store: no body limit. Patches are held in memory and
     // keep the API's limit.
-    Router::new()
-        .route("/s3/objects", get(list))
-        .route("/s3/object-info", get(info))
-        .route("/s3/download", get(download))
-        .route("/s3/upload", post(upload).layer(DefaultBodyLimit::disable()))
-        .route("/s3/update", put(update).layer(DefaultBodyLimit::disable()))
-        .route("/s3/patch", patch(patch_object))
-        .route("/s3/delete", delete(delete_object))
-        .route(
-            "/s3/lifecycle",
-            get(lifecycle).put(set_lifecycle).delete(delete_lifecycle),
-        )
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(info))
+        .routes(routes!(download))
+        .routes(routes!(upload).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(update).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(patch_object))
+        .routes(routes!(delete_object))
+        .routes(routes!(lifecycle, set_lifecycle, delete_lifecycle))
+}
+
+/// `GET /s3/objects`: a page of the listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ObjectPage {
+    pub prefix: String,
+    /// Newest first, then by key.
+    pub objects: Vec<crate::s3::ObjectSummary>,
+    /// The "folders" directly under the prefix.
+    pub folders: Vec<String>,
+    /// Objects on this page.
+    pub count: usize,
+    /// Objects under the prefix.
+    pub total: usize,
+    /// Pass as `cursor` for the next page; absent on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// An object written.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Written {
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    pub deleted: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Rules {
+    pub rules: Vec<ExpirationRule>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RulesRemoved {
+    pub removed: usize,
+    pub prefix: String,
+}
+
+/// The `key` query parameter: 1 to 1,024 bytes of UTF-8.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct KeyParam {
+    /// The object's key
+    #[param(min_length = 1, max_length = 1024)]
+    key: String,
 }
 
 impl From<S3Error> for ApiError {
@@ -134,7 +185,29 @@ fn store(state: &AppState) -> Result<&S3, ApiError> {
 
 /// `GET /s3/objects?prefix=&limit=&cursor=`: the objects directly under the
 /// prefix, newest first, a page at a time.
-async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct ListParams {
+    /// Only keys under this prefix (a "folder" ends with `/`)
+    prefix: Option<String>,
+    /// Objects per page
+    #[param(minimum = 1, maximum = 10000, default = 1000)]
+    limit: Option<u64>,
+    /// `next_cursor` of the previous page
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/s3/objects", tag = "s3", params(ListParams),
+    responses(
+        (status = 200, description = "A page of the objects under the prefix", body = ObjectPage),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<ObjectPage>, ApiError> {
     let params = Params::parse(query);
     let prefix = params.get("prefix")?.unwrap_or_default().to_owned();
     let limit = params.number("limit")?.map_or(DEFAULT_LIMIT, |l| l as usize);
@@ -157,14 +230,14 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
     let next_cursor = (start + page.len() < listing.objects.len())
         .then(|| page.last().map(|o| Cursor::of(o).to_string()))
         .flatten();
-    Ok(Json(json!({
-        "prefix": prefix,
-        "objects": page,
-        "folders": listing.folders,
-        "count": page.len(),
-        "total": listing.objects.len(),
-        "next_cursor": next_cursor,
-    })))
+    Ok(Json(ObjectPage {
+        prefix,
+        count: page.len(),
+        objects: page.into_iter().cloned().collect(),
+        folders: listing.folders,
+        total: listing.objects.len(),
+        next_cursor,
+    }))
 }
 
 /// Where a page ended: the last object's modification time and key, in the
@@ -204,12 +277,31 @@ impl std::fmt::Display for Cursor {
     }
 }
 
-async fn info(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/s3/object-info", tag = "s3", params(KeyParam),
+    responses(
+        (status = 200, description = "The object's size, type, time, ETag and metadata", body = ObjectInfo),
+        (status = 400, description = "The key is missing or invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn info(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<ObjectInfo>, ApiError> {
     let key = Params::parse(query).key()?;
-    let info = store(&state)?.object_info(&key).await?;
-    Ok(Json(json!(info)))
+    Ok(Json(store(&state)?.object_info(&key).await?))
 }
 
+#[utoipa::path(get, path = "/s3/download", tag = "s3", params(KeyParam),
+    responses(
+        (status = 200, description = "The object's bytes, streamed", content_type = "application/octet-stream", body = String),
+        (status = 400, description = "The key is missing or invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let key = Params::parse(query).key()?;
     let download = store(&state)?.get_object(&key).await?;
@@ -231,13 +323,32 @@ async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
     Ok(response)
 }
 
+/// The upload form.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+struct UploadForm {
+    /// The file's bytes
+    #[schema(format = Binary)]
+    file: String,
+}
+
 /// `POST /s3/upload?key=` with a multipart/form-data field `file`.
+#[utoipa::path(post, path = "/s3/upload", tag = "s3", params(KeyParam),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Stored (a file of any size streams to the store)", body = Written),
+        (status = 400, description = "The key is invalid, or the form has no field \"file\"", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn upload(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Written>), ApiError> {
     let key = Params::parse(query).key()?;
     let s3 = store(&state)?;
     let mut multipart =
@@ -260,18 +371,34 @@ async fn upload(
         let info = s3.object_info(&key).await?;
         return Ok((
             StatusCode::CREATED,
-            Json(json!({ "key": key, "size": size, "etag": info.etag, "content_type": info.content_type })),
+            Json(Written {
+                key,
+                size,
+                etag: info.etag,
+                content_type: info.content_type,
+            }),
         ));
     }
 }
 
 /// `PUT /s3/update?key=`: the raw body replaces an existing object.
+#[utoipa::path(put, path = "/s3/update", tag = "s3", params(KeyParam),
+    request_body(content = String, content_type = "application/octet-stream", description = "The new content"),
+    responses(
+        (status = 200, description = "Replaced", body = Written),
+        (status = 400, description = "The key is missing or invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such object: upload creates one", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn update(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Written>, ApiError> {
     let key = Params::parse(query).key()?;
     let s3 = store(&state)?;
     let existing = s3.object_info(&key).await?;
@@ -285,17 +412,49 @@ async fn update(
         .put_object(&key, stream, content_type.as_deref(), &[], content_length(&headers))
         .await?;
     let info = s3.object_info(&key).await?;
-    Ok(Json(json!({ "key": key, "size": size, "etag": info.etag })))
+    Ok(Json(Written {
+        key,
+        size,
+        etag: info.etag,
+        content_type: info.content_type,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct PatchParams {
+    /// The object's key
+    #[param(min_length = 1, max_length = 1024)]
+    key: String,
+    /// Where the body's bytes go (at most the object's size: a patch may extend it)
+    #[param(minimum = 0)]
+    offset: u64,
 }
 
 /// `PATCH /s3/patch?key=&offset=`: the raw body replaces bytes from `offset`.
 /// An `If-Match` header makes it conditional on that ETag.
+#[utoipa::path(patch, path = "/s3/patch", tag = "s3", params(PatchParams,
+        ("If-Match" = Option<String>, Header, description = "Apply only if the object's ETag is this one")),
+    request_body(content = String, content_type = "application/octet-stream", description = "The bytes written at offset"),
+    responses(
+        (status = 200, description = "Patched; the object as it is now", body = ObjectInfo),
+        (status = 400, description = "The key or offset is missing or invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 409, description = "The object changed during the patch", body = ErrorBody),
+        (status = 412, description = "The ETag is not the If-Match one", body = ErrorBody),
+        (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn patch_object(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ObjectInfo>, ApiError> {
     let params = Params::parse(query);
     let key = params.key()?;
     let offset = params
@@ -303,22 +462,41 @@ async fn patch_object(
         .ok_or_else(|| ApiError::bad_request("offset is required"))?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    let info = store(&state)?.patch_object(&key, body, offset, if_match).await?;
-    Ok(Json(json!(info)))
+    Ok(Json(store(&state)?.patch_object(&key, body, offset, if_match).await?))
 }
 
-async fn delete_object(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(delete, path = "/s3/delete", tag = "s3", params(KeyParam),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "The key is missing or invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such object", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn delete_object(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Deleted>, ApiError> {
     let key = Params::parse(query).key()?;
     store(&state)?.delete_object(&key).await?;
-    Ok(Json(json!({ "deleted": key })))
+    Ok(Json(Deleted { deleted: key }))
 }
 
-async fn lifecycle(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rules = store(&state)?.lifecycle().await?;
-    Ok(Json(json!({ "rules": rules })))
+#[utoipa::path(get, path = "/s3/lifecycle", tag = "s3",
+    responses(
+        (status = 200, description = "The bucket's expiration rules", body = Rules),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn lifecycle(State(state): State<AppState>) -> Result<Json<Rules>, ApiError> {
+    Ok(Json(Rules {
+        rules: store(&state)?.lifecycle().await?,
+    }))
 }
 
-#[derive(Debug, serde::Deserialize)]
+/// An expiration rule to add or replace.
+#[derive(Debug, serde::Deserialize, ToSchema)]
 struct RuleRequest {
     prefix: String,
     days: i32,
@@ -328,10 +506,23 @@ struct RuleRequest {
 
 /// `PUT /s3/lifecycle` with `{"prefix": "tmp/", "days": 7}`: objects under the
 /// prefix expire after that many days.
+#[utoipa::path(put, path = "/s3/lifecycle", tag = "s3",
+    request_body = RuleRequest,
+    responses(
+        (status = 200, description = "The rules after the change", body = Rules),
+        (status = 400, description = "The rule is invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "The body is not application/json", body = ErrorBody),
+        (status = 422, description = "The body is not such a rule", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn set_lifecycle(
     State(state): State<AppState>,
     body: Result<Json<RuleRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Rules>, ApiError> {
     let Json(request) = body?;
     if request.days < 1 {
         return Err(ApiError::bad_request("days must be at least 1"));
@@ -354,12 +545,34 @@ async fn set_lifecycle(
         days: request.days,
         enabled: request.enabled.unwrap_or(true),
     };
-    let rules = store(&state)?.set_expiration(rule).await?;
-    Ok(Json(json!({ "rules": rules })))
+    Ok(Json(Rules {
+        rules: store(&state)?.set_expiration(rule).await?,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct PrefixParam {
+    /// The prefix whose rules go
+    prefix: String,
 }
 
 /// `DELETE /s3/lifecycle?prefix=`: removes the expiration rules of the prefix.
-async fn delete_lifecycle(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(delete, path = "/s3/lifecycle", tag = "s3", params(PrefixParam),
+    responses(
+        (status = 200, description = "Removed", body = RulesRemoved),
+        (status = 400, description = "The prefix is missing", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No rule for that prefix", body = ErrorBody),
+        (status = 502, description = "The object store refused", body = ErrorBody),
+        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn delete_lifecycle(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<RulesRemoved>, ApiError> {
     let params = Params::parse(query);
     let prefix = params
         .get("prefix")?
@@ -371,7 +584,7 @@ async fn delete_lifecycle(State(state): State<AppState>, RawQuery(query): RawQue
             "no expiration rule for prefix \"{prefix}\""
         )));
     }
-    Ok(Json(json!({ "removed": removed, "prefix": prefix })))
+    Ok(Json(RulesRemoved { removed, prefix }))
 }
 
 #[cfg(test)]

@@ -8,12 +8,14 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json_};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::catalogue::{self, value, Row, Table};
 use crate::store::{Batch, ReadQuery};
@@ -21,20 +23,49 @@ use crate::store::{Batch, ReadQuery};
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 10_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/dwh/{table}", get(list).post(insert))
+/// One route serves the seven tables; the OpenAPI document lists each table's
+/// path with its own record schema (see `openapi.rs`).
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list, insert))
 }
+
+/// The path of the generic operations, expanded per table in the document.
+pub const PATH: &str = "/dwh/{table}";
 
 fn table(name: &str) -> Result<Table, ApiError> {
     name.parse::<Table>().map_err(|e| ApiError::not_found(e.to_string()))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Rows {
+    /// Rows in id order, each with its columns (`id` and `ingested_at` included).
+    #[schema(value_type = Vec<Object>)]
     pub rows: Vec<Map<String, Json_>>,
     pub count: usize,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct Page {
+    /// Rows at most
+    #[param(minimum = 1, maximum = 10000, default = 100)]
+    limit: Option<u32>,
+    /// Only rows with a larger id (the last id of the previous page)
+    after_id: Option<i64>,
+}
+
+/// Reads rows in id order; the table's key columns filter by equality.
+#[utoipa::path(get, path = "/dwh/{table}", tag = "tables",
+    params(("table" = String, Path, description = "One of the seven tables"), Page),
+    responses(
+        (status = 200, description = "A page of rows", body = Rows),
+        (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn list(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -96,12 +127,14 @@ fn read_query(table: Table, params: HashMap<String, String>) -> Result<ReadQuery
     Ok(query)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct InsertBody {
+    /// The records, as on the table's topic.
+    #[schema(value_type = Vec<Object>, min_items = 1)]
     pub data: Vec<Json_>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Inserted {
     pub inserted_ids: Vec<i64>,
     /// Rows inserted (re-posted, existing rows are not counted).
@@ -112,6 +145,22 @@ pub struct Inserted {
     pub batches: usize,
 }
 
+/// Validates every record, then writes them in one transaction (re-posted
+/// records insert nothing new).
+#[utoipa::path(post, path = "/dwh/{table}", tag = "tables",
+    params(("table" = String, Path, description = "One of the seven tables")),
+    request_body = InsertBody,
+    responses(
+        (status = 200, description = "Written", body = Inserted),
+        (status = 400, description = "The body is not JSON, or holds no record", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such table", body = ErrorBody),
+        (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
+        (status = 415, description = "The body is not application/json", body = ErrorBody),
+        (status = 422, description = "A record is invalid (its index and field are named) or refused by the database", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 async fn insert(
     State(state): State<AppState>,
     Path(name): Path<String>,

@@ -36,7 +36,7 @@ use crate::config::S3Config;
 pub const MIN_PART: u64 = 5 * 1024 * 1024;
 
 /// An object in a listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ObjectSummary {
     pub key: String,
     pub size: u64,
@@ -45,7 +45,7 @@ pub struct ObjectSummary {
 }
 
 /// What a HEAD tells about an object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
@@ -96,7 +96,7 @@ pub struct Download {
 }
 
 /// An expiration rule of the bucket's lifecycle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ExpirationRule {
     pub id: String,
     pub prefix: String,

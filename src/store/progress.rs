@@ -19,7 +19,7 @@ pub struct StoredOffset {
 }
 
 /// Rejected records of a table.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct RejectCounts {
     pub total: i64,
     pub last_24h: i64,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{Dwh, Pool, StoreError};
 
 /// One partition of a replay plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlannedOffset {
     pub table: String,
     pub topic: String,
@@ -19,7 +19,7 @@ pub struct PlannedOffset {
 }
 
 /// An executed replay, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReplayRecord {
     pub id: i64,
     pub group_id: String,
