@@ -112,7 +112,9 @@ async fn migrate_applies_the_schema_once_and_is_idempotent() {
         [
             "dwh_appmetrica_windows",
             "dwh_consumer_offsets",
+            "dwh_ingest_members",
             "dwh_rejected_records",
+            "dwh_replays",
             "events_part",
             "mobile_devices",
             "permanent_user_properties",

@@ -77,7 +77,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(observe::request_span)
-                .on_response(observe::record_status),
+                .on_response(observe::record_status)
+                // A 5xx is the handler's to log (with its cause), not an error
+                // line of its own: a documented 503 is not a fault.
+                .on_failure(()),
         )
         .with_state(state)
 }

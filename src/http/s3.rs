@@ -498,7 +498,11 @@ async fn lifecycle(State(state): State<AppState>) -> Result<Json<Rules>, ApiErro
 /// An expiration rule to add or replace.
 #[derive(Debug, serde::Deserialize, ToSchema)]
 struct RuleRequest {
+    /// Objects under this prefix expire (at most 1,024 bytes)
+    #[schema(max_length = 1024)]
     prefix: String,
+    /// After this many days
+    #[schema(minimum = 1)]
     days: i32,
     id: Option<String>,
     enabled: Option<bool>,
