@@ -534,6 +534,44 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
         expected,
         "a plan alone changes nothing"
     );
+
+    // A consumer of the group reads the topic (not an ingest instance: nothing
+    // announced it in the DWH). This broker describes groups, and replay refuses.
+    let kafka = config.kafka.clone();
+    let subscribed = topic.clone();
+    let (joined, assigned) = tokio::sync::oneshot::channel::<usize>();
+    let (stop_member, leave) = std::sync::mpsc::channel::<()>();
+    let member = std::thread::spawn(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let consumer: BaseConsumer = dwh_helper::kafka::client_config(&kafka, &[("group.id", GROUP)])
+            .expect("config")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&subscribed]).expect("subscribe");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 && std::time::Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        let _ = joined.send(consumer.assignment().map(|a| a.count()).unwrap_or(0));
+        while matches!(leave.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)) {
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+    });
+    assert_eq!(
+        assigned.await.expect("member thread"),
+        2,
+        "the member holds both partitions"
+    );
+    let out = cli(&env, &words("replay --table user_locations --to-earliest --execute"));
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("consumer group ingest-test is Stable with 1 active member(s) reading"),
+        "{stderr}"
+    );
+    assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected, "nothing changed");
+    let _ = stop_member.send(());
+    member.join().expect("member thread");
 }
 
 /// The bookkeeping behind `replay` and `rejects`, on both backends (the demo and
