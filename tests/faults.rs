@@ -196,6 +196,13 @@ async fn a_retry_that_finds_its_batch_committed_counts_it_landed_and_readiness_r
         .execute(&mut blocker)
         .await
         .expect("lock");
+    // The offset first, while ingest has nothing in flight: an attempt that held
+    // the offset row while waiting for the table would deadlock with this one.
+    sqlx::query("UPDATE dwh_consumer_offsets SET next_offset = 10 WHERE topic = $1")
+        .bind(&topic)
+        .execute(&mut blocker)
+        .await
+        .expect("offset");
     publish(&config, &topic, &records[5..]).await;
     wait_for(Duration::from_secs(30), "the write to fail", || async {
         ingest
@@ -215,11 +222,6 @@ async fn a_retry_that_finds_its_batch_committed_counts_it_landed_and_readiness_r
         .await
         .expect("row");
     }
-    sqlx::query("UPDATE dwh_consumer_offsets SET next_offset = 10 WHERE topic = $1")
-        .bind(&topic)
-        .execute(&mut blocker)
-        .await
-        .expect("offset");
     sqlx::raw_sql("COMMIT").execute(&mut blocker).await.expect("commit");
 
     wait_for(Duration::from_secs(30), "readiness to recover", || async {
