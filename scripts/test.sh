@@ -5,6 +5,7 @@
 #     `cargo install` and cached under the cargo home, unless DWH_TEST_TANSU_BOOTSTRAP
 #     points at a running broker already;
 #   - Chromium (Debian's package), to render the /docs page in a test;
+#   - schemathesis (PyPI), to fuzz the API from its OpenAPI document in a test;
 #   - a throwaway PostgreSQL cluster in a temporary directory (initdb + pg_ctl of the
 #     installed PostgreSQL, on a free port), unless DWH_TEST_DATABASE_URL points at a
 #     running server already;
@@ -94,6 +95,12 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "scripts/test.sh: chromium not found; install it (apt-get install chromium)" >&2
     exit 1
   fi
+fi
+
+# schemathesis fuzzes the API from its own OpenAPI document in a test.
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null)" != 4.32.5 ]; then
+  echo "scripts/test.sh: installing schemathesis (the API fuzzer) with pip"
+  python3 -m pip install --quiet --disable-pip-version-check 'schemathesis==4.32.5' >/dev/null
 fi
 
 # tansu: a real broker for the time-based replay scenarios.

@@ -83,6 +83,21 @@ async fn bad_posts_get_clear_json_errors_and_write_nothing() {
         json!({"error": "data[3]: field \"mcc\": expected integer, got \"abc\""})
     );
 
+    // A value the topics' decoder would read, but not in the form the API's
+    // schema states: refused, and nothing of the request is written.
+    let mut data = events(5, 0);
+    data[2]["mcc"] = json!(" 250");
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+    assert_eq!(
+        (status, body),
+        (
+            422,
+            json!({"error": "data[2]: field \"mcc\": \" 250\" is not in the form the API takes: \
+                an integer of 32 bits, or a string of at most 9 digits"})
+        )
+    );
+    assert_eq!(api.get("/dwh/events_part").await.1["count"], 0);
+
     let mut data = events(5, 0);
     data[1].as_object_mut().expect("object").remove("event_name");
     let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
@@ -200,6 +215,10 @@ async fn reads_page_filter_and_validate_parameters() {
             "unknown query parameter \"city\"; use limit, after_id or a key column of user_locations: uuid",
         ),
         ("uuid=nope", "filter \"uuid\": expected UUID, got \"nope\""),
+        (
+            "uuid=%7B00000000-0000-4000-8000-00000000000a%7D",
+            "filter \"uuid\": \"{00000000-0000-4000-8000-00000000000a}\" is not in the form the API takes (see /openapi.json)",
+        ),
     ] {
         let (status, body) = api.get(&format!("/dwh/user_locations?{query}")).await;
         assert_eq!((status, body), (400, json!({ "error": error })), "{query}");

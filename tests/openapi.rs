@@ -27,14 +27,14 @@ async fn document(api: &Api) -> Value {
     response.json().await.expect("JSON")
 }
 
-/// Runs Python with `script`, the arguments after it; returns success and output.
-fn python(script: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3 runs");
+/// Runs Python with `script`, the arguments after it, in `dir` (or here);
+/// returns success and output.
+fn python_in(dir: Option<&std::path::Path>, script: &str, args: &[&str]) -> (bool, String) {
+    let mut command = Command::new("python3");
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let out = command.arg("-c").arg(script).args(args).output().expect("python3 runs");
     (
         out.status.success(),
         format!(
@@ -43,6 +43,10 @@ fn python(script: &str, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+fn python(script: &str, args: &[&str]) -> (bool, String) {
+    python_in(None, script, args)
 }
 
 const VALIDATE: &str = r#"
@@ -198,6 +202,9 @@ async fn each_record_schema_agrees_with_the_decoder() {
 
         let schema_path = dir.path().join(format!("{name}.schema.json"));
         let records_path = dir.path().join(format!("{name}.records.json"));
+        // References point into the document's components.
+        let mut schema = schema.clone();
+        schema["components"] = doc["components"].clone();
         std::fs::write(&schema_path, schema.to_string()).unwrap();
         std::fs::write(&records_path, Value::Array(records.clone()).to_string()).unwrap();
         let (ran, output) = python(
@@ -332,4 +339,99 @@ async fn the_docs_page_renders_the_operations_from_this_service_alone() {
         "the screenshot shows a rendered page ({} bytes)",
         png.len()
     );
+}
+
+/// schemathesis (PyPI; scripts/test.sh installs it) against the API on
+/// PostgreSQL and the test S3 server, from the document the API serves:
+/// examples, coverage, fuzzing and stateful phases, every default check
+/// (no 5xx, responses and statuses as documented, schema-valid requests
+/// accepted, schema-violating ones refused, auth not ignored, ...). Returns the
+/// success and the output.
+fn schemathesis(document: &str, base: &str, extra: &[&str], dir: &std::path::Path) -> (bool, String) {
+    let examples = std::env::var("DWH_TEST_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "40".into());
+    let seed = std::env::var("DWH_TEST_SCHEMATHESIS_SEED").unwrap_or_else(|_| "20261126".into());
+    // Its entry point through python3, as pip may put the script off PATH.
+    const CLI: &str =
+        "import sys; from schemathesis.cli import schemathesis; sys.argv[0] = 'schemathesis'; sys.exit(schemathesis())";
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let mut args = vec!["run", document, "--url", base, "--mode", "all", "--no-color"];
+    args.extend([
+        "--max-examples",
+        &examples,
+        "--seed",
+        &seed,
+        "--generation-database",
+        "none",
+    ]);
+    args.extend(["--request-timeout", "30", "-H", &auth]);
+    args.extend(extra);
+    python_in(Some(dir), CLI, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_failure_in_the_api_fuzzed_from_its_own_document() {
+    // The whole service's surroundings: PostgreSQL, the S3 server and a broker
+    // (which /status reads).
+    let url = fresh_pg_url().await;
+    let (broker, prefix) = broker(1).await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    env.extend(s3_env(&s3_endpoint()));
+    let config = config_from(&env, &[("HTTP_API_TOKEN", TOKEN)]);
+    dwh_helper::s3::S3::new(&config.s3)
+        .create_bucket()
+        .await
+        .expect("bucket created");
+    let dwh = migrated(&config).await;
+    let api = Api::start(dwh, &config).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let base = api.base.clone();
+    let served = format!("{base}/openapi.json");
+    let work = dir.path().to_owned();
+    let (passed, output) = tokio::task::spawn_blocking(move || schemathesis(&served, &base, &[], &work))
+        .await
+        .expect("schemathesis task");
+    // The numbers the run reports, for the log (cargo test --nocapture shows them).
+    let summary: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("generated") || l.contains("Tested:") || l.contains("passed"))
+        .collect();
+    println!("schemathesis: {}", summary.join(" | "));
+    assert!(passed, "schemathesis found failures:\n{output}");
+    // It did test every operation the document lists.
+    let operations = document(&api).await["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum::<usize>();
+    assert!(
+        output.contains(&format!("Tested: {operations}")),
+        "not every one of the {operations} operations was tested:\n{output}"
+    );
+    assert!(!output.contains(" 0 generated"), "{output}");
+
+    // The same run does fail a server that breaks its document: here the document
+    // claims /s3/objects takes limits up to 20,000, which the server refuses.
+    let mut claimed = document(&api).await;
+    claimed["paths"]["/s3/objects"]["get"]["parameters"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .filter(|p| p["name"] == "limit")
+        .for_each(|p| p["schema"]["maximum"] = json!(20_000));
+    let path = dir.path().join("claimed.json");
+    std::fs::write(&path, claimed.to_string()).unwrap();
+    let (base, work) = (api.base.clone(), dir.path().to_owned());
+    let (passed, output) = tokio::task::spawn_blocking(move || {
+        schemathesis(
+            path.to_str().unwrap(),
+            &base,
+            &["--include-path", "/s3/objects", "--include-method", "GET"],
+            &work,
+        )
+    })
+    .await
+    .expect("schemathesis task");
+    assert!(!passed, "a document the server breaks passes:\n{output}");
+    assert!(output.contains("Schema-valid request rejected"), "{output}");
 }

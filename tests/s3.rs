@@ -153,11 +153,10 @@ async fn patches_are_byte_exact_on_small_and_large_objects() {
         let size_now = expected.len() as u64;
         assert_eq!(
             s3.patch_object(&key, b"x".to_vec().into(), size_now + 1, None).await,
-            Err(S3Error::BadRequest {
-                detail: format!(
-                    "offset {} is past the end of \"{key}\" ({size_now} bytes)",
-                    size_now + 1
-                )
+            Err(S3Error::PastTheEnd {
+                key: key.clone(),
+                offset: size_now + 1,
+                size: size_now
             })
         );
     }
@@ -327,7 +326,7 @@ async fn bad_requests_and_missing_objects_get_json_errors() {
         (
             reqwest::Method::PATCH,
             "/s3/patch?key=data/file.csv&offset=99".into(),
-            400,
+            409,
             "past the end",
         ),
         (
@@ -353,17 +352,68 @@ async fn bad_requests_and_missing_objects_get_json_errors() {
             "{method} {path}: {message:?} should say {fragment:?}"
         );
     }
-    // A form without the field `file`.
-    let form = reqwest::multipart::Form::new().text("other", "x");
+    // The form is one field, `file`: without it, or with another field before or
+    // after it, the upload is refused and nothing is stored.
+    let forms = [
+        (
+            reqwest::multipart::Form::new().text("other", "x"),
+            "unexpected form field \"other\"",
+        ),
+        (
+            reqwest::multipart::Form::new().text("other", "x").text("file", "data"),
+            "unexpected form field \"other\"",
+        ),
+        (
+            reqwest::multipart::Form::new().text("file", "data").text("note", "x"),
+            "unexpected form field \"note\"",
+        ),
+        (reqwest::multipart::Form::new(), "malformed multipart body"),
+    ];
+    for (form, error) in forms {
+        let response = api
+            .client
+            .post(api.url("/s3/upload?key=data/x.csv"))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request");
+        let (status, body) = status_and_json(response).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains(error), "{body}");
+        assert_eq!(
+            s3.object_info("data/x.csv").await.map(|_| ()),
+            Err(S3Error::NotFound {
+                key: "data/x.csv".into()
+            }),
+            "{error}: nothing is stored"
+        );
+    }
+
+    // A key with characters XML cannot carry is listed (percent-encoded on the
+    // wire) and read back by its own name.
+    let odd = "data/odd\u{17}\u{1}name.txt";
+    put_bytes(&s3, odd, b"odd".to_vec()).await;
+    let (status, body) = api.get("/s3/objects?prefix=data/").await;
+    assert_eq!(status, 200, "{body}");
+    let keys: Vec<&str> = body["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap())
+        .collect();
+    assert!(keys.contains(&odd), "{keys:?}");
+    assert!(keys.contains(&"data/file.csv"), "{keys:?}");
+    // Nor can a lifecycle rule's prefix hold them: refused before the store sees it.
     let response = api
         .client
-        .post(api.url("/s3/upload?key=data/x.csv"))
-        .multipart(form)
+        .put(api.url("/s3/lifecycle"))
+        .json(&serde_json::json!({ "prefix": "tmp/\u{18}", "days": 3 }))
         .send()
         .await
         .expect("request");
     let (status, body) = status_and_json(response).await;
     assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("XML 1.0"), "{body}");
 
     // A store that cannot be reached is a 503.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")

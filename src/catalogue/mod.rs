@@ -219,7 +219,7 @@ fn decode_field(table: Table, column: &'static Column, raw: &Json) -> Result<Val
         if let Json::String(text) = raw {
             return match serde_json::from_str::<Json>(text) {
                 Ok(parsed @ Json::Object(_)) => decode_field(table, column, &parsed),
-                _ => Ok(Value::Text(text.clone())),
+                _ => value::decode(ColumnType::Text, raw).map_err(field_error),
             };
         }
     }
@@ -269,6 +269,17 @@ pub fn derived_columns(table: Table) -> &'static [&'static str] {
         Table::TmpEventProperties => &["event_date", "dup_seq"],
         Table::MobileDevices => &["first_seen_at", "last_seen_at"],
         _ => &[],
+    }
+}
+
+/// The field a derived column is computed from when the record leaves it out, for
+/// the columns that have one (`event_hash` and `dup_seq` need none).
+pub fn derivation_source(table: Table, column: &str) -> Option<&'static str> {
+    match (table, column) {
+        (Table::EventsPart | Table::TmpEventProperties, "event_date") => Some("event_timestamp"),
+        (Table::MobileDevices, "first_seen_at") => Some("last_seen_at"),
+        (Table::MobileDevices, "last_seen_at") => Some("first_seen_at"),
+        _ => None,
     }
 }
 

@@ -214,8 +214,8 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
         }
         ColumnType::Bool => match raw {
             Json::Bool(b) => Ok(Value::Bool(*b)),
-            Json::Number(n) if n.as_u64() == Some(1) => Ok(Value::Bool(true)),
-            Json::Number(n) if n.as_u64() == Some(0) => Ok(Value::Bool(false)),
+            Json::Number(n) if n.as_f64() == Some(1.0) => Ok(Value::Bool(true)),
+            Json::Number(n) if n.as_f64() == Some(0.0) => Ok(Value::Bool(false)),
             Json::String(s) => match s.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "t" | "yes" => Ok(Value::Bool(true)),
                 "false" | "0" | "f" | "no" => Ok(Value::Bool(false)),
@@ -241,7 +241,14 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
             .map(Value::TimestampTz),
         ColumnType::Numeric20 => {
             let digits = match raw {
-                Json::Number(n) => n.as_u64().map(|v| v.to_string()),
+                Json::Number(n) => n
+                    .as_u64()
+                    .or_else(|| {
+                        // An integral float that u64 holds (JSON Schema's "integer").
+                        let f = n.as_f64()?;
+                        (f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f)).then_some(f as u64)
+                    })
+                    .map(|v| v.to_string()),
                 Json::String(s) => {
                     let s = s.trim();
                     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.to_owned())
@@ -275,10 +282,12 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
 /// An integer from a JSON integer, an integral float, or a numeric string.
 fn integer(raw: &Json) -> Option<i64> {
     match raw {
+        // An integral float in i64's range is that integer, as JSON Schema's "integer"
+        // says (1.0e3 is fine, 1.5 is not).
         Json::Number(n) => n.as_i64().or_else(|| {
             let f = n.as_f64()?;
-            // Only integral floats that i64 holds exactly (1.0e3 is fine, 1.5 is not).
-            (f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
+            (f.fract() == 0.0 && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f))
+                .then_some(f as i64)
         }),
         Json::String(s) => {
             let s = s.trim();

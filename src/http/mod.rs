@@ -12,6 +12,7 @@ mod observe;
 pub mod openapi;
 pub mod s3;
 pub mod tables;
+mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;

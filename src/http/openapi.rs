@@ -51,6 +51,7 @@ pub fn finish(api: OpenApi) -> Value {
     for table in Table::ALL {
         let name = table.name();
         document["components"]["schemas"][name] = record_schema(table);
+        document["components"]["schemas"][JSON_VALUE] = json_value_schema();
         document["paths"][format!("/dwh/{name}")] = table_operations(table, &generic);
     }
     document
@@ -106,23 +107,31 @@ fn table_operations(table: Table, generic: &Value) -> Value {
     item
 }
 
-/// A record of `table` as producers send it: the types each column accepts
-/// (the decoder is lenient: numbers may come as strings, ids as numbers), the
-/// fields a record must carry, ranges and allowed values. Unknown fields are
-/// allowed (and ignored).
+/// A record of `table` as the API takes it: each column's canonical forms, the
+/// fields a record must carry, ranges and allowed values. The POST handler checks
+/// every record against this schema (see `validate.rs`), so it is the API's
+/// contract; the topics' decoder is more lenient. Unknown fields are allowed (and
+/// ignored).
 pub fn record_schema(table: Table) -> Value {
     let spec = table.spec();
     let derived = catalogue::derived_columns(table);
     let mut properties = Map::new();
     let mut required = Vec::new();
+    let mut derivations = Vec::new();
     for column in spec.columns {
         let needed = column.required && !derived.contains(&column.name);
         if needed {
             required.push(json!(column.name));
         }
         properties.insert(column.name.to_owned(), field_schema(column, needed));
+        if let Some(source) = catalogue::derivation_source(table, column.name) {
+            derivations.push(derivation(
+                column.name,
+                spec.column(source).expect("sources are columns"),
+            ));
+        }
     }
-    json!({
+    let mut schema = json!({
         "type": "object",
         "description": format!(
             "A record of {} (natural key: {}). Fields not listed are ignored.",
@@ -131,59 +140,148 @@ pub fn record_schema(table: Table) -> Value {
         ),
         "required": required,
         "properties": properties,
-    })
+    });
+    if !derivations.is_empty() {
+        schema["allOf"] = Value::Array(derivations);
+    }
+    schema
 }
 
-/// One field: what the decoder accepts; `null` stands for absent unless the
-/// field is required.
+/// A required column left out (or null) is derived from `source`, which must then
+/// hold a value it can be derived from.
+fn derivation(column: &str, source: &Column) -> Value {
+    let present = |name: &str| json!({ "required": [name], "properties": { name: { "not": { "type": "null" } } } });
+    let usable = match source.ty {
+        // event_date from event_timestamp: Unix seconds within the years dates take.
+        ColumnType::BigInt => json!({
+            "required": [source.name],
+            "properties": { source.name: { "type": "integer", "minimum": UNIX_MIN, "maximum": UNIX_MAX } },
+        }),
+        _ => present(source.name),
+    };
+    json!({ "anyOf": [present(column), usable] })
+}
+
+/// Years 0001 to 9999, four digits.
+const YEAR: &str = "(?:[0-9]{3}[1-9]|[0-9]{2}[1-9]0|[0-9][1-9]00|[1-9]000)";
+/// The leap years among them.
+const LEAP_YEAR: &str = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)";
+/// Years 1000 to 9998: a timestamp with any UTC offset stays within years 1..9999.
+const TS_YEAR: &str = "(?:[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])";
+const TS_LEAP_YEAR: &str = "(?:[1-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[13579][26]|[2468][048])00)";
+/// Unix seconds of 1000-01-01T00:00:00Z and 9998-12-31T23:59:59Z.
+const UNIX_MIN: i64 = -30_610_224_000;
+const UNIX_MAX: i64 = 253_370_764_799;
+const NO_NUL: &str = "^[^\\x00]*$";
+
+/// A calendar date (`YYYY-MM-DD`, days of each month, February 29th in leap years).
+fn date_pattern(year: &str, leap_year: &str) -> String {
+    format!(
+        "(?:{year}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))|{leap_year}-02-29)"
+    )
+}
+
+fn timestamp_pattern() -> String {
+    format!(
+        "^{}[T ](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{{1,9}})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?$",
+        date_pattern(TS_YEAR, TS_LEAP_YEAR)
+    )
+}
+
+/// The canonical text form of a value of type `ty`: what the query filters take,
+/// and the string form a record's field may use.
+fn text_form(ty: ColumnType) -> Value {
+    match ty {
+        ColumnType::BigInt => json!({ "pattern": "^-?[0-9]{1,18}$" }),
+        ColumnType::Int => json!({ "pattern": "^-?[0-9]{1,9}$" }),
+        ColumnType::Double => json!({ "pattern": "^-?[0-9]{1,15}(?:\\.[0-9]{1,15})?$" }),
+        ColumnType::Bool => json!({ "pattern": "^(?:true|false|t|f|yes|no|1|0)$" }),
+        ColumnType::Text | ColumnType::Json => json!({ "pattern": NO_NUL }),
+        ColumnType::Date => json!({ "pattern": format!("^{}$", date_pattern(YEAR, LEAP_YEAR)) }),
+        ColumnType::Timestamp | ColumnType::TimestampTz => json!({ "pattern": timestamp_pattern() }),
+        ColumnType::Numeric20 => json!({ "pattern": "^[0-9]{1,20}$" }),
+        ColumnType::Uuid => json!({
+            "format": "uuid",
+            "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        }),
+    }
+}
+
+/// One field: the forms the API takes; `null` stands for absent unless the field
+/// is required. JSON Schema applies `minimum`/`maximum` to numbers and `pattern`
+/// to strings, so one schema states both forms of a column.
 fn field_schema(column: &Column, required: bool) -> Value {
-    let (types, mut schema): (&[&str], Value) = match column.ty {
+    let mut schema = text_form(column.ty);
+    let (types, description, bounds): (&[&str], &str, Option<(Value, Value)>) = match column.ty {
         ColumnType::BigInt => (
             &["integer", "string"],
-            json!({ "description": "an integer, or a string holding one" }),
+            "an integer from -(2^63-1) to 2^63-1, or a string of at most 18 digits",
+            // Not i64::MIN: a JSON number just below it reads as the same float.
+            Some((json!(-i64::MAX), json!(i64::MAX))),
         ),
         ColumnType::Int => (
             &["integer", "string"],
-            json!({ "description": "an integer of 32 bits, or a string holding one" }),
+            "an integer of 32 bits, or a string of at most 9 digits",
+            Some((json!(i32::MIN), json!(i32::MAX))),
         ),
-        ColumnType::Double => (
-            &["number", "string"],
-            json!({ "description": "a number, or a string holding one" }),
-        ),
+        ColumnType::Double => (&["number", "string"], "a number, or a string holding a decimal", None),
         ColumnType::Bool => (
             &["boolean", "integer", "string"],
-            json!({ "description": "true/false, 1/0, or \"true\", \"yes\", \"t\", \"1\" and their opposites" }),
+            "true/false, 1/0, or \"true\", \"t\", \"yes\", \"1\" and their opposites",
+            Some((json!(0), json!(1))),
         ),
         ColumnType::Text => (
             &["string", "number", "boolean"],
-            json!({ "description": "text (a number or boolean is kept as its text)" }),
+            "text with no NUL character (a number or boolean is kept as its text)",
+            None,
         ),
         ColumnType::Date => (
             &["string", "number"],
-            json!({ "description": "YYYY-MM-DD, a timestamp (its day), or Unix seconds" }),
+            "YYYY-MM-DD (years 1 to 9999), or Unix seconds (its UTC day)",
+            Some((json!(UNIX_MIN), json!(UNIX_MAX))),
         ),
         ColumnType::Timestamp | ColumnType::TimestampTz => (
             &["string", "number"],
-            json!({ "description": "RFC 3339, YYYY-MM-DD HH:MM:SS (UTC), a date, or Unix seconds" }),
+            "RFC 3339 (`T` or a space; no offset means UTC; years 1000 to 9998), or Unix seconds",
+            Some((json!(UNIX_MIN), json!(UNIX_MAX))),
         ),
         ColumnType::Numeric20 => (
             &["integer", "string"],
-            json!({ "description": "an unsigned integer of up to 20 digits, or a string of digits", "minimum": 0 }),
+            "an unsigned integer of up to 20 digits, or a string of digits",
+            Some((json!(0), json!(u64::MAX))),
         ),
-        ColumnType::Uuid => (&["string"], json!({ "format": "uuid" })),
-        ColumnType::Json => (&[], json!({ "description": "any JSON value" })),
+        ColumnType::Uuid => (&["string"], "a UUID", None),
+        ColumnType::Json => {
+            schema = json!({ "$ref": JSON_VALUE_REF });
+            (&[], "any JSON value with no NUL character in its strings", None)
+        }
     };
+    schema["description"] = json!(description);
+    if let Some((lo, hi)) = bounds {
+        schema["minimum"] = lo;
+        schema["maximum"] = hi;
+    }
+    let mut types: Vec<&str> = types.to_vec();
     match column.check {
         Check::None => {}
+        // A string holding a number would pass the range unchecked: numbers only.
         Check::Range(lo, hi) => {
+            types.retain(|t| *t != "string");
             schema["minimum"] = json!(lo);
             schema["maximum"] = json!(hi);
+            schema["description"] = json!(format!("a number from {lo} to {hi}"));
         }
         // The one such column (tmp_event_properties.properties) also takes its
         // object as a JSON string, AppMetrica's `event_json`.
         Check::Object => {
-            schema["type"] = json!(["object", "string"]);
-            schema["description"] = json!("a JSON object, or a string holding one");
+            schema = json!({
+                "description": "a JSON object, or a string holding one",
+                "anyOf": [
+                    { "type": "object", "propertyNames": { "pattern": NO_NUL },
+                      "additionalProperties": { "$ref": JSON_VALUE_REF } },
+                    { "type": "string", "pattern": NO_NUL },
+                ],
+            });
         }
         Check::OneOf(allowed) => {
             let mut values: Vec<Value> = allowed.iter().map(|v| json!(v)).collect();
@@ -194,13 +292,34 @@ fn field_schema(column: &Column, required: bool) -> Value {
         }
     }
     if !types.is_empty() {
-        let mut types: Vec<Value> = types.iter().map(|t| json!(t)).collect();
         if !required {
-            types.push(json!("null"));
+            types.push("null");
         }
-        schema["type"] = Value::Array(types);
+        schema["type"] = json!(types);
+    } else if !required && column.check == Check::Object {
+        schema["anyOf"]
+            .as_array_mut()
+            .expect("anyOf")
+            .push(json!({ "type": "null" }));
     }
     schema
+}
+
+pub const JSON_VALUE: &str = "json_value";
+const JSON_VALUE_REF: &str = "#/components/schemas/json_value";
+
+/// Any JSON value PostgreSQL's jsonb stores: no NUL in any string or name.
+pub fn json_value_schema() -> Value {
+    json!({
+        "description": "any JSON value with no NUL character in its strings",
+        "anyOf": [
+            { "type": ["null", "boolean", "number"] },
+            { "type": "string", "pattern": NO_NUL },
+            { "type": "array", "items": { "$ref": JSON_VALUE_REF } },
+            { "type": "object", "propertyNames": { "pattern": NO_NUL },
+              "additionalProperties": { "$ref": JSON_VALUE_REF } },
+        ],
+    })
 }
 
 /// A row as read back: the stored columns, plus `id` and `ingested_at`.
@@ -224,13 +343,11 @@ fn row_schema(table: Table) -> Value {
     json!({ "type": "object", "required": ["id"], "properties": properties })
 }
 
-/// A key column in a query string: its text.
-fn query_schema(ty: ColumnType) -> Value {
-    match ty {
-        ColumnType::BigInt | ColumnType::Int => json!({ "type": "integer" }),
-        ColumnType::Uuid => json!({ "type": "string", "format": "uuid" }),
-        _ => json!({ "type": "string" }),
-    }
+/// A key column in a query string: its canonical text.
+pub fn query_schema(ty: ColumnType) -> Value {
+    let mut schema = text_form(ty);
+    schema["type"] = json!("string");
+    schema
 }
 
 /// `/openapi.json` and Swagger UI at `/docs`, served from the binary.

@@ -6,7 +6,7 @@
 //! 503, a patch that lost a race is 409; every error is JSON.
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Multipart, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -87,7 +87,11 @@ pub struct RulesRemoved {
 #[allow(dead_code)]
 struct KeyParam {
     /// The object's key
-    #[param(min_length = 1, max_length = 1024)]
+    #[param(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "[^\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+    )]
     key: String,
 }
 
@@ -96,7 +100,7 @@ impl From<S3Error> for ApiError {
         let status = match &e {
             S3Error::NotFound { .. } => StatusCode::NOT_FOUND,
             S3Error::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            S3Error::Conflict { .. } => StatusCode::CONFLICT,
+            S3Error::Conflict { .. } | S3Error::PastTheEnd { .. } => StatusCode::CONFLICT,
             S3Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             S3Error::Unreachable { .. } | S3Error::BucketMissing { .. } => StatusCode::SERVICE_UNAVAILABLE,
             S3Error::AccessDenied { .. } | S3Error::Other { .. } => StatusCode::BAD_GATEWAY,
@@ -148,6 +152,10 @@ impl Params {
         if key.is_empty() {
             return Err(ApiError::bad_request("key must not be empty"));
         }
+        // The S3 client takes a key of white space alone for no key at all.
+        if key.trim().is_empty() {
+            return Err(ApiError::bad_request("key must not be white space alone"));
+        }
         if key.len() > MAX_KEY_BYTES {
             return Err(ApiError::bad_request(format!(
                 "key is {} bytes, over the limit of {MAX_KEY_BYTES}",
@@ -195,6 +203,7 @@ struct ListParams {
     #[param(minimum = 1, maximum = 10000, default = 1000)]
     limit: Option<u64>,
     /// `next_cursor` of the previous page
+    #[param(pattern = "^-?[0-9]{1,18}:")]
     cursor: Option<String>,
 }
 
@@ -258,6 +267,9 @@ impl Cursor {
     fn parse(text: &str) -> Result<Cursor, ApiError> {
         let bad = || ApiError::bad_request(format!("cursor \"{text}\" is not one this API returned"));
         let (millis, key) = text.split_once(':').ok_or_else(bad)?;
+        if millis.trim_start_matches('-').len() > 18 {
+            return Err(bad());
+        }
         Ok(Cursor {
             millis: millis.parse().map_err(|_| bad())?,
             key: key.to_owned(),
@@ -294,7 +306,7 @@ async fn info(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
 
 #[utoipa::path(get, path = "/s3/download", tag = "s3", params(KeyParam),
     responses(
-        (status = 200, description = "The object's bytes, streamed", content_type = "application/octet-stream", body = String),
+        (status = 200, description = "The object's bytes, streamed, with the content type it was stored with", content_type = "*/*", body = String),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
@@ -323,8 +335,9 @@ async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
     Ok(response)
 }
 
-/// The upload form.
-#[derive(Debug, ToSchema)]
+/// The upload form: one field, `file`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct UploadForm {
     /// The file's bytes
@@ -337,7 +350,7 @@ struct UploadForm {
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, description = "Stored (a file of any size streams to the store)", body = Written),
-        (status = 400, description = "The key is invalid, or the form has no field \"file\"", body = ErrorBody),
+        (status = 400, description = "The key is invalid, or the form is not one field \"file\"; nothing is stored", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
@@ -347,43 +360,81 @@ async fn upload(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    body: Body,
 ) -> Result<(StatusCode, Json<Written>), ApiError> {
     let key = Params::parse(query).key()?;
     let s3 = store(&state)?;
-    let mut multipart =
-        multipart.map_err(|e| ApiError::bad_request(format!("expected multipart/form-data: {}", e.body_text())))?;
-    loop {
-        let field = multipart
-            .next_field()
-            .await
-            .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?
-            .ok_or_else(|| ApiError::bad_request("the form has no field \"file\""))?;
-        if field.name() != Some("file") {
-            continue;
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| multer::parse_boundary(v).ok())
+        .ok_or_else(|| ApiError::bad_request("expected multipart/form-data with a boundary"))?;
+    let mut form = multer::Multipart::new(body.into_data_stream(), boundary);
+    let field = match form.next_field().await.map_err(malformed)? {
+        Some(field) if field.name() == Some("file") => field,
+        Some(other) => return Err(unexpected_field(other.name())),
+        None => return Err(ApiError::bad_request("the form has no field \"file\"")),
+    };
+    let content_type = field.content_type().map(|m| m.to_string());
+    // The request's length bounds the file's: a large form goes multipart at once.
+    let size = s3
+        .put_object(
+            &key,
+            file_then_end(field, form),
+            content_type.as_deref(),
+            &[],
+            content_length(&headers),
+        )
+        .await?;
+    let info = s3.object_info(&key).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Written {
+            key,
+            size,
+            etag: info.etag,
+            content_type: info.content_type,
+        }),
+    ))
+}
+
+fn malformed(e: multer::Error) -> ApiError {
+    ApiError::bad_request(format!("malformed multipart body: {e}"))
+}
+
+fn unexpected_field(name: Option<&str>) -> ApiError {
+    ApiError::bad_request(format!(
+        "unexpected form field \"{}\": the form takes one field, \"file\"",
+        name.unwrap_or_default()
+    ))
+}
+
+/// The file's bytes, then the end of the form: a field after the file, or a form
+/// that does not end cleanly, fails the stream, so that nothing is stored.
+fn file_then_end(
+    field: multer::Field<'static>,
+    form: multer::Multipart<'static>,
+) -> impl futures_util::Stream<Item = Result<Bytes, String>> + Send {
+    futures_util::stream::unfold(Some((field, form)), |state| async move {
+        let (mut field, mut form) = state?;
+        match field.chunk().await {
+            Ok(Some(bytes)) => Some((Ok(bytes), Some((field, form)))),
+            Ok(None) => {
+                drop(field);
+                match form.next_field().await {
+                    Ok(None) => None,
+                    Ok(Some(other)) => Some((Err(unexpected_field(other.name()).message), None)),
+                    Err(e) => Some((Err(malformed(e).message), None)),
+                }
+            }
+            Err(e) => Some((Err(malformed(e).message), None)),
         }
-        let content_type = field.content_type().map(str::to_owned);
-        let body = field.map_err(|e| e.to_string());
-        // The request's length bounds the file's: a large form goes multipart at once.
-        let size = s3
-            .put_object(&key, body, content_type.as_deref(), &[], content_length(&headers))
-            .await?;
-        let info = s3.object_info(&key).await?;
-        return Ok((
-            StatusCode::CREATED,
-            Json(Written {
-                key,
-                size,
-                etag: info.etag,
-                content_type: info.content_type,
-            }),
-        ));
-    }
+    })
 }
 
 /// `PUT /s3/update?key=`: the raw body replaces an existing object.
 #[utoipa::path(put, path = "/s3/update", tag = "s3", params(KeyParam),
-    request_body(content = String, content_type = "application/octet-stream", description = "The new content"),
+    request_body(content = Option<String>, content_type = "application/octet-stream", description = "The new content (none: an empty object)"),
     responses(
         (status = 200, description = "Replaced", body = Written),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
@@ -425,7 +476,11 @@ async fn update(
 #[allow(dead_code)]
 struct PatchParams {
     /// The object's key
-    #[param(min_length = 1, max_length = 1024)]
+    #[param(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "[^\\t\\n\\x0b\\x0c\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+    )]
     key: String,
     /// Where the body's bytes go (at most the object's size: a patch may extend it)
     #[param(minimum = 0)]
@@ -436,13 +491,13 @@ struct PatchParams {
 /// An `If-Match` header makes it conditional on that ETag.
 #[utoipa::path(patch, path = "/s3/patch", tag = "s3", params(PatchParams,
         ("If-Match" = Option<String>, Header, description = "Apply only if the object's ETag is this one")),
-    request_body(content = String, content_type = "application/octet-stream", description = "The bytes written at offset"),
+    request_body(content = Option<String>, content_type = "application/octet-stream", description = "The bytes written at offset (none: the object is unchanged)"),
     responses(
         (status = 200, description = "Patched; the object as it is now", body = ObjectInfo),
         (status = 400, description = "The key or offset is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
-        (status = 409, description = "The object changed during the patch", body = ErrorBody),
+        (status = 409, description = "The object changed during the patch, or offset is past its end", body = ErrorBody),
         (status = 412, description = "The ETag is not the If-Match one", body = ErrorBody),
         (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
@@ -498,11 +553,13 @@ async fn lifecycle(State(state): State<AppState>) -> Result<Json<Rules>, ApiErro
 /// An expiration rule to add or replace.
 #[derive(Debug, serde::Deserialize, ToSchema)]
 struct RuleRequest {
-    /// Objects under this prefix expire (at most 1,024 bytes)
-    #[schema(max_length = 1024)]
+    /// Objects under this prefix expire (at most 1,024 bytes; no character that
+    /// XML 1.0 cannot carry, as the rule travels in XML)
+    #[schema(max_length = 1024, pattern = "^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\uFFFE\\uFFFF]*$")]
     prefix: String,
     /// After this many days
-    #[schema(minimum = 1)]
+    #[schema(value_type = i32, minimum = 1)]
+    #[serde(deserialize_with = "whole_days")]
     days: i32,
     id: Option<String>,
     enabled: Option<bool>,
@@ -534,6 +591,11 @@ async fn set_lifecycle(
     if request.prefix.len() > MAX_KEY_BYTES {
         return Err(ApiError::bad_request("prefix is over 1024 bytes"));
     }
+    if let Some(c) = request.prefix.chars().find(|&c| !xml_char(c)) {
+        return Err(ApiError::bad_request(format!(
+            "prefix holds {c:?}, which the lifecycle configuration (XML 1.0) cannot carry"
+        )));
+    }
     let rule = ExpirationRule {
         id: request.id.unwrap_or_else(|| {
             format!(
@@ -552,6 +614,25 @@ async fn set_lifecycle(
     Ok(Json(Rules {
         rules: store(&state)?.set_expiration(rule).await?,
     }))
+}
+
+/// Whether XML 1.0 can carry `c` (its `Char` production).
+fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// An integer of days, also written as an integral float (`7.0`), as JSON
+/// Schema's "integer" allows.
+fn whole_days<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_i64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 1e15)
+                .map(|f| f as i64)
+        })
+        .and_then(|v| i32::try_from(v).ok())
+        .ok_or_else(|| serde::de::Error::custom(format!("days must be a whole number of days, got {n}")))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -602,6 +683,14 @@ mod tests {
         assert_eq!(key("key=a+b"), Ok("a b".to_owned()));
         assert_eq!(key("key="), Err("key must not be empty".to_owned()));
         assert_eq!(key("prefix=x"), Err("key is required".to_owned()));
+        for blank in ["+", "%0A", "%C2%85", "%E3%80%80%09"] {
+            assert_eq!(
+                key(&format!("key={blank}")),
+                Err("key must not be white space alone".to_owned()),
+                "{blank}"
+            );
+        }
+        assert_eq!(key("key=+a"), Ok(" a".to_owned()));
         assert_eq!(key("key=%FF%FE"), Err("key is not valid UTF-8".to_owned()));
         let long = format!("key={}", "k".repeat(1025));
         assert_eq!(key(&long), Err("key is 1025 bytes, over the limit of 1024".to_owned()));

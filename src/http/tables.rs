@@ -16,7 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
-use super::AppState;
+use super::{validate, AppState};
 use crate::catalogue::{self, value, Row, Table};
 use crate::store::{Batch, ReadQuery};
 
@@ -120,6 +120,7 @@ fn read_query(table: Table, params: HashMap<String, String>) -> Result<ReadQuery
                     })?;
                 let value = value::decode(column.ty, &Json_::String(raw.clone()))
                     .map_err(|p| ApiError::bad_request(format!("filter \"{name}\": {p}")))?;
+                validate::check_filter(column, &raw).map_err(ApiError::bad_request)?;
                 query.filters.push((column, value));
             }
         }
@@ -189,13 +190,19 @@ async fn insert(
     }))
 }
 
-/// Decodes every record or fails on the first invalid one, naming its index.
+/// Decodes every record or fails on the first invalid one, naming its index. A
+/// record the decoder reads must also match the table's published schema.
 fn decode_all(table: Table, data: Vec<Json_>, max_bytes: usize) -> Result<Vec<Row>, ApiError> {
     data.into_iter()
         .enumerate()
         .map(|(i, record)| {
-            let decoded = catalogue::decode_json(table, record)
-                .map_err(|e| ApiError::unprocessable(format!("data[{i}]: {e}")))?;
+            let invalid = |e: String| ApiError::unprocessable(format!("data[{i}]: {e}"));
+            let decoded = match &record {
+                Json_::Object(map) => catalogue::decode_record(table, map),
+                other => Err(catalogue::RecordError::NotAnObject(value::describe(other))),
+            }
+            .map_err(|e| invalid(e.to_string()))?;
+            validate::check_record(table, &record).map_err(invalid)?;
             let size = decoded.row.approx_bytes();
             if size > max_bytes {
                 return Err(ApiError::unprocessable(format!(

@@ -22,6 +22,9 @@ pub enum S3Error {
     PreconditionFailed { key: String },
     #[error("{detail}")]
     BadRequest { detail: String },
+    /// A patch offset past the object's current end.
+    #[error("offset {offset} is past the end of \"{key}\" ({size} bytes)")]
+    PastTheEnd { key: String, offset: u64, size: u64 },
     #[error("object store error {code}: {detail}")]
     Other { code: String, detail: String },
 }

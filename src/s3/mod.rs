@@ -208,6 +208,9 @@ impl S3 {
             .bucket(&self.bucket)
             .prefix(prefix)
             .set_delimiter(delimiter.map(str::to_owned))
+            // Keys may hold characters XML 1.0 cannot carry (control characters):
+            // the store sends them percent-encoded.
+            .encoding_type(aws_sdk_s3::types::EncodingType::Url)
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
@@ -215,7 +218,7 @@ impl S3 {
             for object in page.contents() {
                 let Some(key) = object.key() else { continue };
                 listing.objects.push(ObjectSummary {
-                    key: key.to_owned(),
+                    key: url_decoded(key),
                     size: object.size().unwrap_or(0).max(0) as u64,
                     last_modified: object.last_modified().and_then(to_chrono),
                     etag: object.e_tag().map(str::to_owned),
@@ -224,7 +227,7 @@ impl S3 {
             listing.folders.extend(
                 page.common_prefixes()
                     .iter()
-                    .filter_map(|p| p.prefix().map(str::to_owned)),
+                    .filter_map(|p| p.prefix().map(url_decoded)),
             );
         }
         listing
@@ -511,8 +514,10 @@ impl S3 {
             }
         }
         if offset > info.size {
-            return Err(S3Error::BadRequest {
-                detail: format!("offset {offset} is past the end of \"{key}\" ({} bytes)", info.size),
+            return Err(S3Error::PastTheEnd {
+                key: key.to_owned(),
+                offset,
+                size: info.size,
             });
         }
         let metadata: Vec<(&str, String)> = info.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
@@ -852,6 +857,14 @@ fn byte_stream(body: ByteStream) -> impl Stream<Item = Result<Bytes, std::io::Er
             Err(e) => Some((Err(std::io::Error::other(e)), None)),
         }
     })
+}
+
+/// A key as `encoding-type=url` lists it: percent-encoded, a space as `+` (AWS) or
+/// `%20` (others); a literal `+` always comes as `%2B`.
+fn url_decoded(encoded: &str) -> String {
+    percent_encoding::percent_decode_str(&encoded.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
