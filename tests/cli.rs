@@ -241,6 +241,24 @@ fn json_logs_are_one_object_per_line() {
     );
 }
 
+/// `demo --bind` follows the rule of HTTP_BIND: other hosts only with a token.
+#[test]
+fn demo_refuses_to_serve_other_hosts_without_a_token() {
+    let dir = tempfile::tempdir().expect("dir");
+    let output = run_to_end(
+        dir.path(),
+        &["demo", "--rows", "10", "--bind", "0.0.0.0:0", "--exit-after-summary"],
+        &[("LOG_LEVEL", "warn")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("0.0.0.0:0 is reachable from other hosts; set HTTP_API_TOKEN"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("ran end to end"));
+}
+
 #[test]
 fn demo_runs_sample_data_through_the_pipeline_and_prints_a_summary() {
     let dir = tempfile::tempdir().expect("dir");

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{config_for, dwh, events, locations, Api, Db};
+use common::{config_for, dwh, events, locations, pg_admin_url, status_and_json, Api, Db};
 use serde_json::{json, Value};
 
 async fn api(db: Db, extra: &[(&str, &str)]) -> (Api, Option<tempfile::TempDir>) {
@@ -236,12 +236,28 @@ async fn health_reports_the_database() {
     let down = dwh_helper::store::Dwh::connect(&config.dwh).expect("lazy pool");
     let api = Api::start(down, &config).await;
     assert_eq!(api.get("/health/live").await.0, 200);
+    // Anyone may ask: the reason is short, with nothing of the database's own
+    // error (user, host, the server's message).
     let (status, body) = api.get("/health/ready").await;
-    assert_eq!(status, 503, "{body}");
-    let reason = body["error"].as_str().expect("reason");
-    assert!(reason.starts_with("database unreachable"), "{reason}");
-    assert!(!reason.contains("pw-not-shown"));
+    assert_eq!((status, body), (503, json!({"error": "database unavailable"})));
     let (status, body) = api.post("/dwh/events_part", &json!({ "data": events(1, 0) })).await;
+    assert_eq!(
+        (status, body),
+        (503, json!({"error": "database unavailable, try again later"}))
+    );
+    // A server that answers and refuses (here: no such database) says no more,
+    // and a write there is the database's trouble too: 503, never a 500.
+    let mut refusing = url::Url::parse(&pg_admin_url()).expect("URL");
+    refusing.set_path("/no_such_database_here");
+    let config = config_for(refusing.as_str(), &[]);
+    let refused = Api::start(
+        dwh_helper::store::Dwh::connect(&config.dwh).expect("lazy pool"),
+        &config,
+    )
+    .await;
+    let (status, body) = refused.get("/health/ready").await;
+    assert_eq!((status, body), (503, json!({"error": "database unavailable"})));
+    let (status, body) = refused.post("/dwh/events_part", &json!({ "data": events(1, 0) })).await;
     assert_eq!(
         (status, body),
         (503, json!({"error": "database unavailable, try again later"}))
@@ -302,4 +318,124 @@ async fn a_record_over_the_statement_byte_limit_is_a_422() {
         error.starts_with("data[2]: record is ") && error.ends_with("bytes, over the limit of 4096 bytes"),
         "{error}"
     );
+}
+
+/// A natural-key value too long for PostgreSQL's unique index (entries of at most
+/// 2,704 bytes) is the record's fault: a 422 naming the field and the limit on
+/// both backends, never a 500; nothing of the request is written.
+#[tokio::test]
+async fn a_key_value_over_the_limit_is_a_422_naming_the_field_on_both_backends() {
+    for db in [Db::Postgres, Db::Sqlite] {
+        let (api, _guard) = api(db, &[]).await;
+        let mut data = events(3, 0);
+        data[1]["event_hash"] = json!("h".repeat(3_000));
+        let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+        assert_eq!(status, 422, "{db:?}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("data[1]: field \"event_hash\""), "{error}");
+        assert!(
+            error.contains("3000 bytes, over the 1024-byte limit of a key column"),
+            "{error}"
+        );
+        // Within the topics' byte limit but over the API's 256 characters.
+        data[1]["event_hash"] = json!("h".repeat(300));
+        let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+        assert_eq!(status, 422, "{db:?}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("at most 256 characters"),
+            "{body}"
+        );
+        assert_eq!(api.get("/dwh/events_part").await.1["count"], 0, "{db:?}");
+        // The longest key value the API takes is stored.
+        data[1]["event_hash"] = json!("ж".repeat(256));
+        let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+        assert_eq!((status, body["count"].clone()), (200, json!(3)), "{db:?}: {body}");
+    }
+}
+
+/// Tokens: the configured one is trimmed (a secret file's newline), the scheme is
+/// read in any case, and an unknown method on a protected route is 401 before 405.
+#[tokio::test]
+async fn tokens_are_read_as_people_write_them() {
+    let (api, _guard) = api(Db::Sqlite, &[("HTTP_API_TOKEN", "padded-token-0123456789abcdef0123\n")]).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let response = api
+            .client
+            .get(api.url("/dwh/events_part"))
+            .header("authorization", format!("{scheme} padded-token-0123456789abcdef0123"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "{scheme}");
+    }
+    let response = api
+        .client
+        .put(api.url("/dwh/events_part"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 401, "no token: 401 before 405");
+    let response = api
+        .client
+        .put(api.url("/dwh/events_part"))
+        .bearer_auth("padded-token-0123456789abcdef0123")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 405, "with the token: 405");
+    // The open routes stay open to any method's 405.
+    let response = api.client.put(api.url("/health/live")).send().await.expect("request");
+    assert_eq!(response.status(), 405);
+}
+
+/// Without a token the API is for this machine: a loopback Host only (a rebound DNS
+/// name is refused), and no cross-origin call (a web page's form post).
+#[tokio::test]
+async fn without_a_token_only_this_machine_and_its_own_pages_are_served() {
+    let (api, _guard) = api(Db::Sqlite, &[]).await;
+    let port = api.base.rsplit(':').next().expect("port").to_owned();
+    // Each request posts an event of its own.
+    let request = |seed: u64, host: String, origin: Option<&str>| {
+        let mut request = api
+            .client
+            .post(api.url("/dwh/events_part"))
+            .header("host", host)
+            .json(&json!({ "data": events(1, seed) }));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let own = format!("http://127.0.0.1:{port}");
+    let response = request(1, format!("127.0.0.1:{port}"), Some(&own))
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200, "the API's own page");
+    let response = request(2, format!("localhost:{port}"), None).await.expect("request");
+    assert_eq!(response.status(), 200, "no Origin: curl");
+
+    let response = request(3, format!("127.0.0.1:{port}"), Some("http://evil.example"))
+        .await
+        .expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("http://evil.example"),
+        "{body}"
+    );
+    let response = request(4, format!("evil.example:{port}"), None).await.expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("evil.example"),
+        "{body}"
+    );
+    // The two served requests wrote their events; the refused ones nothing.
+    assert_eq!(api.get("/dwh/events_part").await.1["count"], 2);
 }

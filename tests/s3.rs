@@ -603,6 +603,13 @@ async fn update_replaces_an_object_and_download_sends_its_headers() {
     let headers = response.headers().clone();
     assert_eq!(headers["content-type"], "text/csv");
     assert_eq!(headers["content-length"], "16");
+    // A download, never a page: no browser renders or sniffs it in the API's origin.
+    assert_eq!(
+        headers["content-disposition"],
+        "attachment; filename=\"people.csv\"; filename*=UTF-8''people.csv"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["content-security-policy"], "sandbox");
     assert_eq!(
         headers["etag"].to_str().ok(),
         s3.object_info("exports/people.csv")
@@ -617,4 +624,260 @@ async fn update_replaces_an_object_and_download_sends_its_headers() {
         (status, info["size"].as_u64(), info["content_type"].as_str()),
         (200, Some(16), Some("text/csv"))
     );
+
+    // curl --data-binary says form-urlencoded for any file: stored as bytes.
+    let response = api
+        .client
+        .put(api.url("/s3/update?key=exports/people.csv"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("<html><script>alert(1)</script>")
+        .send()
+        .await
+        .expect("update");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(
+        (status, body["content_type"].as_str()),
+        (200, Some("application/octet-stream")),
+        "{body}"
+    );
+    // A hostile key still gets a valid header, and the download still answers.
+    let hostile = "exports/x\u{1}\".html";
+    put_bytes(&s3, hostile, b"<html>".to_vec()).await;
+    let response = api
+        .client
+        .get(api.url("/s3/download?key=exports/x%01%22.html"))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-disposition"],
+        "attachment; filename=\"x__.html\"; filename*=UTF-8''x%01%22.html"
+    );
+}
+
+/// A forged Content-Length never sizes a buffer: 413 at once, nothing stored, and
+/// the process (ingest and archive with it) serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_content_length_is_a_413_and_the_process_serves_on() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (s3, config) = s3_bucket(&[]).await;
+    put_bytes(&s3, "data/file.csv", b"a,b\n".to_vec()).await;
+    let (api, _dir) = api_for(&config).await;
+    let address = api.base.trim_start_matches("http://").to_owned();
+    for (method, path) in [("PUT", "/s3/update"), ("POST", "/s3/upload")] {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connect");
+        let request = format!(
+            "{method} {path}?key=data/file.csv HTTP/1.1\r\nHost: {address}\r\n\
+             Content-Type: multipart/form-data; boundary=X\r\nContent-Length: 4611686018427387904\r\n\
+             Connection: close\r\n\r\nabc"
+        );
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+            .await
+            .expect("an answer")
+            .expect("read");
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 413"), "{method} {path}: {text}");
+        assert!(text.contains("over the upload limit"), "{text}");
+    }
+    assert_eq!(read_all(&s3, "data/file.csv").await, b"a,b\n");
+    assert_eq!(api.get("/health/live").await.0, 200);
+}
+
+/// A form that never reaches its file (no blank line after `--X`, gigabytes of
+/// it) is cut off at 64 KiB: 413, and the server stops reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_that_never_reaches_its_file_is_cut_off() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (s3, config) = s3_bucket(&[]).await;
+    let (api, _dir) = api_for(&config).await;
+    let address = api.base.trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&address).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    const OFFERED: u64 = 1 << 30;
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /s3/upload?key=data/endless HTTP/1.1\r\nHost: {address}\r\n\
+             Content-Type: multipart/form-data; boundary=X\r\nContent-Length: {OFFERED}\r\n\r\n--X\r\n"
+        );
+        let mut written = 0u64;
+        if write.write_all(head.as_bytes()).await.is_err() {
+            return written;
+        }
+        let junk = vec![b'a'; 64 * 1024];
+        while written < OFFERED {
+            if write.write_all(&junk).await.is_err() {
+                break;
+            }
+            written += junk.len() as u64;
+        }
+        written
+    });
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // The answer comes while the client is still sending.
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&buffer[..n]),
+            }
+            if response.windows(4).any(|w| w == b"\r\n\r\n") && response.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "no answer within 60 s");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("before its file field"), "{text}");
+    drop(read);
+    let written = tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("the server stops reading")
+        .expect("writer");
+    assert!(written < OFFERED / 8, "the server read on: {written} bytes sent");
+    assert_eq!(
+        s3.object_info("data/endless").await.map(|_| ()),
+        Err(S3Error::NotFound {
+            key: "data/endless".into()
+        })
+    );
+}
+
+/// The bucket's own lifecycle rules (abort incomplete uploads, expire by size, by
+/// tag) come back exactly as they were after the API adds and removes its rules;
+/// no rule, write or delete reaches the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_changes_only_its_own_lifecycle_rules_and_never_the_archive() {
+    use aws_sdk_s3::types::{
+        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus, LifecycleExpiration,
+        LifecycleRule, LifecycleRuleFilter, Tag,
+    };
+    let (s3, config) = s3_bucket(&[]).await;
+    let bucket = config.s3.bucket_name.clone();
+    let expire = |days| LifecycleExpiration::builder().days(days).build();
+    let owners = vec![
+        LifecycleRule::builder()
+            .id("ops-abort-mpu")
+            .filter(LifecycleRuleFilter::builder().prefix("").build())
+            .status(ExpirationStatus::Enabled)
+            .abort_incomplete_multipart_upload(
+                AbortIncompleteMultipartUpload::builder()
+                    .days_after_initiation(2)
+                    .build(),
+            )
+            .build()
+            .expect("rule"),
+        LifecycleRule::builder()
+            .id("ops-big")
+            .filter(LifecycleRuleFilter::builder().object_size_greater_than(1 << 30).build())
+            .status(ExpirationStatus::Enabled)
+            .expiration(expire(30))
+            .build()
+            .expect("rule"),
+        LifecycleRule::builder()
+            .id("ops-tagged")
+            .filter(
+                LifecycleRuleFilter::builder()
+                    .tag(Tag::builder().key("scratch").value("yes").build().expect("tag"))
+                    .build(),
+            )
+            .status(ExpirationStatus::Enabled)
+            .expiration(expire(1))
+            .build()
+            .expect("rule"),
+    ];
+    s3.sdk()
+        .put_bucket_lifecycle_configuration()
+        .bucket(&bucket)
+        .lifecycle_configuration(
+            BucketLifecycleConfiguration::builder()
+                .set_rules(Some(owners))
+                .build()
+                .expect("configuration"),
+        )
+        .send()
+        .await
+        .expect("the owner's rules are set");
+    let rules = || async {
+        s3.sdk()
+            .get_bucket_lifecycle_configuration()
+            .bucket(&bucket)
+            .send()
+            .await
+            .expect("rules read")
+            .rules()
+            .to_vec()
+    };
+    let before = rules().await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    let (api, _dir) = api_for(&config).await;
+    let put = |body: serde_json::Value| {
+        let request = api.client.put(api.url("/s3/lifecycle")).json(&body);
+        async move { status_and_json(request.send().await.expect("request")).await }
+    };
+
+    let (status, body) = put(serde_json::json!({ "prefix": "tmp/", "days": 7 })).await;
+    assert_eq!(status, 200, "{body}");
+    let after = rules().await;
+    let (own, others): (Vec<_>, Vec<_>) = after
+        .iter()
+        .cloned()
+        .partition(|r| r.id().is_some_and(|id| id.starts_with("dwh-helper-")));
+    assert_eq!(others, before, "the owner's rules are kept as they were");
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].expiration().and_then(|e| e.days()), Some(7));
+    let listed = &body["rules"];
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{body}");
+    assert_eq!(listed[0]["prefix"], "tmp/");
+    assert_eq!(listed[0]["managed"], true);
+
+    // Removing the API's rule leaves the owner's rules alone.
+    let response = api
+        .client
+        .delete(api.url("/s3/lifecycle?prefix=tmp/"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(rules().await, before);
+
+    // The archive: no rule over it, not even the whole bucket; no write or delete.
+    for prefix in ["", "archive/", "arch", "archive/events_part/"] {
+        let (status, body) = put(serde_json::json!({ "prefix": prefix, "days": 1 })).await;
+        assert_eq!(status, 403, "{prefix:?}: {body}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("archive"), "{body}");
+    }
+    assert_eq!(rules().await, before);
+    let planted = "archive/events_part/dt=2024-03-01/forged.jsonl.gz";
+    put_bytes(&s3, planted, b"the archive's own".to_vec()).await;
+    let form = reqwest::multipart::Form::new().text("file", "forged records");
+    let attempts = [
+        api.client
+            .post(api.url(&format!("/s3/upload?key={planted}")))
+            .multipart(form),
+        api.client
+            .put(api.url(&format!("/s3/update?key={planted}")))
+            .body("forged"),
+        api.client
+            .patch(api.url(&format!("/s3/patch?key={planted}&offset=0")))
+            .body("forged"),
+        api.client.delete(api.url(&format!("/s3/delete?key={planted}"))),
+    ];
+    for attempt in attempts {
+        let (status, body) = status_and_json(attempt.send().await.expect("request")).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains("S3_ARCHIVE_PREFIX"),
+            "{body}"
+        );
+    }
+    assert_eq!(read_all(&s3, planted).await, b"the archive's own");
+    // Reading the archive stays allowed.
+    let (status, _) = api.get(&format!("/s3/object-info?key={planted}")).await;
+    assert_eq!(status, 200);
 }

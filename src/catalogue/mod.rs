@@ -225,6 +225,15 @@ fn decode_field(table: Table, column: &'static Column, raw: &Json) -> Result<Val
     }
     let value = value::decode(column.ty, raw).map_err(field_error)?;
     check(column, &value, raw).map_err(field_error)?;
+    if let Value::Text(text) = &value {
+        if text.len() > MAX_KEY_TEXT_BYTES && table.spec().key.contains(&column.name) {
+            return Err(field_error(FieldProblem::Invalid(format!(
+                "{} is {} bytes, over the {MAX_KEY_TEXT_BYTES}-byte limit of a key column",
+                value::describe(raw),
+                text.len()
+            ))));
+        }
+    }
     Ok(value)
 }
 
@@ -271,6 +280,10 @@ pub fn derived_columns(table: Table) -> &'static [&'static str] {
         _ => &[],
     }
 }
+
+/// The longest text a natural-key column takes, in bytes: a table's key (at most
+/// two text columns) stays within PostgreSQL's B-tree entry limit (2,704 bytes).
+pub const MAX_KEY_TEXT_BYTES: usize = 1024;
 
 /// The field a derived column is computed from when the record leaves it out, for
 /// the columns that have one (`event_hash` and `dup_seq` need none).

@@ -46,6 +46,7 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
     let db_path = args.db.clone().unwrap_or_else(|| dir.path().join("dwh-demo.db"));
     let config = demo_config(&base, broker.bootstrap_servers(), &db_path)?;
     let bind = args.bind.unwrap_or(base.http.bind);
+    crate::config::check_exposure(bind, base.http.api_token.as_ref()).context("--bind")?;
     let listener = TcpListener::bind(bind)
         .await
         .with_context(|| format!("cannot listen on {bind} (choose another address with --bind)"))?;

@@ -139,6 +139,8 @@ pub struct S3Config {
     pub bucket_name: String,
     /// Bodies larger than this go up as multipart uploads.
     pub multipart_threshold: usize,
+    /// The largest object `POST /s3/upload` and `PUT /s3/update` take (413 above).
+    pub max_upload_bytes: u64,
     /// Archive objects live under `{archive_prefix}/{table}/dt=…/`.
     pub archive_prefix: String,
     /// An archive object closes at this many bytes of records (before gzip)…
@@ -241,6 +243,7 @@ struct RawS3 {
     endpoint_url: Option<String>,
     bucket_name: Option<String>,
     multipart_threshold: Option<String>,
+    max_upload_bytes: Option<String>,
     archive_prefix: Option<String>,
     archive_max_bytes: Option<String>,
     archive_interval_seconds: Option<String>,
@@ -491,10 +494,25 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
         endpoint_url,
         bucket_name,
         multipart_threshold: size("S3_MULTIPART_THRESHOLD", raw.multipart_threshold, 16 * MIB, 5 * MIB)?,
+        max_upload_bytes: max_upload(raw.max_upload_bytes)?,
         archive_prefix: archive_prefix(raw.archive_prefix)?,
         archive_max_bytes: size("S3_ARCHIVE_MAX_BYTES", raw.archive_max_bytes, 64 * MIB, 1024)?,
         archive_interval: seconds("S3_ARCHIVE_INTERVAL_SECONDS", raw.archive_interval_seconds, 60)?,
     })
+}
+
+/// S3's own largest object.
+pub const S3_MAX_OBJECT_BYTES: u64 = 5 << 40;
+
+fn max_upload(raw: Option<String>) -> Result<u64, ConfigError> {
+    let bytes = size("S3_MAX_UPLOAD_BYTES", raw, 5 << 30, 1)? as u64;
+    if bytes > S3_MAX_OBJECT_BYTES {
+        return Err(ConfigError::new(
+            "S3_MAX_UPLOAD_BYTES",
+            format!("{bytes} is over S3's largest object, 5 TiB"),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn archive_prefix(raw: Option<String>) -> Result<String, ConfigError> {
@@ -615,18 +633,31 @@ fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
             format!("expected an address like 127.0.0.1:8000, got \"{bind_text}\""),
         )
     })?;
-    let api_token = raw.api_token.map(Secret::new);
-    if !bind.ip().is_loopback() && api_token.is_none() {
-        return Err(ConfigError::new(
-            "HTTP_BIND",
-            format!("{bind} is reachable from other hosts; set HTTP_API_TOKEN to serve it, or bind 127.0.0.1"),
-        ));
-    }
+    // A secret file's trailing newline is not part of the token; empty is unset
+    // (never a token that "Bearer " would match).
+    let api_token = raw
+        .api_token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| Secret::new(t.to_owned()));
+    check_exposure(bind, api_token.as_ref())?;
     Ok(HttpConfig {
         bind,
         api_token,
         max_body_bytes: size("HTTP_MAX_BODY_BYTES", raw.max_body_bytes, 64 * MIB, 1024)?,
     })
+}
+
+/// An address other hosts can reach needs a token.
+pub fn check_exposure(bind: SocketAddr, token: Option<&Secret>) -> Result<(), ConfigError> {
+    if !bind.ip().is_loopback() && token.is_none() {
+        return Err(ConfigError::new(
+            "HTTP_BIND",
+            format!("{bind} is reachable from other hosts; set HTTP_API_TOKEN to serve it, or bind 127.0.0.1"),
+        ));
+    }
+    Ok(())
 }
 
 fn metrics(raw: RawMetrics) -> Result<MetricsConfig, ConfigError> {
@@ -668,6 +699,7 @@ fn size(variable: &str, raw: Option<String>, default: usize, min: usize) -> Resu
         "k" | "kib" => 1 << 10,
         "m" | "mib" => 1 << 20,
         "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,

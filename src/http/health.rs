@@ -30,16 +30,19 @@ async fn live() -> Json<Health> {
 }
 
 /// The DWH answers, and this instance's writes are not failing (no token needed).
+/// The reason is short, as anyone may read it: the cause is logged, and in
+/// `/status` behind the token.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready, and why", body = ErrorBody),
+        (status = 503, description = "Not ready: \"database unavailable\" or \"DWH writes failing\"", body = ErrorBody),
     ))]
 async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if let Some(failing) = state.ingest.as_ref().and_then(|s| s.failing()) {
+        tracing::debug!(cause = %failing, "not ready: DWH writes failing");
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("DWH writes failing: {failing}"),
+            "DWH writes failing (the cause is in the log and in /status)",
         ));
     }
     let ping = state.dwh.ping(state.ready_timeout).await;
@@ -49,6 +52,9 @@ async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> 
         .set(i64::from(ping.is_ok()));
     match ping {
         Ok(()) => Ok(Json(Health { status: "ok" })),
-        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready: database unavailable");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable"))
+        }
     }
 }

@@ -59,6 +59,15 @@ impl AppState {
 
 /// The whole API, and its OpenAPI document.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    if let Some(token) = &state.api_token {
+        let length = token.expose().chars().count();
+        if length < 32 {
+            tracing::warn!(
+                length,
+                "HTTP_API_TOKEN is short: use 32 characters or more (for example `openssl rand -hex 32`)"
+            );
+        }
+    }
     let protected = OpenApiRouter::new()
         .merge(tables::router())
         .merge(s3::router())
@@ -68,7 +77,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(health::router())
         .merge(protected)
         .split_for_parts();
-    Router::new()
+    let open = state.api_token.is_none();
+    let router = Router::new()
         .merge(routes)
         .merge(openapi::router(openapi::finish(api)))
         .fallback(error::not_found)
@@ -82,8 +92,12 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
                 // A 5xx is the handler's to log (with its cause), not an error
                 // line of its own: a documented 503 is not a fault.
                 .on_failure(()),
-        )
-        .with_state(state)
+        );
+    let router = match open {
+        true => router.layer(axum::middleware::from_fn(auth::loopback_only)),
+        false => router,
+    };
+    router.with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then finishes the

@@ -123,7 +123,17 @@ pub fn record_schema(table: Table) -> Value {
         if needed {
             required.push(json!(column.name));
         }
-        properties.insert(column.name.to_owned(), field_schema(column, needed));
+        let mut field = field_schema(column, needed);
+        // Four bytes per character at most: within the key limit in any script.
+        if column.ty == ColumnType::Text && spec.key.contains(&column.name) {
+            field["maxLength"] = json!(catalogue::MAX_KEY_TEXT_BYTES / 4);
+            field["description"] = json!(format!(
+                "{} (a key column: at most {} characters)",
+                field["description"].as_str().unwrap_or_default(),
+                catalogue::MAX_KEY_TEXT_BYTES / 4
+            ));
+        }
+        properties.insert(column.name.to_owned(), field);
         if let Some(source) = catalogue::derivation_source(table, column.name) {
             derivations.push(derivation(
                 column.name,

@@ -11,15 +11,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use futures_util::TryStreamExt as _;
+use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
 use utoipa_axum::routes;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
-use crate::s3::{ExpirationRule, ObjectInfo, S3Error, S3};
+use crate::s3::{ExpirationRule, ObjectInfo, S3Error, MANAGED_RULE_PREFIX, S3};
 
 /// S3's key limit, in bytes.
 const MAX_KEY_BYTES: usize = 1024;
@@ -105,10 +107,18 @@ impl From<S3Error> for ApiError {
             S3Error::Unreachable { .. } | S3Error::BucketMissing { .. } => StatusCode::SERVICE_UNAVAILABLE,
             S3Error::AccessDenied { .. } | S3Error::Other { .. } => StatusCode::BAD_GATEWAY,
         };
+        // The store's own error (the SDK's chain, hosts, request ids) is logged;
+        // the client gets what it can act on.
+        let message = match &e {
+            S3Error::Unreachable { .. } => "object store unreachable, try again later".to_owned(),
+            S3Error::AccessDenied { .. } => "the object store denied access".to_owned(),
+            S3Error::Other { code, .. } => format!("the object store refused the request ({code})"),
+            _ => e.to_string(),
+        };
         if status.is_server_error() {
             tracing::warn!(error = %e, "object store request failed");
         }
-        ApiError::new(status, e.to_string())
+        ApiError::new(status, message)
     }
 }
 
@@ -318,7 +328,6 @@ async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
     let key = Params::parse(query).key()?;
     let download = store(&state)?.get_object(&key).await?;
     let info = download.info;
-    let file_name = key.rsplit('/').next().unwrap_or("download").replace('"', "");
     let mut response = Body::from_stream(download.body).into_response();
     let headers = response.headers_mut();
     let content_type = info.content_type.as_deref().unwrap_or("application/octet-stream");
@@ -329,10 +338,48 @@ async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> R
     if let Some(etag) = info.etag.as_deref().and_then(|e| e.parse().ok()) {
         headers.insert(header::ETAG, etag);
     }
-    if let Ok(value) = format!("attachment; filename=\"{file_name}\"").parse() {
-        headers.insert(header::CONTENT_DISPOSITION, value);
-    }
+    // Always a download, never a page a browser renders in the API's origin.
+    headers.insert(header::CONTENT_DISPOSITION, attachment(&key));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static("sandbox"),
+    );
     Ok(response)
+}
+
+/// `attachment` with the key's last segment as the file name (RFC 6266): an ASCII
+/// `filename` for old clients and the exact UTF-8 name in `filename*`, valid
+/// header text whatever the key holds.
+fn attachment(key: &str) -> header::HeaderValue {
+    /// RFC 5987 `attr-char`s stay; everything else is percent-encoded.
+    const NOT_ATTR_CHAR: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'!')
+        .remove(b'#')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'+')
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'^')
+        .remove(b'_')
+        .remove(b'`')
+        .remove(b'|')
+        .remove(b'~');
+    let name = key.rsplit('/').find(|s| !s.is_empty()).unwrap_or("download");
+    let ascii: String = name
+        .chars()
+        .map(|c| match c {
+            ' '..='~' if c != '"' && c != '\\' && c != '%' => c,
+            _ => '_',
+        })
+        .collect();
+    let exact = percent_encoding::utf8_percent_encode(name, NOT_ATTR_CHAR);
+    header::HeaderValue::from_str(&format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{exact}"))
+        .unwrap_or_else(|_| header::HeaderValue::from_static("attachment"))
 }
 
 /// The upload form: one field, `file`.
@@ -350,8 +397,10 @@ struct UploadForm {
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, description = "Stored (a file of any size streams to the store)", body = Written),
+        (status = 413, description = "The file is over S3_MAX_UPLOAD_BYTES, or the form holds over 64 KiB before it; nothing is stored", body = ErrorBody),
         (status = 400, description = "The key is invalid, or the form is not one field \"file\"; nothing is stored", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
     ),
@@ -362,40 +411,163 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Written>), ApiError> {
-    let key = Params::parse(query).key()?;
+    let key = writable_key(&state, &Params::parse(query))?;
     let s3 = store(&state)?;
+    // The form may add up to FORM_PREAMBLE_BYTES of its own to the file.
+    let meter = Meter::new(
+        state.config.s3.max_upload_bytes + FORM_PREAMBLE_BYTES,
+        Some(FORM_PREAMBLE_BYTES),
+    );
+    meter.refuse_announced(&headers)?;
     let boundary = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| multer::parse_boundary(v).ok())
         .ok_or_else(|| ApiError::bad_request("expected multipart/form-data with a boundary"))?;
-    let mut form = multer::Multipart::new(body.into_data_stream(), boundary);
-    let field = match form.next_field().await.map_err(malformed)? {
+    let mut form = multer::Multipart::new(meter.body(body), boundary);
+    let field = match form.next_field().await.map_err(|e| meter.verdict(malformed(e)))? {
         Some(field) if field.name() == Some("file") => field,
         Some(other) => return Err(unexpected_field(other.name())),
         None => return Err(ApiError::bad_request("the form has no field \"file\"")),
     };
+    meter.file_started.store(true, Ordering::Relaxed);
     let content_type = field.content_type().map(|m| m.to_string());
-    // The request's length bounds the file's: a large form goes multipart at once.
-    let size = s3
-        .put_object(
-            &key,
-            file_then_end(field, form),
-            content_type.as_deref(),
-            &[],
-            content_length(&headers),
-        )
-        .await?;
-    let info = s3.object_info(&key).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Written {
+    let written = store_body(s3, key, file_then_end(field, form), content_type, &headers, &meter).await?;
+    Ok((StatusCode::CREATED, Json(written)))
+}
+
+/// Streams `body` to `key`, then checks that the store holds what was written.
+async fn store_body<S, E>(
+    s3: &S3,
+    key: String,
+    body: S,
+    content_type: Option<String>,
+    headers: &HeaderMap,
+    meter: &Meter,
+) -> Result<Written, ApiError>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Send,
+    E: std::fmt::Display,
+{
+    // The request's length bounds the body's: a large one goes multipart at once.
+    let stored = s3
+        .put_object(&key, body, content_type.as_deref(), &[], content_length(headers))
+        .await
+        .map_err(|e| meter.verdict(e.into()))?;
+    let info = stored_as_sent(s3, &key, &stored).await?;
+    Ok(Written {
+        key,
+        size: stored.size,
+        etag: info.etag,
+        content_type: info.content_type,
+    })
+}
+
+/// The object as the store now holds it, checked against what the write stored:
+/// the same size and ETag, or 502 (another writer got in between, or the store
+/// lost the write), so that a 2xx always means these bytes are there.
+async fn stored_as_sent(s3: &S3, key: &str, stored: &crate::s3::Stored) -> Result<ObjectInfo, ApiError> {
+    let info = s3.object_info(key).await?;
+    let bare = |etag: &str| etag.trim_start_matches("W/").trim_matches('"').to_owned();
+    let etag_differs = matches!((&stored.etag, &info.etag), (Some(sent), Some(now)) if bare(sent) != bare(now));
+    if info.size != stored.size || etag_differs {
+        tracing::warn!(
             key,
-            size,
-            etag: info.etag,
-            content_type: info.content_type,
-        }),
-    ))
+            sent = stored.size,
+            stored = info.size,
+            sent_etag = ?stored.etag,
+            stored_etag = ?info.etag,
+            "the object store holds other bytes than were just written"
+        );
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "the object store holds {} bytes at \"{key}\" after {} were written (or another ETag): \
+                 another writer, or a lost write; check the object",
+                info.size, stored.size
+            ),
+        ));
+    }
+    Ok(info)
+}
+
+/// What may come before the form's `file` field: its own headers and nothing more.
+const FORM_PREAMBLE_BYTES: u64 = 64 * 1024;
+
+/// Counts an upload's bytes as they arrive. The body fails past `limit`, and, for
+/// a form, past `preamble` bytes before its file starts; memory then holds at
+/// most that plus one chunk, whatever the client sends or announces.
+#[derive(Debug)]
+struct Meter {
+    limit: u64,
+    preamble: Option<u64>,
+    total: AtomicU64,
+    file_started: AtomicBool,
+    over: OnceLock<String>,
+}
+
+impl Meter {
+    fn new(limit: u64, preamble: Option<u64>) -> Arc<Meter> {
+        Arc::new(Meter {
+            limit,
+            preamble,
+            total: AtomicU64::new(0),
+            file_started: AtomicBool::new(preamble.is_none()),
+            over: OnceLock::new(),
+        })
+    }
+
+    /// 413 at once for a body announced over the limit: never read, never sized from.
+    fn refuse_announced(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match content_length(headers) {
+            Some(announced) if announced > self.limit => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body is {announced} bytes, over the upload limit of {} (S3_MAX_UPLOAD_BYTES); nothing was stored",
+                    self.limit
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn body(
+        self: &Arc<Self>,
+        body: Body,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+        let meter = Arc::clone(self);
+        body.into_data_stream().map(move |chunk| {
+            let chunk = chunk.map_err(std::io::Error::other)?;
+            let before = meter.total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if let Some(preamble) = meter.preamble {
+                if before >= preamble && !meter.file_started.load(Ordering::Relaxed) {
+                    return Err(meter.refuse(format!(
+                        "the form holds over {preamble} bytes before its file field; nothing was stored"
+                    )));
+                }
+            }
+            if before + chunk.len() as u64 > meter.limit {
+                return Err(meter.refuse(format!(
+                    "the body is over the upload limit of {} bytes (S3_MAX_UPLOAD_BYTES); nothing was stored",
+                    meter.limit
+                )));
+            }
+            Ok(chunk)
+        })
+    }
+
+    fn refuse(&self, why: String) -> std::io::Error {
+        let _ = self.over.set(why.clone());
+        std::io::Error::other(why)
+    }
+
+    /// 413 with the reason when the body went over a limit; otherwise `error`.
+    fn verdict(&self, error: ApiError) -> ApiError {
+        match self.over.get() {
+            Some(why) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, why.clone()),
+            None => error,
+        }
+    }
 }
 
 fn malformed(e: multer::Error) -> ApiError {
@@ -437,8 +609,10 @@ fn file_then_end(
     request_body(content = Option<String>, content_type = "application/octet-stream", description = "The new content (none: an empty object)"),
     responses(
         (status = 200, description = "Replaced", body = Written),
+        (status = 413, description = "The body is over S3_MAX_UPLOAD_BYTES; nothing is stored", body = ErrorBody),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
         (status = 404, description = "No such object: upload creates one", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
@@ -450,25 +624,22 @@ async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Written>, ApiError> {
-    let key = Params::parse(query).key()?;
+    let key = writable_key(&state, &Params::parse(query))?;
     let s3 = store(&state)?;
+    let meter = Meter::new(state.config.s3.max_upload_bytes, None);
+    meter.refuse_announced(&headers)?;
     let existing = s3.object_info(&key).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+        // curl's --data-binary says form-urlencoded for any file: the bytes are not a form.
+        .map(|v| match v.starts_with("application/x-www-form-urlencoded") {
+            true => "application/octet-stream".to_owned(),
+            false => v.to_owned(),
+        })
         .or(existing.content_type);
-    let stream = body.into_data_stream().map_err(|e| e.to_string());
-    let size = s3
-        .put_object(&key, stream, content_type.as_deref(), &[], content_length(&headers))
-        .await?;
-    let info = s3.object_info(&key).await?;
-    Ok(Json(Written {
-        key,
-        size,
-        etag: info.etag,
-        content_type: info.content_type,
-    }))
+    let body = meter.body(body);
+    Ok(Json(store_body(s3, key, body, content_type, &headers, &meter).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -496,6 +667,7 @@ struct PatchParams {
         (status = 200, description = "Patched; the object as it is now", body = ObjectInfo),
         (status = 400, description = "The key or offset is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 409, description = "The object changed during the patch, or offset is past its end", body = ErrorBody),
         (status = 412, description = "The ETag is not the If-Match one", body = ErrorBody),
@@ -511,7 +683,7 @@ async fn patch_object(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<ObjectInfo>, ApiError> {
     let params = Params::parse(query);
-    let key = params.key()?;
+    let key = writable_key(&state, &params)?;
     let offset = params
         .number("offset")?
         .ok_or_else(|| ApiError::bad_request("offset is required"))?;
@@ -525,13 +697,14 @@ async fn patch_object(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn delete_object(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<Deleted>, ApiError> {
-    let key = Params::parse(query).key()?;
+    let key = writable_key(&state, &Params::parse(query))?;
     store(&state)?.delete_object(&key).await?;
     Ok(Json(Deleted { deleted: key }))
 }
@@ -573,6 +746,7 @@ struct RuleRequest {
         (status = 200, description = "The rules after the change", body = Rules),
         (status = 400, description = "The rule is invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The prefix is empty or touches the archive (S3_ARCHIVE_PREFIX)", body = ErrorBody),
         (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
         (status = 415, description = "The body is not application/json", body = ErrorBody),
         (status = 422, description = "The body is not such a rule", body = ErrorBody),
@@ -596,24 +770,65 @@ async fn set_lifecycle(
             "prefix holds {c:?}, which the lifecycle configuration (XML 1.0) cannot carry"
         )));
     }
+    let archive = format!("{}/", state.config.s3.archive_prefix);
+    if request.prefix.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("an empty prefix would expire the whole bucket, the archive ({archive}) included"),
+        ));
+    }
+    if archive.starts_with(&request.prefix) || request.prefix.starts_with(&archive) {
+        return Err(archive_refusal(&archive, "a lifecycle rule over"));
+    }
+    // The API's rules carry its id prefix: the only rules it replaces or removes.
+    let id = request.id.unwrap_or_else(|| format!("expire-{}", request.prefix));
+    let id = match id.starts_with(MANAGED_RULE_PREFIX) {
+        true => id,
+        false => format!("{MANAGED_RULE_PREFIX}{id}"),
+    };
+    // S3 takes ids of up to 255 characters.
+    let id = match id.chars().count() > 255 {
+        true => format!(
+            "{MANAGED_RULE_PREFIX}expire-{:016x}",
+            xxhash_rust::xxh3::xxh3_64(request.prefix.as_bytes())
+        ),
+        false => id,
+    };
     let rule = ExpirationRule {
-        id: request.id.unwrap_or_else(|| {
-            format!(
-                "expire-{}",
-                if request.prefix.is_empty() {
-                    "all"
-                } else {
-                    &request.prefix
-                }
-            )
-        }),
+        id,
         prefix: request.prefix,
         days: request.days,
         enabled: request.enabled.unwrap_or(true),
+        managed: true,
     };
     Ok(Json(Rules {
         rules: store(&state)?.set_expiration(rule).await?,
     }))
+}
+
+/// 403 for a change to the archive: its objects are the archive role's, and
+/// `archive restore` republishes what it finds there.
+fn archive_refusal(archive: &str, what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "{what} {archive} is refused: the archive (S3_ARCHIVE_PREFIX) belongs to the archive role, and \
+             `archive restore` republishes what it holds"
+        ),
+    )
+}
+
+/// The key of a write or delete, refused under the archive prefix.
+fn writable_key(state: &AppState, params: &Params) -> Result<String, ApiError> {
+    let key = params.key()?;
+    let archive = format!("{}/", state.config.s3.archive_prefix);
+    if key.starts_with(&archive) {
+        return Err(archive_refusal(
+            &archive,
+            &format!("writing or deleting \"{key}\" under"),
+        ));
+    }
+    Ok(key)
 }
 
 /// Whether XML 1.0 can carry `c` (its `Char` production).
@@ -675,6 +890,31 @@ async fn delete_lifecycle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downloads_are_attachments_with_a_valid_name_for_any_key() {
+        let disposition = |key: &str| attachment(key).to_str().expect("visible ASCII").to_owned();
+        assert_eq!(
+            disposition("data/file.csv"),
+            "attachment; filename=\"file.csv\"; filename*=UTF-8''file.csv"
+        );
+        assert_eq!(
+            disposition("x\u{1}.html"),
+            "attachment; filename=\"x_.html\"; filename*=UTF-8''x%01.html"
+        );
+        assert_eq!(
+            disposition("a/\"q\"%;.txt"),
+            "attachment; filename=\"_q__;.txt\"; filename*=UTF-8''%22q%22%25%3B.txt"
+        );
+        assert_eq!(
+            disposition("exports/отчёт 1.csv"),
+            "attachment; filename=\"_____ 1.csv\"; filename*=UTF-8''%D0%BE%D1%82%D1%87%D1%91%D1%82%201.csv"
+        );
+        assert_eq!(
+            disposition("folder/"),
+            "attachment; filename=\"folder\"; filename*=UTF-8''folder"
+        );
+    }
 
     #[test]
     fn keys_are_checked_before_any_request() {

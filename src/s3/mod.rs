@@ -95,6 +95,13 @@ pub struct Download {
     pub body: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>,
 }
 
+/// What a write stored: its size and the ETag the store answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub size: u64,
+    pub etag: Option<String>,
+}
+
 /// An expiration rule of the bucket's lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ExpirationRule {
@@ -103,10 +110,33 @@ pub struct ExpirationRule {
     pub days: i32,
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// Whether the API manages the rule (its id starts with `dwh-helper-`); any
+    /// other rule is the bucket owner's, listed here and never changed.
+    #[serde(default)]
+    pub managed: bool,
 }
 
 fn enabled() -> bool {
     true
+}
+
+/// The id prefix of the lifecycle rules the API manages.
+pub const MANAGED_RULE_PREFIX: &str = "dwh-helper-";
+
+fn is_managed(rule: &LifecycleRule) -> bool {
+    rule.id().is_some_and(|id| id.starts_with(MANAGED_RULE_PREFIX))
+}
+
+/// The prefix a rule filters on: `Filter.Prefix`, or the legacy top-level
+/// `Prefix`; `None` for a rule that filters otherwise (tags, sizes, `And`).
+fn rule_prefix(rule: &LifecycleRule) -> Option<&str> {
+    match rule.filter() {
+        Some(filter) => filter
+            .prefix()
+            .filter(|_| filter.and().is_none() && filter.tag().is_none()),
+        #[allow(deprecated)]
+        None => rule.prefix(),
+    }
 }
 
 /// The S3 client for one bucket; cheap to clone.
@@ -354,7 +384,7 @@ impl S3 {
         content_type: Option<&str>,
         metadata: &[(&str, String)],
         size_hint: Option<u64>,
-    ) -> Result<u64, S3Error>
+    ) -> Result<Stored, S3Error>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
@@ -375,7 +405,7 @@ impl S3 {
         metadata: &[(&str, String)],
         size_hint: Option<u64>,
         condition: Condition<'_>,
-    ) -> Result<u64, S3Error>
+    ) -> Result<Stored, S3Error>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
@@ -401,17 +431,23 @@ impl S3 {
                         1 => pending.pop().unwrap_or_default(),
                         _ => pending.concat().into(),
                     };
-                    self.put_whole(key, data, content_type, metadata, condition).await?;
-                    return Ok(pending_len);
+                    let etag = self.put_whole(key, data, content_type, metadata, condition).await?;
+                    return Ok(Stored {
+                        size: pending_len,
+                        etag,
+                    });
                 }
             }
         }
         let mut upload = Multipart::start(self, key, content_type, metadata).await?;
-        // S3 allows 10,000 parts: grow them only for bodies that need it.
-        let part_size = MIN_PART.max(size_hint.unwrap_or(0).div_ceil(9_000)) as usize;
+        // S3 allows 10,000 parts: grow them only for bodies that need it. The hint
+        // comes from a client: it sizes parts (up to S3's largest object) and never
+        // an allocation, which grows with the bytes that really arrive.
+        let hint = size_hint.unwrap_or(0).min(crate::config::S3_MAX_OBJECT_BYTES);
+        let part_size = MIN_PART.max(hint.div_ceil(9_000)) as usize;
         let result = async {
             let mut total = 0u64;
-            let mut part: Vec<u8> = Vec::with_capacity(part_size);
+            let mut part: Vec<u8> = Vec::with_capacity(MIN_PART as usize);
             let mut chunks = pending.into_iter();
             loop {
                 let chunk = match chunks.next() {
@@ -428,7 +464,7 @@ impl S3 {
                     rest = &rest[take..];
                     if part.len() == part_size {
                         total += part.len() as u64;
-                        let full = std::mem::replace(&mut part, Vec::with_capacity(part_size));
+                        let full = std::mem::replace(&mut part, Vec::with_capacity(MIN_PART as usize));
                         upload.upload(full.into()).await?;
                     }
                 }
@@ -442,8 +478,8 @@ impl S3 {
         .await;
         match result {
             Ok(total) => {
-                upload.complete(condition).await?;
-                Ok(total)
+                let etag = upload.complete(condition).await?;
+                Ok(Stored { size: total, etag })
             }
             Err(e) => {
                 upload.abort().await;
@@ -460,7 +496,7 @@ impl S3 {
         content_type: Option<&str>,
         metadata: &[(&str, String)],
         condition: Condition<'_>,
-    ) -> Result<(), S3Error> {
+    ) -> Result<Option<String>, S3Error> {
         let mut request = self
             .client
             .put_object()
@@ -474,8 +510,8 @@ impl S3 {
         for (name, value) in metadata {
             request = request.metadata(*name, value);
         }
-        request.send().await.map_err(|e| classify(e, &self.bucket, key))?;
-        Ok(())
+        let stored = request.send().await.map_err(|e| classify(e, &self.bucket, key))?;
+        Ok(stored.e_tag().map(str::to_owned))
     }
 
     pub async fn delete_object(&self, key: &str) -> Result<(), S3Error> {
@@ -593,70 +629,70 @@ impl S3 {
         Ok(())
     }
 
-    /// The bucket's expiration rules (none when it has no lifecycle).
+    /// The SDK client, for a call this wrapper does not make (tests, tools).
+    pub fn sdk(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    /// The bucket's expiration rules by prefix, the API's own and the owner's.
     pub async fn lifecycle(&self) -> Result<Vec<ExpirationRule>, S3Error> {
-        let response = match self
+        Ok(summaries(&self.lifecycle_rules().await?))
+    }
+
+    /// The bucket's lifecycle rules as the store holds them, every kind.
+    async fn lifecycle_rules(&self) -> Result<Vec<LifecycleRule>, S3Error> {
+        match self
             .client
             .get_bucket_lifecycle_configuration()
             .bucket(&self.bucket)
             .send()
             .await
         {
-            Ok(r) => r,
-            Err(e) => {
-                return match classify(e, &self.bucket, "") {
-                    S3Error::Other { code, .. } if code == "NoSuchLifecycleConfiguration" => Ok(Vec::new()),
-                    other => Err(other),
-                }
-            }
-        };
-        Ok(response
-            .rules()
-            .iter()
-            .filter_map(|rule| {
-                let days = rule.expiration()?.days()?;
-                let prefix = rule
-                    .filter()
-                    .and_then(|f| f.prefix())
-                    .or(
-                        #[allow(deprecated)]
-                        rule.prefix(),
-                    )
-                    .unwrap_or_default()
-                    .to_owned();
-                Some(ExpirationRule {
-                    id: rule.id().unwrap_or_default().to_owned(),
-                    prefix,
-                    days,
-                    enabled: rule.status() == &ExpirationStatus::Enabled,
-                })
-            })
-            .collect())
+            Ok(response) => Ok(response.rules().to_vec()),
+            Err(e) => match classify(e, &self.bucket, "") {
+                S3Error::Other { code, .. } if code == "NoSuchLifecycleConfiguration" => Ok(Vec::new()),
+                other => Err(other),
+            },
+        }
     }
 
-    /// Sets the expiration rule for `rule.prefix`, replacing a rule with the same
-    /// prefix or id and keeping the others.
+    /// Sets the API's expiration rule for `rule.prefix`, replacing its own rule
+    /// with that prefix or id. Every other rule is written back as it was read.
     pub async fn set_expiration(&self, rule: ExpirationRule) -> Result<Vec<ExpirationRule>, S3Error> {
-        let mut rules = self.lifecycle().await?;
-        rules.retain(|r| r.prefix != rule.prefix && r.id != rule.id);
-        rules.push(rule);
-        self.write_lifecycle(&rules).await?;
-        Ok(rules)
+        let mut rules = self.lifecycle_rules().await?;
+        rules
+            .retain(|r| !(is_managed(r) && (rule_prefix(r) == Some(rule.prefix.as_str()) || r.id() == Some(&rule.id))));
+        let status = match rule.enabled {
+            true => ExpirationStatus::Enabled,
+            false => ExpirationStatus::Disabled,
+        };
+        rules.push(
+            LifecycleRule::builder()
+                .id(&rule.id)
+                .filter(LifecycleRuleFilter::builder().prefix(&rule.prefix).build())
+                .status(status)
+                .expiration(LifecycleExpiration::builder().days(rule.days).build())
+                .build()
+                .map_err(|e| S3Error::BadRequest { detail: e.to_string() })?,
+        );
+        self.write_lifecycle(rules.clone()).await?;
+        Ok(summaries(&rules))
     }
 
-    /// Removes the expiration rules for `prefix`; returns how many there were.
+    /// Removes the API's expiration rules for `prefix`; returns how many there
+    /// were. The owner's rules stay.
     pub async fn delete_expiration(&self, prefix: &str) -> Result<usize, S3Error> {
-        let mut rules = self.lifecycle().await?;
+        let mut rules = self.lifecycle_rules().await?;
         let before = rules.len();
-        rules.retain(|r| r.prefix != prefix);
+        rules.retain(|r| !(is_managed(r) && rule_prefix(r) == Some(prefix)));
         let removed = before - rules.len();
         if removed > 0 {
-            self.write_lifecycle(&rules).await?;
+            self.write_lifecycle(rules).await?;
         }
         Ok(removed)
     }
 
-    async fn write_lifecycle(&self, rules: &[ExpirationRule]) -> Result<(), S3Error> {
+    async fn write_lifecycle(&self, rules: Vec<LifecycleRule>) -> Result<(), S3Error> {
         if rules.is_empty() {
             self.client
                 .delete_bucket_lifecycle()
@@ -666,22 +702,6 @@ impl S3 {
                 .map_err(|e| classify(e, &self.bucket, ""))?;
             return Ok(());
         }
-        let rules = rules
-            .iter()
-            .map(|r| {
-                LifecycleRule::builder()
-                    .id(&r.id)
-                    .filter(LifecycleRuleFilter::builder().prefix(&r.prefix).build())
-                    .status(if r.enabled {
-                        ExpirationStatus::Enabled
-                    } else {
-                        ExpirationStatus::Disabled
-                    })
-                    .expiration(LifecycleExpiration::builder().days(r.days).build())
-                    .build()
-                    .map_err(|e| S3Error::BadRequest { detail: e.to_string() })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let configuration = BucketLifecycleConfiguration::builder()
             .set_rules(Some(rules))
             .build()
@@ -695,6 +715,22 @@ impl S3 {
             .map_err(|e| classify(e, &self.bucket, ""))?;
         Ok(())
     }
+}
+
+/// The expiration rules among `rules` that filter by prefix alone.
+fn summaries(rules: &[LifecycleRule]) -> Vec<ExpirationRule> {
+    rules
+        .iter()
+        .filter_map(|rule| {
+            Some(ExpirationRule {
+                id: rule.id().unwrap_or_default().to_owned(),
+                prefix: rule_prefix(rule)?.to_owned(),
+                days: rule.expiration()?.days()?,
+                enabled: rule.status() == &ExpirationStatus::Enabled,
+                managed: is_managed(rule),
+            })
+        })
+        .collect()
 }
 
 fn conflict_on_precondition(e: S3Error, key: &str) -> S3Error {
@@ -789,7 +825,7 @@ impl<'a> Multipart<'a> {
         Ok(())
     }
 
-    async fn complete(self, condition: Condition<'_>) -> Result<(), S3Error> {
+    async fn complete(self, condition: Condition<'_>) -> Result<Option<String>, S3Error> {
         let parts = self.parts;
         let result = self
             .s3
@@ -803,12 +839,14 @@ impl<'a> Multipart<'a> {
             .set_if_none_match(condition.if_none_match())
             .send()
             .await;
-        if let Err(e) = result {
-            let error = classify(e, &self.s3.bucket, &self.key);
-            abort(self.s3, &self.key, &self.upload_id).await;
-            return Err(error);
+        match result {
+            Ok(done) => Ok(done.e_tag().map(str::to_owned)),
+            Err(e) => {
+                let error = classify(e, &self.s3.bucket, &self.key);
+                abort(self.s3, &self.key, &self.upload_id).await;
+                Err(error)
+            }
         }
-        Ok(())
     }
 
     async fn abort(self) {

@@ -106,9 +106,16 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
                 // SQLITE_BUSY (5) and SQLITE_LOCKED (6), possibly as extended codes.
                 return code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
             }
-            // Class 08: connection exceptions; 57P0x: shutdown / cannot connect now;
-            // 53300: too many connections; 40001/40P01: serialization / deadlock.
-            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+            // Class 08: connection exceptions; class 28 and 3D000: the server refuses
+            // the login or has no such database (a configuration to fix, never the
+            // request's fault); 57P0x: shutdown / cannot connect now; 53300: too
+            // many connections; 40001/40P01: serialization / deadlock.
+            code.starts_with("08")
+                || code.starts_with("28")
+                || matches!(
+                    code,
+                    "3D000" | "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                )
         }
         _ => false,
     }
