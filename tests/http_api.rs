@@ -298,12 +298,111 @@ async fn a_configured_token_guards_everything_but_health() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
-    let (api, _guard) = api(Db::Sqlite, &[("HTTP_MAX_BODY_BYTES", "64KiB")]).await;
+    let (api, _guard) = api(Db::Sqlite, &[("HTTP_TABLES_MAX_BODY_BYTES", "64KiB")]).await;
     let (status, body) = api.post("/dwh/events_part", &json!({ "data": events(1000, 0) })).await;
     assert_eq!(status, 413, "{body}");
-    assert!(body["error"].is_string());
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP_TABLES_MAX_BODY_BYTES"),
+        "{body}"
+    );
     let (status, _) = api.post("/dwh/events_part", &json!({ "data": events(10, 0) })).await;
     assert_eq!(status, 200, "a body under the limit passes");
+}
+
+/// A request's records, the writes at once and a page's bytes are bounded: over
+/// them, a 413, a 503 with Retry-After (before the body is read), a page that
+/// stops early and says so. Nothing of a refused request is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_concurrent_writes_and_pages_are_bounded() {
+    let (api, _guard) = api(
+        Db::Sqlite,
+        &[
+            ("HTTP_TABLES_MAX_RECORDS", "40"),
+            ("HTTP_TABLES_MAX_CONCURRENT_WRITES", "1"),
+            ("HTTP_TABLES_MAX_RESPONSE_BYTES", "4KiB"),
+        ],
+    )
+    .await;
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": events(41, 0) })).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("over 40 records"),
+        "{body}"
+    );
+    assert_eq!(api.get("/dwh/events_part").await.1["count"], 0);
+
+    // One write in flight (its body still coming) holds the only permit.
+    let (send, receive) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = json!({ "data": events(40, 1) }).to_string().into_bytes();
+    let (head, tail) = body.split_at(body.len() / 2);
+    send.send(Ok(head.to_vec())).await.expect("first half");
+    let slow = api
+        .client
+        .post(api.url("/dwh/events_part"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(tokio_stream_of(receive)))
+        .send();
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    if slow.is_finished() {
+        let response = slow.await.expect("task").expect("request");
+        panic!("the slow request finished: {:?}", status_and_json(response).await);
+    }
+    let busy = common::wait_for(std::time::Duration::from_secs(10), "the permit to be taken", || async {
+        let response = api
+            .client
+            .post(api.url("/dwh/events_part"))
+            .json(&json!({ "data": events(1, 2) }))
+            .send()
+            .await
+            .expect("request");
+        (response.status() == 503).then_some(response)
+    })
+    .await;
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let (_, body) = status_and_json(busy).await;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP_TABLES_MAX_CONCURRENT_WRITES"),
+        "{body}"
+    );
+    send.send(Ok(tail.to_vec())).await.expect("second half");
+    drop(send);
+    let response = slow.await.expect("task").expect("request");
+    assert_eq!(response.status(), 200);
+    let (status, _) = api.post("/dwh/events_part", &json!({ "data": events(1, 2) })).await;
+    assert_eq!(status, 200, "the permit is back");
+
+    // 41 rows stored; a page of up to 100 stops after about 4 KiB, and says so.
+    let (status, page) = api.get("/dwh/events_part?limit=100").await;
+    assert_eq!(status, 200);
+    let count = page["count"].as_u64().unwrap();
+    assert!((1..41).contains(&count), "{count}");
+    assert_eq!(page["truncated"], true);
+    let mut seen = count;
+    let mut last = page["rows"][count as usize - 1]["id"].as_i64().unwrap();
+    loop {
+        let (_, page) = api.get(&format!("/dwh/events_part?limit=100&after_id={last}")).await;
+        let n = page["count"].as_u64().unwrap();
+        seen += n;
+        if page["truncated"] == false {
+            break;
+        }
+        last = page["rows"][n as usize - 1]["id"].as_i64().unwrap();
+    }
+    assert_eq!(seen, 41, "the pages together hold every row once");
+}
+
+/// The receiving end of a channel as a stream (for a body sent in parts).
+fn tokio_stream_of<T: Send + 'static>(
+    mut receive: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| receive.poll_recv(cx))
 }
 
 #[tokio::test]

@@ -24,10 +24,12 @@ async fn read_all(dwh: &Dwh, table: Table) -> Vec<serde_json::Map<String, Value>
             filters: vec![],
             after_id: None,
             limit: 10_000,
+            max_bytes: usize::MAX,
         },
     )
     .await
     .expect("read")
+    .rows
 }
 
 #[tokio::test]
@@ -434,10 +436,12 @@ async fn reads_filter_on_key_columns_and_page_by_id() {
                     )],
                     after_id: Some(out.inserted_ids[9]),
                     limit: 5,
+                    max_bytes: usize::MAX,
                 },
             )
             .await
-            .expect("read");
+            .expect("read")
+            .rows;
         let ids: Vec<i64> = page.iter().map(|r| r["id"].as_i64().expect("id")).collect();
         assert_eq!(ids, out.inserted_ids[10..15].to_vec(), "{db:?}");
     }

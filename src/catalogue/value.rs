@@ -134,7 +134,8 @@ impl Value {
     }
 }
 
-fn json_len(v: &Json) -> usize {
+/// About how many bytes `v` takes as JSON text.
+pub fn json_len(v: &Json) -> usize {
     match v {
         Json::Null | Json::Bool(_) => 5,
         Json::Number(_) => 8,

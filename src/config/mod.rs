@@ -204,6 +204,13 @@ pub struct HttpConfig {
     pub bind: SocketAddr,
     pub api_token: Option<Secret>,
     pub max_body_bytes: usize,
+    /// `POST /dwh/{table}`: the body (decompressed), the records, and how many such
+    /// writes run at once (503 with Retry-After beyond).
+    pub tables_max_body_bytes: usize,
+    pub tables_max_records: usize,
+    pub tables_max_concurrent_writes: usize,
+    /// `GET /dwh/{table}`: a page stops after the row that takes it over this.
+    pub tables_max_response_bytes: usize,
 }
 
 /// Every variable as the string the environment holds; empty counts as unset.
@@ -279,6 +286,10 @@ struct RawHttp {
     bind: Option<String>,
     api_token: Option<String>,
     max_body_bytes: Option<String>,
+    tables_max_body_bytes: Option<String>,
+    tables_max_records: Option<String>,
+    tables_max_concurrent_writes: Option<String>,
+    tables_max_response_bytes: Option<String>,
 }
 
 /// Variables under this prefix pass through to librdkafka.
@@ -646,6 +657,15 @@ fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
         bind,
         api_token,
         max_body_bytes: size("HTTP_MAX_BODY_BYTES", raw.max_body_bytes, 64 * MIB, 1024)?,
+        tables_max_body_bytes: size("HTTP_TABLES_MAX_BODY_BYTES", raw.tables_max_body_bytes, 16 * MIB, 1024)?,
+        tables_max_records: count("HTTP_TABLES_MAX_RECORDS", raw.tables_max_records, 10_000)?,
+        tables_max_concurrent_writes: count("HTTP_TABLES_MAX_CONCURRENT_WRITES", raw.tables_max_concurrent_writes, 4)?,
+        tables_max_response_bytes: size(
+            "HTTP_TABLES_MAX_RESPONSE_BYTES",
+            raw.tables_max_response_bytes,
+            16 * MIB,
+            1024,
+        )?,
     })
 }
 

@@ -42,6 +42,8 @@ pub struct AppState {
     pub s3: Option<crate::s3::S3>,
     /// What `GET /status` reads the broker and the DWH with.
     pub config: Arc<Config>,
+    /// Permits for `POST /dwh/{table}` (HTTP_TABLES_MAX_CONCURRENT_WRITES).
+    pub table_writes: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
             ingest: None,
             s3: None,
             config: Arc::new(config.clone()),
+            table_writes: Arc::new(tokio::sync::Semaphore::new(config.http.tables_max_concurrent_writes)),
         }
     }
 }

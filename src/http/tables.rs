@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json_};
@@ -17,7 +18,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
 use super::{validate, AppState};
-use crate::catalogue::{self, value, Row, Table};
+use crate::catalogue::{value, Row, Table};
 use crate::store::{Batch, ReadQuery};
 
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -42,6 +43,9 @@ pub struct Rows {
     #[schema(value_type = Vec<Object>)]
     pub rows: Vec<Map<String, Json_>>,
     pub count: usize,
+    /// The page ended before `limit` at HTTP_TABLES_MAX_RESPONSE_BYTES: ask for the
+    /// next with `after_id` set to the last row's id.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -72,11 +76,13 @@ async fn list(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Rows>, ApiError> {
     let table = table(&name)?;
-    let query = read_query(table, params)?;
-    let rows = state.dwh.read(table, &query).await?;
+    let mut query = read_query(table, params)?;
+    query.max_bytes = state.config.http.tables_max_response_bytes;
+    let page = state.dwh.read(table, &query).await?;
     Ok(Json(Rows {
-        count: rows.len(),
-        rows,
+        count: page.rows.len(),
+        rows: page.rows,
+        truncated: page.truncated,
     }))
 }
 
@@ -87,6 +93,7 @@ fn read_query(table: Table, params: HashMap<String, String>) -> Result<ReadQuery
         filters: Vec::new(),
         after_id: None,
         limit: DEFAULT_LIMIT,
+        max_bytes: usize::MAX,
     };
     let mut params: Vec<(String, String)> = params.into_iter().collect();
     params.sort();
@@ -156,23 +163,43 @@ pub struct Inserted {
         (status = 400, description = "The body is not JSON, or holds no record", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such table", body = ErrorBody),
-        (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
+        (status = 413, description = "The body (decompressed) is over HTTP_TABLES_MAX_BODY_BYTES, or holds over HTTP_TABLES_MAX_RECORDS records", body = ErrorBody),
         (status = 415, description = "The body is not application/json", body = ErrorBody),
         (status = 422, description = "A record is invalid (its index and field are named) or refused by the database", body = ErrorBody),
-        (status = 503, description = "The database cannot be reached", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached, or HTTP_TABLES_MAX_CONCURRENT_WRITES writes are running (Retry-After)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn insert(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<Json<InsertBody>, axum::extract::rejection::JsonRejection>,
+    request: axum::extract::Request,
 ) -> Result<Json<Inserted>, ApiError> {
     let table = table(&name)?;
-    let Json(body) = body?;
-    if body.data.is_empty() {
-        return Err(ApiError::bad_request("\"data\" must hold at least one record"));
+    if !is_json(request.headers()) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Expected request with `Content-Type: application/json`",
+        ));
     }
-    let rows = decode_all(table, body.data, state.dwh.limits().1)?;
+    // The permit comes before the body is read: a write beyond the limit holds
+    // no memory at all.
+    let Ok(_permit) = state.table_writes.clone().try_acquire_owned() else {
+        let mut busy = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{} writes are running (HTTP_TABLES_MAX_CONCURRENT_WRITES); try again shortly",
+                state.config.http.tables_max_concurrent_writes
+            ),
+        );
+        busy.retry_after = Some(1);
+        return Err(busy);
+    };
+    let limits = &state.config.http;
+    let body = axum::body::to_bytes(request.into_body(), limits.tables_max_body_bytes)
+        .await
+        .map_err(|e| body_error(e, limits.tables_max_body_bytes))?;
+    let rows = parse_records(table, &body, limits.tables_max_records, state.dwh.limits().1)?;
+    drop(body);
     let outcome = state.dwh.write(Batch::rows(table, &rows)).await?;
     tracing::info!(
         table = table.name(),
@@ -190,27 +217,264 @@ async fn insert(
     }))
 }
 
-/// Decodes every record or fails on the first invalid one, naming its index. A
-/// record the decoder reads must also match the table's published schema.
-fn decode_all(table: Table, data: Vec<Json_>, max_bytes: usize) -> Result<Vec<Row>, ApiError> {
-    data.into_iter()
-        .enumerate()
-        .map(|(i, record)| {
-            let invalid = |e: String| ApiError::unprocessable(format!("data[{i}]: {e}"));
-            let decoded = match &record {
-                Json_::Object(map) => catalogue::decode_record(table, map),
-                other => Err(catalogue::RecordError::NotAnObject(value::describe(other))),
+/// `application/json` or `application/*+json`, as axum's `Json` takes.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(mime) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+    else {
+        return false;
+    };
+    let mime = mime.trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+fn body_error(e: axum::Error, limit: usize) -> ApiError {
+    // axum reports the limit as a `LengthLimitError` somewhere in the chain.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut too_large = false;
+    while let Some(c) = cause {
+        too_large |= c.to_string().contains("length limit exceeded");
+        cause = c.source();
+    }
+    match too_large {
+        true => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {limit} bytes (HTTP_TABLES_MAX_BODY_BYTES, counted decompressed); send the records in parts"),
+        ),
+        false => ApiError::bad_request(format!("the body could not be read: {e}")),
+    }
+}
+
+/// `{"data": [...]}` read record by record: each record is decoded and checked as
+/// it is parsed, and fields the table does not have are skipped unread. Memory
+/// holds the body and the decoded rows, never a tree of the whole request.
+fn parse_records(table: Table, body: &[u8], max_records: usize, max_row_bytes: usize) -> Result<Vec<Row>, ApiError> {
+    let mut parse = records::Parse::new(table, max_records, max_row_bytes);
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let result = serde::de::DeserializeSeed::deserialize(records::Body(&mut parse), &mut deserializer)
+        .and_then(|()| deserializer.end());
+    if let Some(problem) = parse.problem.take() {
+        return Err(problem);
+    }
+    match result {
+        Ok(()) => {}
+        Err(e) if e.is_data() => {
+            return Err(ApiError::unprocessable(format!(
+                "Failed to deserialize the JSON body into the target type: {e}"
+            )))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "Failed to parse the request body as JSON: {e}"
+            )))
+        }
+    }
+    if !parse.seen_data {
+        return Err(ApiError::unprocessable(
+            "Failed to deserialize the JSON body into the target type: missing field `data`",
+        ));
+    }
+    if parse.rows.is_empty() {
+        return Err(ApiError::bad_request("\"data\" must hold at least one record"));
+    }
+    Ok(parse.rows)
+}
+
+mod records {
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value as Json};
+
+    use super::{validate, ApiError};
+    use crate::catalogue::{self, value, Row, Table};
+
+    /// What the parse found; `problem` stops it at the first bad record.
+    pub struct Parse {
+        table: Table,
+        max_records: usize,
+        max_row_bytes: usize,
+        pub rows: Vec<Row>,
+        pub seen_data: bool,
+        pub problem: Option<ApiError>,
+    }
+
+    impl Parse {
+        pub fn new(table: Table, max_records: usize, max_row_bytes: usize) -> Parse {
+            Parse {
+                table,
+                max_records,
+                max_row_bytes,
+                rows: Vec::new(),
+                seen_data: false,
+                problem: None,
             }
-            .map_err(|e| invalid(e.to_string()))?;
-            validate::check_record(table, &record).map_err(invalid)?;
+        }
+
+        /// Decodes and checks record `index`; the first invalid one fails the request.
+        fn accept(&mut self, index: usize, element: Element) -> Result<(), ApiError> {
+            let invalid = |e: String| ApiError::unprocessable(format!("data[{index}]: {e}"));
+            let record = match element {
+                Element::Object(map) => Json::Object(map),
+                Element::Other(other) => {
+                    return Err(invalid(
+                        catalogue::RecordError::NotAnObject(value::describe(&other)).to_string(),
+                    ))
+                }
+            };
+            let Json::Object(map) = &record else {
+                unreachable!("an object")
+            };
+            let decoded = catalogue::decode_record(self.table, map).map_err(|e| invalid(e.to_string()))?;
+            validate::check_record(self.table, &record).map_err(invalid)?;
             let size = decoded.row.approx_bytes();
-            if size > max_bytes {
-                return Err(ApiError::unprocessable(format!(
-                    "data[{i}]: {}",
-                    catalogue::RecordError::TooLarge { size, limit: max_bytes }
-                )));
+            if size > self.max_row_bytes {
+                return Err(invalid(
+                    catalogue::RecordError::TooLarge {
+                        size,
+                        limit: self.max_row_bytes,
+                    }
+                    .to_string(),
+                ));
             }
-            Ok(decoded.row)
-        })
-        .collect()
+            self.rows.push(decoded.row);
+            Ok(())
+        }
+    }
+
+    /// Stops the parse; the reason is in `Parse::problem`.
+    const STOP: &str = "stopped at an invalid record";
+
+    pub struct Body<'p>(pub &'p mut Parse);
+
+    impl<'de> DeserializeSeed<'de> for Body<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Body<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object with \"data\": [records]")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "data" && !self.0.seen_data {
+                    self.0.seen_data = true;
+                    map.next_value_seed(Data(&mut *self.0))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    struct Data<'p>(&'p mut Parse);
+
+    impl<'de> DeserializeSeed<'de> for Data<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Data<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a sequence of records")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let parse = self.0;
+            for index in 0.. {
+                let Some(element) = seq.next_element_seed(Record(parse.table))? else {
+                    break;
+                };
+                if index >= parse.max_records {
+                    parse.problem = Some(ApiError::new(
+                        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the request holds over {} records (HTTP_TABLES_MAX_RECORDS); send them in parts",
+                            parse.max_records
+                        ),
+                    ));
+                    return Err(A::Error::custom(STOP));
+                }
+                if let Err(problem) = parse.accept(index, element) {
+                    parse.problem = Some(problem);
+                    return Err(A::Error::custom(STOP));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// One element of `data`: an object with the table's fields only, or any
+    /// other value (refused by `accept`, which names it).
+    enum Element {
+        Object(Map<String, Json>),
+        Other(Json),
+    }
+
+    struct Record(Table);
+
+    impl<'de> DeserializeSeed<'de> for Record {
+        type Value = Element;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Element, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Record {
+        type Value = Element;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a record")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Element, A::Error> {
+            let spec = self.0.spec();
+            let mut fields = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                match spec.index_of(&key) {
+                    Some(_) => {
+                        let value: Json = map.next_value()?;
+                        fields.insert(key, value);
+                    }
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Element::Object(fields))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Element, E> {
+            Ok(Element::Other(Json::Bool(v)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Element, E> {
+            Ok(Element::Other(Json::from(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Element, E> {
+            Ok(Element::Other(Json::from(v)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Element, E> {
+            Ok(Element::Other(Json::from(v)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Element, E> {
+            Ok(Element::Other(Json::String(v.to_owned())))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Element, E> {
+            Ok(Element::Other(Json::Null))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Element, E> {
+            Ok(Element::Other(Json::Null))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
+            // Described as "an array": its elements are skipped, not kept.
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Element::Other(Json::Array(Vec::new())))
+        }
+    }
 }

@@ -267,6 +267,46 @@ pub struct ReadQuery {
     pub filters: Vec<(&'static Column, crate::catalogue::Value)>,
     pub after_id: Option<i64>,
     pub limit: u32,
+    /// The page stops after the row that takes it over this many bytes of JSON.
+    pub max_bytes: usize,
+}
+
+/// Rows in id order; `truncated` when the byte bound ended the page before `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct ReadPage {
+    pub rows: Vec<Map<String, Json>>,
+    pub truncated: bool,
+}
+
+impl ReadPage {
+    /// Collects rows from `rows` until `query`'s byte bound is passed: at most one
+    /// row over it is held, whatever the rows weigh.
+    async fn collect<R, S>(
+        query: &ReadQuery,
+        rows: S,
+        to_json: impl Fn(&R) -> Result<Map<String, Json>, StoreError>,
+    ) -> Result<ReadPage, StoreError>
+    where
+        S: futures_util::Stream<Item = Result<R, sqlx::Error>>,
+    {
+        use futures_util::StreamExt as _;
+        let mut rows = std::pin::pin!(rows);
+        let mut page = ReadPage::default();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().await {
+            let row = to_json(&row?)?;
+            bytes += row
+                .iter()
+                .map(|(k, v)| k.len() + 4 + crate::catalogue::value::json_len(v))
+                .sum::<usize>();
+            page.rows.push(row);
+            if bytes > query.max_bytes {
+                page.truncated = page.rows.len() < query.limit as usize;
+                break;
+            }
+        }
+        Ok(page)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -376,7 +416,7 @@ impl Dwh {
     }
 
     /// Reads rows as JSON objects, `id` first, in `id` order.
-    pub async fn read(&self, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
+    pub async fn read(&self, table: Table, query: &ReadQuery) -> Result<ReadPage, StoreError> {
         match &self.pool {
             Pool::Postgres(pool) => postgres::read(pool, table, query).await,
             Pool::Sqlite(pools) => sqlite::read(&pools.read, table, query).await,

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Row as _};
 
 use super::error::is_unique_violation;
-use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -171,7 +171,7 @@ fn select_expr(name: &str, ty: ColumnType) -> String {
     }
 }
 
-pub async fn read(pool: &PgPool, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
+pub async fn read(pool: &PgPool, table: Table, query: &ReadQuery) -> Result<ReadPage, StoreError> {
     let spec = table.spec();
     let columns: Vec<String> = spec.columns.iter().map(|c| select_expr(c.name, c.ty)).collect();
     let mut conditions = Vec::new();
@@ -194,9 +194,8 @@ pub async fn read(pool: &PgPool, table: Table, query: &ReadQuery) -> Result<Vec<
     let rows = q
         .bind(query.after_id.unwrap_or(i64::MIN))
         .bind(i64::from(query.limit))
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(|row| to_json(spec, row)).collect()
+        .fetch(pool);
+    ReadPage::collect(query, rows, |row| to_json(spec, row)).await
 }
 
 fn to_json(spec: &TableSpec, row: &PgRow) -> Result<Map<String, Json>, StoreError> {

@@ -12,7 +12,7 @@ use serde_json::{Map, Value as Json};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
 
-use super::{sql, Batch, OffsetAdvance, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -154,7 +154,7 @@ async fn insert_reject(conn: &mut SqliteConnection, r: &RejectedRecord) -> Resul
     Ok(())
 }
 
-pub async fn read(pool: &SqlitePool, table: Table, query: &ReadQuery) -> Result<Vec<Map<String, Json>>, StoreError> {
+pub async fn read(pool: &SqlitePool, table: Table, query: &ReadQuery) -> Result<ReadPage, StoreError> {
     let spec = table.spec();
     let mut conditions: Vec<String> = query.filters.iter().map(|(c, _)| format!("{} = ?", c.name)).collect();
     conditions.push("id > ?".into());
@@ -171,9 +171,8 @@ pub async fn read(pool: &SqlitePool, table: Table, query: &ReadQuery) -> Result<
     let rows = q
         .bind(query.after_id.unwrap_or(i64::MIN))
         .bind(i64::from(query.limit))
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(|row| to_json(spec, row)).collect()
+        .fetch(pool);
+    ReadPage::collect(query, rows, |row| to_json(spec, row)).await
 }
 
 fn decode_error(column: &str, text: &str) -> StoreError {
