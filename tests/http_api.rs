@@ -538,3 +538,69 @@ async fn without_a_token_only_this_machine_and_its_own_pages_are_served() {
     // The two served requests wrote their events; the refused ones nothing.
     assert_eq!(api.get("/dwh/events_part").await.1["count"], 2);
 }
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes).expect("compress");
+    encoder.finish().expect("compress")
+}
+
+/// Gzip bodies are taken, and every limit counts the decompressed bytes: a gzip
+/// bomb gets a 413, never a full buffer. Answers are compressed on request.
+#[tokio::test]
+async fn gzip_bodies_are_read_and_a_gzip_bomb_is_a_413() {
+    let (api, _guard) = api(Db::Sqlite, &[("HTTP_TABLES_MAX_BODY_BYTES", "1MiB")]).await;
+    let post = |body: Vec<u8>, encoding: &'static str| {
+        api.client
+            .post(api.url("/dwh/events_part"))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+    };
+    let records = json!({ "data": events(100, 0) }).to_string();
+    let response = post(gzip(records.as_bytes()), "gzip").await.expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!((status, body["count"].clone()), (200, json!(100)), "{body}");
+
+    // 64 MiB of JSON white space inside a valid document, about 64 KiB gzipped.
+    let mut bomb = b"{\"data\": [".to_vec();
+    bomb.resize(64 << 20, b' ');
+    bomb.extend_from_slice(b"]}");
+    let compressed = gzip(&bomb);
+    assert!(compressed.len() < 1 << 20, "{} bytes compressed", compressed.len());
+    let response = post(compressed, "gzip").await.expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("decompressed"),
+        "{body}"
+    );
+
+    let response = post(records.into_bytes(), "br").await.expect("request");
+    let (status, body) = status_and_json(response).await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("\"br\""), "{body}");
+
+    // A client that asks for gzip gets it (this one does not decompress by itself).
+    let raw = reqwest::Client::builder().no_gzip().build().expect("client");
+    let response = raw
+        .get(api.url("/dwh/events_part?limit=100"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let compressed = response.bytes().await.expect("body");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&compressed[..]), &mut text).expect("gzip");
+    let page: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(page["count"], 100);
+    assert!(
+        compressed.len() * 3 < text.len(),
+        "{} of {}",
+        compressed.len(),
+        text.len()
+    );
+}

@@ -8,7 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
 use utoipa_axum::routes;
 
 use super::error::ErrorBody;
@@ -18,7 +18,9 @@ use crate::telemetry::events::HttpRequestServed;
 use crate::telemetry::metrics::metrics;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(scrape)).routes(routes!(status))
+    OpenApiRouter::new()
+        .routes(routes!(scrape).layer(tower_http::compression::CompressionLayer::new().gzip(true)))
+        .routes(routes!(status).layer(tower_http::compression::CompressionLayer::new().gzip(true)))
 }
 
 /// The Prometheus text exposition (README "Monitoring" lists the metrics).

@@ -32,7 +32,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     // Uploads stream to the store: no body limit. Patches are held in memory and
     // keep the API's limit.
     OpenApiRouter::new()
-        .routes(routes!(list))
+        .routes(routes!(list).layer(tower_http::compression::CompressionLayer::new().gzip(true)))
         .routes(routes!(info))
         .routes(routes!(download))
         .routes(routes!(upload).layer(DefaultBodyLimit::disable()))

@@ -6,6 +6,7 @@
 //! records inserts nothing new.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -13,7 +14,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json_};
 use utoipa::{IntoParams, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
 use utoipa_axum::routes;
 
 use super::error::{ApiError, ErrorBody};
@@ -26,8 +27,33 @@ pub const MAX_LIMIT: u32 = 10_000;
 
 /// One route serves the seven tables; the OpenAPI document lists each table's
 /// path with its own record schema (see `openapi.rs`).
+/// Bodies may come gzip-compressed (every limit counts the decompressed bytes);
+/// answers are compressed for a client that accepts it.
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list, insert))
+    OpenApiRouter::new().routes(
+        routes!(list, insert)
+            .layer::<_, Infallible>(tower_http::decompression::RequestDecompressionLayer::new().gzip(true))
+            .layer::<_, Infallible>(axum::middleware::from_fn(known_encoding))
+            .layer::<_, Infallible>(tower_http::compression::CompressionLayer::new().gzip(true)),
+    )
+}
+
+/// 415 with a JSON body for a `Content-Encoding` other than gzip (or none).
+async fn known_encoding(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, ApiError> {
+    let encoding = request
+        .headers()
+        .get(axum::http::header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("gzip") | Some("x-gzip") | Some("identity") => Ok(next.run(request).await),
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding \"{other}\" is not supported: send gzip, or no encoding"),
+        )),
+    }
 }
 
 /// The path of the generic operations, expanded per table in the document.
@@ -164,7 +190,7 @@ pub struct Inserted {
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 404, description = "No such table", body = ErrorBody),
         (status = 413, description = "The body (decompressed) is over HTTP_TABLES_MAX_BODY_BYTES, or holds over HTTP_TABLES_MAX_RECORDS records", body = ErrorBody),
-        (status = 415, description = "The body is not application/json", body = ErrorBody),
+        (status = 415, description = "The body is not application/json, or its Content-Encoding is not gzip", body = ErrorBody),
         (status = 422, description = "A record is invalid (its index and field are named) or refused by the database", body = ErrorBody),
         (status = 503, description = "The database cannot be reached, or HTTP_TABLES_MAX_CONCURRENT_WRITES writes are running (Retry-After)", body = ErrorBody),
     ),
