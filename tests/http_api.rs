@@ -604,3 +604,119 @@ async fn gzip_bodies_are_read_and_a_gzip_bomb_is_a_413() {
         text.len()
     );
 }
+
+/// Stalled clients: connections that never finish their request head are closed
+/// after HTTP_HEADER_READ_TIMEOUT_SECONDS, past HTTP_MAX_CONNECTIONS the rest wait
+/// their turn, and a shutdown is not held up by any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_are_closed_bounded_and_do_not_hold_up_a_shutdown() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (dwh, dwh_config, _guard) = dwh(Db::Sqlite, &[]).await;
+    let config = config_for(
+        dwh_config.database_url.expose(),
+        &[
+            ("HTTP_HEADER_READ_TIMEOUT_SECONDS", "1"),
+            ("HTTP_MAX_CONNECTIONS", "20"),
+        ],
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let app = dwh_helper::http::router(
+        dwh_helper::http::AppState::new(dwh, &config),
+        config.http.max_body_bytes,
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(dwh_helper::http::serve(
+        listener,
+        app,
+        stop.clone(),
+        config.http.clone(),
+    ));
+
+    // 30 connections that begin a request and never finish its head.
+    let mut stalled = Vec::new();
+    for _ in 0..30 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            .await
+            .expect("partial head");
+        stalled.push(stream);
+    }
+    let started = std::time::Instant::now();
+    for stream in &mut stalled {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(15), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a stalled connection stays open");
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("200 OK"),
+            "a stalled request was answered"
+        );
+    }
+    // Twenty at once, one second each: the thirty are all closed in a few seconds.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let response = reqwest::get(format!("http://{address}/health/live"))
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200, "the server serves on");
+
+    // A shutdown with stalled connections open finishes at once.
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(b"POST /dwh/events_part HTTP/1.1\r\n")
+            .await
+            .expect("partial head");
+        idle.push(stream);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.cancel();
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    assert!(finished.is_ok(), "the shutdown waits on stalled connections");
+}
+
+/// A request the database cannot answer in time gets 503 after
+/// HTTP_REQUEST_TIMEOUT_SECONDS, and its write is rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_is_a_503_and_writes_nothing() {
+    let (dwh, dwh_config, _guard) = dwh(Db::Postgres, &[]).await;
+    let url = dwh_config.database_url.expose().to_owned();
+    let config = config_for(&url, &[("HTTP_REQUEST_TIMEOUT_SECONDS", "1")]);
+    let api = Api::start(dwh, &config).await;
+    let (status, _) = api.post("/dwh/user_locations", &json!({ "data": locations(1) })).await;
+    assert_eq!(status, 200);
+    // Another session holds the table.
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let mut lock = pool.begin().await.expect("transaction");
+    sqlx::query("LOCK TABLE user_locations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let started = std::time::Instant::now();
+    let (status, body) = api.post("/dwh/user_locations", &json!({ "data": locations(3) })).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("HTTP_REQUEST_TIMEOUT_SECONDS"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    lock.rollback().await.expect("unlock");
+    let (status, page) = api.get("/dwh/user_locations").await;
+    assert_eq!(
+        (status, page["count"].clone()),
+        (200, json!(1)),
+        "the timed-out write left nothing"
+    );
+}

@@ -144,7 +144,7 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
         .max(bodies.iter().map(Vec::len).max().unwrap_or(0) + 1);
     let app = http::router(AppState::new(dwh.clone(), &open_config), max_body);
     let stop = CancellationToken::new();
-    let server = tokio::spawn(http::serve(listener, app, stop.clone()));
+    let server = tokio::spawn(http::serve(listener, app, stop.clone(), open_config.http.clone()));
 
     let client = reqwest::Client::new();
     let started = Instant::now();

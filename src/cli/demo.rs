@@ -82,7 +82,7 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
     let mut state = AppState::new(dwh.clone(), &config);
     state.ingest = Some(status.clone());
     let app = http::router(state, config.http.max_body_bytes);
-    let server = tokio::spawn(http::serve(listener, app, shutdown.clone()));
+    let server = tokio::spawn(http::serve(listener, app, shutdown.clone(), config.http.clone()));
 
     let counters = status.counters();
     println!(

@@ -145,7 +145,8 @@ async fn serve_roles(
         }
         let app = http::router(state, config.http.max_body_bytes);
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { Ok(http::serve(listener, app, shutdown).await?) });
+        let limits = config.http.clone();
+        tasks.spawn(async move { Ok(http::serve(listener, app, shutdown, limits).await?) });
     }
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {

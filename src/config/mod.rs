@@ -141,6 +141,9 @@ pub struct S3Config {
     pub multipart_threshold: usize,
     /// The largest object `POST /s3/upload` and `PUT /s3/update` take (413 above).
     pub max_upload_bytes: u64,
+    /// One S3 call, retries included, and one attempt of it.
+    pub operation_timeout: Duration,
+    pub attempt_timeout: Duration,
     /// Archive objects live under `{archive_prefix}/{table}/dt=…/`.
     pub archive_prefix: String,
     /// An archive object closes at this many bytes of records (before gzip)…
@@ -211,6 +214,12 @@ pub struct HttpConfig {
     pub tables_max_concurrent_writes: usize,
     /// `GET /dwh/{table}`: a page stops after the row that takes it over this.
     pub tables_max_response_bytes: usize,
+    /// A connection that has not sent a whole request head in this time is closed.
+    pub header_read_timeout: Duration,
+    /// A request (transfers excepted) not answered in this time gets 503.
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// Every variable as the string the environment holds; empty counts as unset.
@@ -251,6 +260,8 @@ struct RawS3 {
     bucket_name: Option<String>,
     multipart_threshold: Option<String>,
     max_upload_bytes: Option<String>,
+    operation_timeout_seconds: Option<String>,
+    attempt_timeout_seconds: Option<String>,
     archive_prefix: Option<String>,
     archive_max_bytes: Option<String>,
     archive_interval_seconds: Option<String>,
@@ -290,6 +301,9 @@ struct RawHttp {
     tables_max_records: Option<String>,
     tables_max_concurrent_writes: Option<String>,
     tables_max_response_bytes: Option<String>,
+    header_read_timeout_seconds: Option<String>,
+    request_timeout_seconds: Option<String>,
+    max_connections: Option<String>,
 }
 
 /// Variables under this prefix pass through to librdkafka.
@@ -506,6 +520,8 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
         bucket_name,
         multipart_threshold: size("S3_MULTIPART_THRESHOLD", raw.multipart_threshold, 16 * MIB, 5 * MIB)?,
         max_upload_bytes: max_upload(raw.max_upload_bytes)?,
+        operation_timeout: seconds("S3_OPERATION_TIMEOUT_SECONDS", raw.operation_timeout_seconds, 300)?,
+        attempt_timeout: seconds("S3_ATTEMPT_TIMEOUT_SECONDS", raw.attempt_timeout_seconds, 120)?,
         archive_prefix: archive_prefix(raw.archive_prefix)?,
         archive_max_bytes: size("S3_ARCHIVE_MAX_BYTES", raw.archive_max_bytes, 64 * MIB, 1024)?,
         archive_interval: seconds("S3_ARCHIVE_INTERVAL_SECONDS", raw.archive_interval_seconds, 60)?,
@@ -666,6 +682,9 @@ fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
             16 * MIB,
             1024,
         )?,
+        header_read_timeout: seconds("HTTP_HEADER_READ_TIMEOUT_SECONDS", raw.header_read_timeout_seconds, 10)?,
+        request_timeout: seconds("HTTP_REQUEST_TIMEOUT_SECONDS", raw.request_timeout_seconds, 60)?,
+        max_connections: count("HTTP_MAX_CONNECTIONS", raw.max_connections, 1024)?,
     })
 }
 

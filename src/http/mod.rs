@@ -86,6 +86,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(openapi::router(openapi::finish(api)))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), deadline))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(observe::track))
         .layer(
@@ -104,9 +105,73 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled, then finishes the
-/// requests in flight.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+/// requests in flight. At most `max_connections` are served at once (more wait in
+/// the listen backlog), and one that has not sent a whole request head within
+/// `header_read_timeout` is closed: idle or stalled clients can neither exhaust
+/// the file descriptors nor hold up a shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    limits: crate::config::HttpConfig,
+) -> std::io::Result<()> {
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore stays open"),
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: wait, rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// 503 for a request (transfers excepted) not answered within
+/// `HTTP_REQUEST_TIMEOUT_SECONDS`; its work is dropped (a write rolls back).
+async fn deadline(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    const TRANSFERS: [&str; 4] = ["/s3/upload", "/s3/update", "/s3/download", "/s3/patch"];
+    if TRANSFERS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let limit = state.config.http.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took over {} s (HTTP_REQUEST_TIMEOUT_SECONDS) and was given up",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }

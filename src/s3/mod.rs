@@ -167,6 +167,10 @@ impl S3 {
             .timeout_config(
                 aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
+                    // A call that hangs fails (as unreachable) instead of holding its
+                    // request forever; a streamed download's body is not part of it.
+                    .operation_attempt_timeout(config.attempt_timeout)
+                    .operation_timeout(config.operation_timeout)
                     .build(),
             );
         if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {

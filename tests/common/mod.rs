@@ -102,7 +102,7 @@ impl Api {
         }
         let app = http::router(state, config.http.max_body_bytes);
         let stop = CancellationToken::new();
-        tokio::spawn(http::serve(listener, app, stop.clone()));
+        tokio::spawn(http::serve(listener, app, stop.clone(), config.http.clone()));
         Api {
             base,
             client: reqwest::Client::new(),
