@@ -67,7 +67,11 @@ async fn a_missing_permission_is_retried_as_the_same_batch_and_never_turns_rows_
         ),
     )
     .await;
-    let config = config_from(&ingest_env(&broker, &prefix, &as_user(&owner_url, &role)), &[]);
+    // May 2031 lies past the default window of event dates: widen it.
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &as_user(&owner_url, &role)),
+        &[("DWH_EVENTS_MAX_DAYS_AHEAD", "3650")],
+    );
     let table = Table::EventsPart;
     publish(&config, &topic(&prefix, table), &keyed(table, events_of_may_2031(200))).await;
     let ingest = InProcessIngest::start(config.clone(), Dwh::connect(&config.dwh).expect("pool"));

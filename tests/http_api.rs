@@ -720,3 +720,41 @@ async fn a_request_past_its_deadline_is_a_503_and_writes_nothing() {
         "the timed-out write left nothing"
     );
 }
+
+/// An event dated outside DWH_EVENTS_MIN_DATE .. today + DWH_EVENTS_MAX_DAYS_AHEAD
+/// is refused naming the field and the window, and adds no partition.
+#[tokio::test]
+async fn an_event_of_year_9999_is_refused_and_creates_no_partition() {
+    let (dwh, dwh_config, _guard) = dwh(Db::Postgres, &[]).await;
+    let url = dwh_config.database_url.expose().to_owned();
+    let config = config_for(&url, &[]);
+    let api = Api::start(dwh, &config).await;
+    let partitions = || async {
+        common::pg_count(
+            &url,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'events_part'::regclass",
+        )
+        .await
+        .expect("partitions")
+    };
+    let (status, _) = api.post("/dwh/events_part", &json!({ "data": events(1, 0) })).await;
+    assert_eq!(status, 200);
+    let before = partitions().await;
+    let mut data = events(3, 1);
+    data[1]["event_date"] = json!("9999-12-01");
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+    assert_eq!(status, 422, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("data[1]: field \"event_date\""), "{error}");
+    assert!(
+        error.contains("2000-01-01 to"),
+        "the API's form names its years: {error}"
+    );
+    // Within the API's form, past the window's day: the window itself answers.
+    let mut data = events(3, 1);
+    data[1]["event_timestamp"] = json!(99_999_999_999_i64);
+    let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(partitions().await, before, "no partition was created");
+    assert_eq!(api.get("/dwh/events_part").await.1["count"], 1);
+}

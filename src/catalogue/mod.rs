@@ -281,6 +281,52 @@ pub fn derived_columns(table: Table) -> &'static [&'static str] {
     }
 }
 
+/// The `event_date`s `events_part` accepts: each month gets a partition, so a
+/// date from a producer's bug (year 9999) would otherwise add partitions that
+/// every later query pays for. A date outside is a reject naming the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DateWindow {
+    pub min: chrono::NaiveDate,
+    pub max_days_ahead: u32,
+}
+
+impl Default for DateWindow {
+    fn default() -> Self {
+        DateWindow {
+            min: chrono::NaiveDate::from_ymd_opt(2000, 1, 1).expect("a date"),
+            max_days_ahead: 366,
+        }
+    }
+}
+
+impl DateWindow {
+    /// The last date accepted on `today`.
+    pub fn max(&self, today: chrono::NaiveDate) -> chrono::NaiveDate {
+        today + chrono::Days::new(u64::from(self.max_days_ahead))
+    }
+
+    /// Checks a decoded row of `table` (only `events_part` is partitioned by date).
+    pub fn check(&self, table: Table, row: &Row, today: chrono::NaiveDate) -> Result<(), RecordError> {
+        if table != Table::EventsPart {
+            return Ok(());
+        }
+        let Some(Value::Date(date)) = row.get(table.spec(), "event_date") else {
+            return Ok(());
+        };
+        let max = self.max(today);
+        if *date < self.min || *date > max {
+            return Err(RecordError::Field {
+                field: "event_date",
+                problem: FieldProblem::Invalid(format!(
+                    "{date} is outside the accepted window {}..{max} (DWH_EVENTS_MIN_DATE, DWH_EVENTS_MAX_DAYS_AHEAD)",
+                    self.min
+                )),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The longest text a natural-key column takes, in bytes: a table's key (at most
 /// two text columns) stays within PostgreSQL's B-tree entry limit (2,704 bytes).
 pub const MAX_KEY_TEXT_BYTES: usize = 1024;

@@ -68,6 +68,8 @@ pub struct DwhConfig {
     /// PostgreSQL's `statement_timeout` on every connection, and the base of the
     /// client-side limit of a write (a hung connection never holds a batch).
     pub statement_timeout: Duration,
+    /// The `event_date`s `events_part` takes (DWH_EVENTS_MIN_DATE, DWH_EVENTS_MAX_DAYS_AHEAD).
+    pub events_window: crate::catalogue::DateWindow,
 }
 
 /// `KAFKA_`: the broker and the ingest batches.
@@ -230,6 +232,8 @@ struct RawDwh {
     max_rows_per_insert: Option<String>,
     pool_size: Option<String>,
     statement_timeout_seconds: Option<String>,
+    events_min_date: Option<String>,
+    events_max_days_ahead: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,6 +370,25 @@ fn dwh(raw: RawDwh) -> Result<DwhConfig, ConfigError> {
                 return Err(ConfigError::new("DWH_STATEMENT_TIMEOUT_SECONDS", "must be at least 1"))
             }
             timeout => timeout,
+        },
+        events_window: crate::catalogue::DateWindow {
+            min: match raw.events_min_date.as_deref().map(str::trim) {
+                None => crate::catalogue::DateWindow::default().min,
+                Some(text) => chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                    .ok()
+                    .filter(|d| chrono::Datelike::year(d) >= 1)
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "DWH_EVENTS_MIN_DATE",
+                            format!("expected a date YYYY-MM-DD, got \"{text}\""),
+                        )
+                    })?,
+            },
+            max_days_ahead: count("DWH_EVENTS_MAX_DAYS_AHEAD", raw.events_max_days_ahead, 366)?
+                .try_into()
+                .ok()
+                .filter(|d| *d <= 36_500)
+                .ok_or_else(|| ConfigError::new("DWH_EVENTS_MAX_DAYS_AHEAD", "is over 36500 (a century)"))?,
         },
     })
 }

@@ -44,6 +44,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Permits for `POST /dwh/{table}` (HTTP_TABLES_MAX_CONCURRENT_WRITES).
     pub table_writes: Arc<tokio::sync::Semaphore>,
+    /// The published schemas, compiled: what `POST /dwh` and the filters take.
+    pub validators: Arc<validate::Validators>,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             s3: None,
             config: Arc::new(config.clone()),
             table_writes: Arc::new(tokio::sync::Semaphore::new(config.http.tables_max_concurrent_writes)),
+            validators: Arc::new(validate::Validators::new(&config.dwh.events_window)),
         }
     }
 }
@@ -83,7 +86,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let open = state.api_token.is_none();
     let router = Router::new()
         .merge(routes)
-        .merge(openapi::router(openapi::finish(api)))
+        .merge(openapi::router(openapi::finish(api, &state.config.dwh.events_window)))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), deadline))

@@ -16,7 +16,7 @@ use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use super::tables;
 use super::AppState;
-use crate::catalogue::{self, Check, Column, ColumnType, Table};
+use crate::catalogue::{self, Check, Column, ColumnType, DateWindow, Table};
 
 pub const DOCUMENT_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
@@ -42,7 +42,7 @@ pub fn base() -> OpenApi {
 
 /// The document as served: the tables' operations listed per table, each with
 /// its record schema.
-pub fn finish(api: OpenApi) -> Value {
+pub fn finish(api: OpenApi, window: &DateWindow) -> Value {
     let mut document = serde_json::to_value(&api).expect("the document serializes");
     let generic = document["paths"]
         .as_object_mut()
@@ -50,7 +50,7 @@ pub fn finish(api: OpenApi) -> Value {
         .expect("the tables' operations are annotated");
     for table in Table::ALL {
         let name = table.name();
-        document["components"]["schemas"][name] = record_schema(table);
+        document["components"]["schemas"][name] = record_schema(table, window);
         document["components"]["schemas"][JSON_VALUE] = json_value_schema();
         document["paths"][format!("/dwh/{name}")] = table_operations(table, &generic);
     }
@@ -112,8 +112,9 @@ fn table_operations(table: Table, generic: &Value) -> Value {
 /// every record against this schema (see `validate.rs`), so it is the API's
 /// contract; the topics' decoder is more lenient. Unknown fields are allowed (and
 /// ignored).
-pub fn record_schema(table: Table) -> Value {
+pub fn record_schema(table: Table, window: &DateWindow) -> Value {
     let spec = table.spec();
+    let years = window_years(window, chrono::Utc::now().date_naive());
     let derived = catalogue::derived_columns(table);
     let mut properties = Map::new();
     let mut required = Vec::new();
@@ -133,11 +134,33 @@ pub fn record_schema(table: Table) -> Value {
                 catalogue::MAX_KEY_TEXT_BYTES / 4
             ));
         }
+        // events_part's dates: the whole years inside the window (the server checks
+        // the window itself to the day, on the topics too).
+        if let (Table::EventsPart, "event_date", Some((first, last))) = (table, column.name, years) {
+            let leap_years = year_list(first, last, is_leap);
+            field["pattern"] = json!(format!(
+                "^{}$",
+                date_pattern(
+                    &year_list(first, last, |_| true).expect("first <= last"),
+                    leap_years.as_deref()
+                )
+            ));
+            field["minimum"] = json!(unix_seconds(first, false));
+            field["maximum"] = json!(unix_seconds(last, true));
+            field["description"] = json!(format!(
+                "YYYY-MM-DD from {first}-01-01 to {last}-12-31, or Unix seconds (its UTC day)"
+            ));
+        }
         properties.insert(column.name.to_owned(), field);
         if let Some(source) = catalogue::derivation_source(table, column.name) {
+            let bounds = match (table, years) {
+                (Table::EventsPart, Some((first, last))) => (unix_seconds(first, false), unix_seconds(last, true)),
+                _ => (UNIX_MIN, UNIX_MAX),
+            };
             derivations.push(derivation(
                 column.name,
                 spec.column(source).expect("sources are columns"),
+                bounds,
             ));
         }
     }
@@ -159,17 +182,57 @@ pub fn record_schema(table: Table) -> Value {
 
 /// A required column left out (or null) is derived from `source`, which must then
 /// hold a value it can be derived from.
-fn derivation(column: &str, source: &Column) -> Value {
+fn derivation(column: &str, source: &Column, (min, max): (i64, i64)) -> Value {
     let present = |name: &str| json!({ "required": [name], "properties": { name: { "not": { "type": "null" } } } });
     let usable = match source.ty {
         // event_date from event_timestamp: Unix seconds within the years dates take.
         ColumnType::BigInt => json!({
             "required": [source.name],
-            "properties": { source.name: { "type": "integer", "minimum": UNIX_MIN, "maximum": UNIX_MAX } },
+            "properties": { source.name: { "type": "integer", "minimum": min, "maximum": max } },
         }),
         _ => present(source.name),
     };
     json!({ "anyOf": [present(column), usable] })
+}
+
+/// The whole years inside `window` on `today` (the window only grows as days
+/// pass); `None` when there is none or they are over 200 (the pattern would be
+/// long: the generic date form stands, and the server checks the window).
+fn window_years(window: &DateWindow, today: chrono::NaiveDate) -> Option<(i32, i32)> {
+    use chrono::Datelike as _;
+    let first = match window.min.ordinal() {
+        1 => window.min.year(),
+        _ => window.min.year() + 1,
+    };
+    let max = window.max(today);
+    let last = match (max.month(), max.day()) {
+        (12, 31) => max.year(),
+        _ => max.year() - 1,
+    };
+    (first <= last && last - first <= 200 && last <= 9999).then_some((first, last))
+}
+
+fn is_leap(year: i32) -> bool {
+    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+}
+
+/// `(?:2000|2001|…)`: the years from `first` to `last` that `keep`, if any.
+fn year_list(first: i32, last: i32, keep: fn(i32) -> bool) -> Option<String> {
+    let years: Vec<String> = (first..=last).filter(|y| keep(*y)).map(|y| format!("{y:04}")).collect();
+    (!years.is_empty()).then(|| format!("(?:{})", years.join("|")))
+}
+
+/// Unix seconds of the first (or the last) second of `year`, UTC.
+fn unix_seconds(year: i32, end: bool) -> i64 {
+    let (month, day, time) = match end {
+        false => (1, 1, chrono::NaiveTime::MIN),
+        true => (12, 31, chrono::NaiveTime::from_hms_opt(23, 59, 59).expect("a time")),
+    };
+    chrono::NaiveDate::from_ymd_opt(year, month, day)
+        .expect("a date")
+        .and_time(time)
+        .and_utc()
+        .timestamp()
 }
 
 /// Years 0001 to 9999, four digits.
@@ -185,16 +248,17 @@ const UNIX_MAX: i64 = 253_370_764_799;
 const NO_NUL: &str = "^[^\\x00]*$";
 
 /// A calendar date (`YYYY-MM-DD`, days of each month, February 29th in leap years).
-fn date_pattern(year: &str, leap_year: &str) -> String {
+fn date_pattern(year: &str, leap_year: Option<&str>) -> String {
+    let leap_day = leap_year.map(|leap| format!("|{leap}-02-29")).unwrap_or_default();
     format!(
-        "(?:{year}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))|{leap_year}-02-29)"
+        "(?:{year}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8])){leap_day})"
     )
 }
 
 fn timestamp_pattern() -> String {
     format!(
         "^{}[T ](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{{1,9}})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?$",
-        date_pattern(TS_YEAR, TS_LEAP_YEAR)
+        date_pattern(TS_YEAR, Some(TS_LEAP_YEAR))
     )
 }
 
@@ -207,7 +271,7 @@ fn text_form(ty: ColumnType) -> Value {
         ColumnType::Double => json!({ "pattern": "^-?[0-9]{1,15}(?:\\.[0-9]{1,15})?$" }),
         ColumnType::Bool => json!({ "pattern": "^(?:true|false|t|f|yes|no|1|0)$" }),
         ColumnType::Text | ColumnType::Json => json!({ "pattern": NO_NUL }),
-        ColumnType::Date => json!({ "pattern": format!("^{}$", date_pattern(YEAR, LEAP_YEAR)) }),
+        ColumnType::Date => json!({ "pattern": format!("^{}$", date_pattern(YEAR, Some(LEAP_YEAR))) }),
         ColumnType::Timestamp | ColumnType::TimestampTz => json!({ "pattern": timestamp_pattern() }),
         ColumnType::Numeric20 => json!({ "pattern": "^[0-9]{1,20}$" }),
         ColumnType::Uuid => json!({

@@ -102,7 +102,7 @@ async fn list(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Rows>, ApiError> {
     let table = table(&name)?;
-    let mut query = read_query(table, params)?;
+    let mut query = read_query(table, params, &state.validators)?;
     query.max_bytes = state.config.http.tables_max_response_bytes;
     let page = state.dwh.read(table, &query).await?;
     Ok(Json(Rows {
@@ -113,7 +113,11 @@ async fn list(
 }
 
 /// `limit`, `after_id`, and equality filters on the natural key's columns.
-fn read_query(table: Table, params: HashMap<String, String>) -> Result<ReadQuery, ApiError> {
+fn read_query(
+    table: Table,
+    params: HashMap<String, String>,
+    validators: &validate::Validators,
+) -> Result<ReadQuery, ApiError> {
     let spec = table.spec();
     let mut query = ReadQuery {
         filters: Vec::new(),
@@ -153,7 +157,7 @@ fn read_query(table: Table, params: HashMap<String, String>) -> Result<ReadQuery
                     })?;
                 let value = value::decode(column.ty, &Json_::String(raw.clone()))
                     .map_err(|p| ApiError::bad_request(format!("filter \"{name}\": {p}")))?;
-                validate::check_filter(column, &raw).map_err(ApiError::bad_request)?;
+                validators.check_filter(column, &raw).map_err(ApiError::bad_request)?;
                 query.filters.push((column, value));
             }
         }
@@ -224,7 +228,16 @@ async fn insert(
     let body = axum::body::to_bytes(request.into_body(), limits.tables_max_body_bytes)
         .await
         .map_err(|e| body_error(e, limits.tables_max_body_bytes))?;
-    let rows = parse_records(table, &body, limits.tables_max_records, state.dwh.limits().1)?;
+    let rows = parse_records(
+        records::Parse::new(
+            table,
+            limits.tables_max_records,
+            state.dwh.limits().1,
+            &state.validators,
+            &state.config.dwh.events_window,
+        ),
+        &body,
+    )?;
     drop(body);
     let outcome = state.dwh.write(Batch::rows(table, &rows)).await?;
     tracing::info!(
@@ -276,8 +289,7 @@ fn body_error(e: axum::Error, limit: usize) -> ApiError {
 /// `{"data": [...]}` read record by record: each record is decoded and checked as
 /// it is parsed, and fields the table does not have are skipped unread. Memory
 /// holds the body and the decoded rows, never a tree of the whole request.
-fn parse_records(table: Table, body: &[u8], max_records: usize, max_row_bytes: usize) -> Result<Vec<Row>, ApiError> {
-    let mut parse = records::Parse::new(table, max_records, max_row_bytes);
+fn parse_records(mut parse: records::Parse<'_>, body: &[u8]) -> Result<Vec<Row>, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let result = serde::de::DeserializeSeed::deserialize(records::Body(&mut parse), &mut deserializer)
         .and_then(|()| deserializer.end());
@@ -315,24 +327,36 @@ mod records {
     use serde_json::{Map, Value as Json};
 
     use super::{validate, ApiError};
-    use crate::catalogue::{self, value, Row, Table};
+    use crate::catalogue::{self, value, DateWindow, Row, Table};
 
     /// What the parse found; `problem` stops it at the first bad record.
-    pub struct Parse {
+    pub struct Parse<'v> {
         table: Table,
         max_records: usize,
         max_row_bytes: usize,
+        validators: &'v validate::Validators,
+        window: &'v DateWindow,
+        today: chrono::NaiveDate,
         pub rows: Vec<Row>,
         pub seen_data: bool,
         pub problem: Option<ApiError>,
     }
 
-    impl Parse {
-        pub fn new(table: Table, max_records: usize, max_row_bytes: usize) -> Parse {
+    impl<'v> Parse<'v> {
+        pub fn new(
+            table: Table,
+            max_records: usize,
+            max_row_bytes: usize,
+            validators: &'v validate::Validators,
+            window: &'v DateWindow,
+        ) -> Parse<'v> {
             Parse {
                 table,
                 max_records,
                 max_row_bytes,
+                validators,
+                window,
+                today: chrono::Utc::now().date_naive(),
                 rows: Vec::new(),
                 seen_data: false,
                 problem: None,
@@ -354,7 +378,10 @@ mod records {
                 unreachable!("an object")
             };
             let decoded = catalogue::decode_record(self.table, map).map_err(|e| invalid(e.to_string()))?;
-            validate::check_record(self.table, &record).map_err(invalid)?;
+            self.validators.check_record(self.table, &record).map_err(invalid)?;
+            self.window
+                .check(self.table, &decoded.row, self.today)
+                .map_err(|e| invalid(e.to_string()))?;
             let size = decoded.row.approx_bytes();
             if size > self.max_row_bytes {
                 return Err(invalid(
@@ -373,16 +400,16 @@ mod records {
     /// Stops the parse; the reason is in `Parse::problem`.
     const STOP: &str = "stopped at an invalid record";
 
-    pub struct Body<'p>(pub &'p mut Parse);
+    pub struct Body<'p, 'v>(pub &'p mut Parse<'v>);
 
-    impl<'de> DeserializeSeed<'de> for Body<'_> {
+    impl<'de> DeserializeSeed<'de> for Body<'_, '_> {
         type Value = ();
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_map(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Body<'_> {
+    impl<'de> Visitor<'de> for Body<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object with \"data\": [records]")
@@ -400,16 +427,16 @@ mod records {
         }
     }
 
-    struct Data<'p>(&'p mut Parse);
+    struct Data<'p, 'v>(&'p mut Parse<'v>);
 
-    impl<'de> DeserializeSeed<'de> for Data<'_> {
+    impl<'de> DeserializeSeed<'de> for Data<'_, '_> {
         type Value = ();
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_seq(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Data<'_> {
+    impl<'de> Visitor<'de> for Data<'_, '_> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a sequence of records")

@@ -6,22 +6,29 @@
 //! so that what the document allows is accepted and what it does not is refused
 //! with 422 (records) or 400 (filters). The validators are compiled once.
 
-use std::sync::OnceLock;
-
 use jsonschema::Validator;
 use serde_json::{json, Value as Json};
 
 use super::openapi;
-use crate::catalogue::{self, value, Column, ColumnType, Table};
+use crate::catalogue::{self, value, Column, ColumnType, DateWindow, Table};
 
-struct Validators {
+/// The compiled record and filter schemas of one API (its date window set).
+pub struct Validators {
+    window: DateWindow,
     records: Vec<(Table, Validator)>,
     filters: Vec<(ColumnType, Validator)>,
 }
 
-fn validators() -> &'static Validators {
-    static VALIDATORS: OnceLock<Validators> = OnceLock::new();
-    VALIDATORS.get_or_init(|| {
+impl std::fmt::Debug for Validators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validators")
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Validators {
+    pub fn new(window: &DateWindow) -> Validators {
         let build = |schema: &Json| {
             jsonschema::options()
                 .with_draft(jsonschema::Draft::Draft202012)
@@ -36,7 +43,7 @@ fn validators() -> &'static Validators {
                 let schema = json!({
                     "$ref": format!("#/components/schemas/{}", table.name()),
                     "components": { "schemas": {
-                        table.name(): openapi::record_schema(table),
+                        table.name(): openapi::record_schema(table, window),
                         openapi::JSON_VALUE: openapi::json_value_schema(),
                     } },
                 });
@@ -60,84 +67,101 @@ fn validators() -> &'static Validators {
             .into_iter()
             .map(|ty| (ty, build(&openapi::query_schema(ty))))
             .collect();
-        Validators { records, filters }
-    })
-}
-
-/// Checks a record the decoder has read against the table's record schema; the
-/// error names the field and the form the API takes.
-pub fn check_record(table: Table, record: &Json) -> Result<(), String> {
-    let validator = &validators()
-        .records
-        .iter()
-        .find(|(t, _)| *t == table)
-        .expect("every table has a validator")
-        .1;
-    let Err(error) = validator.validate(record) else {
-        return Ok(());
-    };
-    let spec = table.spec();
-    let field = error
-        .instance_path()
-        .as_str()
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .filter(|f| !f.is_empty())
-        .map(|f| f.replace("~1", "/").replace("~0", "~"));
-    if let Some(field) = field {
-        let raw = &record[&field];
-        let column = spec.column(&field);
-        let form = column.map_or_else(String::new, |c| {
-            let schema = openapi::record_schema(table);
-            schema["properties"][c.name]["description"]
-                .as_str()
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default()
-        });
-        return Err(format!(
-            "field \"{field}\": {} is not in the form the API takes{form}",
-            value::describe(raw)
-        ));
-    }
-    // At the record's level only a derivation fails: a derived column left out whose
-    // source cannot give it.
-    for column in spec.columns {
-        let absent = record.get(column.name).is_none_or(Json::is_null);
-        if let (true, Some(source)) = (absent, catalogue::derivation_source(table, column.name)) {
-            return Err(format!(
-                "field \"{source}\": {} cannot give \"{}\", which is left out: send {} or Unix seconds \
-                 from 1000-01-01 to 9998-12-31 in {source}",
-                value::describe(record.get(source).unwrap_or(&Json::Null)),
-                column.name,
-                column.name,
-            ));
+        Validators {
+            window: *window,
+            records,
+            filters,
         }
     }
-    Err(format!("the record does not match the schema of {}", spec.name))
-}
 
-/// Checks a key filter's text against its query schema.
-pub fn check_filter(column: &Column, raw: &str) -> Result<(), String> {
-    let validator = &validators()
-        .filters
-        .iter()
-        .find(|(ty, _)| *ty == column.ty)
-        .expect("every key column type has a validator")
-        .1;
-    if validator.is_valid(&Json::String(raw.to_owned())) {
-        return Ok(());
+    /// Checks a record the decoder has read against the table's record schema;
+    /// the error names the field and the form the API takes.
+    pub fn check_record(&self, table: Table, record: &Json) -> Result<(), String> {
+        let validator = &self
+            .records
+            .iter()
+            .find(|(t, _)| *t == table)
+            .expect("every table has a validator")
+            .1;
+        let Err(error) = validator.validate(record) else {
+            return Ok(());
+        };
+        let spec = table.spec();
+        let field = error
+            .instance_path()
+            .as_str()
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .filter(|f| !f.is_empty())
+            .map(|f| f.replace("~1", "/").replace("~0", "~"));
+        if let Some(field) = field {
+            let raw = &record[&field];
+            let column = spec.column(&field);
+            let form = column.map_or_else(String::new, |c| {
+                let schema = openapi::record_schema(table, &self.window);
+                schema["properties"][c.name]["description"]
+                    .as_str()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            });
+            return Err(format!(
+                "field \"{field}\": {} is not in the form the API takes{form}",
+                value::describe(raw)
+            ));
+        }
+        // At the record's level only a derivation fails: a derived column left out
+        // whose source cannot give it.
+        for column in spec.columns {
+            let absent = record.get(column.name).is_none_or(Json::is_null);
+            if let (true, Some(source)) = (absent, catalogue::derivation_source(table, column.name)) {
+                return Err(format!(
+                    "field \"{source}\": {} cannot give \"{}\", which is left out: send {} or Unix seconds \
+                     of a date the API takes in {source}",
+                    value::describe(record.get(source).unwrap_or(&Json::Null)),
+                    column.name,
+                    column.name,
+                ));
+            }
+        }
+        Err(format!("the record does not match the schema of {}", spec.name))
     }
-    Err(format!(
-        "filter \"{}\": {} is not in the form the API takes (see /openapi.json)",
-        column.name,
-        value::describe(&Json::String(raw.to_owned()))
-    ))
+
+    /// Checks a key filter's text against its query schema.
+    pub fn check_filter(&self, column: &Column, raw: &str) -> Result<(), String> {
+        let validator = &self
+            .filters
+            .iter()
+            .find(|(ty, _)| *ty == column.ty)
+            .expect("every key column type has a validator")
+            .1;
+        if validator.is_valid(&Json::String(raw.to_owned())) {
+            return Ok(());
+        }
+        Err(format!(
+            "filter \"{}\": {} is not in the form the API takes (see /openapi.json)",
+            column.name,
+            value::describe(&Json::String(raw.to_owned()))
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validators() -> &'static Validators {
+        static VALIDATORS: std::sync::OnceLock<Validators> = std::sync::OnceLock::new();
+        VALIDATORS.get_or_init(|| Validators::new(&DateWindow::default()))
+    }
+
+    fn check_record(table: Table, record: &Json) -> Result<(), String> {
+        validators().check_record(table, record)
+    }
+
+    fn check_filter(column: &Column, raw: &str) -> Result<(), String> {
+        validators().check_filter(column, raw)
+    }
 
     fn field(table: Table, name: &str, value: Json) -> Result<(), String> {
         let mut record = crate::sample::records(table, 1, 1).remove(0);
@@ -156,20 +180,32 @@ mod tests {
 
     #[test]
     fn canonical_forms_pass_and_lenient_ones_are_named() {
-        let t = Table::EventsPart;
-        for ok in [
-            json!("2024-02-29"),
-            json!("0001-01-01"),
-            json!("9999-12-31"),
-            json!(1_700_000_000),
+        // tmp_event_properties' dates: any year; events_part's: the window's years.
+        for (t, ok, bad) in [
+            (
+                Table::TmpEventProperties,
+                &["2024-02-29", "0001-01-01", "9999-12-31"][..],
+                &["0000-01-01"][..],
+            ),
+            (
+                Table::EventsPart,
+                &["2024-02-29", "2000-01-01"][..],
+                &["1999-12-31", "9999-12-31"][..],
+            ),
         ] {
-            assert_eq!(field(t, "event_date", ok.clone()), Ok(()), "{ok}");
+            for date in ok.iter().map(|d| json!(d)).chain([json!(1_700_000_000)]) {
+                assert_eq!(field(t, "event_date", date.clone()), Ok(()), "{t}: {date}");
+            }
+            for date in bad
+                .iter()
+                .chain(&["2023-02-29", "2023-1-01", " 2023-01-01", "2023-04-31"])
+            {
+                let err = field(t, "event_date", json!(date)).unwrap_err();
+                assert!(err.starts_with("field \"event_date\""), "{err}");
+                assert!(err.contains("YYYY-MM-DD"), "{err}");
+            }
         }
-        for bad in ["2023-02-29", "0000-01-01", "2023-1-01", " 2023-01-01", "2023-04-31"] {
-            let err = field(t, "event_date", json!(bad)).unwrap_err();
-            assert!(err.starts_with("field \"event_date\""), "{err}");
-            assert!(err.contains("YYYY-MM-DD"), "{err}");
-        }
+        let t = Table::EventsPart;
         for ok in [
             "2024-01-02T03:04:05Z",
             "2024-01-02 03:04:05",

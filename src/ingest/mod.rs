@@ -214,6 +214,7 @@ impl Shared {
                 linger: self.config.kafka.batch_linger,
             },
             max_record_bytes: self.config.dwh.max_write_batch_bytes,
+            events_window: self.config.dwh.events_window,
             policy: start::Policy {
                 reset: self.config.kafka.auto_offset_reset,
                 adopt_committed: self.config.kafka.adopt_committed_offsets,

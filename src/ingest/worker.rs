@@ -36,7 +36,7 @@ use super::batcher::{BatchLimits, Batcher, Closed, Entry};
 use super::start::{self, Misfit, Policy, Source, StartAt};
 use super::status::IngestStatus;
 use crate::backoff::Backoff;
-use crate::catalogue::{self, RecordError, Row, Table};
+use crate::catalogue::{self, DateWindow, RecordError, Row, Table};
 use crate::kafka::consumer::{Context, Event, Exit};
 use crate::store::{Batch, Dwh, OffsetAdvance, Origins, RejectedRecord, StoreError, WriteOutcome};
 use crate::telemetry::events::{
@@ -50,8 +50,9 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How long a watermark or committed-offset query may take on assignment.
 const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Decodes a record value into a row of `table`, refusing values over `limit`.
-pub fn decode(table: Table, payload: &[u8], limit: usize) -> Result<Row, RecordError> {
+/// Decodes a record value into a row of `table`, refusing values over `limit`
+/// and event dates outside `window`.
+pub fn decode(table: Table, payload: &[u8], limit: usize, window: &DateWindow) -> Result<Row, RecordError> {
     if payload.len() > limit {
         return Err(RecordError::TooLarge {
             size: payload.len(),
@@ -63,6 +64,7 @@ pub fn decode(table: Table, payload: &[u8], limit: usize) -> Result<Row, RecordE
     if size > limit {
         return Err(RecordError::TooLarge { size, limit });
     }
+    window.check(table, &row, chrono::Utc::now().date_naive())?;
     Ok(row)
 }
 
@@ -90,6 +92,7 @@ pub struct Worker {
     pub writer: Arc<Writer>,
     pub limits: BatchLimits,
     pub max_record_bytes: usize,
+    pub events_window: DateWindow,
     /// Where partitions without a usable DWH offset start.
     pub policy: Policy,
     /// Stop consuming; write what is buffered.
@@ -276,7 +279,7 @@ impl Worker {
             return;
         }
         let payload = message.payload().unwrap_or_default();
-        let entry = match decode(self.writer.table, payload, self.max_record_bytes) {
+        let entry = match decode(self.writer.table, payload, self.max_record_bytes, &self.events_window) {
             Ok(row) => Entry::Row(row),
             Err(reason) => {
                 RecordRejected {
@@ -662,20 +665,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decode_refuses_event_dates_outside_the_window() {
+        let window = DateWindow::default();
+        let dated = |table: Table, date: &str| {
+            let mut record = crate::sample::records(table, 1, 1).remove(0);
+            record["event_date"] = serde_json::json!(date);
+            record.to_string()
+        };
+        let ok = decode(
+            Table::EventsPart,
+            dated(Table::EventsPart, "2024-03-01").as_bytes(),
+            8192,
+            &window,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for date in ["9999-01-01", "1999-12-31"] {
+            let error = decode(
+                Table::EventsPart,
+                dated(Table::EventsPart, date).as_bytes(),
+                8192,
+                &window,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.starts_with(&format!(
+                    "field \"event_date\": {date} is outside the accepted window 2000-01-01.."
+                )),
+                "{error}"
+            );
+            assert!(error.contains("DWH_EVENTS_MIN_DATE"), "{error}");
+        }
+        // Another table's dates are not windowed.
+        let table = Table::TmpEventProperties;
+        let ok = decode(table, dated(table, "9999-01-01").as_bytes(), 8192, &window);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
     fn decode_refuses_oversized_records_by_raw_and_decoded_size() {
         let record = br#"{"uuid":"5d8e2f86-2a1f-4a4e-9a0b-4c1f1c2b7a10","application_id":1}"#;
         let limit = record.len() - 1;
         assert_eq!(
-            decode(Table::UserLocations, record, limit).unwrap_err().to_string(),
+            decode(Table::UserLocations, record, limit, &DateWindow::default())
+                .unwrap_err()
+                .to_string(),
             format!("record is {} bytes, over the limit of {limit} bytes", record.len())
         );
         assert_eq!(
-            decode(Table::UserLocations, b"", 1024).unwrap_err(),
+            decode(Table::UserLocations, b"", 1024, &DateWindow::default()).unwrap_err(),
             RecordError::Empty,
             "a tombstone is rejected, not dropped"
         );
         assert!(matches!(
-            decode(Table::UserLocations, b"\xff{}", 1024),
+            decode(Table::UserLocations, b"\xff{}", 1024, &DateWindow::default()),
             Err(RecordError::NotUtf8(0))
         ));
     }
