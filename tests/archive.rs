@@ -459,3 +459,77 @@ async fn each_archive_object_stored_is_an_upload_span() {
     assert!(otlp::attribute(&upload, "records").is_some_and(|r| r != "0"));
     drop(child);
 }
+
+fn restore(env: &[(String, String)]) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+        .args(["archive", "restore", "--table", TABLE.name()])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .output()
+        .expect("restore runs");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// `archive restore` republishes only what the archive role wrote: an object
+/// planted without the archive's metadata stops it before anything is published,
+/// and a gzip bomb with forged metadata stops at the decompressed cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_restore_refuses_planted_objects_and_bounds_what_it_reads() {
+    use std::io::Write as _;
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let (s3, s3_config) = s3_bucket(&[]).await;
+    let env = env_for(&broker, &prefix, &url, &s3_endpoint(), &s3_config.s3.bucket_name);
+    let config = config_from(&env, &[]);
+    let topic = topic(&prefix, TABLE);
+    let key_at = |first_offset| {
+        dwh_helper::archive::format::object_key(
+            &config.s3.archive_prefix,
+            TABLE.name(),
+            chrono::NaiveDate::from_ymd_opt(2024, 3, 1).expect("date"),
+            &topic,
+            0,
+            first_offset,
+        )
+    };
+    let gzip = |data: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(data).expect("gzip");
+        encoder.finish().expect("gzip")
+    };
+    let line = br#"{"partition":0,"offset":0,"timestamp":null,"key":null,"value":"{}"}"#;
+    // Planted with no metadata.
+    put_bytes(&s3, &key_at(0), gzip(line)).await;
+    let (ok, output) = restore(&env);
+    assert!(!ok, "{output}");
+    assert!(
+        output.contains("not the archive role's") && output.contains("no archive metadata"),
+        "{output}"
+    );
+    assert_eq!(watermarks(&config, &topic).await[0].high, 0, "nothing was published");
+
+    // A gzip bomb with the archive's metadata: 64 MiB of one line, 64 KiB stored.
+    s3.delete_object(&key_at(0)).await.expect("deleted");
+    let bomb = gzip(&vec![b'x'; 64 << 20]);
+    let metadata = [
+        ("first-offset", "0".to_owned()),
+        ("last-offset", "0".to_owned()),
+        ("records", "1".to_owned()),
+    ];
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(bomb))]);
+    s3.put_object(&key_at(0), stream, None, &metadata, None)
+        .await
+        .expect("stored");
+    let (ok, output) = restore(&env);
+    assert!(!ok, "{output}");
+    assert!(output.contains("not an archive"), "{output}");
+    assert_eq!(watermarks(&config, &topic).await[0].high, 0, "nothing was published");
+}

@@ -1,7 +1,7 @@
 //! `dwh-helper archive restore|verify`: read the S3 archive back.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _};
 
 use anyhow::{bail, Context as _};
 use chrono::NaiveDate;
@@ -135,6 +135,26 @@ async fn verify(config: &Config, s3: &S3, table: Table, as_json: bool) -> anyhow
     Ok(())
 }
 
+/// What an archive object may weigh when restored.
+struct RestoreLimits {
+    /// Decompressed (and stored) bytes of one object: the archive closes an object
+    /// at S3_ARCHIVE_MAX_BYTES, plus the record that crossed it.
+    object_bytes: u64,
+    /// One JSON line: a record as large as the DWH takes, base64-encoded, and more.
+    line_bytes: u64,
+}
+
+impl RestoreLimits {
+    fn of(config: &Config) -> RestoreLimits {
+        let record = config.dwh.max_write_batch_bytes as u64;
+        let line_bytes = record * 2 + 64 * 1024;
+        RestoreLimits {
+            object_bytes: config.s3.archive_max_bytes as u64 + line_bytes,
+            line_bytes,
+        }
+    }
+}
+
 async fn restore(
     config: &Config,
     s3: &S3,
@@ -148,6 +168,33 @@ async fn restore(
         .flatten()
         .filter(|(k, _)| from.is_none_or(|f| k.date >= f) && to.is_none_or(|t| k.date <= t))
         .collect();
+    // Every object is checked before anything is published: one the archive role
+    // did not write (no metadata, or too large to be its) stops the restore.
+    let limits = RestoreLimits::of(config);
+    let mut refused = Vec::new();
+    for (_, key) in &selected {
+        let info = s3.object_info(key).await?;
+        let has_metadata = ["first-offset", "last-offset", "records"]
+            .iter()
+            .all(|m| info.metadata.get(*m).is_some_and(|v| v.parse::<i64>().is_ok()));
+        if !has_metadata {
+            refused.push(format!(
+                "{key} (no archive metadata: first-offset, last-offset, records)"
+            ));
+        } else if info.size > limits.object_bytes {
+            refused.push(format!(
+                "{key} ({} bytes, over {} for an archive object)",
+                info.size, limits.object_bytes
+            ));
+        }
+    }
+    if !refused.is_empty() {
+        bail!(
+            "refusing to restore: {} object(s) under the archive prefix are not the archive role's:\n  {}",
+            refused.len(),
+            refused.join("\n  ")
+        );
+    }
     let topic = kafka::topic_name(&config.kafka.topic_prefix, table);
     let publisher = Publisher::new(&config.kafka)?;
     let progress =
@@ -155,10 +202,33 @@ async fn restore(
     let mut batch = publisher.batch();
     for (_, key) in &selected {
         let data = s3.get_bytes(key).await?;
-        let reader = BufReader::new(flate2::read::GzDecoder::new(&data[..]));
-        for (number, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("{key}: cannot decompress"))?;
-            let record: Line = serde_json::from_str(&line).with_context(|| format!("{key}: line {}", number + 1))?;
+        // Decompressed bytes and each line are bounded (a gzip bomb stops at the cap).
+        let mut reader = BufReader::new(flate2::read::GzDecoder::new(&data[..]).take(limits.object_bytes + 1));
+        let mut line = Vec::new();
+        let mut total = 0u64;
+        for number in 1.. {
+            line.clear();
+            let read = (&mut reader)
+                .take(limits.line_bytes + 1)
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("{key}: cannot decompress"))?;
+            if read == 0 {
+                break;
+            }
+            total += read as u64;
+            if total > limits.object_bytes {
+                bail!(
+                    "{key}: decompresses to over {} bytes; not an archive object",
+                    limits.object_bytes
+                );
+            }
+            if line.len() as u64 > limits.line_bytes {
+                bail!(
+                    "{key}: line {number} is over {} bytes; not an archive line",
+                    limits.line_bytes
+                );
+            }
+            let record: Line = serde_json::from_slice(&line).with_context(|| format!("{key}: line {number}"))?;
             let value = record.value_bytes().map_err(anyhow::Error::msg)?.unwrap_or_default();
             let record_key = record.key_bytes().map_err(anyhow::Error::msg)?.unwrap_or_default();
             batch.send(&topic, &record_key, &value).await?;

@@ -64,7 +64,7 @@ pub fn decode(table: Table, payload: &[u8], limit: usize, window: &DateWindow) -
     if size > limit {
         return Err(RecordError::TooLarge { size, limit });
     }
-    window.check(table, &row, chrono::Utc::now().date_naive())?;
+    window.check_today(table, &row)?;
     Ok(row)
 }
 
