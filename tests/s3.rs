@@ -48,7 +48,7 @@ async fn listings_are_complete_newest_first_and_only_direct_children() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     put_bytes(&s3, "many/newest.json", b"{}".to_vec()).await;
 
-    let listing = s3.list_objects("many/").await.expect("listing");
+    let listing = s3.list_objects("many/", usize::MAX).await.expect("listing");
     assert_eq!(listing.objects.len(), 2_501, "every object past the 1,000 of one page");
     assert_eq!(listing.folders, ["many/sub/"], "deeper objects show as a folder only");
     assert_eq!(listing.objects[0].key, "many/newest.json", "newest first");
@@ -880,4 +880,252 @@ async fn the_api_changes_only_its_own_lifecycle_rules_and_never_the_archive() {
     // Reading the archive stays allowed.
     let (status, _) = api.get(&format!("/s3/object-info?key={planted}")).await;
     assert_eq!(status, 200);
+}
+
+/// The API's configuration with its S3 endpoint replaced (by a relay, say).
+fn through(config: &dwh_helper::config::Config, endpoint: &str) -> dwh_helper::config::Config {
+    let mut config = config.clone();
+    config.s3.endpoint_url = Some(endpoint.parse().expect("endpoint URL"));
+    config
+}
+
+/// The entries (objects, then folders) of a listing page.
+fn entries(body: &serde_json::Value) -> (Vec<String>, Vec<String>) {
+    let names = |field: &str, name: fn(&serde_json::Value) -> Option<&str>| -> Vec<String> {
+        body[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("{field} in {body}"))
+            .iter()
+            .map(|v| name(v).expect("a name").to_owned())
+            .collect()
+    };
+    (
+        names("objects", |o| o["key"].as_str()),
+        names("folders", |f| f.as_str()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_objects_list_in_bounded_scans_and_one_request_pages_by_key() {
+    let (s3, config) = s3_bucket(&[("S3_LIST_SCAN_LIMIT", "2500")]).await;
+    let objects: Vec<String> = (0..10_000).map(|i| format!("big/o-{i:05}")).collect();
+    // Folders before, between and after the objects, each holding several keys.
+    let folders = ["big/a/", "big/o-05000/", "big/z/"];
+    let under_folders = folders.iter().flat_map(|f| (0..3).map(move |i| format!("{f}k{i}")));
+    futures_util::stream::iter(objects.iter().cloned().chain(under_folders))
+        .map(|key| {
+            let s3 = s3.clone();
+            async move { put_bytes(&s3, &key, b"x".to_vec()).await }
+        })
+        .buffer_unordered(48)
+        .collect::<Vec<()>>()
+        .await;
+    let (proxy, lists) = TcpProxy::watching(s3_endpoint().trim_start_matches("http://"), "list-type=2").await;
+    let (api, _dir) = api_for(&through(&config, &proxy.url())).await;
+
+    // Newest first: a scan of 2,500 entries at most (three LIST requests of
+    // 1,000), said to be truncated, whatever the prefix holds.
+    let (status, body) = api.get("/s3/objects?prefix=big/&limit=5").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(lists.seen(), 3, "LIST requests of the bounded scan");
+    assert_eq!(body["order"], "newest");
+    assert_eq!(body["truncated"], true, "{body}");
+    assert_eq!(body["count"], 5);
+    let (page, scanned_folders) = entries(&body);
+    assert_eq!(page.len(), 5);
+    let total = body["total"].as_u64().expect("total") as usize;
+    assert_eq!(
+        total + scanned_folders.len(),
+        3_000,
+        "the entries of three pages, no more"
+    );
+    assert!(total < objects.len());
+
+    // By key: one LIST request per page, whatever the prefix holds.
+    let before = lists.seen();
+    let (status, body) = api.get("/s3/objects?prefix=big/&order=key&limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(lists.seen() - before, 1, "one LIST request for a page by key");
+    assert_eq!(body["order"], "key");
+    assert_eq!(body["total"], serde_json::Value::Null);
+    assert_eq!(body["truncated"], false);
+    let (page, page_folders) = entries(&body);
+    assert_eq!(page_folders, ["big/a/"]);
+    assert_eq!(page, objects[..9].to_vec(), "the first keys, in key order");
+
+    // A page that ends on a folder resumes after everything under it.
+    let (_, body) = api.get("/s3/objects?prefix=big/&order=key&limit=1").await;
+    assert_eq!(entries(&body), (vec![], vec!["big/a/".to_owned()]));
+    let cursor = body["next_cursor"].as_str().expect("a cursor after the folder");
+    let (_, body) = api
+        .get(&format!(
+            "/s3/objects?prefix=big/&order=key&limit=1&cursor={}",
+            urlencode(cursor)
+        ))
+        .await;
+    assert_eq!(entries(&body), (vec![objects[0].clone()], vec![]), "{body}");
+
+    // Every object and folder is reached, each once, one request a page.
+    let (mut seen, mut seen_folders, mut pages) = (Vec::new(), Vec::new(), 0);
+    let mut cursor: Option<String> = None;
+    let before = lists.seen();
+    loop {
+        let path = match &cursor {
+            None => "/s3/objects?prefix=big/&order=key&limit=1000".to_owned(),
+            Some(c) => format!("/s3/objects?prefix=big/&order=key&limit=1000&cursor={}", urlencode(c)),
+        };
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        pages += 1;
+        let (page, page_folders) = entries(&body);
+        assert!(page.len() + page_folders.len() <= 1000);
+        seen.extend(page);
+        seen_folders.extend(page_folders);
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(lists.seen() - before, pages, "one LIST request per page");
+    assert_eq!(pages, 11, "10,003 entries in pages of 1,000");
+    assert_eq!(seen, objects, "every object once, in key order");
+    assert_eq!(seen_folders, folders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_api_prefix_confines_every_route() {
+    let (s3, config) = s3_bucket(&[("S3_API_PREFIX", "/exports/")]).await;
+    assert_eq!(config.s3.api_prefix.as_deref(), Some("exports/"));
+    put_bytes(&s3, "exports/report.csv", b"a,b\n".to_vec()).await;
+    put_bytes(&s3, "private/secret.csv", b"not the API's".to_vec()).await;
+    let (api, _dir) = api_for(&config).await;
+
+    // Inside: served. The listing defaults to the API's prefix.
+    let (status, body) = api.get("/s3/objects").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["prefix"], "exports/");
+    assert_eq!(entries(&body), (vec!["exports/report.csv".to_owned()], vec![]));
+    let response = api
+        .client
+        .put(api.url("/s3/update?key=exports/report.csv"))
+        .body("c,d\n")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(read_all(&s3, "exports/report.csv").await, b"c,d\n");
+
+    // Outside: 403 naming the variable, for reads, writes, listings and rules.
+    let form = reqwest::multipart::Form::new().text("file", "planted");
+    let attempts = [
+        api.client.get(api.url("/s3/objects?prefix=private/")),
+        api.client.get(api.url("/s3/objects?prefix=")),
+        api.client.get(api.url("/s3/object-info?key=private/secret.csv")),
+        api.client.get(api.url("/s3/download?key=private/secret.csv")),
+        api.client
+            .post(api.url("/s3/upload?key=private/planted"))
+            .multipart(form),
+        api.client
+            .put(api.url("/s3/update?key=private/secret.csv"))
+            .body("overwritten"),
+        api.client
+            .patch(api.url("/s3/patch?key=private/secret.csv&offset=0"))
+            .body("X"),
+        api.client.delete(api.url("/s3/delete?key=private/secret.csv")),
+        api.client
+            .put(api.url("/s3/lifecycle"))
+            .json(&serde_json::json!({"prefix": "private/", "days": 1})),
+        api.client.delete(api.url("/s3/lifecycle?prefix=private/")),
+    ];
+    for attempt in attempts {
+        let request = attempt.build().expect("request");
+        let what = format!("{} {}", request.method(), request.url());
+        let (status, body) = status_and_json(api.client.execute(request).await.expect("request")).await;
+        assert_eq!(status, 403, "{what}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains("S3_API_PREFIX"),
+            "{what}: {body}"
+        );
+    }
+    assert_eq!(read_all(&s3, "private/secret.csv").await, b"not the API's");
+    assert!(!s3.object_exists("private/planted").await.expect("head"));
+
+    // A prefix inside the archive is a configuration error.
+    let mut env = s3_env(&s3_endpoint());
+    env.push(("S3_API_PREFIX".into(), "archive/events_part".into()));
+    let error = dwh_helper::config::Config::from_vars(env).expect_err("refused");
+    assert!(error.to_string().contains("S3_API_PREFIX"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_changed_between_write_and_check_is_a_502() {
+    let (s3, config) = s3_bucket(&[]).await;
+    let (proxy, heads) = TcpProxy::watching(s3_endpoint().trim_start_matches("http://"), "HEAD /").await;
+    let (api, _dir) = api_for(&through(&config, &proxy.url())).await;
+    let key = "raced/report.csv";
+
+    // The API's check (a HEAD after the write) waits while another writer
+    // replaces the object with other bytes.
+    let (held, release) = heads.hold_next(&format!("HEAD /{}/{key}", config.s3.bucket_name));
+    let upload = tokio::spawn({
+        let form = reqwest::multipart::Form::new().text("file", "the API's bytes");
+        let request = api
+            .client
+            .post(api.url(&format!("/s3/upload?key={key}")))
+            .multipart(form);
+        async move { status_and_json(request.send().await.expect("request")).await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), held)
+        .await
+        .expect("the check reached the store")
+        .expect("held");
+    assert_eq!(read_all(&s3, key).await, b"the API's bytes", "the write happened first");
+    put_bytes(&s3, key, b"another writer's, longer bytes".to_vec()).await;
+    release.send(()).expect("release");
+
+    let (status, body) = upload.await.expect("upload");
+    assert_eq!(status, 502, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("another writer"), "{body}");
+    assert!(error.contains(key), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_by_key_pass_keys_holding_control_characters() {
+    let (s3, config) = s3_bucket(&[]).await;
+    // Sorted by bytes: "\u{1}" < "\u{2}" < "b"; the folder "ctl/a\u{1}/" rolls up its keys.
+    let keys = ["ctl/a\u{1}", "ctl/a\u{1}x", "ctl/a\u{2}", "ctl/b", "ctl/c\u{1f}"];
+    for key in keys.iter().chain(&["ctl/a\u{1}/inner"]) {
+        put_bytes(&s3, key, b"x".to_vec()).await;
+    }
+    let (api, _dir) = api_for(&config).await;
+    let mut names = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..20 {
+        let path = match &cursor {
+            None => "/s3/objects?prefix=ctl/&order=key&limit=1".to_owned(),
+            Some(c) => format!("/s3/objects?prefix=ctl/&order=key&limit=1&cursor={}", urlencode(c)),
+        };
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, 200, "{body}");
+        let (objects, folders) = entries(&body);
+        assert_eq!(objects.len() + folders.len(), 1, "{body}");
+        names.extend(objects.into_iter().chain(folders));
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            "ctl/a\u{1}",
+            "ctl/a\u{1}/",
+            "ctl/a\u{1}x",
+            "ctl/a\u{2}",
+            "ctl/b",
+            "ctl/c\u{1f}"
+        ],
+        "every entry once, in key order"
+    );
 }

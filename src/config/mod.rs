@@ -148,6 +148,12 @@ pub struct S3Config {
     pub attempt_timeout: Duration,
     /// Archive objects live under `{archive_prefix}/{table}/dt=…/`.
     pub archive_prefix: String,
+    /// The `/s3/*` routes reach only keys under this prefix (ends with `/`);
+    /// `None`: the whole bucket, the archive read-only.
+    pub api_prefix: Option<String>,
+    /// `GET /s3/objects` newest first reads at most this many entries of a
+    /// prefix (beyond: `truncated`).
+    pub list_scan_limit: usize,
     /// An archive object closes at this many bytes of records (before gzip)…
     pub archive_max_bytes: usize,
     /// …or this long after its first record.
@@ -267,6 +273,8 @@ struct RawS3 {
     operation_timeout_seconds: Option<String>,
     attempt_timeout_seconds: Option<String>,
     archive_prefix: Option<String>,
+    api_prefix: Option<String>,
+    list_scan_limit: Option<String>,
     archive_max_bytes: Option<String>,
     archive_interval_seconds: Option<String>,
 }
@@ -535,6 +543,7 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
             format!("\"{bucket_name}\" is not a valid bucket name (3-63 lowercase letters, digits, '-' or '.')"),
         ));
     }
+    let archive_prefix = archive_prefix(raw.archive_prefix)?;
     Ok(S3Config {
         access_key_id: raw.access_key_id,
         secret_access_key: raw.secret_access_key.map(Secret::new),
@@ -545,7 +554,9 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
         max_upload_bytes: max_upload(raw.max_upload_bytes)?,
         operation_timeout: seconds("S3_OPERATION_TIMEOUT_SECONDS", raw.operation_timeout_seconds, 300)?,
         attempt_timeout: seconds("S3_ATTEMPT_TIMEOUT_SECONDS", raw.attempt_timeout_seconds, 120)?,
-        archive_prefix: archive_prefix(raw.archive_prefix)?,
+        api_prefix: api_prefix(raw.api_prefix, &archive_prefix)?,
+        list_scan_limit: count("S3_LIST_SCAN_LIMIT", raw.list_scan_limit, 10_000)?,
+        archive_prefix,
         archive_max_bytes: size("S3_ARCHIVE_MAX_BYTES", raw.archive_max_bytes, 64 * MIB, 1024)?,
         archive_interval: seconds("S3_ARCHIVE_INTERVAL_SECONDS", raw.archive_interval_seconds, 60)?,
     })
@@ -578,6 +589,33 @@ fn archive_prefix(raw: Option<String>) -> Result<String, ConfigError> {
         ));
     }
     Ok(prefix)
+}
+
+/// `S3_API_PREFIX`, kept with its trailing `/`; blank is unset. Under the
+/// archive it would leave the API nothing it may write.
+fn api_prefix(raw: Option<String>, archive: &str) -> Result<Option<String>, ConfigError> {
+    let Some(prefix) = raw
+        .map(|p| p.trim().trim_matches('/').to_owned())
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    if prefix.len() > 200 || prefix.contains("//") {
+        return Err(ConfigError::new(
+            "S3_API_PREFIX",
+            format!("\"{prefix}\" is not a usable key prefix (1-200 characters, no empty path segment)"),
+        ));
+    }
+    let prefix = format!("{prefix}/");
+    if prefix.starts_with(&format!("{archive}/")) {
+        return Err(ConfigError::new(
+            "S3_API_PREFIX",
+            format!(
+                "\"{prefix}\" is inside the archive (S3_ARCHIVE_PREFIX \"{archive}\"), which the API may not write"
+            ),
+        ));
+    }
+    Ok(Some(prefix))
 }
 
 fn appmetrica(raw: RawAppMetrica) -> Result<AppMetricaConfig, ConfigError> {

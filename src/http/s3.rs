@@ -21,10 +21,8 @@ use utoipa_axum::routes;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
-use crate::s3::{ExpirationRule, ObjectInfo, S3Error, MANAGED_RULE_PREFIX, S3};
+use crate::s3::{xml_char, ExpirationRule, ObjectInfo, S3Error, MANAGED_RULE_PREFIX, MAX_KEY_BYTES, S3};
 
-/// S3's key limit, in bytes.
-const MAX_KEY_BYTES: usize = 1024;
 const DEFAULT_LIMIT: usize = 1000;
 const MAX_LIMIT: usize = 10_000;
 
@@ -46,16 +44,36 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ObjectPage {
     pub prefix: String,
-    /// Newest first, then by key.
+    /// `newest`: newest first, then by key. `key`: by key.
+    pub order: Order,
+    /// In `newest` order, every folder directly under the prefix; in `key`
+    /// order, those of this page.
     pub objects: Vec<crate::s3::ObjectSummary>,
     /// The "folders" directly under the prefix.
     pub folders: Vec<String>,
     /// Objects on this page.
     pub count: usize,
-    /// Objects under the prefix.
-    pub total: usize,
+    /// `newest` order: the objects listed under the prefix (all of them unless
+    /// `truncated`). `key` order: null (one LIST request cannot count them).
+    pub total: Option<usize>,
+    /// `newest` order only: the prefix holds more than the scan limit
+    /// (`S3_LIST_SCAN_LIMIT` objects and folders), so the listing covers the
+    /// first that many in key order, sorted newest first. Use `order=key` to
+    /// reach every object.
+    pub truncated: bool,
     /// Pass as `cursor` for the next page; absent on the last.
     pub next_cursor: Option<String>,
+}
+
+/// The order of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Newest first, then by key, from a scan of up to `S3_LIST_SCAN_LIMIT`
+    /// entries.
+    Newest,
+    /// By key; each page is one LIST request, whatever the prefix holds.
+    Key,
 }
 
 /// An object written.
@@ -201,14 +219,19 @@ fn store(state: &AppState) -> Result<&S3, ApiError> {
     })
 }
 
-/// `GET /s3/objects?prefix=&limit=&cursor=`: the objects directly under the
-/// prefix, newest first, a page at a time.
+/// `GET /s3/objects?prefix=&limit=&cursor=&order=`: the objects directly under
+/// the prefix, a page at a time: newest first (from a bounded scan), or by key.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 struct ListParams {
-    /// Only keys under this prefix (a "folder" ends with `/`)
+    /// Only keys under this prefix (a "folder" ends with `/`); default: the
+    /// whole bucket, or `S3_API_PREFIX` when set
     prefix: Option<String>,
+    /// `newest` (default): newest first, among the first `S3_LIST_SCAN_LIMIT`
+    /// entries of the prefix in key order. `key`: by key, one LIST request a
+    /// page, every object reachable
+    order: Option<Order>,
     /// Objects per page
     #[param(minimum = 1, maximum = 10000, default = 1000)]
     limit: Option<u64>,
@@ -222,13 +245,26 @@ struct ListParams {
         (status = 200, description = "A page of the objects under the prefix", body = ObjectPage),
         (status = 400, description = "A parameter is invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The prefix is outside S3_API_PREFIX", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<ObjectPage>, ApiError> {
     let params = Params::parse(query);
-    let prefix = params.get("prefix")?.unwrap_or_default().to_owned();
+    let prefix = match params.get("prefix")? {
+        Some(prefix) => confined(&state, prefix, "listing")?.to_owned(),
+        None => state.config.s3.api_prefix.clone().unwrap_or_default(),
+    };
+    let order = match params.get("order")? {
+        None | Some("newest") => Order::Newest,
+        Some("key") => Order::Key,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "order must be \"newest\" or \"key\", got \"{other}\""
+            )))
+        }
+    };
     let limit = params.number("limit")?.map_or(DEFAULT_LIMIT, |l| l as usize);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!(
@@ -236,7 +272,30 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
         )));
     }
     let cursor = params.get("cursor")?.map(Cursor::parse).transpose()?;
-    let listing = store(&state)?.list_objects(&prefix).await?;
+    let s3 = store(&state)?;
+    if order == Order::Key {
+        let page = s3
+            .list_page(&prefix, cursor.as_ref().map(|c| c.key.as_str()), limit)
+            .await?;
+        // The cursor names the page's last entry; a folder has no time of its own.
+        let next_cursor = page
+            .next_after
+            .map(|last| match page.objects.iter().find(|o| o.key == last) {
+                Some(object) => Cursor::of(object).to_string(),
+                None => Cursor { millis: 0, key: last }.to_string(),
+            });
+        return Ok(Json(ObjectPage {
+            prefix,
+            order,
+            count: page.objects.len(),
+            objects: page.objects,
+            folders: page.folders,
+            total: None,
+            truncated: false,
+            next_cursor,
+        }));
+    }
+    let listing = s3.list_objects(&prefix, state.config.s3.list_scan_limit).await?;
     let start = match &cursor {
         None => 0,
         Some(cursor) => listing
@@ -251,16 +310,21 @@ async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
         .flatten();
     Ok(Json(ObjectPage {
         prefix,
+        order,
         count: page.len(),
         objects: page.into_iter().cloned().collect(),
         folders: listing.folders,
-        total: listing.objects.len(),
+        total: Some(listing.objects.len()),
+        truncated: listing.truncated,
         next_cursor,
     }))
 }
 
-/// Where a page ended: the last object's modification time and key, in the
-/// listing's order (newest first, then by key).
+/// The time of an object the store gave none, as a cursor can carry it (18 digits).
+const NO_TIME: i64 = -999_999_999_999_999_999;
+
+/// Where a page ended: the last entry's modification time and key. Newest
+/// order resumes after both; key order after the key (a folder's time is 0).
 struct Cursor {
     millis: i64,
     key: String,
@@ -269,7 +333,7 @@ struct Cursor {
 impl Cursor {
     fn of(o: &crate::s3::ObjectSummary) -> Cursor {
         Cursor {
-            millis: o.last_modified.map_or(i64::MIN, |t| t.timestamp_millis()),
+            millis: o.last_modified.map_or(NO_TIME, |t| t.timestamp_millis()),
             key: o.key.clone(),
         }
     }
@@ -288,7 +352,7 @@ impl Cursor {
 
     /// Whether `o` comes after the cursor in the listing's order.
     fn precedes(&self, o: &crate::s3::ObjectSummary) -> bool {
-        let millis = o.last_modified.map_or(i64::MIN, |t| t.timestamp_millis());
+        let millis = o.last_modified.map_or(NO_TIME, |t| t.timestamp_millis());
         millis < self.millis || (millis == self.millis && o.key > self.key)
     }
 }
@@ -304,13 +368,14 @@ impl std::fmt::Display for Cursor {
         (status = 200, description = "The object's size, type, time, ETag and metadata", body = ObjectInfo),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The key is outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn info(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<ObjectInfo>, ApiError> {
-    let key = Params::parse(query).key()?;
+    let key = readable_key(&state, &Params::parse(query))?;
     Ok(Json(store(&state)?.object_info(&key).await?))
 }
 
@@ -319,13 +384,14 @@ async fn info(State(state): State<AppState>, RawQuery(query): RawQuery) -> Resul
         (status = 200, description = "The object's bytes, streamed, with the content type it was stored with", content_type = "*/*", body = String),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The key is outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
-    let key = Params::parse(query).key()?;
+    let key = readable_key(&state, &Params::parse(query))?;
     let download = store(&state)?.get_object(&key).await?;
     let info = download.info;
     let mut response = Body::from_stream(download.body).into_response();
@@ -400,7 +466,7 @@ struct UploadForm {
         (status = 413, description = "The file is over S3_MAX_UPLOAD_BYTES, or the form holds over 64 KiB before it; nothing is stored", body = ErrorBody),
         (status = 400, description = "The key is invalid, or the form is not one field \"file\"; nothing is stored", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
     ),
@@ -612,7 +678,7 @@ fn file_then_end(
         (status = 413, description = "The body is over S3_MAX_UPLOAD_BYTES; nothing is stored", body = ErrorBody),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object: upload creates one", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
@@ -667,7 +733,7 @@ struct PatchParams {
         (status = 200, description = "Patched; the object as it is now", body = ObjectInfo),
         (status = 400, description = "The key or offset is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 409, description = "The object changed during the patch, or offset is past its end", body = ErrorBody),
         (status = 412, description = "The ETag is not the If-Match one", body = ErrorBody),
@@ -697,7 +763,7 @@ async fn patch_object(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX)", body = ErrorBody),
+        (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
@@ -746,7 +812,7 @@ struct RuleRequest {
         (status = 200, description = "The rules after the change", body = Rules),
         (status = 400, description = "The rule is invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The prefix is empty or touches the archive (S3_ARCHIVE_PREFIX)", body = ErrorBody),
+        (status = 403, description = "The prefix is empty, touches the archive (S3_ARCHIVE_PREFIX) or is outside S3_API_PREFIX", body = ErrorBody),
         (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
         (status = 415, description = "The body is not application/json", body = ErrorBody),
         (status = 422, description = "The body is not such a rule", body = ErrorBody),
@@ -771,6 +837,7 @@ async fn set_lifecycle(
         )));
     }
     let archive = format!("{}/", state.config.s3.archive_prefix);
+    confined(&state, &request.prefix, "a lifecycle rule for")?;
     if request.prefix.is_empty() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -818,9 +885,29 @@ fn archive_refusal(archive: &str, what: &str) -> ApiError {
     )
 }
 
-/// The key of a write or delete, refused under the archive prefix.
+/// `what` (a key or prefix), refused outside `S3_API_PREFIX` when that is set.
+fn confined<'a>(state: &AppState, what: &'a str, doing: &str) -> Result<&'a str, ApiError> {
+    match &state.config.s3.api_prefix {
+        Some(api) if !what.starts_with(api.as_str()) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("{doing} \"{what}\" is refused: the API reaches only keys under \"{api}\" (S3_API_PREFIX)"),
+        )),
+        _ => Ok(what),
+    }
+}
+
+/// The key of a read, refused outside `S3_API_PREFIX`.
+fn readable_key(state: &AppState, params: &Params) -> Result<String, ApiError> {
+    let key = params.key()?;
+    confined(state, &key, "reading")?;
+    Ok(key)
+}
+
+/// The key of a write or delete, refused outside `S3_API_PREFIX` and under the
+/// archive prefix.
 fn writable_key(state: &AppState, params: &Params) -> Result<String, ApiError> {
     let key = params.key()?;
+    confined(state, &key, "writing or deleting")?;
     let archive = format!("{}/", state.config.s3.archive_prefix);
     if key.starts_with(&archive) {
         return Err(archive_refusal(
@@ -829,11 +916,6 @@ fn writable_key(state: &AppState, params: &Params) -> Result<String, ApiError> {
         ));
     }
     Ok(key)
-}
-
-/// Whether XML 1.0 can carry `c` (its `Char` production).
-fn xml_char(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
 /// An integer of days, also written as an integral float (`7.0`), as JSON
@@ -864,6 +946,7 @@ struct PrefixParam {
         (status = 200, description = "Removed", body = RulesRemoved),
         (status = 400, description = "The prefix is missing", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "The prefix is outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No rule for that prefix", body = ErrorBody),
         (status = 502, description = "The object store refused", body = ErrorBody),
         (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
@@ -878,6 +961,7 @@ async fn delete_lifecycle(
         .get("prefix")?
         .ok_or_else(|| ApiError::bad_request("prefix is required"))?
         .to_owned();
+    confined(&state, &prefix, "removing the lifecycle rules of")?;
     let removed = store(&state)?.delete_expiration(&prefix).await?;
     if removed == 0 {
         return Err(ApiError::not_found(format!(

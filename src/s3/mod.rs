@@ -35,6 +35,9 @@ use crate::config::S3Config;
 /// S3's smallest part (all parts of a multipart upload but the last).
 pub const MIN_PART: u64 = 5 * 1024 * 1024;
 
+/// S3's longest key, in bytes of UTF-8.
+pub const MAX_KEY_BYTES: usize = 1024;
+
 /// An object in a listing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ObjectSummary {
@@ -86,6 +89,20 @@ impl Condition<'_> {
 pub struct Listing {
     pub objects: Vec<ObjectSummary>,
     pub folders: Vec<String>,
+    /// The scan stopped at its limit: only the first entries in key order are
+    /// listed, and more are under the prefix.
+    pub truncated: bool,
+}
+
+/// One page of a listing in key order: the objects and folders directly under
+/// a prefix that follow a point, from one LIST request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KeyPage {
+    pub objects: Vec<ObjectSummary>,
+    pub folders: Vec<String>,
+    /// The page's last entry (a key, or a folder ending with `/`) when more
+    /// follow: pass it as `after` for the next page.
+    pub next_after: Option<String>,
 }
 
 /// An object being downloaded: its info and its body as a stream of chunks.
@@ -222,19 +239,25 @@ impl S3 {
     }
 
     /// The objects directly under `prefix` (not in deeper folders), newest first
-    /// (ties by key), and the folders one level down. Follows every continuation.
-    pub async fn list_objects(&self, prefix: &str) -> Result<Listing, S3Error> {
-        self.list(prefix, Some("/")).await
+    /// (ties by key), and the folders one level down. Follows continuations
+    /// until `scan_limit` entries (objects and folders) are read, so memory and
+    /// LIST requests stay bounded; beyond it the listing is `truncated`.
+    pub async fn list_objects(&self, prefix: &str, scan_limit: usize) -> Result<Listing, S3Error> {
+        let mut listing = self.list(prefix, Some("/"), scan_limit).await?;
+        listing
+            .objects
+            .sort_by(|a, b| b.last_modified.cmp(&a.last_modified).then_with(|| a.key.cmp(&b.key)));
+        Ok(listing)
     }
 
     /// Every object under `prefix`, at any depth, by key.
     pub async fn list_all(&self, prefix: &str) -> Result<Vec<ObjectSummary>, S3Error> {
-        let mut objects = self.list(prefix, None).await?.objects;
+        let mut objects = self.list(prefix, None, usize::MAX).await?.objects;
         objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(objects)
     }
 
-    async fn list(&self, prefix: &str, delimiter: Option<&str>) -> Result<Listing, S3Error> {
+    async fn list(&self, prefix: &str, delimiter: Option<&str>, scan_limit: usize) -> Result<Listing, S3Error> {
         let mut listing = Listing::default();
         let mut pages = self
             .client
@@ -249,25 +272,106 @@ impl S3 {
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify(e, &self.bucket, prefix))?;
-            for object in page.contents() {
-                let Some(key) = object.key() else { continue };
-                listing.objects.push(ObjectSummary {
-                    key: url_decoded(key),
-                    size: object.size().unwrap_or(0).max(0) as u64,
-                    last_modified: object.last_modified().and_then(to_chrono),
-                    etag: object.e_tag().map(str::to_owned),
-                });
-            }
+            listing.objects.extend(page.contents().iter().filter_map(summary));
             listing.folders.extend(
                 page.common_prefixes()
                     .iter()
                     .filter_map(|p| p.prefix().map(url_decoded)),
             );
+            if listing.objects.len() + listing.folders.len() >= scan_limit && page.is_truncated() == Some(true) {
+                listing.truncated = true;
+                break;
+            }
         }
-        listing
-            .objects
-            .sort_by(|a, b| b.last_modified.cmp(&a.last_modified).then_with(|| a.key.cmp(&b.key)));
         Ok(listing)
+    }
+
+    /// Up to `limit` objects and folders directly under `prefix`, in key order,
+    /// after `after` (a key, or a folder as a previous page's `next_after`
+    /// gave it): one LIST request, whatever the prefix holds.
+    ///
+    /// A store may echo `StartAfter` into its XML answer unencoded (moto does),
+    /// and XML cannot carry control characters: a start holding one goes as its
+    /// part before that character, and the few keys between are skipped here,
+    /// following the store's continuation tokens.
+    pub async fn list_page(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage, S3Error> {
+        let start = after.map(|after| past_folder(prefix, after));
+        let (start_after, skip_to) = match start {
+            Some(start) => match start.find(|c| !xml_char(c)) {
+                Some(unsafe_at) => (Some(start[..unsafe_at].to_owned()), Some(start)),
+                None => (Some(start), None),
+            },
+            None => (None, None),
+        };
+        let mut page = KeyPage::default();
+        let mut entries = 0;
+        let mut token: Option<String> = None;
+        loop {
+            let response = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .delimiter("/")
+                .max_keys(i32::try_from(limit.max(1)).unwrap_or(i32::MAX))
+                .set_start_after(start_after.clone().filter(|_| token.is_none()))
+                .set_continuation_token(token.take())
+                .encoding_type(aws_sdk_s3::types::EncodingType::Url)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.bucket, prefix))?;
+            let mut objects = response.contents().iter().filter_map(summary).peekable();
+            let mut folders = response
+                .common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(url_decoded))
+                .peekable();
+            // The answer's objects and folders, merged in key order, past the start.
+            let past = |name: &str| skip_to.as_deref().is_none_or(|skip| name > skip);
+            let mut full = false;
+            loop {
+                let object_first = match (objects.peek(), folders.peek()) {
+                    (Some(o), Some(f)) => o.key < *f,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                if entries == limit {
+                    full = true;
+                    break;
+                }
+                let name = if object_first {
+                    let object = objects.next().expect("peeked");
+                    let name = object.key.clone();
+                    if past(&name) {
+                        page.objects.push(object);
+                    }
+                    name
+                } else {
+                    let folder = folders.next().expect("peeked");
+                    let name = folder.clone();
+                    if past(&name) {
+                        page.folders.push(folder);
+                    }
+                    name
+                };
+                if past(&name) {
+                    entries += 1;
+                    page.next_after = Some(name);
+                }
+            }
+            let more = response.is_truncated() == Some(true);
+            token = response.next_continuation_token().map(str::to_owned);
+            if full || !more || token.is_none() {
+                if !(full || more) {
+                    page.next_after = None;
+                }
+                return Ok(page);
+            }
+            if entries == limit {
+                return Ok(page);
+            }
+        }
     }
 
     /// Keys with multipart uploads started and neither completed nor aborted
@@ -903,6 +1007,47 @@ fn byte_stream(body: ByteStream) -> impl Stream<Item = Result<Bytes, std::io::Er
 
 /// A key as `encoding-type=url` lists it: percent-encoded, a space as `+` (AWS) or
 /// `%20` (others); a literal `+` always comes as `%2B`.
+/// Whether XML 1.0 can carry `c` (its `Char` production).
+pub fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+fn summary(object: &aws_sdk_s3::types::Object) -> Option<ObjectSummary> {
+    Some(ObjectSummary {
+        key: url_decoded(object.key()?),
+        size: object.size().unwrap_or(0).max(0) as u64,
+        last_modified: object.last_modified().and_then(to_chrono),
+        etag: object.e_tag().map(str::to_owned),
+    })
+}
+
+/// The `StartAfter` that resumes a delimited listing after `after`. A key is
+/// its own; a folder (a common prefix, longer than the listing's prefix and
+/// ending with `/`) is followed by the greatest key S3 allows under it, since
+/// every key under it would roll up into that folder again.
+fn past_folder(prefix: &str, after: &str) -> String {
+    if after.len() <= prefix.len() || !after.ends_with('/') {
+        return after.to_owned();
+    }
+    // U+10FFFF is the greatest UTF-8 sequence (F4 8F BF BF); U+07FF (DF BF) the
+    // greatest of two bytes, U+007F of one. Of three, U+FFFD: XML cannot carry
+    // U+FFFE and U+FFFF, and a store may echo StartAfter. (A key of exactly
+    // 1,024 bytes ending in either is the one a page could skip.) Keys are at
+    // most 1,024 bytes.
+    let mut last = after.to_owned();
+    while last.len() + 4 <= MAX_KEY_BYTES {
+        last.push('\u{10FFFF}');
+    }
+    let tail = match MAX_KEY_BYTES - last.len() {
+        3 => Some('\u{FFFD}'),
+        2 => Some('\u{07FF}'),
+        1 => Some('\u{7F}'),
+        _ => None,
+    };
+    last.extend(tail);
+    last
+}
+
 fn url_decoded(encoded: &str) -> String {
     percent_encoding::percent_decode_str(&encoded.replace('+', " "))
         .decode_utf8_lossy()
@@ -917,5 +1062,39 @@ mod tests {
     fn copy_sources_keep_slashes_and_encode_the_rest() {
         assert_eq!(percent_encode_key("a/b c/d+e.csv"), "a/b%20c/d%2Be.csv");
         assert_eq!(percent_encode_key("plain"), "plain");
+    }
+
+    #[test]
+    fn a_listing_resumes_past_every_key_of_a_folder_and_at_a_key() {
+        // A key, and the prefix itself (an object named like its folder), are their own.
+        assert_eq!(past_folder("logs/", "logs/a.csv"), "logs/a.csv");
+        assert_eq!(past_folder("logs/", "logs/"), "logs/");
+        for (prefix, folder) in [("", "a/"), ("logs/", "logs/2024/"), ("", &"x/".repeat(300)[..599])] {
+            let folder = if folder.ends_with('/') {
+                folder.to_owned()
+            } else {
+                format!("{folder}/")
+            };
+            let after = past_folder(prefix, &folder);
+            assert!(after.len() <= MAX_KEY_BYTES, "{} bytes", after.len());
+            assert!(after.starts_with(&folder));
+            // Greater than the longest and greatest keys under the folder…
+            let room = MAX_KEY_BYTES - folder.len();
+            let greatest = |unit: char| {
+                let mut key = folder.clone();
+                while key.len() + unit.len_utf8() <= folder.len() + room {
+                    key.push(unit);
+                }
+                key
+            };
+            for unit in ['\u{7F}', '\u{07FF}', '\u{FFFD}', '\u{10FFFF}', 'z'] {
+                let key = greatest(unit);
+                assert!(key.as_bytes() <= after.as_bytes(), "{unit:?} under {folder}");
+            }
+            // …and below the first key past it.
+            let mut next = folder[..folder.len() - 1].to_owned();
+            next.push('0');
+            assert!(after.as_bytes() < next.as_bytes());
+        }
     }
 }

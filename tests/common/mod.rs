@@ -765,23 +765,95 @@ pub struct TcpProxy {
     pub port: u16,
     target: String,
     tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    watch: Option<std::sync::Arc<Watch>>,
+}
+
+/// What a watching relay sees of the requests sent through it: it counts the
+/// reads that hold a text (a request line, say) and can hold the next request
+/// that holds another until the test releases it.
+pub struct Watch {
+    needle: Vec<u8>,
+    seen: std::sync::atomic::AtomicUsize,
+    hold: std::sync::Mutex<Option<Hold>>,
+}
+
+struct Hold {
+    needle: Vec<u8>,
+    held: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Watch {
+    /// How many times the counted text went through.
+    pub fn seen(&self) -> usize {
+        self.seen.load(Ordering::SeqCst)
+    }
+
+    /// The next request holding `needle` waits: `held` fires when it arrives,
+    /// and it goes on when `release` is sent (or dropped).
+    pub fn hold_next(&self, needle: &str) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel();
+        *self.hold.lock().expect("lock") = Some(Hold {
+            needle: needle.as_bytes().to_vec(),
+            held: held_tx,
+            release: release_rx,
+        });
+        (held_rx, release_tx)
+    }
+
+    async fn see(&self, chunk: &[u8]) {
+        let holds = |needle: &[u8]| chunk.windows(needle.len()).filter(|w| *w == needle).count();
+        self.seen.fetch_add(holds(&self.needle), Ordering::SeqCst);
+        let hold = {
+            let mut hold = self.hold.lock().expect("lock");
+            match hold.as_ref() {
+                Some(h) if holds(&h.needle) > 0 => hold.take(),
+                _ => None,
+            }
+        };
+        if let Some(hold) = hold {
+            let _ = hold.held.send(());
+            let _ = hold.release.await;
+        }
+    }
 }
 
 impl TcpProxy {
     pub async fn start(target: &str) -> TcpProxy {
+        Self::bind(target, None).await
+    }
+
+    /// A relay that counts the requests holding `needle` (see [`Watch`]).
+    pub async fn watching(target: &str, needle: &str) -> (TcpProxy, std::sync::Arc<Watch>) {
+        let watch = std::sync::Arc::new(Watch {
+            needle: needle.as_bytes().to_vec(),
+            seen: Default::default(),
+            hold: Default::default(),
+        });
+        (Self::bind(target, Some(watch.clone())).await, watch)
+    }
+
+    async fn bind(target: &str, watch: Option<std::sync::Arc<Watch>>) -> TcpProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let proxy = TcpProxy {
             port,
             target: target.to_owned(),
             tasks: Default::default(),
+            watch,
         };
         proxy.serve(listener);
         proxy
     }
 
+    /// The relay's address as an `http://` URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
     fn serve(&self, listener: tokio::net::TcpListener) {
-        let (target, tasks) = (self.target.clone(), self.tasks.clone());
+        let (target, tasks, watch) = (self.target.clone(), self.tasks.clone(), self.watch.clone());
         let accept = tokio::spawn({
             let tasks = tasks.clone();
             async move {
@@ -789,10 +861,23 @@ impl TcpProxy {
                     let Ok((mut inbound, _)) = listener.accept().await else {
                         continue;
                     };
-                    let target = target.clone();
+                    let (target, watch) = (target.clone(), watch.clone());
                     let relay = tokio::spawn(async move {
-                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                            return;
+                        };
+                        match watch {
+                            None => {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            }
+                            Some(watch) => {
+                                let (from_client, to_client) = inbound.into_split();
+                                let (from_store, to_store) = outbound.into_split();
+                                tokio::join!(
+                                    relay_watched(from_client, to_store, &watch),
+                                    relay_bytes(from_store, to_client)
+                                );
+                            }
                         }
                     });
                     tasks.lock().expect("lock").push(relay.abort_handle());
@@ -826,6 +911,28 @@ impl TcpProxy {
             }
         }
     }
+}
+
+async fn relay_watched(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    watch: &Watch,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = vec![0; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buffer).await {
+        watch.see(&buffer[..n]).await;
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+async fn relay_bytes(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::AsyncWriteExt as _;
+    let _ = tokio::io::copy(&mut from, &mut to).await;
+    let _ = to.shutdown().await;
 }
 
 /// Peak and current resident memory of a process, in bytes (Linux).
