@@ -484,3 +484,56 @@ fn appmetrica_bench_reports_rows_and_peak_memory() {
         "{report}"
     );
 }
+
+/// The API memory bench drives a real API process with concurrent large POSTs
+/// (over the body limit: refused early) and uploads (stored), and reports each
+/// phase's peak RSS.
+#[test]
+fn api_memory_bench_reports_answers_and_peak_memory_per_phase() {
+    let dir = tempfile::tempdir().expect("dir");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_, config) = runtime.block_on(common::s3_bucket(&[]));
+    let endpoint = common::s3_endpoint();
+    let output = run_to_end(
+        dir.path(),
+        &[
+            "bench",
+            "--scenario",
+            "api-memory",
+            "--clients",
+            "3",
+            "--post-mb",
+            "20",
+            "--upload-mb",
+            "6",
+            "--json",
+        ],
+        &[
+            ("S3_ENDPOINT_URL", &endpoint),
+            ("S3_ACCESS_KEY_ID", "test-key"),
+            ("S3_SECRET_ACCESS_KEY", "test-secret"),
+            ("S3_BUCKET_NAME", &config.s3.bucket_name),
+        ],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    assert_eq!(report["scenario"], "api-memory");
+    let (posts, uploads) = (&report["phases"][0], &report["phases"][1]);
+    // 20 MiB is over HTTP_TABLES_MAX_BODY_BYTES (16 MiB): nothing is accepted.
+    let answered: u64 = posts["answers"]
+        .as_object()
+        .expect("answers")
+        .values()
+        .filter_map(|n| n.as_u64())
+        .sum();
+    assert_eq!(answered, 3, "{report}");
+    assert!(posts["answers"]["413"].as_u64().is_some_and(|n| n >= 1), "{report}");
+    assert!(posts["answers"].get("200").is_none(), "{report}");
+    assert_eq!(uploads["answers"]["201"], 3, "{report}");
+    for phase in [posts, uploads] {
+        assert!(
+            phase["peak_rss_mib"].as_f64().is_some_and(|m| m > 1.0 && m < 1024.0),
+            "{report}"
+        );
+    }
+}

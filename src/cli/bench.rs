@@ -43,6 +43,15 @@ pub struct BenchArgs {
     /// Records per POST request (scenario http)
     #[arg(long, default_value_t = 10_000)]
     per_request: usize,
+    /// Concurrent requests per phase (scenario api-memory)
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// MiB per POST /dwh request (scenario api-memory)
+    #[arg(long, default_value_t = 64)]
+    post_mb: u64,
+    /// MiB per /s3/upload (scenario api-memory)
+    #[arg(long, default_value_t = 256)]
+    upload_mb: u64,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -59,6 +68,8 @@ enum Scenario {
     Appmetrica,
     /// POST /dwh/events_part through the HTTP API, against a plain COPY
     Http,
+    /// The API (a child process) under concurrent large POSTs and uploads: peak RSS
+    ApiMemory,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +100,23 @@ pub async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
         } else {
             super::bench_appmetrica::print(&report);
+        }
+        return Ok(());
+    }
+    if args.scenario == Scenario::ApiMemory {
+        if args.clients == 0 || args.post_mb == 0 || args.upload_mb == 0 {
+            bail!("--clients, --post-mb and --upload-mb must be positive");
+        }
+        let load = super::bench_api_memory::Load {
+            clients: args.clients,
+            post_mib: args.post_mb,
+            upload_mib: args.upload_mb,
+        };
+        let report = super::bench_api_memory::run(&config, load).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            super::bench_api_memory::print(&report);
         }
         return Ok(());
     }
