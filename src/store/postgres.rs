@@ -50,9 +50,7 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
     let mut tx = pool.begin().await?;
     // Offsets first: a fenced batch fails before any row work, and the offset row
     // lock serialises two writers of the same partition.
-    for advance in batch.offsets {
-        advance_offset(&mut tx, advance).await?;
-    }
+    advance_offsets(&mut tx, batch.offsets).await?;
     for reject in batch.rejects {
         insert_reject(&mut tx, reject).await?;
     }
@@ -66,25 +64,50 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
     Ok(outcome)
 }
 
-async fn advance_offset(conn: &mut PgConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
-    let moved: Option<i64> = sqlx::query_scalar(super::ADVANCE_OFFSET)
-        .bind(&a.group_id)
-        .bind(&a.topic)
-        .bind(a.partition)
-        .bind(a.to)
-        .bind(a.from)
-        .fetch_optional(&mut *conn)
+/// Every partition's advance in one statement: rows inserted when absent, moved
+/// when they stand at the batch's start; the partitions it moved come back, and
+/// any other is fenced. Partitions are locked in order, as every writer does.
+const ADVANCE_OFFSETS: &str = "WITH advance AS (\
+       SELECT * FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS a(partition, next_offset, batch_start) \
+       ORDER BY partition) \
+     INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
+     SELECT $1, $2, partition, next_offset FROM advance \
+     ON CONFLICT (group_id, topic, partition) DO UPDATE \
+     SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
+     WHERE dwh_consumer_offsets.next_offset = \
+       (SELECT batch_start FROM advance WHERE advance.partition = excluded.partition) \
+     RETURNING partition";
+
+async fn advance_offsets(conn: &mut PgConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
+    let Some(first) = advances.first() else {
+        return Ok(());
+    };
+    debug_assert!(advances
+        .iter()
+        .all(|a| a.group_id == first.group_id && a.topic == first.topic));
+    let column = |f: fn(&OffsetAdvance) -> i64| advances.iter().map(f).collect::<Vec<i64>>();
+    let partitions: Vec<i32> = advances.iter().map(|a| a.partition).collect();
+    let moved: Vec<i32> = sqlx::query_scalar(ADVANCE_OFFSETS)
+        .bind(&first.group_id)
+        .bind(&first.topic)
+        .bind(&partitions)
+        .bind(column(|a| a.to))
+        .bind(column(|a| a.from))
+        .fetch_all(&mut *conn)
         .await?;
-    if moved.is_some() {
+    if moved.len() == advances.len() {
         return Ok(());
     }
+    let Some(fenced) = advances.iter().find(|a| !moved.contains(&a.partition)) else {
+        return Ok(());
+    };
     let stored = sqlx::query_scalar(super::SELECT_OFFSET)
-        .bind(&a.group_id)
-        .bind(&a.topic)
-        .bind(a.partition)
+        .bind(&fenced.group_id)
+        .bind(&fenced.topic)
+        .bind(fenced.partition)
         .fetch_optional(&mut *conn)
         .await?;
-    Err(a.fenced(stored))
+    Err(fenced.fenced(stored))
 }
 
 async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<(), StoreError> {
@@ -127,12 +150,14 @@ async fn write_chunk(
     rows: &[Row],
     outcome: &mut WriteOutcome,
 ) -> Result<(), StoreError> {
-    let ids: Vec<i64> =
-        sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence($1, 'id')) FROM generate_series(1, $2)")
-            .bind(spec.name)
-            .bind(rows.len() as i64)
-            .fetch_all(&mut *tx)
-            .await?;
+    // The sequence as a constant: resolved once per statement, not once per row.
+    let ids: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT nextval('{}_id_seq'::regclass) FROM generate_series(1, $1)",
+        spec.name
+    ))
+    .bind(rows.len() as i64)
+    .fetch_all(&mut *tx)
+    .await?;
     let data = copy_text(rows, ids.iter().copied());
     let mut savepoint = tx.begin().await?;
     match copy_in(&mut savepoint, &sql::copy_into_table(spec), data).await {
