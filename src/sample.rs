@@ -191,8 +191,9 @@ mod tests {
     fn poison_records_are_all_rejected_with_their_reason() {
         for table in Table::ALL {
             for (bytes, reason) in poison(table, 1, 2048) {
+                let window = crate::catalogue::DateWindow::default();
                 let result =
-                    crate::ingest::worker::decode(table, &bytes, 2048, &crate::catalogue::DateWindow::default());
+                    crate::ingest::worker::decode(table, &bytes, 2048, &window, chrono::Utc::now().date_naive());
                 let error = result.expect_err("poison must be rejected").to_string();
                 assert!(error.contains(reason), "{table}: {error:?} should say {reason:?}");
             }

@@ -168,20 +168,9 @@ async fn every_offset_is_archived_once_through_crashes_and_a_wiped_table_is_rest
         .await
         .expect("wiped");
     assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(0));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
-        .args(["archive", "restore", "--table", TABLE.name()])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().cloned())
-        .output()
-        .expect("restore runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(stdout.starts_with("republished 100000 records from "), "{stdout}");
+    let (ok, output) = restore(&env);
+    assert!(ok, "{output}");
+    assert!(output.starts_with("republished 100000 records from "), "{output}");
     wait_for(Duration::from_secs(120), "the restored rows", || async {
         pg_count(&url, "SELECT count(*) FROM user_locations")
             .await

@@ -305,14 +305,6 @@ impl DateWindow {
         today + chrono::Days::new(u64::from(self.max_days_ahead))
     }
 
-    /// [`DateWindow::check`] on today's date, read only for an `events_part` row.
-    pub fn check_today(&self, table: Table, row: &Row) -> Result<(), RecordError> {
-        match table {
-            Table::EventsPart => self.check(table, row, chrono::Utc::now().date_naive()),
-            _ => Ok(()),
-        }
-    }
-
     /// Checks a decoded row of `table` (only `events_part` is partitioned by date).
     pub fn check(&self, table: Table, row: &Row, today: chrono::NaiveDate) -> Result<(), RecordError> {
         if table != Table::EventsPart {

@@ -366,19 +366,18 @@ mod records {
         /// Decodes and checks record `index`; the first invalid one fails the request.
         fn accept(&mut self, index: usize, element: Element) -> Result<(), ApiError> {
             let invalid = |e: String| ApiError::unprocessable(format!("data[{index}]: {e}"));
-            let record = match element {
-                Element::Object(map) => Json::Object(map),
+            let map = match element {
+                Element::Object(map) => map,
                 Element::Other(other) => {
                     return Err(invalid(
                         catalogue::RecordError::NotAnObject(value::describe(&other)).to_string(),
                     ))
                 }
             };
-            let Json::Object(map) = &record else {
-                unreachable!("an object")
-            };
-            let decoded = catalogue::decode_record(self.table, map).map_err(|e| invalid(e.to_string()))?;
-            self.validators.check_record(self.table, &record).map_err(invalid)?;
+            let decoded = catalogue::decode_record(self.table, &map).map_err(|e| invalid(e.to_string()))?;
+            self.validators
+                .check_record(self.table, &Json::Object(map))
+                .map_err(invalid)?;
             self.window
                 .check(self.table, &decoded.row, self.today)
                 .map_err(|e| invalid(e.to_string()))?;

@@ -15,7 +15,9 @@ use crate::catalogue::{self, value, Column, ColumnType, DateWindow, Table};
 /// The compiled record and filter schemas of one API (its date window set).
 pub struct Validators {
     window: DateWindow,
-    records: Vec<(Table, Validator)>,
+    /// Each table's validator and record schema (whose descriptions name the
+    /// form a refused field takes).
+    records: Vec<(Table, Validator, Json)>,
     filters: Vec<(ColumnType, Validator)>,
 }
 
@@ -40,14 +42,15 @@ impl Validators {
             .map(|&table| {
                 // The record schema refers to the JSON value schema inside the
                 // document; the validator gets the same frame.
+                let record = openapi::record_schema(table, window);
                 let schema = json!({
                     "$ref": format!("#/components/schemas/{}", table.name()),
                     "components": { "schemas": {
-                        table.name(): openapi::record_schema(table, window),
+                        table.name(): record.clone(),
                         openapi::JSON_VALUE: openapi::json_value_schema(),
                     } },
                 });
-                (table, build(&schema))
+                (table, build(&schema), record)
             })
             .collect();
         let filters = Table::ALL
@@ -77,12 +80,11 @@ impl Validators {
     /// Checks a record the decoder has read against the table's record schema;
     /// the error names the field and the form the API takes.
     pub fn check_record(&self, table: Table, record: &Json) -> Result<(), String> {
-        let validator = &self
+        let (_, validator, schema) = self
             .records
             .iter()
-            .find(|(t, _)| *t == table)
-            .expect("every table has a validator")
-            .1;
+            .find(|(t, _, _)| *t == table)
+            .expect("every table has a validator");
         let Err(error) = validator.validate(record) else {
             return Ok(());
         };
@@ -99,7 +101,6 @@ impl Validators {
             let raw = &record[&field];
             let column = spec.column(&field);
             let form = column.map_or_else(String::new, |c| {
-                let schema = openapi::record_schema(table, &self.window);
                 schema["properties"][c.name]["description"]
                     .as_str()
                     .map(|d| format!(": {d}"))

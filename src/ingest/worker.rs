@@ -51,8 +51,14 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Decodes a record value into a row of `table`, refusing values over `limit`
-/// and event dates outside `window`.
-pub fn decode(table: Table, payload: &[u8], limit: usize, window: &DateWindow) -> Result<Row, RecordError> {
+/// and event dates outside `window` as it stands on `today`.
+pub fn decode(
+    table: Table,
+    payload: &[u8],
+    limit: usize,
+    window: &DateWindow,
+    today: chrono::NaiveDate,
+) -> Result<Row, RecordError> {
     if payload.len() > limit {
         return Err(RecordError::TooLarge {
             size: payload.len(),
@@ -64,7 +70,7 @@ pub fn decode(table: Table, payload: &[u8], limit: usize, window: &DateWindow) -
     if size > limit {
         return Err(RecordError::TooLarge { size, limit });
     }
-    window.check_today(table, &row)?;
+    window.check(table, &row, today)?;
     Ok(row)
 }
 
@@ -178,8 +184,10 @@ impl Worker {
                     None => return Exit::Restart("the poll thread stopped".into()),
                     Some(Event::Records(records)) => {
                         let count = records.len() as u64;
+                        // The event-date window's today, read once per delivery.
+                        let today = chrono::Utc::now().date_naive();
                         for (message, permit) in records {
-                            self.accept(state, &message, permit);
+                            self.accept(state, &message, permit, today);
                             if state.batcher.is_full() {
                                 if let Err(exit) = self.flush(state).await {
                                     return exit;
@@ -266,7 +274,13 @@ impl Worker {
         Exit::Stopped(reason)
     }
 
-    fn accept(&self, state: &mut State, message: &OwnedMessage, permit: OwnedSemaphorePermit) {
+    fn accept(
+        &self,
+        state: &mut State,
+        message: &OwnedMessage,
+        permit: OwnedSemaphorePermit,
+        today: chrono::NaiveDate,
+    ) {
         let partition = message.partition();
         let offset = message.offset();
         let Some(&position) = state.positions.get(&partition) else {
@@ -279,7 +293,13 @@ impl Worker {
             return;
         }
         let payload = message.payload().unwrap_or_default();
-        let entry = match decode(self.writer.table, payload, self.max_record_bytes, &self.events_window) {
+        let entry = match decode(
+            self.writer.table,
+            payload,
+            self.max_record_bytes,
+            &self.events_window,
+            today,
+        ) {
             Ok(row) => Entry::Row(row),
             Err(reason) => {
                 RecordRejected {
@@ -667,6 +687,7 @@ mod tests {
     #[test]
     fn decode_refuses_event_dates_outside_the_window() {
         let window = DateWindow::default();
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 26).expect("a date");
         let dated = |table: Table, date: &str| {
             let mut record = crate::sample::records(table, 1, 1).remove(0);
             record["event_date"] = serde_json::json!(date);
@@ -677,6 +698,7 @@ mod tests {
             dated(Table::EventsPart, "2024-03-01").as_bytes(),
             8192,
             &window,
+            today,
         );
         assert!(ok.is_ok(), "{ok:?}");
         for date in ["9999-01-01", "1999-12-31"] {
@@ -685,6 +707,7 @@ mod tests {
                 dated(Table::EventsPart, date).as_bytes(),
                 8192,
                 &window,
+                today,
             )
             .unwrap_err()
             .to_string();
@@ -698,7 +721,7 @@ mod tests {
         }
         // Another table's dates are not windowed.
         let table = Table::TmpEventProperties;
-        let ok = decode(table, dated(table, "9999-01-01").as_bytes(), 8192, &window);
+        let ok = decode(table, dated(table, "9999-01-01").as_bytes(), 8192, &window, today);
         assert!(ok.is_ok(), "{ok:?}");
     }
 
@@ -707,18 +730,37 @@ mod tests {
         let record = br#"{"uuid":"5d8e2f86-2a1f-4a4e-9a0b-4c1f1c2b7a10","application_id":1}"#;
         let limit = record.len() - 1;
         assert_eq!(
-            decode(Table::UserLocations, record, limit, &DateWindow::default())
-                .unwrap_err()
-                .to_string(),
+            decode(
+                Table::UserLocations,
+                record,
+                limit,
+                &DateWindow::default(),
+                chrono::NaiveDate::MIN
+            )
+            .unwrap_err()
+            .to_string(),
             format!("record is {} bytes, over the limit of {limit} bytes", record.len())
         );
         assert_eq!(
-            decode(Table::UserLocations, b"", 1024, &DateWindow::default()).unwrap_err(),
+            decode(
+                Table::UserLocations,
+                b"",
+                1024,
+                &DateWindow::default(),
+                chrono::NaiveDate::MIN
+            )
+            .unwrap_err(),
             RecordError::Empty,
             "a tombstone is rejected, not dropped"
         );
         assert!(matches!(
-            decode(Table::UserLocations, b"\xff{}", 1024, &DateWindow::default()),
+            decode(
+                Table::UserLocations,
+                b"\xff{}",
+                1024,
+                &DateWindow::default(),
+                chrono::NaiveDate::MIN
+            ),
             Err(RecordError::NotUtf8(0))
         ));
     }
