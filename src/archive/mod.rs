@@ -48,7 +48,7 @@ pub fn group_id(config: &Config) -> String {
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes).held;
+    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, Role::Archive.tables(&config.kafka)).held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();

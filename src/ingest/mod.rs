@@ -43,7 +43,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     prepare_topics(config).await?;
-    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes).held;
+    let budget = consumer::MemoryShare::of(
+        config.kafka.max_in_flight_bytes,
+        consumer::Role::Ingest.tables(&config.kafka),
+    )
+    .held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
     for &table in &config.kafka.ingest_tables {

@@ -31,8 +31,8 @@ use crate::config::KafkaConfig;
 use crate::kafka::{self, KafkaSetupError};
 
 /// How one table's consumer may use memory. The role's budget is split evenly
-/// between its seven tables (so that one table whose writes stall cannot starve
-/// the others); of a table's share, a quarter is librdkafka's prefetch (half as
+/// between the tables it consumes (so that one table whose writes stall cannot
+/// starve the others); of a table's share, a quarter is librdkafka's prefetch (half as
 /// its queue, half as one fetch response in flight) and the rest is held records,
 /// counted by [`Role::charge`] per record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +48,8 @@ pub struct MemoryShare {
 const MIN_PREFETCH_HALF: usize = 1 << 20;
 
 impl MemoryShare {
-    pub fn of(role_budget: usize) -> Self {
-        let table = role_budget / Table::ALL.len();
+    pub fn of(role_budget: usize, tables: usize) -> Self {
+        let table = role_budget / tables.max(1);
         let prefetch_half = (table / 8).max(MIN_PREFETCH_HALF);
         let held = table.saturating_sub(2 * prefetch_half).max(MIN_PREFETCH_HALF);
         MemoryShare {
@@ -205,6 +205,15 @@ impl Role {
         }
     }
 
+    /// How many tables the role consumes, which share its budget: ingest those
+    /// of `KAFKA_INGEST_TABLES`, the archive all seven.
+    pub fn tables(self, kafka: &KafkaConfig) -> usize {
+        match self {
+            Role::Ingest => kafka.ingest_tables.len(),
+            Role::Archive => Table::ALL.len(),
+        }
+    }
+
     fn suffix(self) -> &'static str {
         match self {
             Role::Ingest => "",
@@ -217,7 +226,7 @@ impl Role {
 /// owning task decides what is committed where).
 pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) -> Result<Subscription, ConsumerError> {
     let instance_suffix = role.suffix();
-    let share = MemoryShare::of(kafka.max_in_flight_bytes);
+    let share = MemoryShare::of(kafka.max_in_flight_bytes, role.tables(kafka));
     let topic = kafka::topic_name(&kafka.topic_prefix, table);
     let (events, receiver) = mpsc::channel(CHANNEL_BATCHES);
     let mut settings = kafka::client_config(
@@ -756,13 +765,20 @@ mod tests {
     fn a_role_budget_is_split_between_tables_and_prefetch_within_it() {
         const MIB: usize = 1 << 20;
         for budget in [64 * MIB, 256 * MIB, 1024 * MIB] {
-            let share = MemoryShare::of(budget);
-            let per_table = 2 * share.prefetch_half + share.held as usize;
-            assert!(per_table <= budget / Table::ALL.len(), "{budget}: {share:?}");
-            assert!(share.held as usize >= per_table * 3 / 4 - 1, "{budget}: {share:?}");
+            for tables in [1, 2, Table::ALL.len()] {
+                let share = MemoryShare::of(budget, tables);
+                let per_table = 2 * share.prefetch_half + share.held as usize;
+                assert!(per_table <= budget / tables, "{budget}/{tables}: {share:?}");
+                assert!(
+                    share.held as usize >= per_table * 3 / 4 - 1,
+                    "{budget}/{tables}: {share:?}"
+                );
+            }
+            // One table ingested gets the whole budget, not a seventh of it.
+            assert!(MemoryShare::of(budget, 1).held >= 7 * MemoryShare::of(budget, 7).held - 7);
         }
         // A tiny budget still leaves librdkafka its minimum and the table a record.
-        let small = MemoryShare::of(MIB);
+        let small = MemoryShare::of(MIB, Table::ALL.len());
         assert_eq!((small.prefetch_half, small.held as usize), (MIB, MIB));
     }
 
