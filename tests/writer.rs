@@ -487,6 +487,31 @@ async fn events_get_a_partition_per_month_before_writing() {
     assert_eq!(in_default, 2);
 }
 
+/// Writers that each find a month missing (lanes of one table, ingest and the
+/// API, several instances) all create it or find it: none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_a_new_month_all_land() {
+    let (_, config, _) = dwh(Db::Postgres, &[]).await;
+    for round in 0..5 {
+        // A month no writer has seen: each handle's partition cache is empty.
+        let ts = 1_900_000_000 + round * 40 * 86_400;
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let config = config.clone();
+                tokio::spawn(async move {
+                    let dwh = Dwh::connect(&config).expect("pool");
+                    let record = json!({"application_id": 1, "event_name": format!("e{i}"), "event_timestamp": ts, "appmetrica_device_id": i});
+                    dwh.write(Batch::rows(Table::EventsPart, &rows(Table::EventsPart, &[record]))).await
+                })
+            })
+            .collect();
+        for writer in writers {
+            let written = writer.await.expect("task");
+            assert!(written.is_ok(), "round {round}: {:?}", written.err());
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_conflict_path_returns_only_new_ids_on_postgres() {
     let (dwh, _, _) = dwh(Db::Postgres, &[]).await;

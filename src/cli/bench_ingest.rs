@@ -340,7 +340,8 @@ impl Histogram {
 /// the statement text of a write in progress per table, twice (built, then sent).
 pub(super) fn rss_bound(config: &Config) -> usize {
     const BASE: usize = 96 << 20;
-    BASE + config.kafka.max_in_flight_bytes + 2 * config.dwh.max_write_batch_bytes * Table::ALL.len()
+    BASE + config.kafka.max_in_flight_bytes
+        + 2 * config.dwh.max_write_batch_bytes * Table::ALL.len() * config.kafka.write_lanes
 }
 
 /// The peak resident set size of process `pid` (Linux `VmHWM`), in MiB.

@@ -79,6 +79,9 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub topic_prefix: String,
     pub batch_max_rows: usize,
+    /// Lanes of a table's partitions (partition modulo lanes), each writing a
+    /// batch of its own at once.
+    pub write_lanes: usize,
     pub batch_max_bytes: usize,
     pub batch_linger: Duration,
     /// Bytes of consumed records held in memory at once, across all topics; the
@@ -248,6 +251,7 @@ struct RawKafka {
     group_id: Option<String>,
     topic_prefix: Option<String>,
     batch_max_rows: Option<String>,
+    write_lanes: Option<String>,
     batch_max_bytes: Option<String>,
     batch_linger_ms: Option<String>,
     max_in_flight_bytes: Option<String>,
@@ -370,7 +374,7 @@ fn dwh(raw: RawDwh) -> Result<DwhConfig, ConfigError> {
         database_url,
         max_write_batch_bytes: size("DWH_MAX_WRITE_BATCH_BYTES", raw.max_write_batch_bytes, 10 * MIB, 1024)?,
         max_rows_per_insert: count("DWH_MAX_ROWS_PER_INSERT", raw.max_rows_per_insert, 1000)?,
-        pool_size: count("DWH_POOL_SIZE", raw.pool_size, 10)?
+        pool_size: count("DWH_POOL_SIZE", raw.pool_size, 16)?
             .try_into()
             .map_err(|_| ConfigError::new("DWH_POOL_SIZE", "is too large"))?,
         statement_timeout: match seconds("DWH_STATEMENT_TIMEOUT_SECONDS", raw.statement_timeout_seconds, 60)? {
@@ -416,6 +420,7 @@ fn kafka(raw: RawKafka, passthrough: impl Iterator<Item = (String, String)>) -> 
         group_id,
         topic_prefix,
         batch_max_rows: count("KAFKA_BATCH_MAX_ROWS", raw.batch_max_rows, 10_000)?,
+        write_lanes: count("KAFKA_WRITE_LANES", raw.write_lanes, DEFAULT_WRITE_LANES)?,
         batch_max_bytes: size("KAFKA_BATCH_MAX_BYTES", raw.batch_max_bytes, 16 * MIB, 1024)?,
         batch_linger: Duration::from_millis(count("KAFKA_BATCH_LINGER_MS", raw.batch_linger_ms, 500)? as u64),
         max_in_flight_bytes: size("KAFKA_MAX_IN_FLIGHT_BYTES", raw.max_in_flight_bytes, 256 * MIB, MIB)?,
@@ -561,6 +566,9 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
         archive_interval: seconds("S3_ARCHIVE_INTERVAL_SECONDS", raw.archive_interval_seconds, 60)?,
     })
 }
+
+/// Lanes per table: measured with `bench` on 2 cores (README, "Benchmarks").
+pub const DEFAULT_WRITE_LANES: usize = 2;
 
 /// S3's own largest object.
 pub const S3_MAX_OBJECT_BYTES: u64 = 5 << 40;

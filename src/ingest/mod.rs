@@ -227,6 +227,7 @@ impl Shared {
             shutdown: self.shutdown.clone(),
             memory: self.memory.clone(),
             budget: self.budget,
+            lanes: self.config.kafka.write_lanes,
         };
         // The receiver goes with the worker, so callbacks during the close below
         // find nobody to wait for and simply unassign.

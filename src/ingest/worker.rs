@@ -15,11 +15,16 @@
 //! A fenced write drops the batch and restarts the consumer, which then resumes
 //! from the stored offsets; a retry fenced at exactly the batch's end found its
 //! earlier, ambiguous attempt committed, and counts as landed. The Kafka commit
-//! follows the DWH commit and only feeds lag tools. One batch is written while the
-//! next one fills (decoding and the database overlap); there is never more than
-//! one in flight per table, so a partition's batches commit in order. At the end
-//! of the shutdown grace period a write in progress is cancelled (its transaction
-//! rolls back, its offsets stay).
+//! follows the DWH commit and only feeds lag tools.
+//!
+//! A table's partitions are split into lanes (`KAFKA_WRITE_LANES`, partition
+//! modulo lanes): each lane has its own batch, its own fenced offset chain and
+//! one batch in flight while its next one fills, so the database takes several
+//! batches of a hot table at once and decoding goes on meanwhile. Lanes never
+//! share a partition, and a lane has at most one batch in flight, so a
+//! partition's batches commit in order. At the end of the shutdown grace period
+//! the writes in progress are cancelled (their transactions roll back, their
+//! offsets stay).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -106,20 +111,87 @@ pub struct Worker {
     /// The table's memory and its size, reported as metrics.
     pub memory: Arc<Semaphore>,
     pub budget: u32,
+    /// Lanes of the table's partitions, each with a batch of its own in flight.
+    pub lanes: usize,
 }
 
-struct State {
+type Joined = Result<Result<(), FlushError>, tokio::task::JoinError>;
+
+/// The partitions `p` with `p % lanes == index`: their open batch and the one
+/// being written.
+struct Lane {
     batcher: Batcher,
     /// Memory permits of the buffered records, returned when their batch is done.
     memory: Option<OwnedSemaphorePermit>,
-    /// Assigned partitions and where each stands (`None`: nothing stored yet). A
-    /// partition moves on when its batch is handed to the writer, so the next batch
-    /// chains on; if that write fails the consumer is rebuilt from the DWH anyway.
-    positions: HashMap<i32, Option<i64>>,
     /// The batch being written while the next one fills: at most one.
     in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
     /// Records of the batch in flight.
     in_flight_records: usize,
+}
+
+struct State {
+    lanes: Vec<Lane>,
+    /// Assigned partitions and where each stands (`None`: nothing stored yet). A
+    /// partition moves on when its batch is handed to the writer, so the next batch
+    /// chains on; if that write fails the consumer is rebuilt from the DWH anyway.
+    positions: HashMap<i32, Option<i64>>,
+}
+
+impl State {
+    fn new(limits: BatchLimits, lanes: usize) -> State {
+        State {
+            lanes: (0..lanes.max(1))
+                .map(|_| Lane {
+                    batcher: Batcher::new(limits),
+                    memory: None,
+                    in_flight: None,
+                    in_flight_records: 0,
+                })
+                .collect(),
+            positions: HashMap::new(),
+        }
+    }
+
+    fn lane_of(&self, partition: i32) -> usize {
+        partition.rem_euclid(self.lanes.len() as i32) as usize
+    }
+
+    /// The offset after `partition`'s last buffered record.
+    fn next_offset(&self, partition: i32) -> Option<i64> {
+        self.lanes[self.lane_of(partition)].batcher.next_offset(partition)
+    }
+
+    /// The earliest linger deadline of the open batches.
+    fn deadline(&self) -> Option<Instant> {
+        self.lanes.iter().filter_map(|lane| lane.batcher.deadline()).min()
+    }
+
+    fn writing(&self) -> bool {
+        self.lanes.iter().any(|lane| lane.in_flight.is_some())
+    }
+
+    /// Records buffered or being written.
+    fn records(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|lane| lane.batcher.records() + lane.in_flight_records)
+            .sum()
+    }
+}
+
+/// The next write of any lane to end: the lane and how it ended.
+fn landed(lanes: &mut [Lane]) -> impl std::future::Future<Output = (usize, Joined)> + '_ {
+    use std::future::Future as _;
+    std::future::poll_fn(move |cx| {
+        for (index, lane) in lanes.iter_mut().enumerate() {
+            if let Some(task) = lane.in_flight.as_mut() {
+                if let std::task::Poll::Ready(joined) = std::pin::Pin::new(task).poll(cx) {
+                    return std::task::Poll::Ready((index, joined));
+                }
+            }
+        }
+        std::task::Poll::Pending
+    })
 }
 
 /// Why assigned partitions cannot start.
@@ -132,17 +204,13 @@ enum NoStart {
 
 impl Worker {
     pub async fn run(self, mut events: mpsc::Receiver<Event>) -> Exit {
-        let mut state = State {
-            batcher: Batcher::new(self.limits),
-            memory: None,
-            positions: HashMap::new(),
-            in_flight: None,
-            in_flight_records: 0,
-        };
+        let mut state = State::new(self.limits, self.lanes);
         let exit = self.serve(&mut state, &mut events).await;
         // Never leave a write running behind a consumer that is gone.
-        if let Some(task) = state.in_flight.take() {
-            let _ = task.await;
+        for lane in &mut state.lanes {
+            if let Some(task) = lane.in_flight.take() {
+                let _ = task.await;
+            }
         }
         lag::forget(self.writer.table);
         ConsumerEnded {
@@ -154,7 +222,7 @@ impl Worker {
 
     async fn serve(&self, state: &mut State, events: &mut mpsc::Receiver<Event>) -> Exit {
         loop {
-            let deadline = state.batcher.deadline();
+            let deadline = state.deadline();
             let linger = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into());
             tokio::select! {
                 biased;
@@ -166,18 +234,22 @@ impl Worker {
                 }
                 // A write that ends (landed or fenced) is noticed at once, not
                 // only at the next flush.
-                joined = async { state.in_flight.as_mut().expect("checked by the guard").await },
-                    if state.in_flight.is_some() => {
-                    state.in_flight = None;
-                    state.in_flight_records = 0;
+                (lane, joined) = landed(&mut state.lanes), if state.writing() => {
+                    state.lanes[lane].in_flight = None;
+                    state.lanes[lane].in_flight_records = 0;
                     self.report_buffer(state);
                     if let Err(exit) = self.settled(joined) {
                         return exit;
                     }
                 }
                 () = linger, if deadline.is_some() => {
-                    if let Err(exit) = self.flush(state).await {
-                        return exit;
+                    let now = Instant::now();
+                    for lane in 0..state.lanes.len() {
+                        if state.lanes[lane].batcher.deadline().is_some_and(|due| due <= now) {
+                            if let Err(exit) = self.flush(state, lane).await {
+                                return exit;
+                            }
+                        }
                     }
                 }
                 event = events.recv() => match event {
@@ -187,9 +259,11 @@ impl Worker {
                         // The event-date window's today, read once per delivery.
                         let today = chrono::Utc::now().date_naive();
                         for (message, permit) in records {
-                            self.accept(state, &message, permit, today);
-                            if state.batcher.is_full() {
-                                if let Err(exit) = self.flush(state).await {
+                            let Some(lane) = self.accept(state, &message, permit, today) else {
+                                continue;
+                            };
+                            if state.lanes[lane].batcher.is_full() {
+                                if let Err(exit) = self.flush(state, lane).await {
                                     return exit;
                                 }
                             }
@@ -198,7 +272,7 @@ impl Worker {
                         let fetched = state
                             .positions
                             .iter()
-                            .filter_map(|(&p, &position)| Some((p, state.batcher.next_offset(p).or(position)?)));
+                            .filter_map(|(&p, &position)| Some((p, state.next_offset(p).or(position)?)));
                         lag::fetched(self.writer.table, fetched);
                         self.report_buffer(state);
                     }
@@ -251,7 +325,7 @@ impl Worker {
         let available = self.memory.available_permits() as u64;
         BufferLevel {
             table: self.writer.table,
-            records: state.batcher.records() + state.in_flight_records,
+            records: state.records(),
             held_bytes: u64::from(self.budget).saturating_sub(available),
             budget_bytes: u64::from(self.budget),
         }
@@ -274,23 +348,24 @@ impl Worker {
         Exit::Stopped(reason)
     }
 
+    /// Adds the record to its lane's batch and returns the lane (`None`: skipped).
     fn accept(
         &self,
         state: &mut State,
         message: &OwnedMessage,
         permit: OwnedSemaphorePermit,
         today: chrono::NaiveDate,
-    ) {
+    ) -> Option<usize> {
         let partition = message.partition();
         let offset = message.offset();
         let Some(&position) = state.positions.get(&partition) else {
             tracing::debug!(topic = %self.writer.topic, partition, offset, "record of a partition not assigned here; skipped");
-            return;
+            return None;
         };
-        let expected = state.batcher.next_offset(partition).or(position);
+        let expected = state.next_offset(partition).or(position);
         if expected.is_some_and(|next| offset < next) {
             tracing::debug!(topic = %self.writer.topic, partition, offset, "record already written; skipped");
-            return;
+            return None;
         }
         let payload = message.payload().unwrap_or_default();
         let entry = match decode(
@@ -321,51 +396,65 @@ impl Worker {
                 })
             }
         };
-        state
-            .batcher
+        let index = state.lane_of(partition);
+        let lane = &mut state.lanes[index];
+        lane.batcher
             .push(partition, position, offset, payload.len(), entry, Instant::now());
         if let Some(timestamp) = message.timestamp().to_millis() {
-            state.batcher.stamp(partition, timestamp);
+            lane.batcher.stamp(partition, timestamp);
         }
-        match &mut state.memory {
+        match &mut lane.memory {
             Some(held) => held.merge(permit),
-            None => state.memory = Some(permit),
+            None => lane.memory = Some(permit),
         }
+        Some(index)
     }
 
-    /// Hands the open batch to the writer (after the one in flight has landed).
-    async fn flush(&self, state: &mut State) -> Result<(), Exit> {
-        self.settle(state).await?;
-        if state.batcher.is_empty() {
+    /// Hands a lane's open batch to the writer (after the lane's batch in flight
+    /// has landed).
+    async fn flush(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
+        self.settle(state, lane).await?;
+        if state.lanes[lane].batcher.is_empty() {
             return Ok(());
         }
-        let closed = state.batcher.take();
+        let closed = state.lanes[lane].batcher.take();
         let offsets = closed.offsets(&self.writer.group_id, &self.writer.topic);
         for advance in &offsets {
             state.positions.insert(advance.partition, Some(advance.to));
         }
-        let memory = state.memory.take();
-        state.in_flight_records = closed.records();
-        state.in_flight = Some(tokio::spawn(self.writer.clone().land(closed, offsets, memory)));
+        let lane = &mut state.lanes[lane];
+        let memory = lane.memory.take();
+        lane.in_flight_records = closed.records();
+        lane.in_flight = Some(tokio::spawn(self.writer.clone().land(closed, offsets, memory)));
         Ok(())
     }
 
-    /// Writes everything buffered and waits until it landed.
+    /// Writes everything buffered and waits until every lane's write landed;
+    /// the first failure is the answer.
     async fn drain(&self, state: &mut State) -> Result<(), Exit> {
-        self.flush(state).await?;
-        self.settle(state).await
+        let mut outcome = Ok(());
+        for lane in 0..state.lanes.len() {
+            let flushed = self.flush(state, lane).await;
+            outcome = outcome.and(flushed);
+        }
+        for lane in 0..state.lanes.len() {
+            let settled = self.settle(state, lane).await;
+            outcome = outcome.and(settled);
+        }
+        outcome
     }
 
-    /// Waits for the batch in flight, if any.
-    async fn settle(&self, state: &mut State) -> Result<(), Exit> {
-        let Some(task) = state.in_flight.take() else {
+    /// Waits for a lane's batch in flight, if any.
+    async fn settle(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
+        let Some(task) = state.lanes[lane].in_flight.take() else {
             return Ok(());
         };
+        state.lanes[lane].in_flight_records = 0;
         self.settled(task.await)
     }
 
     /// What the end of a write means for the consumer.
-    fn settled(&self, joined: Result<Result<(), FlushError>, tokio::task::JoinError>) -> Result<(), Exit> {
+    fn settled(&self, joined: Joined) -> Result<(), Exit> {
         match joined {
             Ok(Ok(())) => Ok(()),
             Ok(Err(FlushError::Fenced(e))) => Err(Exit::Restart(e.to_string())),
@@ -723,6 +812,28 @@ mod tests {
         let table = Table::TmpEventProperties;
         let ok = decode(table, dated(table, "9999-01-01").as_bytes(), 8192, &window, today);
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn each_partition_has_one_lane_and_the_lanes_split_the_partitions() {
+        let limits = BatchLimits {
+            max_rows: 10,
+            max_bytes: 1 << 20,
+            linger: Duration::from_millis(500),
+        };
+        for lanes in [1, 2, 3, 4] {
+            let state = State::new(limits, lanes);
+            assert_eq!(state.lanes.len(), lanes);
+            let mut used = vec![0; lanes];
+            for partition in 0..12 {
+                let lane = state.lane_of(partition);
+                assert_eq!(lane, state.lane_of(partition), "stable");
+                used[lane] += 1;
+            }
+            assert!(used.iter().all(|&n| n == 12 / lanes || n == 12 / lanes + 1), "{used:?}");
+        }
+        // No lane at all is still one lane.
+        assert_eq!(State::new(limits, 0).lanes.len(), 1);
     }
 
     #[test]
