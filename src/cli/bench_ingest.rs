@@ -45,6 +45,51 @@ pub(super) struct IngestReport {
     budget_mib: f64,
     /// The documented bound of peak RSS for that budget (README, "Memory").
     rss_bound_mib: f64,
+    /// Where the CPU went from the child's start until caught up.
+    cpu: CpuSplit,
+}
+
+/// CPU seconds (user + system) over the measured window, from `/proc`.
+#[derive(Debug, Default, Serialize)]
+struct CpuSplit {
+    ingest_user_seconds: Option<f64>,
+    ingest_system_seconds: Option<f64>,
+    /// The ingest's PostgreSQL backends (`pg_stat_activity`), when the server
+    /// runs on this machine.
+    postgres_seconds: Option<f64>,
+    /// This process: the dev broker serving the fetches, and the bench's polling.
+    bench_seconds: Option<f64>,
+}
+
+/// `(user, system)` CPU seconds of a process so far (`/proc/PID/stat`; Linux
+/// reports them in USER_HZ, 100 per second).
+fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
+    Some((ticks(11)?, ticks(12)?))
+}
+
+/// The CPU seconds of the scratch database's `dwh-helper` backends.
+async fn postgres_cpu(url: &crate::config::DatabaseUrl) -> Option<f64> {
+    if url.backend() != Backend::Postgres {
+        return None;
+    }
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url.expose())
+        .await
+        .ok()?;
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'dwh-helper'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .ok()?;
+    let seconds: Vec<f64> = pids
+        .iter()
+        .filter_map(|pid| cpu_seconds(&pid.to_string()).map(|(user, system)| user + system))
+        .collect();
+    (!seconds.is_empty()).then(|| seconds.iter().sum())
 }
 
 /// Record `k` of the benchmark: a sample event, padded to about `bytes` of JSON.
@@ -163,6 +208,7 @@ async fn measure(
         format!("http://{}/metrics", listener.local_addr()?)
     };
     let started = Instant::now();
+    let bench_cpu_before = cpu_seconds("self");
     let mut child = Command::new(std::env::current_exe()?)
         .args(["run", "--roles", "ingest,api", "--no-migrate"])
         .env("DWH_DATABASE_URL", scratch.url.expose())
@@ -212,6 +258,15 @@ async fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     peak_rss = peak_rss_mib(pid).or(peak_rss);
+    let ingest_cpu = cpu_seconds(&pid.to_string());
+    let cpu = CpuSplit {
+        ingest_user_seconds: ingest_cpu.map(|(user, _)| user),
+        ingest_system_seconds: ingest_cpu.map(|(_, system)| system),
+        postgres_seconds: postgres_cpu(&scratch.url).await,
+        bench_seconds: cpu_seconds("self")
+            .zip(bench_cpu_before)
+            .map(|((user, system), (user0, system0))| user + system - user0 - system0),
+    };
     // Batches and flush latency from the child's own /metrics.
     let exposition = reqwest::get(&metrics_url)
         .await
@@ -276,6 +331,7 @@ async fn measure(
         ratio_to_copy: copy_rps.map(|c| rows_per_second / c),
         budget_mib: config.kafka.max_in_flight_bytes as f64 / MIB,
         rss_bound_mib: rss_bound(config) as f64 / MIB,
+        cpu,
     })
 }
 
@@ -381,6 +437,16 @@ pub(super) fn print(r: &IngestReport) {
         opt(r.flush_p50_ms, "ms"),
         opt(r.flush_p99_ms, "ms"),
         r.batches
+    );
+    let seconds = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} s"));
+    println!(
+        "CPU              dwh-helper {} user + {} system; PostgreSQL backends {}; dev broker and bench {}; of {:.1} s on {} cores",
+        seconds(r.cpu.ingest_user_seconds),
+        seconds(r.cpu.ingest_system_seconds),
+        seconds(r.cpu.postgres_seconds),
+        seconds(r.cpu.bench_seconds),
+        r.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
         println!("plain COPY       {rps:>10.0} rows/s  {:>6}       {s:>7.2} s", "");
