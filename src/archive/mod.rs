@@ -27,7 +27,7 @@ use flate2::write::GzEncoder;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -48,7 +48,8 @@ pub fn group_id(config: &Config) -> String {
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, Role::Archive.tables(&config.kafka)).held;
+    let share = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, Role::Archive.tables(&config.kafka));
+    let role_memory = share.role();
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();
@@ -59,8 +60,7 @@ pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result
             group: group.clone(),
             table,
             s3: s3.clone(),
-            memory: Arc::new(Semaphore::new(budget as usize)),
-            budget,
+            budget: consumer::Budget::table(&share, &role_memory),
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -76,8 +76,7 @@ struct Archiver {
     group: String,
     table: Table,
     s3: S3,
-    memory: Arc<Semaphore>,
-    budget: u32,
+    budget: consumer::Budget,
     shutdown: CancellationToken,
     abort: CancellationToken,
 }
@@ -91,7 +90,7 @@ struct Open {
     raw_bytes: usize,
     gzip: GzEncoder<Vec<u8>>,
     opened_at: Instant,
-    _memory: Option<OwnedSemaphorePermit>,
+    _memory: Option<consumer::Charge>,
 }
 
 /// How storing an object ended.
@@ -125,7 +124,7 @@ impl Archiver {
         let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
-            let (poller, events) = subscription.poll(self.memory.clone(), self.budget, Arc::new(|| ()))?;
+            let (poller, events) = subscription.poll(self.budget.clone(), Arc::new(|| ()))?;
             let exit = self.serve(&consumer, events).await;
             drop(consumer);
             poller.close().await;
@@ -400,7 +399,7 @@ async fn put(
 }
 
 /// Adds a record to its partition's open object.
-fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: OwnedSemaphorePermit) -> std::io::Result<()> {
+fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: consumer::Charge) -> std::io::Result<()> {
     let partition = message.partition();
     let timestamp = message.timestamp().to_millis();
     let object = open.entry(partition).or_insert_with(|| Open {

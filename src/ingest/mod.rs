@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -43,11 +42,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     prepare_topics(config).await?;
-    let budget = consumer::MemoryShare::of(
+    let share = consumer::MemoryShare::of(
         config.kafka.max_in_flight_bytes,
         consumer::Role::Ingest.tables(&config.kafka),
-    )
-    .held;
+    );
+    let role_memory = share.role();
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
     for &table in &config.kafka.ingest_tables {
@@ -55,8 +54,7 @@ pub async fn run(
             config: config.clone(),
             dwh: dwh.clone(),
             status: status.clone(),
-            memory: Arc::new(Semaphore::new(budget as usize)),
-            budget,
+            budget: consumer::Budget::table(&share, &role_memory),
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -169,8 +167,7 @@ struct Shared {
     config: Config,
     dwh: Dwh,
     status: Arc<IngestStatus>,
-    memory: Arc<Semaphore>,
-    budget: u32,
+    budget: consumer::Budget,
     shutdown: CancellationToken,
     abort: CancellationToken,
 }
@@ -200,7 +197,7 @@ impl Shared {
             let status = self.status.clone();
             Arc::new(move || FetchPaused { table }.emit(&status))
         };
-        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget, on_pause)?;
+        let (poller, receiver) = subscription.poll(self.budget.clone(), on_pause)?;
         let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),
@@ -225,8 +222,7 @@ impl Shared {
                 on_out_of_range: self.config.kafka.on_offset_out_of_range,
             },
             shutdown: self.shutdown.clone(),
-            memory: self.memory.clone(),
-            budget: self.budget,
+            budget: self.budget.clone(),
             lanes: self.config.kafka.write_lanes,
         };
         // The receiver goes with the worker, so callbacks during the close below
