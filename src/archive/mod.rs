@@ -27,7 +27,7 @@ use flate2::write::GzEncoder;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -48,8 +48,7 @@ pub fn group_id(config: &Config) -> String {
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-    let share = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, Role::Archive.tables(&config.kafka));
-    let role_memory = share.role();
+    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, Role::Archive.tables(&config.kafka)).held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();
@@ -60,7 +59,8 @@ pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result
             group: group.clone(),
             table,
             s3: s3.clone(),
-            budget: consumer::Budget::table(&share, &role_memory),
+            memory: Arc::new(Semaphore::new(budget as usize)),
+            budget,
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -76,7 +76,8 @@ struct Archiver {
     group: String,
     table: Table,
     s3: S3,
-    budget: consumer::Budget,
+    memory: Arc<Semaphore>,
+    budget: u32,
     shutdown: CancellationToken,
     abort: CancellationToken,
 }
@@ -90,7 +91,7 @@ struct Open {
     raw_bytes: usize,
     gzip: GzEncoder<Vec<u8>>,
     opened_at: Instant,
-    _memory: Option<consumer::Charge>,
+    _memory: Option<OwnedSemaphorePermit>,
 }
 
 /// How storing an object ended.
@@ -124,7 +125,7 @@ impl Archiver {
         let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
-            let (poller, events) = subscription.poll(self.budget.clone(), Arc::new(|| ()))?;
+            let (poller, events) = subscription.poll(self.memory.clone(), self.budget, Arc::new(|| ()))?;
             let exit = self.serve(&consumer, events).await;
             drop(consumer);
             poller.close().await;
@@ -399,7 +400,7 @@ async fn put(
 }
 
 /// Adds a record to its partition's open object.
-fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: consumer::Charge) -> std::io::Result<()> {
+fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: OwnedSemaphorePermit) -> std::io::Result<()> {
     let partition = message.partition();
     let timestamp = message.timestamp().to_millis();
     let object = open.entry(partition).or_insert_with(|| Open {

@@ -374,7 +374,7 @@ fn dwh(raw: RawDwh) -> Result<DwhConfig, ConfigError> {
         database_url,
         max_write_batch_bytes: size("DWH_MAX_WRITE_BATCH_BYTES", raw.max_write_batch_bytes, 10 * MIB, 1024)?,
         max_rows_per_insert: count("DWH_MAX_ROWS_PER_INSERT", raw.max_rows_per_insert, 1000)?,
-        pool_size: count("DWH_POOL_SIZE", raw.pool_size, 10)?
+        pool_size: count("DWH_POOL_SIZE", raw.pool_size, 16)?
             .try_into()
             .map_err(|_| ConfigError::new("DWH_POOL_SIZE", "is too large"))?,
         statement_timeout: match seconds("DWH_STATEMENT_TIMEOUT_SECONDS", raw.statement_timeout_seconds, 60)? {
@@ -568,7 +568,7 @@ fn s3(raw: RawS3) -> Result<S3Config, ConfigError> {
 }
 
 /// Lanes per table: measured with `bench` on 2 cores (README, "Benchmarks").
-pub const DEFAULT_WRITE_LANES: usize = 1;
+pub const DEFAULT_WRITE_LANES: usize = 2;
 
 /// S3's own largest object.
 pub const S3_MAX_OBJECT_BYTES: u64 = 5 << 40;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -42,11 +43,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     prepare_topics(config).await?;
-    let share = consumer::MemoryShare::of(
+    let budget = consumer::MemoryShare::of(
         config.kafka.max_in_flight_bytes,
         consumer::Role::Ingest.tables(&config.kafka),
-    );
-    let role_memory = share.role();
+    )
+    .held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
     for &table in &config.kafka.ingest_tables {
@@ -54,7 +55,8 @@ pub async fn run(
             config: config.clone(),
             dwh: dwh.clone(),
             status: status.clone(),
-            budget: consumer::Budget::table(&share, &role_memory),
+            memory: Arc::new(Semaphore::new(budget as usize)),
+            budget,
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -167,7 +169,8 @@ struct Shared {
     config: Config,
     dwh: Dwh,
     status: Arc<IngestStatus>,
-    budget: consumer::Budget,
+    memory: Arc<Semaphore>,
+    budget: u32,
     shutdown: CancellationToken,
     abort: CancellationToken,
 }
@@ -197,7 +200,7 @@ impl Shared {
             let status = self.status.clone();
             Arc::new(move || FetchPaused { table }.emit(&status))
         };
-        let (poller, receiver) = subscription.poll(self.budget.clone(), on_pause)?;
+        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget, on_pause)?;
         let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),
@@ -222,7 +225,8 @@ impl Shared {
                 on_out_of_range: self.config.kafka.on_offset_out_of_range,
             },
             shutdown: self.shutdown.clone(),
-            budget: self.budget.clone(),
+            memory: self.memory.clone(),
+            budget: self.budget,
             lanes: self.config.kafka.write_lanes,
         };
         // The receiver goes with the worker, so callbacks during the close below

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -42,7 +42,7 @@ use super::start::{self, Misfit, Policy, Source, StartAt};
 use super::status::IngestStatus;
 use crate::backoff::Backoff;
 use crate::catalogue::{self, DateWindow, RecordError, Row, Table};
-use crate::kafka::consumer::{Budget, Charge, Context, Event, Exit};
+use crate::kafka::consumer::{Context, Event, Exit};
 use crate::store::{Batch, Dwh, OffsetAdvance, Origins, RejectedRecord, StoreError, WriteOutcome};
 use crate::telemetry::events::{
     BatchCommitted, BufferLevel, ConsumerEnded, OffsetFenced, OffsetMoved, Rebalanced, RecordRejected, RecordsConsumed,
@@ -108,8 +108,9 @@ pub struct Worker {
     pub policy: Policy,
     /// Stop consuming; write what is buffered.
     pub shutdown: CancellationToken,
-    /// The table's memory, reported as metrics.
-    pub budget: Budget,
+    /// The table's memory and its size, reported as metrics.
+    pub memory: Arc<Semaphore>,
+    pub budget: u32,
     /// Lanes of the table's partitions, each with a batch of its own in flight.
     pub lanes: usize,
 }
@@ -121,7 +122,7 @@ type Joined = Result<Result<(), FlushError>, tokio::task::JoinError>;
 struct Lane {
     batcher: Batcher,
     /// Memory permits of the buffered records, returned when their batch is done.
-    memory: Option<Charge>,
+    memory: Option<OwnedSemaphorePermit>,
     /// The batch being written while the next one fills: at most one.
     in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
     /// Records of the batch in flight.
@@ -321,12 +322,12 @@ impl Worker {
 
     /// Reports what the table holds in memory.
     fn report_buffer(&self, state: &State) {
-        let available = self.budget.available() as u64;
+        let available = self.memory.available_permits() as u64;
         BufferLevel {
             table: self.writer.table,
             records: state.records(),
-            held_bytes: u64::from(self.budget.table_bytes).saturating_sub(available),
-            budget_bytes: u64::from(self.budget.table_bytes),
+            held_bytes: u64::from(self.budget).saturating_sub(available),
+            budget_bytes: u64::from(self.budget),
         }
         .emit();
     }
@@ -352,7 +353,7 @@ impl Worker {
         &self,
         state: &mut State,
         message: &OwnedMessage,
-        permit: Charge,
+        permit: OwnedSemaphorePermit,
         today: chrono::NaiveDate,
     ) -> Option<usize> {
         let partition = message.partition();
@@ -608,7 +609,7 @@ impl Writer {
         self: Arc<Self>,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
-        memory: Option<Charge>,
+        memory: Option<OwnedSemaphorePermit>,
     ) -> Result<(), FlushError> {
         let partitions: Vec<i32> = offsets.iter().map(|a| a.partition).collect();
         let span = crate::telemetry::traced(tracing::info_span!(
@@ -637,7 +638,7 @@ impl Writer {
         &self,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
-        _memory: Option<Charge>,
+        _memory: Option<OwnedSemaphorePermit>,
     ) -> Result<(), FlushError> {
         let started = Instant::now();
         let outcome = match self.write(&closed, &offsets).await {

@@ -30,21 +30,17 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::{self, KafkaSetupError};
 
-/// How one table's consumer may use memory. Of the role's budget split evenly
-/// between the tables it consumes, a quarter is each table's librdkafka prefetch
-/// (half as its queue, half as one fetch response in flight). The rest holds
-/// records, counted by [`Role::charge`] per record: the role's tables share it,
-/// and no table holds more than half of it (all of it when it is the only one),
-/// so a busy table may use what idle ones leave, and one whose writes stall
-/// leaves the others at least half.
+/// How one table's consumer may use memory. The role's budget is split evenly
+/// between the tables it consumes (so that one table whose writes stall cannot
+/// starve the others); of a table's share, a quarter is librdkafka's prefetch (half as
+/// its queue, half as one fetch response in flight) and the rest is held records,
+/// counted by [`Role::charge`] per record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryShare {
     /// `queued.max.messages.kbytes` and `fetch.max.bytes`, each.
     pub prefetch_half: usize,
-    /// Bytes of records one table may hold (as charged).
+    /// Bytes of held records (as charged), the semaphore's permits.
     pub held: u32,
-    /// Bytes of records the role's tables hold together.
-    pub role_held: u32,
 }
 
 /// The smallest prefetch half: librdkafka raises `fetch.max.bytes` to
@@ -53,91 +49,13 @@ const MIN_PREFETCH_HALF: usize = 1 << 20;
 
 impl MemoryShare {
     pub fn of(role_budget: usize, tables: usize) -> Self {
-        let tables = tables.max(1);
-        let table = role_budget / tables;
-        let prefetch_half = (table / 4).max(MIN_PREFETCH_HALF);
-        // A budget too small for every table's prefetch still leaves each table
-        // the room of one fetch's records.
-        let role_held = role_budget
-            .saturating_sub(2 * prefetch_half * tables)
-            .max(MIN_PREFETCH_HALF * tables)
-            .min(u32::MAX as usize);
-        let held = match tables {
-            1 => role_held,
-            _ => (role_held / 2).max(MIN_PREFETCH_HALF),
-        };
+        let table = role_budget / tables.max(1);
+        let prefetch_half = (table / 8).max(MIN_PREFETCH_HALF);
+        let held = table.saturating_sub(2 * prefetch_half).max(MIN_PREFETCH_HALF);
         MemoryShare {
             prefetch_half,
-            held: held as u32,
-            role_held: role_held as u32,
+            held: held.min(u32::MAX as usize) as u32,
         }
-    }
-
-    /// The semaphores of a role whose tables share `role_held`: one per table
-    /// (its cap) from [`Budget::table`], over this shared one.
-    pub fn role(&self) -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(self.role_held as usize))
-    }
-}
-
-/// A table's claim on memory: its own cap, and the role's budget it shares.
-#[derive(Debug, Clone)]
-pub struct Budget {
-    table: Arc<Semaphore>,
-    role: Arc<Semaphore>,
-    /// The table's cap, in bytes as charged.
-    pub table_bytes: u32,
-    /// The role's shared budget, in bytes as charged.
-    role_bytes: u32,
-}
-
-/// What held records occupy: permits of the table's cap and of the role's
-/// budget, returned together when dropped.
-#[derive(Debug)]
-pub struct Charge {
-    table: OwnedSemaphorePermit,
-    role: OwnedSemaphorePermit,
-}
-
-impl Charge {
-    pub fn merge(&mut self, other: Charge) {
-        self.table.merge(other.table);
-        self.role.merge(other.role);
-    }
-}
-
-impl Budget {
-    /// A table's budget under `share`, drawing on the role's shared semaphore.
-    pub fn table(share: &MemoryShare, role: &Arc<Semaphore>) -> Budget {
-        Budget {
-            table: Arc::new(Semaphore::new(share.held as usize)),
-            role: role.clone(),
-            table_bytes: share.held,
-            role_bytes: share.role_held,
-        }
-    }
-
-    /// The most one record may be charged: it must fit both.
-    fn most(&self) -> u32 {
-        self.table_bytes.min(self.role_bytes).max(1)
-    }
-
-    /// Bytes of the table's cap not held now.
-    pub fn available(&self) -> usize {
-        self.table.available_permits()
-    }
-
-    fn try_charge(&self, permits: u32) -> Option<Charge> {
-        let table = self.table.clone().try_acquire_many_owned(permits).ok()?;
-        let role = self.role.clone().try_acquire_many_owned(permits).ok()?;
-        Some(Charge { table, role })
-    }
-
-    /// Waits for both; `None` when a semaphore is closed.
-    async fn charge(&self, permits: u32) -> Option<Charge> {
-        let table = self.table.clone().acquire_many_owned(permits).await.ok()?;
-        let role = self.role.clone().acquire_many_owned(permits).await.ok()?;
-        Some(Charge { table, role })
     }
 }
 
@@ -374,7 +292,12 @@ pub type OnPause = Arc<dyn Fn() + Send + Sync>;
 impl Subscription {
     /// Starts the poll thread; returns it and the events for the owning task.
     /// `on_pause` is called each time fetching pauses (memory spent or the task behind).
-    pub fn poll(self, budget: Budget, on_pause: OnPause) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
+    pub fn poll(
+        self,
+        memory: Arc<Semaphore>,
+        budget: u32,
+        on_pause: OnPause,
+    ) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
         let stop = CancellationToken::new();
         let thread = {
             // The context holds the sender the poll loop hands records over on.
@@ -385,7 +308,7 @@ impl Subscription {
                 .spawn(move || {
                     let events = consumer.context().events.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        poll_loop(consumer, budget, on_pause, stop)
+                        poll_loop(consumer, memory, budget, on_pause, stop)
                     }));
                     if let Err(panic) = polled {
                         // Never leave the task waiting for records that cannot come.
@@ -440,7 +363,7 @@ impl Poller {
 #[derive(Debug)]
 pub enum Event {
     /// Records in poll order, each with its share of the memory budget.
-    Records(Vec<(OwnedMessage, Charge)>),
+    Records(Vec<(OwnedMessage, OwnedSemaphorePermit)>),
     /// Partitions were assigned; the answer gives where each one starts. No answer
     /// (the task stopped) assigns nothing.
     Assigned {
@@ -466,7 +389,7 @@ pub struct Context {
     pub events: mpsc::Sender<Event>,
     /// Records polled but not handed over yet (only the poll thread touches it:
     /// the poll loop and the rebalance callback, which runs inside `poll`).
-    pending: std::sync::Mutex<Vec<(OwnedMessage, Charge)>>,
+    pending: std::sync::Mutex<Vec<(OwnedMessage, OwnedSemaphorePermit)>>,
     /// How long a revoke waits for the task to write what it buffered.
     revoke_wait: Duration,
     /// What a held record costs ([`Role::charge`]).
@@ -677,7 +600,13 @@ impl ConsumerContext for Context {
 /// [`SHORT_WAIT`], the assigned partitions are paused and polling goes on
 /// (serving rebalances and the group's liveness) until memory comes back and the
 /// task catches up; then they resume.
-fn poll_loop(consumer: Arc<BaseConsumer<Context>>, budget: Budget, on_pause: OnPause, stop: CancellationToken) {
+fn poll_loop(
+    consumer: Arc<BaseConsumer<Context>>,
+    memory: Arc<Semaphore>,
+    memory_budget: u32,
+    on_pause: OnPause,
+    stop: CancellationToken,
+) {
     let context = consumer.context();
     let runtime = &context.runtime;
     let topic = context.topic.clone();
@@ -689,13 +618,13 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, budget: Budget, on_pause: OnP
     let mut behind = false;
     while !stop.is_cancelled() {
         while let Some((message, permits)) = held.pop_front() {
-            match budget.try_charge(permits) {
-                Some(charge) => context
+            match memory.clone().try_acquire_many_owned(permits) {
+                Ok(permit) => context
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push((message, charge)),
-                None => {
+                    .push((message, permit)),
+                Err(_) => {
                     held.push_front((message, permits));
                     break;
                 }
@@ -762,7 +691,7 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, budget: Budget, on_pause: OnP
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         let permits = u32::try_from(context.role.charge(size))
             .unwrap_or(u32::MAX)
-            .clamp(1, budget.most());
+            .clamp(1, memory_budget);
         if !held.is_empty() {
             // Keep poll order: nothing overtakes a record waiting for memory. A
             // record here comes from a partition assigned since the pause (or
@@ -772,20 +701,21 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, budget: Budget, on_pause: OnP
             paused = true;
             continue;
         }
-        let permit = match budget.try_charge(permits) {
-            Some(charge) => Some(charge),
-            None if paused => None,
-            None => {
+        let permit = match memory.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => Some(permit),
+            Err(_) if paused => None,
+            Err(_) => {
                 // Hand over what is gathered first (its permits must be able to
                 // come back), then wait a moment for memory.
                 if context.hand_over_within(runtime, SHORT_WAIT) == Handed::Gone {
                     break;
                 }
                 // Timers need the runtime's context: build the timeout inside.
+                let acquire = memory.clone().acquire_many_owned(permits);
                 runtime
-                    .block_on(async { tokio::time::timeout(SHORT_WAIT, budget.charge(permits)).await })
+                    .block_on(async { tokio::time::timeout(SHORT_WAIT, acquire).await })
                     .ok()
-                    .flatten()
+                    .and_then(Result::ok)
             }
         };
         match permit {
@@ -837,53 +767,19 @@ mod tests {
         for budget in [64 * MIB, 256 * MIB, 1024 * MIB] {
             for tables in [1, 2, Table::ALL.len()] {
                 let share = MemoryShare::of(budget, tables);
-                // Prefetch and held records together stay within the budget.
-                let total = 2 * share.prefetch_half * tables + share.role_held as usize;
-                assert!(total <= budget, "{budget}/{tables}: {share:?}");
+                let per_table = 2 * share.prefetch_half + share.held as usize;
+                assert!(per_table <= budget / tables, "{budget}/{tables}: {share:?}");
                 assert!(
-                    total + tables >= budget,
-                    "{budget}/{tables}: all of it is used, {share:?}"
+                    share.held as usize >= per_table * 3 / 4 - 1,
+                    "{budget}/{tables}: {share:?}"
                 );
-                assert!(share.prefetch_half <= budget / tables / 4 + MIN_PREFETCH_HALF);
-                // One table may take half the records' memory, all when alone.
-                match tables {
-                    1 => assert_eq!(share.held, share.role_held),
-                    _ => assert_eq!(share.held, share.role_held / 2),
-                }
             }
+            // One table ingested gets the whole budget, not a seventh of it.
+            assert!(MemoryShare::of(budget, 1).held >= 7 * MemoryShare::of(budget, 7).held - 7);
         }
         // A tiny budget still leaves librdkafka its minimum and the table a record.
         let small = MemoryShare::of(MIB, Table::ALL.len());
-        assert_eq!(
-            (small.prefetch_half, small.held as usize, small.role_held as usize),
-            (MIB, 7 * MIB / 2, 7 * MIB)
-        );
-        // There, a table holding all it may leaves the others half.
-        let tiny = MemoryShare::of(7 * MIB, Table::ALL.len());
-        assert!(tiny.role_held - tiny.held >= tiny.role_held / 2, "{tiny:?}");
-    }
-
-    #[tokio::test]
-    async fn a_table_charges_its_cap_and_the_role_budget_together() {
-        let share = MemoryShare {
-            prefetch_half: 0,
-            held: 6,
-            role_held: 10,
-        };
-        let role = share.role();
-        let (a, b) = (Budget::table(&share, &role), Budget::table(&share, &role));
-        let held_a = a.try_charge(6).expect("within a's cap and the role's budget");
-        assert!(a.try_charge(1).is_none(), "a's cap is spent");
-        let held_b = b.try_charge(4).expect("what a left of the role's budget");
-        assert!(b.try_charge(1).is_none(), "the role's budget is spent, b's cap is not");
-        assert_eq!(b.available(), 2, "a refused charge takes nothing");
-        drop(held_a);
-        let mut more = b.try_charge(2).expect("a's records are written: memory is back");
-        more.merge(held_b);
-        assert_eq!(b.available(), 0);
-        drop(more);
-        assert_eq!((a.available(), b.available(), role.available_permits()), (6, 6, 10));
-        assert_eq!(a.most(), 6);
+        assert_eq!((small.prefetch_half, small.held as usize), (MIB, MIB));
     }
 
     #[test]
