@@ -5,9 +5,11 @@
 //! column present, derived columns filled in), or into a [`RecordError`] whose text
 //! names the field and the problem. It performs no I/O.
 
+mod fields;
 mod tables;
 pub mod value;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -174,8 +176,17 @@ pub fn decode_bytes(table: Table, bytes: &[u8]) -> Result<Decoded, RecordError> 
         return Err(RecordError::Empty);
     }
     let text = std::str::from_utf8(bytes).map_err(|e| RecordError::NotUtf8(e.valid_up_to()))?;
-    let json: Json = serde_json::from_str(text).map_err(|e| RecordError::InvalidJson(e.to_string()))?;
-    decode_json(table, json)
+    let invalid = |e: serde_json::Error| RecordError::InvalidJson(e.to_string());
+    if !text.trim_start_matches([' ', '\n', '\r', '\t']).starts_with('{') {
+        // Not an object: parsed whole, to name what it is (or why it is not JSON).
+        return decode_json(table, serde_json::from_str(text).map_err(invalid)?);
+    }
+    let fields = fields::read(table, text).map_err(invalid)?;
+    decode_fields(
+        table,
+        fields.values.into_iter().map(|v| v.map(Cow::Owned)),
+        fields.unknown,
+    )
 }
 
 /// Decodes any JSON value, rejecting what is not an object.
@@ -189,15 +200,28 @@ pub fn decode_json(table: Table, json: Json) -> Result<Decoded, RecordError> {
 /// Decodes one JSON object into a row of `table`.
 pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded, RecordError> {
     let spec = table.spec();
+    let unknown_fields = record.keys().filter(|k| spec.index_of(k).is_none()).count();
+    let fields = spec.columns.iter().map(|c| record.get(c.name).map(Cow::Borrowed));
+    decode_fields(table, fields, unknown_fields)
+}
+
+/// Decodes a record given as one field per column (`None`: absent). Owned
+/// strings and JSON documents move into the row.
+fn decode_fields<'a>(
+    table: Table,
+    fields: impl Iterator<Item = Option<Cow<'a, Json>>>,
+    unknown_fields: usize,
+) -> Result<Decoded, RecordError> {
+    let spec = table.spec();
     let mut values = Vec::with_capacity(spec.columns.len());
-    for column in spec.columns {
-        let value = match record.get(column.name) {
-            None | Some(Json::Null) => Value::Null,
+    for (column, raw) in spec.columns.iter().zip(fields) {
+        let value = match raw {
+            None => Value::Null,
+            Some(raw) if raw.is_null() => Value::Null,
             Some(raw) => decode_field(table, column, raw)?,
         };
         values.push(value);
     }
-    let unknown_fields = record.keys().filter(|k| spec.index_of(k).is_none()).count();
     let mut row = Row { values };
     // Fields the producer must send are named before those derived from them, so a
     // missing event_timestamp is reported as such, not as a missing event_date.
@@ -208,7 +232,7 @@ pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded
     Ok(Decoded { row, unknown_fields })
 }
 
-fn decode_field(table: Table, column: &'static Column, raw: &Json) -> Result<Value, RecordError> {
+fn decode_field(table: Table, column: &'static Column, raw: Cow<'_, Json>) -> Result<Value, RecordError> {
     let field_error = |problem| RecordError::Field {
         field: column.name,
         problem,
@@ -216,20 +240,33 @@ fn decode_field(table: Table, column: &'static Column, raw: &Json) -> Result<Val
     // Event properties sent as a JSON string (AppMetrica's `event_json`) are parsed;
     // a string that is not a JSON object is kept verbatim by `derive`.
     if table == Table::TmpEventProperties && column.name == "properties" {
-        if let Json::String(text) = raw {
+        if let Json::String(text) = raw.as_ref() {
             return match serde_json::from_str::<Json>(text) {
-                Ok(parsed @ Json::Object(_)) => decode_field(table, column, &parsed),
-                _ => value::decode(ColumnType::Text, raw).map_err(field_error),
+                Ok(parsed @ Json::Object(_)) => decode_field(table, column, Cow::Owned(parsed)),
+                _ => value::decode(ColumnType::Text, &raw).map_err(field_error),
             };
         }
     }
-    let value = value::decode(column.ty, raw).map_err(field_error)?;
-    check(column, &value, raw).map_err(field_error)?;
+    // A string for a text column and a document for a JSON column are the value
+    // itself: moved when owned, and shown from the value when refused.
+    let (value, source) = match raw {
+        Cow::Owned(raw @ (Json::String(_) | Json::Object(_) | Json::Array(_)))
+            if matches!(column.ty, ColumnType::Text | ColumnType::Json) =>
+        {
+            (value::decode_owned(column.ty, raw).map_err(field_error)?, None)
+        }
+        raw => (value::decode(column.ty, &raw).map_err(field_error)?, Some(raw)),
+    };
+    let shown = || match &source {
+        Some(raw) => value::describe(raw),
+        None => value::describe(&value.to_json()),
+    };
+    check(column, &value, shown).map_err(field_error)?;
     if let Value::Text(text) = &value {
         if text.len() > MAX_KEY_TEXT_BYTES && table.spec().key.contains(&column.name) {
             return Err(field_error(FieldProblem::Invalid(format!(
                 "{} is {} bytes, over the {MAX_KEY_TEXT_BYTES}-byte limit of a key column",
-                value::describe(raw),
+                shown(),
                 text.len()
             ))));
         }
@@ -237,24 +274,22 @@ fn decode_field(table: Table, column: &'static Column, raw: &Json) -> Result<Val
     Ok(value)
 }
 
-fn check(column: &Column, value: &Value, raw: &Json) -> Result<(), FieldProblem> {
+/// Checks `value` against its column's rule; `shown` renders the field for the error.
+fn check(column: &Column, value: &Value, shown: impl Fn() -> String) -> Result<(), FieldProblem> {
     match (column.check, value) {
         (Check::None, _) => Ok(()),
         (Check::Range(lo, hi), Value::Float(v)) if (lo..=hi).contains(v) => Ok(()),
-        (Check::Range(lo, hi), _) => Err(FieldProblem::Invalid(format!(
-            "{} is outside {lo}..{hi}",
-            value::describe(raw)
-        ))),
+        (Check::Range(lo, hi), _) => Err(FieldProblem::Invalid(format!("{} is outside {lo}..{hi}", shown()))),
         (Check::OneOf(allowed), Value::Text(v)) if allowed.contains(&v.as_str()) => Ok(()),
         (Check::OneOf(allowed), _) => Err(FieldProblem::Invalid(format!(
             "{} is not one of {}",
-            value::describe(raw),
+            shown(),
             allowed.join(", ")
         ))),
         (Check::Object, Value::Json(Json::Object(_))) => Ok(()),
         (Check::Object, _) => Err(FieldProblem::Expected {
             expected: "JSON object",
-            got: value::describe(raw),
+            got: shown(),
         }),
     }
 }
@@ -457,10 +492,12 @@ pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
     };
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     hasher.update(b"event-hash-v1\x1e");
+    let mut text = String::new();
     for (name, index) in fields {
-        let Some(text) = index.and_then(|i| row.values[i].canonical_text()) else {
+        text.clear();
+        if !index.is_some_and(|i| row.values[i].write_canonical(&mut text)) {
             continue;
-        };
+        }
         hasher.update(name.as_bytes());
         hasher.update(b"\x1f");
         hasher.update(text.as_bytes());

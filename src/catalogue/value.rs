@@ -91,18 +91,29 @@ impl Value {
     /// The canonical text of a value: stable across releases, because event hashes
     /// are computed from it. `None` for NULL.
     pub fn canonical_text(&self) -> Option<String> {
-        Some(match self {
-            Value::Null => return None,
-            Value::Int(v) => v.to_string(),
-            Value::Float(v) => v.to_string(),
-            Value::Bool(v) => v.to_string(),
-            Value::Text(v) => v.clone(),
-            Value::Date(v) => v.format("%Y-%m-%d").to_string(),
-            Value::Timestamp(v) => v.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
-            Value::TimestampTz(v) => v.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        let mut text = String::new();
+        self.write_canonical(&mut text).then_some(text)
+    }
+
+    /// Appends the canonical text to `out`; false (and nothing written) for NULL.
+    /// Dates are `YYYY-MM-DD`, timestamps `YYYY-MM-DDTHH:MM:SS.ffffff` (with `Z`
+    /// for `timestamptz`), JSON as serde_json writes it.
+    pub fn write_canonical(&self, out: &mut String) -> bool {
+        use std::fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = match self {
+            Value::Null => return false,
+            Value::Int(v) => write!(out, "{v}"),
+            Value::Float(v) => write!(out, "{v}"),
+            Value::Bool(v) => write!(out, "{v}"),
+            Value::Text(v) => out.write_str(v),
+            Value::Date(v) => write_date(out, *v),
+            Value::Timestamp(v) => write_timestamp(out, *v),
+            Value::TimestampTz(v) => write_timestamp(out, v.naive_utc()).and_then(|()| out.write_char('Z')),
             // serde_json's map is ordered by key, so equal objects give equal text.
-            Value::Json(v) => v.to_string(),
-        })
+            Value::Json(v) => write!(out, "{v}"),
+        };
+        true
     }
 
     /// The value as a JSON value for API responses (timestamps in RFC 3339 form).
@@ -131,6 +142,48 @@ impl Value {
             Value::Timestamp(_) | Value::TimestampTz(_) => 27,
             Value::Json(v) => json_len(v),
         }
+    }
+}
+
+/// `YYYY-MM-DD`, with integer arithmetic (years outside 0..=9999 as chrono writes them).
+fn write_date(out: &mut String, date: NaiveDate) -> std::fmt::Result {
+    let year = date.year();
+    if !(0..=9999).contains(&year) {
+        use std::fmt::Write as _;
+        return write!(out, "{}", date.format("%Y-%m-%d"));
+    }
+    push_digits(out, year as u32, 4);
+    out.push('-');
+    push_digits(out, date.month(), 2);
+    out.push('-');
+    push_digits(out, date.day(), 2);
+    Ok(())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffff` (microseconds, truncated).
+fn write_timestamp(out: &mut String, at: NaiveDateTime) -> std::fmt::Result {
+    use chrono::Timelike as _;
+    if at.nanosecond() >= 1_000_000_000 {
+        // A leap second: as chrono writes it.
+        use std::fmt::Write as _;
+        return write!(out, "{}", at.format("%Y-%m-%dT%H:%M:%S%.6f"));
+    }
+    write_date(out, at.date())?;
+    out.push('T');
+    push_digits(out, at.hour(), 2);
+    out.push(':');
+    push_digits(out, at.minute(), 2);
+    out.push(':');
+    push_digits(out, at.second(), 2);
+    out.push('.');
+    push_digits(out, at.nanosecond() / 1000, 6);
+    Ok(())
+}
+
+/// The last `width` decimal digits of `value`, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for place in (0..width).rev() {
+        out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
     }
 }
 
@@ -280,6 +333,19 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
     }
 }
 
+/// [`decode`] for an owned value: a string for a text column and any document
+/// for a JSON column move into the value instead of being copied.
+pub fn decode_owned(ty: ColumnType, raw: Json) -> Result<Value, FieldProblem> {
+    match (ty, raw) {
+        (ColumnType::Text, Json::String(s)) => no_nul(&s).map(|_| Value::Text(s)),
+        (ColumnType::Json, raw) => {
+            check_json_strings(&raw)?;
+            Ok(Value::Json(raw))
+        }
+        (ty, raw) => decode(ty, &raw),
+    }
+}
+
 /// An integer from a JSON integer, an integral float, or a numeric string.
 fn integer(raw: &Json) -> Option<i64> {
     match raw {
@@ -398,6 +464,58 @@ mod tests {
             Ok(v) => panic!("{raw} as {ty:?} decoded to {v:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn canonical_dates_and_timestamps_read_as_chrono_writes_them() {
+        let dates = [
+            (1, 1, 1),
+            (999, 12, 31),
+            (1999, 2, 28),
+            (2000, 2, 29),
+            (2026, 11, 27),
+            (9999, 12, 31),
+        ];
+        let times = [
+            (0, 0, 0, 0),
+            (9, 5, 7, 1_000),
+            (23, 59, 59, 999_999_999),
+            (12, 30, 0, 123_456_789),
+        ];
+        for (y, m, d) in dates {
+            let date = NaiveDate::from_ymd_opt(y, m, d).expect("a date");
+            assert_eq!(
+                Value::Date(date).canonical_text(),
+                Some(date.format("%Y-%m-%d").to_string())
+            );
+            for (h, min, s, nanos) in times {
+                let at = date.and_hms_nano_opt(h, min, s, nanos).expect("a time");
+                assert_eq!(
+                    Value::Timestamp(at).canonical_text(),
+                    Some(at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string())
+                );
+                assert_eq!(
+                    Value::TimestampTz(at.and_utc()).canonical_text(),
+                    Some(at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+                );
+            }
+        }
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .expect("a leap second");
+        assert_eq!(
+            Value::Timestamp(leap).canonical_text().as_deref(),
+            Some("2016-12-31T23:59:60.500000")
+        );
+        assert_eq!(
+            Value::Date(NaiveDate::from_ymd_opt(2000, 1, 2).expect("a date"))
+                .canonical_text()
+                .as_deref(),
+            Some("2000-01-02")
+        );
+        assert_eq!(Value::Null.canonical_text(), None);
+        assert_eq!(Value::Float(0.5).canonical_text().as_deref(), Some("0.5"));
+        assert_eq!(Value::Bool(true).canonical_text().as_deref(), Some("true"));
     }
 
     #[test]

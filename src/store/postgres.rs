@@ -6,6 +6,7 @@
 //! a key, the savepoint is rolled back and the chunk goes through a staging table:
 //! `COPY` into it, then one `INSERT … SELECT DISTINCT ON (key) … ON CONFLICT`.
 
+use std::fmt::Write as _;
 use std::ops::Range;
 use std::str::FromStr;
 use std::time::Duration;
@@ -128,7 +129,7 @@ async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<()
 fn copy_text(rows: &[Row], prefixes: impl Iterator<Item = i64>) -> String {
     let mut out = String::with_capacity(rows.iter().map(|r| r.approx_bytes() + 24).sum());
     for (row, prefix) in rows.iter().zip(prefixes) {
-        out.push_str(&prefix.to_string());
+        let _ = write!(out, "{prefix}"); // writing to a String cannot fail
         for value in &row.values {
             out.push('\t');
             sql::push_copy_value(&mut out, value);

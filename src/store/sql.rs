@@ -159,14 +159,32 @@ pub fn sqlite_insert(spec: &TableSpec, policy_clause: bool) -> String {
 
 /// One value in PostgreSQL's COPY text format, appended to `out`.
 pub fn push_copy_value(out: &mut String, value: &Value) {
-    let Some(text) = value.canonical_text() else {
-        out.push_str("\\N");
+    match value {
+        Value::Null => out.push_str("\\N"),
+        Value::Bool(b) => out.push(if *b { 't' } else { 'f' }),
+        Value::Text(text) => push_copy_escaped(out, text),
+        Value::Json(_) => {
+            // JSON text holds backslashes (its own escapes) but no raw control characters.
+            let start = out.len();
+            value.write_canonical(out);
+            if out[start..].contains('\\') {
+                let json = out.split_off(start);
+                push_copy_escaped(out, &json);
+            }
+        }
+        // Digits, signs, dots, dashes, colons: nothing to escape.
+        _ => {
+            value.write_canonical(out);
+        }
+    }
+}
+
+/// `text` with COPY's specials (backslash, newline, carriage return, tab) escaped.
+fn push_copy_escaped(out: &mut String, text: &str) {
+    if !text.bytes().any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+        out.push_str(text);
         return;
-    };
-    let text = match value {
-        Value::Bool(b) => return out.push(if *b { 't' } else { 'f' }),
-        _ => text,
-    };
+    }
     for ch in text.chars() {
         match ch {
             '\\' => out.push_str("\\\\"),
@@ -252,10 +270,16 @@ mod tests {
             Value::Null,
             Value::Bool(true),
             Value::Int(-3),
+            Value::Text("plain".into()),
+            Value::Json(serde_json::json!({"q": "say \"hi\"\n", "n": 1})),
+            Value::Json(serde_json::json!([1, "two"])),
         ] {
             push_copy_value(&mut out, &v);
             out.push('|');
         }
-        assert_eq!(out, "a\\tb\\\\c\\nd\\re|\\N|t|-3|");
+        assert_eq!(
+            out,
+            "a\\tb\\\\c\\nd\\re|\\N|t|-3|plain|{\"n\":1,\"q\":\"say \\\\\"hi\\\\\"\\\\n\"}|[1,\"two\"]|"
+        );
     }
 }

@@ -1,0 +1,153 @@
+//! Reads a JSON object's fields straight into its table's column slots.
+//!
+//! Guarantees: [`read`] accepts exactly the texts `serde_json::from_str` accepts
+//! as an object, and fills slot `i` with the value of column `i`'s field (the
+//! last one when a field repeats, as a parsed map keeps it). Field names are
+//! matched without being copied; fields the table lacks are skipped unread and
+//! counted.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value as Json;
+
+use super::Table;
+
+/// A record's fields, one slot per column of its table, in catalogue order.
+#[derive(Debug)]
+pub struct Fields {
+    pub values: Vec<Option<Json>>,
+    /// Fields the table does not have.
+    pub unknown: usize,
+}
+
+/// Parses `text`, a JSON object, into `table`'s column slots.
+pub fn read(table: Table, text: &str) -> Result<Fields, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = de.deserialize_map(Object { names: names(table) })?;
+    de.end()?;
+    Ok(fields)
+}
+
+/// `table`'s column names with their positions, sorted by name.
+fn names(table: Table) -> &'static [(&'static str, usize)] {
+    static NAMES: OnceLock<Vec<Vec<(&'static str, usize)>>> = OnceLock::new();
+    let all = NAMES.get_or_init(|| {
+        Table::ALL
+            .iter()
+            .map(|t| {
+                let mut names: Vec<_> = t.spec().columns.iter().enumerate().map(|(i, c)| (c.name, i)).collect();
+                names.sort_unstable();
+                names
+            })
+            .collect()
+    });
+    let index = Table::ALL.iter().position(|t| *t == table).unwrap_or_default();
+    &all[index]
+}
+
+struct Object {
+    names: &'static [(&'static str, usize)],
+}
+
+impl<'de> Visitor<'de> for Object {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut values = vec![None; self.names.len()];
+        let mut unknown = 0;
+        while let Some(slot) = map.next_key_seed(Name { names: self.names })? {
+            match slot {
+                Some(i) => values[i] = Some(map.next_value::<Json>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                    unknown += 1;
+                }
+            }
+        }
+        Ok(Fields { values, unknown })
+    }
+}
+
+/// A field name, resolved to its column's position (`None`: not a column).
+struct Name {
+    names: &'static [(&'static str, usize)],
+}
+
+impl<'de> DeserializeSeed<'de> for Name {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<usize>, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Name {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<usize>, E> {
+        Ok(self
+            .names
+            .binary_search_by(|(n, _)| (*n).cmp(name))
+            .ok()
+            .map(|i| self.names[i].1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_columns_and_a_repeated_field_keeps_its_last_value() {
+        let table = Table::UserLocations;
+        let columns = table.spec().columns;
+        let text = format!(
+            r#"{{"{a}": 1, "nope": {{"deep": [1, 2]}}, "{b}": "x\"y", "{a}": 2, "also\u0020nope": null}}"#,
+            a = columns[0].name,
+            b = columns[1].name
+        );
+        let fields = read(table, &text).expect("an object");
+        assert_eq!(fields.values.len(), columns.len());
+        assert_eq!(fields.values[0], Some(Json::from(2)));
+        assert_eq!(fields.values[1], Some(Json::from("x\"y")));
+        assert!(fields.values[2..].iter().all(Option::is_none));
+        assert_eq!(fields.unknown, 2);
+    }
+
+    #[test]
+    fn an_escaped_field_name_matches_its_column() {
+        let table = Table::UserLocations;
+        let name = table.spec().columns[0].name;
+        let escaped: String = name.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
+        let fields = read(table, &format!(r#"{{"{escaped}": 7}}"#)).expect("an object");
+        assert_eq!(fields.values[0], Some(Json::from(7)));
+    }
+
+    #[test]
+    fn texts_the_json_parser_refuses_are_refused_with_its_words() {
+        for text in [
+            "{",
+            r#"{"a": 1} x"#,
+            r#"{"a" 1}"#,
+            r#"{"a": tru}"#,
+            "[1]",
+            "{\"a\": 1,}",
+        ] {
+            let ours = read(Table::UserLocations, text).expect_err(text).to_string();
+            let theirs = serde_json::from_str::<serde_json::Map<String, Json>>(text)
+                .expect_err(text)
+                .to_string();
+            assert_eq!(ours.split(" at ").nth(1), theirs.split(" at ").nth(1), "{text}");
+        }
+    }
+}
