@@ -18,11 +18,12 @@
 //! follows the DWH commit and only feeds lag tools.
 //!
 //! A table's partitions are split into lanes (`KAFKA_WRITE_LANES`, partition
-//! modulo lanes): each lane has its own batch, its own fenced offset chain and
-//! one batch in flight while its next one fills, so the database takes several
-//! batches of a hot table at once and decoding goes on meanwhile. Lanes never
-//! share a partition, and a lane has at most one batch in flight, so a
-//! partition's batches commit in order. At the end of the shutdown grace period
+//! modulo lanes): each lane has its own batch, its own fenced offset chain, one
+//! batch in flight and one full batch queued behind it while its next one fills,
+//! so the database takes several batches of a hot table at once and decoding
+//! goes on while a write takes its time. Lanes never share a partition, and a
+//! lane writes one batch at a time, in order, so a partition's batches commit
+//! in order. At the end of the shutdown grace period
 //! the writes in progress are cancelled (their transactions roll back, their
 //! offsets stay).
 
@@ -52,6 +53,18 @@ use crate::telemetry::lag;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A record with its decoded row, or why it was refused.
+type Delivered = (OwnedMessage, OwnedSemaphorePermit, Result<Row, RecordError>);
+
+/// Fewer records than this per thread are decoded on the task alone.
+const MIN_RECORDS_PER_DECODER: usize = 64;
+
+/// Threads a delivery's records may be decoded on: the machine's cores.
+fn decoders() -> usize {
+    static DECODERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DECODERS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// How long a watermark or committed-offset query may take on assignment.
 const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,6 +140,16 @@ struct Lane {
     in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
     /// Records of the batch in flight.
     in_flight_records: usize,
+    /// A full batch waiting for the one in flight: it is written as soon as that
+    /// one lands, so decoding goes on meanwhile. At most one.
+    queued: Option<Queued>,
+}
+
+/// A closed batch, its offset advances and its memory, ready to be written.
+struct Queued {
+    closed: Closed,
+    offsets: Vec<OffsetAdvance>,
+    memory: Option<OwnedSemaphorePermit>,
 }
 
 struct State {
@@ -146,6 +169,7 @@ impl State {
                     memory: None,
                     in_flight: None,
                     in_flight_records: 0,
+                    queued: None,
                 })
                 .collect(),
             positions: HashMap::new(),
@@ -174,7 +198,9 @@ impl State {
     fn records(&self) -> usize {
         self.lanes
             .iter()
-            .map(|lane| lane.batcher.records() + lane.in_flight_records)
+            .map(|lane| {
+                lane.batcher.records() + lane.in_flight_records + lane.queued.as_ref().map_or(0, |q| q.closed.records())
+            })
             .sum()
     }
 }
@@ -237,10 +263,13 @@ impl Worker {
                 (lane, joined) = landed(&mut state.lanes), if state.writing() => {
                     state.lanes[lane].in_flight = None;
                     state.lanes[lane].in_flight_records = 0;
-                    self.report_buffer(state);
                     if let Err(exit) = self.settled(joined) {
                         return exit;
                     }
+                    if let Some(queued) = state.lanes[lane].queued.take() {
+                        self.dispatch(&mut state.lanes[lane], queued);
+                    }
+                    self.report_buffer(state);
                 }
                 () = linger, if deadline.is_some() => {
                     let now = Instant::now();
@@ -258,8 +287,12 @@ impl Worker {
                         let count = records.len() as u64;
                         // The event-date window's today, read once per delivery.
                         let today = chrono::Utc::now().date_naive();
-                        for (message, permit) in records {
-                            let Some(lane) = self.accept(state, &message, permit, today) else {
+                        let delivered = match self.decode_delivery(records, today).await {
+                            Ok(delivered) => delivered,
+                            Err(exit) => return exit,
+                        };
+                        for (message, permit, row) in delivered {
+                            let Some(lane) = self.accept(state, &message, permit, row) else {
                                 continue;
                             };
                             if state.lanes[lane].batcher.is_full() {
@@ -348,13 +381,59 @@ impl Worker {
         Exit::Stopped(reason)
     }
 
+    /// Decodes a delivery's records, sharing them between this task and up to
+    /// [`decoders`]` - 1` blocking threads when there are enough to share.
+    async fn decode_delivery(
+        &self,
+        records: Vec<(OwnedMessage, OwnedSemaphorePermit)>,
+        today: chrono::NaiveDate,
+    ) -> Result<Vec<Delivered>, Exit> {
+        let (table, limit, window) = (self.writer.table, self.max_record_bytes, self.events_window);
+        let decode_part = move |part: Vec<(OwnedMessage, OwnedSemaphorePermit)>| -> Vec<Delivered> {
+            part.into_iter()
+                .map(|(message, permit)| {
+                    let row = decode(table, message.payload().unwrap_or_default(), limit, &window, today);
+                    (message, permit, row)
+                })
+                .collect()
+        };
+        let parts = decoders().min(records.len() / MIN_RECORDS_PER_DECODER).max(1);
+        let per_part = records.len().div_ceil(parts);
+        let mut rest = records;
+        let mut later = Vec::with_capacity(parts - 1);
+        while rest.len() > per_part {
+            let tail = rest.split_off(per_part);
+            later.push(std::mem::replace(&mut rest, tail));
+        }
+        // `rest` is now the last part: the others go to threads, in order.
+        let first = if later.is_empty() {
+            std::mem::take(&mut rest)
+        } else {
+            later.push(rest);
+            later.remove(0)
+        };
+        let threads: Vec<_> = later
+            .into_iter()
+            .map(|part| tokio::task::spawn_blocking(move || decode_part(part)))
+            .collect();
+        let mut delivered = decode_part(first);
+        for thread in threads {
+            delivered.extend(
+                thread
+                    .await
+                    .map_err(|e| Exit::Restart(format!("a decoding thread failed: {e}")))?,
+            );
+        }
+        Ok(delivered)
+    }
+
     /// Adds the record to its lane's batch and returns the lane (`None`: skipped).
     fn accept(
         &self,
         state: &mut State,
         message: &OwnedMessage,
         permit: OwnedSemaphorePermit,
-        today: chrono::NaiveDate,
+        row: Result<Row, RecordError>,
     ) -> Option<usize> {
         let partition = message.partition();
         let offset = message.offset();
@@ -368,13 +447,7 @@ impl Worker {
             return None;
         }
         let payload = message.payload().unwrap_or_default();
-        let entry = match decode(
-            self.writer.table,
-            payload,
-            self.max_record_bytes,
-            &self.events_window,
-            today,
-        ) {
+        let entry = match row {
             Ok(row) => Entry::Row(row),
             Err(reason) => {
                 RecordRejected {
@@ -410,10 +483,13 @@ impl Worker {
         Some(index)
     }
 
-    /// Hands a lane's open batch to the writer (after the lane's batch in flight
-    /// has landed).
+    /// Closes a lane's open batch: written at once when the lane has no write in
+    /// flight, else queued behind it (after the batch queued before it, if any,
+    /// has started).
     async fn flush(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
-        self.settle(state, lane).await?;
+        if state.lanes[lane].queued.is_some() {
+            self.advance(state, lane).await?;
+        }
         if state.lanes[lane].batcher.is_empty() {
             return Ok(());
         }
@@ -423,9 +499,40 @@ impl Worker {
             state.positions.insert(advance.partition, Some(advance.to));
         }
         let lane = &mut state.lanes[lane];
-        let memory = lane.memory.take();
+        let queued = Queued {
+            closed,
+            offsets,
+            memory: lane.memory.take(),
+        };
+        if lane.in_flight.is_some() {
+            lane.queued = Some(queued);
+        } else {
+            self.dispatch(lane, queued);
+        }
+        Ok(())
+    }
+
+    /// Starts writing a batch; the lane has none in flight.
+    fn dispatch(&self, lane: &mut Lane, queued: Queued) {
+        debug_assert!(lane.in_flight.is_none());
+        let Queued {
+            closed,
+            offsets,
+            memory,
+        } = queued;
         lane.in_flight_records = closed.records();
         lane.in_flight = Some(tokio::spawn(self.writer.clone().land(closed, offsets, memory)));
+    }
+
+    /// Waits for the lane's write in flight, then starts its queued batch, if any.
+    async fn advance(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
+        if let Some(task) = state.lanes[lane].in_flight.take() {
+            state.lanes[lane].in_flight_records = 0;
+            self.settled(task.await)?;
+        }
+        if let Some(queued) = state.lanes[lane].queued.take() {
+            self.dispatch(&mut state.lanes[lane], queued);
+        }
         Ok(())
     }
 
@@ -444,13 +551,12 @@ impl Worker {
         outcome
     }
 
-    /// Waits for a lane's batch in flight, if any.
+    /// Waits until the lane's batches in flight and queued have landed.
     async fn settle(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
-        let Some(task) = state.lanes[lane].in_flight.take() else {
-            return Ok(());
-        };
-        state.lanes[lane].in_flight_records = 0;
-        self.settled(task.await)
+        while state.lanes[lane].in_flight.is_some() || state.lanes[lane].queued.is_some() {
+            self.advance(state, lane).await?;
+        }
+        Ok(())
     }
 
     /// What the end of a write means for the consumer.
