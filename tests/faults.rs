@@ -422,6 +422,7 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
         ],
     );
     let dwh = migrated(&config).await;
+    count_writes(&url).await;
     let (stalled, other) = (Table::UserLocations, Table::EventsPart);
     let ingest = InProcessIngest::start(config.clone(), dwh.clone());
     publish(&config, &topic(&prefix, other), &keyed(other, events(100, 1))).await;
@@ -485,6 +486,19 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
     let after = ingest.status.counters();
     assert_eq!(after.rebalances, before.rebalances, "{after:?}");
     assert_eq!(after.skipped, 0, "nothing was written twice");
+    // Each lane's batches (the one waiting on the lock, the full one queued behind
+    // it, and those after) committed once each, and the offsets reached the end.
+    assert_written_once(&url, 20_000).await;
+    let mut ends: Vec<(i32, i64)> = watermarks(&config, &topic(&prefix, stalled))
+        .await
+        .iter()
+        .map(|w| (w.partition, w.high))
+        .collect();
+    ends.sort_unstable();
+    assert_eq!(
+        stored_offsets(&url, &config.kafka.group_id, &topic(&prefix, stalled)).await,
+        ends
+    );
     ingest.stop().await;
 }
 

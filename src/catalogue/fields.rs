@@ -61,9 +61,18 @@ impl<'de> Visitor<'de> for Object {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
         let mut values = vec![None; self.names.len()];
         let mut unknown = 0;
-        while let Some(slot) = map.next_key_seed(Name { names: self.names })? {
-            match slot {
-                Some(i) => values[i] = Some(map.next_value::<Json>()?),
+        // Producers that write fields in name order (serde_json's default) are
+        // matched with one comparison each: the name after the last one found.
+        let mut guess = 0;
+        while let Some(found) = map.next_key_seed(Name {
+            names: self.names,
+            guess,
+        })? {
+            match found {
+                Some(sorted) => {
+                    guess = sorted + 1;
+                    values[self.names[sorted].1] = Some(map.next_value::<Json>()?);
+                }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                     unknown += 1;
@@ -74,9 +83,11 @@ impl<'de> Visitor<'de> for Object {
     }
 }
 
-/// A field name, resolved to its column's position (`None`: not a column).
+/// A field name, resolved to its place in the sorted names (`None`: not a
+/// column), trying `guess` first.
 struct Name {
     names: &'static [(&'static str, usize)],
+    guess: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for Name {
@@ -95,11 +106,10 @@ impl<'de> Visitor<'de> for Name {
     }
 
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<usize>, E> {
-        Ok(self
-            .names
-            .binary_search_by(|(n, _)| (*n).cmp(name))
-            .ok()
-            .map(|i| self.names[i].1))
+        if self.names.get(self.guess).is_some_and(|(n, _)| *n == name) {
+            return Ok(Some(self.guess));
+        }
+        Ok(self.names.binary_search_by(|(n, _)| (*n).cmp(name)).ok())
     }
 }
 
@@ -122,6 +132,28 @@ mod tests {
         assert_eq!(fields.values[1], Some(Json::from("x\"y")));
         assert!(fields.values[2..].iter().all(Option::is_none));
         assert_eq!(fields.unknown, 2);
+    }
+
+    #[test]
+    fn fields_in_any_order_fill_the_same_slots() {
+        let table = Table::EventsPart;
+        let columns = table.spec().columns;
+        let object = |names: Vec<&str>| {
+            let fields: Vec<String> = names.iter().map(|n| format!("\"{n}\": \"{n}\"")).collect();
+            format!("{{{}}}", fields.join(", "))
+        };
+        let mut sorted: Vec<&str> = columns.iter().map(|c| c.name).collect();
+        sorted.sort_unstable();
+        let mut reversed = sorted.clone();
+        reversed.reverse();
+        let catalogue: Vec<&str> = columns.iter().map(|c| c.name).collect();
+        for names in [sorted, reversed, catalogue] {
+            let fields = read(table, &object(names)).expect("an object");
+            for (column, value) in columns.iter().zip(&fields.values) {
+                assert_eq!(value.as_ref(), Some(&Json::from(column.name)));
+            }
+            assert_eq!(fields.unknown, 0);
+        }
     }
 
     #[test]
