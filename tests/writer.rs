@@ -726,3 +726,198 @@ async fn a_reason_with_nul_is_stored_escaped() {
         assert_eq!(count_rejects(&dwh).await, 1, "{db:?}");
     }
 }
+
+/// Reads `sql`'s rows (every column as text) from the test database, in UTC.
+async fn texts(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
+    use sqlx::{Connection as _, Row as _};
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query("SET timezone = 'UTC'")
+        .execute(&mut conn)
+        .await
+        .expect("timezone");
+    sqlx::query(sql)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|row| (0..row.len()).map(|i| row.get::<Option<String>, _>(i)).collect())
+        .collect()
+}
+
+/// Every column type goes through PostgreSQL's binary COPY and back, edge values
+/// and NULLs included: bigint, int, double, boolean, text, date, timestamp,
+/// timestamptz, numeric(20), uuid and jsonb, on the bulk path and on the
+/// conflict path (staging).
+#[tokio::test]
+async fn every_column_type_round_trips_through_the_binary_copy() {
+    use dwh_helper::store::pgbinary;
+    let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
+    let url = config.database_url.expose().to_owned();
+    let write = |table: Table, records: Vec<Value>| {
+        let dwh = dwh.clone();
+        async move {
+            let batch = rows(table, &records);
+            assert!(
+                pgbinary::encode(table.spec(), &batch, 0..).is_some(),
+                "{table}: the rows go as binary"
+            );
+            dwh.write(Batch::rows(table, &batch)).await.expect("write")
+        }
+    };
+    let s = |v: &str| Some(v.to_owned());
+
+    let data = json!({"ü": "日本語 😀", "n": [1, 2.5, null, true], "q": "say \"hi\"\n"});
+    let technical = vec![
+        json!({"uuid": "00000000-0000-0000-0000-000000000000", "app": i64::MIN, "event_type": "tab\there \\ back\nslash",
+               "server_upload_time": "0001-01-01T00:00:00", "event_time": "1999-12-31T23:59:59.999999",
+               "client_event_time": "2024-02-29T12:00:00.000001", "paying": true, "sample_rate": -0.5, "data": data}),
+        json!({"uuid": "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF", "app": i64::MAX, "event_type": "",
+               "server_upload_time": "9999-12-31T23:59:59.999999", "paying": false,
+               "sample_rate": 1.797_693_134_862_315_7e308, "data": "just a string"}),
+        json!({"uuid": "12345678-1234-4234-8234-123456789abc", "app": 0, "event_type": "nulls",
+               "server_upload_time": 0}),
+    ];
+    assert_eq!(
+        write(Table::TechnicalData, technical.clone()).await.inserted_ids.len(),
+        3
+    );
+    // The same rows again: the bulk COPY meets the keys, the staging path skips them.
+    assert_eq!(write(Table::TechnicalData, technical).await.inserted_ids.len(), 0);
+    let stored = texts(
+        &url,
+        "SELECT uuid::text, app::text, event_type, server_upload_time::text, event_time::text, \
+         client_event_time::text, paying::text, sample_rate::text, data::text FROM technical_data ORDER BY app",
+    )
+    .await;
+    assert_eq!(
+        stored.iter().map(|r| r[..8].to_vec()).collect::<Vec<_>>(),
+        vec![
+            vec![
+                s("00000000-0000-0000-0000-000000000000"),
+                s("-9223372036854775808"),
+                s("tab\there \\ back\nslash"),
+                s("0001-01-01 00:00:00"),
+                s("1999-12-31 23:59:59.999999"),
+                s("2024-02-29 12:00:00.000001"),
+                s("true"),
+                s("-0.5"),
+            ],
+            vec![
+                s("12345678-1234-4234-8234-123456789abc"),
+                s("0"),
+                s("nulls"),
+                s("1970-01-01 00:00:00"),
+                None,
+                None,
+                None,
+                None,
+            ],
+            vec![
+                s("ffffffff-ffff-ffff-ffff-ffffffffffff"),
+                s("9223372036854775807"),
+                s(""),
+                s("9999-12-31 23:59:59.999999"),
+                None,
+                None,
+                s("false"),
+                s("1.7976931348623157e+308"),
+            ],
+        ]
+    );
+    let json_of = |text: &Option<String>| {
+        text.as_deref()
+            .map(|t| serde_json::from_str::<Value>(t).expect("jsonb text"))
+    };
+    assert_eq!(json_of(&stored[0][8]), Some(data));
+    assert_eq!(json_of(&stored[1][8]), None);
+    assert_eq!(json_of(&stored[2][8]), Some(json!("just a string")));
+
+    let device = |id: u64, n: &str, mcc: Value, first: &str, last: &str| json!({"application_id": id, "appmetrica_device_id": n, "mcc": mcc, "first_seen_at": first, "last_seen_at": last});
+    let devices = vec![
+        device(
+            1,
+            "18446744073709551615",
+            json!(i32::MIN),
+            "1999-12-31T23:59:59.000001Z",
+            "2024-02-29T12:00:00.123456+00:00",
+        ),
+        device(2, "0", json!(i32::MAX), "0001-01-01T00:00:00Z", "2000-01-01T00:00:00Z"),
+        device(
+            3,
+            "10000",
+            Value::Null,
+            "2000-01-01T00:00:00.5Z",
+            "2000-01-01T00:00:00.5Z",
+        ),
+    ];
+    assert_eq!(write(Table::MobileDevices, devices).await.inserted_ids.len(), 3);
+    // A newer version of device 3 goes through staging and wins.
+    let newer = vec![device(
+        3,
+        "00010000",
+        json!(250),
+        "2001-01-01T00:00:00Z",
+        "2030-06-15T08:09:10.654321Z",
+    )];
+    assert_eq!(write(Table::MobileDevices, newer).await.updated, 1);
+    assert_eq!(
+        texts(
+            &url,
+            "SELECT application_id::text, appmetrica_device_id::text, mcc::text, first_seen_at::text, last_seen_at::text \
+             FROM mobile_devices ORDER BY application_id",
+        )
+        .await,
+        vec![
+            vec![
+                s("1"),
+                s("18446744073709551615"),
+                s("-2147483648"),
+                s("1999-12-31 23:59:59.000001+00"),
+                s("2024-02-29 12:00:00.123456+00"),
+            ],
+            vec![
+                s("2"),
+                s("0"),
+                s("2147483647"),
+                s("0001-01-01 00:00:00+00"),
+                s("2000-01-01 00:00:00+00"),
+            ],
+            vec![
+                s("3"),
+                s("10000"),
+                s("250"),
+                s("2000-01-01 00:00:00.5+00"),
+                s("2030-06-15 08:09:10.654321+00"),
+            ],
+        ]
+    );
+
+    let profile = |id: &str, date: Value, notifications: Value| {
+        json!({"application_id": 9, "profile_id": id, "first_session_date": date,
+               "notifications_enabled": notifications, "updated_at": "2024-01-01T00:00:00Z"})
+    };
+    let profiles = vec![
+        profile("a", json!("0001-01-01"), json!(true)),
+        profile("b", json!("1999-12-31"), json!(false)),
+        profile("c", json!("2000-01-01"), Value::Null),
+        profile("d", Value::Null, Value::Null),
+    ];
+    assert_eq!(
+        write(Table::PermanentUserProperties, profiles).await.inserted_ids.len(),
+        4
+    );
+    assert_eq!(
+        texts(
+            &url,
+            "SELECT profile_id, first_session_date::text, notifications_enabled::text \
+             FROM permanent_user_properties ORDER BY profile_id",
+        )
+        .await,
+        vec![
+            vec![s("a"), s("0001-01-01"), s("true")],
+            vec![s("b"), s("1999-12-31"), s("false")],
+            vec![s("c"), s("2000-01-01"), None],
+            vec![s("d"), None, None],
+        ]
+    );
+}

@@ -74,6 +74,7 @@ macro_rules! on_pool {
 mod chunk;
 mod error;
 mod members;
+pub mod pgbinary;
 mod postgres;
 mod progress;
 mod rejects;

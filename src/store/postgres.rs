@@ -5,6 +5,8 @@
 //! When a key already exists (a replay or retry) or the chunk holds two versions of
 //! a key, the savepoint is rolled back and the chunk goes through a staging table:
 //! `COPY` into it, then one `INSERT … SELECT DISTINCT ON (key) … ON CONFLICT`.
+//! Both `COPY`s send binary rows ([`super::pgbinary`]), or text when a value does
+//! not fit its column's binary form.
 
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -17,7 +19,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Row as _};
 
 use super::error::is_unique_violation;
-use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use super::{pgbinary, sql, Batch, OffsetAdvance, ReadPage, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -139,9 +141,24 @@ fn copy_text(rows: &[Row], prefixes: impl Iterator<Item = i64>) -> String {
     out
 }
 
-async fn copy_in(conn: &mut PgConnection, statement: &str, data: String) -> Result<u64, sqlx::Error> {
-    let mut copy = conn.copy_in_raw(statement).await?;
-    copy.send(data.into_bytes()).await?;
+/// A `COPY ... FROM STDIN` statement and its data: binary, so the database parses
+/// no text, or text when a value does not fit its column's binary form (the
+/// database then names the value, as for any bad row).
+fn copy_data(
+    spec: &TableSpec,
+    statement: String,
+    rows: &[Row],
+    prefixes: impl Iterator<Item = i64> + Clone,
+) -> (String, Vec<u8>) {
+    match pgbinary::encode(spec, rows, prefixes.clone()) {
+        Some(data) => (format!("{statement} (FORMAT binary)"), data),
+        None => (statement, copy_text(rows, prefixes).into_bytes()),
+    }
+}
+
+async fn copy_in(conn: &mut PgConnection, (statement, data): (String, Vec<u8>)) -> Result<u64, sqlx::Error> {
+    let mut copy = conn.copy_in_raw(&statement).await?;
+    copy.send(data).await?;
     copy.finish().await
 }
 
@@ -159,9 +176,9 @@ async fn write_chunk(
     .bind(rows.len() as i64)
     .fetch_all(&mut *tx)
     .await?;
-    let data = copy_text(rows, ids.iter().copied());
+    let copy = copy_data(spec, sql::copy_into_table(spec), rows, ids.iter().copied());
     let mut savepoint = tx.begin().await?;
-    match copy_in(&mut savepoint, &sql::copy_into_table(spec), data).await {
+    match copy_in(&mut savepoint, copy).await {
         Ok(_) => {
             savepoint.commit().await?;
             outcome.inserted_ids.extend(ids);
@@ -175,7 +192,7 @@ async fn write_chunk(
     sqlx::query(&format!("TRUNCATE {}", sql::stage_name(spec)))
         .execute(&mut *tx)
         .await?;
-    copy_in(tx, &sql::copy_into_stage(spec), copy_text(rows, 0..)).await?;
+    copy_in(tx, copy_data(spec, sql::copy_into_stage(spec), rows, 0..)).await?;
     let merged = sqlx::query(&sql::merge_stage(spec)).fetch_all(&mut *tx).await?;
     for row in merged {
         let id: i64 = row.try_get("id")?;
