@@ -179,6 +179,7 @@ mod tests {
             let theirs = serde_json::from_str::<serde_json::Map<String, Json>>(text)
                 .expect_err(text)
                 .to_string();
+            assert!(ours.contains(" at line "), "{text}: {ours}");
             assert_eq!(ours.split(" at ").nth(1), theirs.split(" at ").nth(1), "{text}");
         }
     }

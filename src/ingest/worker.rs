@@ -261,13 +261,8 @@ impl Worker {
                 // A write that ends (landed or fenced) is noticed at once, not
                 // only at the next flush.
                 (lane, joined) = landed(&mut state.lanes), if state.writing() => {
-                    state.lanes[lane].in_flight = None;
-                    state.lanes[lane].in_flight_records = 0;
-                    if let Err(exit) = self.settled(joined) {
+                    if let Err(exit) = self.next_write(&mut state.lanes[lane], Some(joined)) {
                         return exit;
-                    }
-                    if let Some(queued) = state.lanes[lane].queued.take() {
-                        self.dispatch(&mut state.lanes[lane], queued);
                     }
                     self.report_buffer(state);
                 }
@@ -397,23 +392,19 @@ impl Worker {
                 })
                 .collect()
         };
-        let parts = decoders().min(records.len() / MIN_RECORDS_PER_DECODER).max(1);
-        let per_part = records.len().div_ceil(parts);
+        let count = decoders().min(records.len() / MIN_RECORDS_PER_DECODER).max(1);
+        let per_part = records.len().div_ceil(count);
+        let mut parts = Vec::with_capacity(count);
         let mut rest = records;
-        let mut later = Vec::with_capacity(parts - 1);
         while rest.len() > per_part {
             let tail = rest.split_off(per_part);
-            later.push(std::mem::replace(&mut rest, tail));
+            parts.push(std::mem::replace(&mut rest, tail));
         }
-        // `rest` is now the last part: the others go to threads, in order.
-        let first = if later.is_empty() {
-            std::mem::take(&mut rest)
-        } else {
-            later.push(rest);
-            later.remove(0)
-        };
-        let threads: Vec<_> = later
-            .into_iter()
+        parts.push(rest);
+        // The first part is decoded here, the others on threads; joined in order.
+        let mut parts = parts.into_iter();
+        let first = parts.next().unwrap_or_default();
+        let threads: Vec<_> = parts
             .map(|part| tokio::task::spawn_blocking(move || decode_part(part)))
             .collect();
         let mut delivered = decode_part(first);
@@ -526,12 +517,23 @@ impl Worker {
 
     /// Waits for the lane's write in flight, then starts its queued batch, if any.
     async fn advance(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
-        if let Some(task) = state.lanes[lane].in_flight.take() {
-            state.lanes[lane].in_flight_records = 0;
-            self.settled(task.await)?;
+        let joined = match state.lanes[lane].in_flight.as_mut() {
+            Some(task) => Some(task.await),
+            None => None,
+        };
+        self.next_write(&mut state.lanes[lane], joined)
+    }
+
+    /// After the lane's write in flight ended (`joined`; `None`: there was none):
+    /// what its end means, and the queued batch, if any, started.
+    fn next_write(&self, lane: &mut Lane, joined: Option<Joined>) -> Result<(), Exit> {
+        lane.in_flight = None;
+        lane.in_flight_records = 0;
+        if let Some(joined) = joined {
+            self.settled(joined)?;
         }
-        if let Some(queued) = state.lanes[lane].queued.take() {
-            self.dispatch(&mut state.lanes[lane], queued);
+        if let Some(queued) = lane.queued.take() {
+            self.dispatch(lane, queued);
         }
         Ok(())
     }
