@@ -517,13 +517,6 @@ impl ConsumerContext for Context {
         // An assignment waits for the task as long as it takes (it chooses the
         // offsets); a revoke at most `revoke_wait`.
         let revoking = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS;
-        let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
-        let wait = if revoking {
-            self.revoke_wait
-        } else {
-            Duration::from_secs(3600)
-        };
-        self.hand_over_within(&self.runtime, wait);
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let partitions: Vec<i32> = tpl
             .elements()
@@ -531,6 +524,37 @@ impl ConsumerContext for Context {
             .filter(|e| e.topic() == self.topic)
             .map(|e| e.partition())
             .collect();
+        if partitions.is_empty()
+            && matches!(
+                err,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
+                    | RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+            )
+        {
+            // A round of the group that moves nothing of this topic (another
+            // member joined or left; librdkafka calls back with an empty list
+            // after every cooperative round): nothing for the task to decide or
+            // write, so it is not asked. A task waiting on a stalled write would
+            // otherwise hold this poll thread past max.poll.interval.ms, and the
+            // member would leave the group for a round that did not concern it.
+            let result = match (revoking, cooperative) {
+                (true, true) => consumer.incremental_unassign(tpl),
+                (false, true) => consumer.incremental_assign(tpl),
+                (true, false) => consumer.unassign(),
+                (false, false) => consumer.assign(tpl),
+            };
+            if let Err(e) = result {
+                tracing::error!(topic = %self.topic, error = %e, "cannot apply the rebalance");
+            }
+            return;
+        }
+        let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
+        let wait = if revoking {
+            self.revoke_wait
+        } else {
+            Duration::from_secs(3600)
+        };
+        self.hand_over_within(&self.runtime, wait);
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let (reply, answer) = oneshot::channel();
