@@ -65,6 +65,46 @@ async fn a_small_batch_returns_its_ids_and_rows_read_back() {
     assert_eq!(rows[0]["event_date"], "2024-03-01");
 }
 
+/// A body of thousands of records is decoded in parts on the machine's cores:
+/// the first invalid record in the body's order is the one named, wherever the
+/// parts split, and the rows keep the body's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_names_its_first_invalid_record_and_keeps_its_order() {
+    for db in [Db::Postgres, Db::Sqlite] {
+        let (api, _guard) = api(db, &[]).await;
+        let data = events(3000, 0);
+        for (bad, named) in [(&[1400, 2100][..], 1400), (&[2100, 2900][..], 2100)] {
+            let mut body = data.clone();
+            for &i in bad {
+                body[i]["mcc"] = json!("abc");
+            }
+            let (status, body) = api.post("/dwh/events_part", &json!({ "data": body })).await;
+            assert_eq!(
+                (status, body),
+                (
+                    422,
+                    json!({"error": format!("data[{named}]: field \"mcc\": expected integer, got \"abc\"")})
+                ),
+                "{db:?}"
+            );
+        }
+        let (_, body) = api.get("/dwh/events_part").await;
+        assert_eq!(body["count"], 0, "{db:?}: an invalid record writes nothing");
+        let (status, body) = api.post("/dwh/events_part", &json!({ "data": data })).await;
+        assert_eq!((status, body["count"].clone()), (200, json!(3000)), "{db:?}: {body}");
+        let ids = body["inserted_ids"].as_array().cloned().unwrap_or_default();
+        let (_, body) = api.get("/dwh/events_part?limit=10000").await;
+        let rows = body["rows"].as_array().expect("rows");
+        let by_id: std::collections::HashMap<_, _> = rows
+            .iter()
+            .map(|r| (r["id"].clone(), r["session_id"].clone()))
+            .collect();
+        let names: Vec<_> = ids.iter().map(|id| by_id[id].clone()).collect();
+        let expected: Vec<_> = data.iter().map(|r| r["session_id"].clone()).collect();
+        assert_eq!(names, expected, "{db:?}: the ids follow the body's order");
+    }
+}
+
 #[tokio::test]
 async fn bad_posts_get_clear_json_errors_and_write_nothing() {
     let (api, _guard) = api(Db::Postgres, &[]).await;

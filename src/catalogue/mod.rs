@@ -170,6 +170,13 @@ pub struct Decoded {
     pub unknown_fields: usize,
 }
 
+/// Threads a batch of records may be decoded on: the machine's cores (ingest
+/// deliveries and POST bodies alike).
+pub fn decoder_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+}
+
 /// Decodes raw bytes (a Kafka record value) into a row of `table`.
 pub fn decode_bytes(table: Table, bytes: &[u8]) -> Result<Decoded, RecordError> {
     if bytes.is_empty() {

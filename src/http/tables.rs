@@ -228,17 +228,22 @@ async fn insert(
     let body = axum::body::to_bytes(request.into_body(), limits.tables_max_body_bytes)
         .await
         .map_err(|e| body_error(e, limits.tables_max_body_bytes))?;
-    let rows = parse_records(
-        records::Parse::new(
-            table,
-            limits.tables_max_records,
-            state.dwh.limits().1,
-            &state.validators,
-            &state.config.dwh.events_window,
-        ),
-        &body,
-    )?;
-    drop(body);
+    let (max_records, max_row_bytes) = (limits.tables_max_records, state.dwh.limits().1);
+    let (validators, window) = (state.validators.clone(), state.config.dwh.events_window);
+    // Off the runtime's threads: a body of many records takes a while to decode.
+    let rows = tokio::task::spawn_blocking(move || {
+        parse_records(
+            records::Parse::new(table, max_records, max_row_bytes, &validators, &window),
+            &body,
+        )
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the records could not be decoded: {e}"),
+        )
+    })??;
     let outcome = state.dwh.write(Batch::rows(table, &rows)).await?;
     tracing::info!(
         table = table.name(),
@@ -286,10 +291,12 @@ fn body_error(e: axum::Error, limit: usize) -> ApiError {
     }
 }
 
-/// `{"data": [...]}` read record by record: each record is decoded and checked as
-/// it is parsed, and fields the table does not have are skipped unread. Memory
+/// `{"data": [...]}` in two passes: the records' text is found in one pass over
+/// the body (a syntax error anywhere is a 400), then the records are decoded and
+/// checked in parts on the machine's cores; the first invalid record in order
+/// fails the request. Fields the table does not have are skipped unread. Memory
 /// holds the body and the decoded rows, never a tree of the whole request.
-fn parse_records(mut parse: records::Parse<'_>, body: &[u8]) -> Result<Vec<Row>, ApiError> {
+fn parse_records<'b>(mut parse: records::Parse<'b>, body: &'b [u8]) -> Result<Vec<Row>, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let result = serde::de::DeserializeSeed::deserialize(records::Body(&mut parse), &mut deserializer)
         .and_then(|()| deserializer.end());
@@ -314,42 +321,47 @@ fn parse_records(mut parse: records::Parse<'_>, body: &[u8]) -> Result<Vec<Row>,
             "Failed to deserialize the JSON body into the target type: missing field `data`",
         ));
     }
-    if parse.rows.is_empty() {
+    if parse.records.is_empty() {
         return Err(ApiError::bad_request("\"data\" must hold at least one record"));
     }
-    Ok(parse.rows)
+    parse.decode()
 }
 
 mod records {
     use std::fmt;
 
     use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
     use serde_json::{Map, Value as Json};
 
     use super::{validate, ApiError};
     use crate::catalogue::{self, value, DateWindow, Row, Table};
 
+    /// Records decoded on one thread at least, so that small bodies stay on one.
+    const MIN_RECORDS_PER_THREAD: usize = 256;
+
     /// What the parse found; `problem` stops it at the first bad record.
-    pub struct Parse<'v> {
+    pub struct Parse<'b> {
         table: Table,
         max_records: usize,
         max_row_bytes: usize,
-        validators: &'v validate::Validators,
-        window: &'v DateWindow,
+        validators: &'b validate::Validators,
+        window: &'b DateWindow,
         today: chrono::NaiveDate,
-        pub rows: Vec<Row>,
+        /// Each record's text, in order.
+        pub records: Vec<&'b RawValue>,
         pub seen_data: bool,
         pub problem: Option<ApiError>,
     }
 
-    impl<'v> Parse<'v> {
+    impl<'b> Parse<'b> {
         pub fn new(
             table: Table,
             max_records: usize,
             max_row_bytes: usize,
-            validators: &'v validate::Validators,
-            window: &'v DateWindow,
-        ) -> Parse<'v> {
+            validators: &'b validate::Validators,
+            window: &'b DateWindow,
+        ) -> Parse<'b> {
             Parse {
                 table,
                 max_records,
@@ -357,15 +369,56 @@ mod records {
                 validators,
                 window,
                 today: chrono::Utc::now().date_naive(),
-                rows: Vec::new(),
+                records: Vec::new(),
                 seen_data: false,
                 problem: None,
             }
         }
 
-        /// Decodes and checks record `index`; the first invalid one fails the request.
-        fn accept(&mut self, index: usize, element: Element) -> Result<(), ApiError> {
+        /// Decodes and checks the records found, in parts on up to
+        /// [`catalogue::decoder_threads`] threads; the first invalid record in
+        /// order is the answer.
+        pub fn decode(&self) -> Result<Vec<Row>, ApiError> {
+            let threads = catalogue::decoder_threads()
+                .min(self.records.len() / MIN_RECORDS_PER_THREAD)
+                .max(1);
+            let per_part = self.records.len().div_ceil(threads);
+            let decode_part = |first: usize, part: &[&RawValue]| -> Result<Vec<Row>, ApiError> {
+                part.iter()
+                    .enumerate()
+                    .map(|(i, raw)| self.accept(first + i, raw))
+                    .collect()
+            };
+            let parts: Vec<Result<Vec<Row>, ApiError>> = std::thread::scope(|scope| {
+                let mut chunks = self.records.chunks(per_part).enumerate();
+                let first = chunks.next();
+                let others: Vec<_> = chunks
+                    .map(|(n, part)| scope.spawn(move || decode_part(n * per_part, part)))
+                    .collect();
+                let mut parts = vec![first.map_or(Ok(Vec::new()), |(_, part)| decode_part(0, part))];
+                parts.extend(others.into_iter().map(|thread| {
+                    thread.join().unwrap_or_else(|_| {
+                        Err(ApiError::new(
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "a decoding thread failed",
+                        ))
+                    })
+                }));
+                parts
+            });
+            let mut rows = Vec::with_capacity(self.records.len());
+            for part in parts {
+                rows.extend(part?);
+            }
+            Ok(rows)
+        }
+
+        /// Decodes and checks record `index`.
+        fn accept(&self, index: usize, raw: &RawValue) -> Result<Row, ApiError> {
             let invalid = |e: String| ApiError::unprocessable(format!("data[{index}]: {e}"));
+            let element = Record(self.table)
+                .deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
+                .map_err(|e| invalid(e.to_string()))?;
             let map = match element {
                 Element::Object(map) => map,
                 Element::Other(other) => {
@@ -391,24 +444,23 @@ mod records {
                     .to_string(),
                 ));
             }
-            self.rows.push(decoded.row);
-            Ok(())
+            Ok(decoded.row)
         }
     }
 
     /// Stops the parse; the reason is in `Parse::problem`.
     const STOP: &str = "stopped at an invalid record";
 
-    pub struct Body<'p, 'v>(pub &'p mut Parse<'v>);
+    pub struct Body<'p, 'b>(pub &'p mut Parse<'b>);
 
-    impl<'de> DeserializeSeed<'de> for Body<'_, '_> {
+    impl<'de: 'b, 'b> DeserializeSeed<'de> for Body<'_, 'b> {
         type Value = ();
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_map(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Body<'_, '_> {
+    impl<'de: 'b, 'b> Visitor<'de> for Body<'_, 'b> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an object with \"data\": [records]")
@@ -426,16 +478,16 @@ mod records {
         }
     }
 
-    struct Data<'p, 'v>(&'p mut Parse<'v>);
+    struct Data<'p, 'b>(&'p mut Parse<'b>);
 
-    impl<'de> DeserializeSeed<'de> for Data<'_, '_> {
+    impl<'de: 'b, 'b> DeserializeSeed<'de> for Data<'_, 'b> {
         type Value = ();
         fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
             d.deserialize_seq(self)
         }
     }
 
-    impl<'de> Visitor<'de> for Data<'_, '_> {
+    impl<'de: 'b, 'b> Visitor<'de> for Data<'_, 'b> {
         type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("a sequence of records")
@@ -443,7 +495,7 @@ mod records {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             let parse = self.0;
             for index in 0.. {
-                let Some(element) = seq.next_element_seed(Record(parse.table))? else {
+                let Some(raw) = seq.next_element::<&'de RawValue>()? else {
                     break;
                 };
                 if index >= parse.max_records {
@@ -456,10 +508,7 @@ mod records {
                     ));
                     return Err(A::Error::custom(STOP));
                 }
-                if let Err(problem) = parse.accept(index, element) {
-                    parse.problem = Some(problem);
-                    return Err(A::Error::custom(STOP));
-                }
+                parse.records.push(raw);
             }
             Ok(())
         }

@@ -59,12 +59,6 @@ type Delivered = (OwnedMessage, OwnedSemaphorePermit, Result<Row, RecordError>);
 /// Fewer records than this per thread are decoded on the task alone.
 const MIN_RECORDS_PER_DECODER: usize = 64;
 
-/// Threads a delivery's records may be decoded on: the machine's cores.
-fn decoders() -> usize {
-    static DECODERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *DECODERS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-}
-
 /// How long a watermark or committed-offset query may take on assignment.
 const BROKER_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -377,7 +371,7 @@ impl Worker {
     }
 
     /// Decodes a delivery's records, sharing them between this task and up to
-    /// [`decoders`]` - 1` blocking threads when there are enough to share.
+    /// [`catalogue::decoder_threads`]` - 1` blocking threads when there are enough to share.
     async fn decode_delivery(
         &self,
         records: Vec<(OwnedMessage, OwnedSemaphorePermit)>,
@@ -392,7 +386,9 @@ impl Worker {
                 })
                 .collect()
         };
-        let count = decoders().min(records.len() / MIN_RECORDS_PER_DECODER).max(1);
+        let count = catalogue::decoder_threads()
+            .min(records.len() / MIN_RECORDS_PER_DECODER)
+            .max(1);
         let per_part = records.len().div_ceil(count);
         let mut parts = Vec::with_capacity(count);
         let mut rest = records;
