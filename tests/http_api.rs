@@ -375,30 +375,51 @@ async fn records_concurrent_writes_and_pages_are_bounded() {
     assert_eq!(api.get("/dwh/events_part").await.1["count"], 0);
 
     // One write in flight (its body still coming) holds the only permit.
-    let (send, receive) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
     let body = json!({ "data": events(40, 1) }).to_string().into_bytes();
     let (head, tail) = body.split_at(body.len() / 2);
-    send.send(Ok(head.to_vec())).await.expect("first half");
-    let slow = api
-        .client
-        .post(api.url("/dwh/events_part"))
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(tokio_stream_of(receive)))
-        .send();
-    // While its body is unfinished it holds the permit: another write gets 503
-    // (were the permit free, none would, and the wait below would time out).
-    let slow = tokio::spawn(slow);
-    let busy = common::wait_for(std::time::Duration::from_secs(10), "the permit to be taken", || async {
-        let response = api
-            .client
+    let probe = || async {
+        api.client
             .post(api.url("/dwh/events_part"))
             .json(&json!({ "data": events(1, 2) }))
             .send()
             .await
-            .expect("request");
-        (response.status() == 503).then_some(response)
-    })
-    .await;
+            .expect("request")
+    };
+    let mut attempts = 0;
+    let (slow, send, busy) = loop {
+        attempts += 1;
+        let (send, receive) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+        send.send(Ok(head.to_vec())).await.expect("first half");
+        let slow = tokio::spawn(
+            api.client
+                .post(api.url("/dwh/events_part"))
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap_stream(tokio_stream_of(receive)))
+                .send(),
+        );
+        // While its body is unfinished it holds the permit: another write gets
+        // 503 (were the permit free, none would, and this would time out).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut busy = None;
+        while busy.is_none() && !slow.is_finished() && std::time::Instant::now() < deadline {
+            let response = probe().await;
+            if response.status() == 503 {
+                busy = Some(response);
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        match busy {
+            Some(busy) => break (slow, send, busy),
+            // The slow write came while a probe held the permit and got the 503
+            // itself (nothing of it was written): send it again.
+            None if slow.is_finished() && attempts < 5 => {
+                let refused = slow.await.expect("task").expect("request");
+                assert_eq!(refused.status(), 503, "the slow write ended early");
+            }
+            None => panic!("no write saw the permit taken within 10 s (attempt {attempts})"),
+        }
+    };
     assert_eq!(busy.headers()["retry-after"], "1");
     let (_, body) = status_and_json(busy).await;
     assert!(
