@@ -310,6 +310,46 @@ async fn a_stored_offset_above_the_high_watermark_stops_the_table_until_the_oper
     ingest.stop().await;
 }
 
+/// Commits `offset` for partition 0 of `topic` in the ingest's group, synchronously,
+/// as a member of the group, and checks that the broker holds it.
+async fn commit_in_kafka(config: &dwh_helper::config::Config, topic: &str, offset: i64) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    let (kafka, topic) = (config.kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = dwh_helper::kafka::client_config(
+            &kafka,
+            &[
+                ("group.id", kafka.group_id.as_str()),
+                ("enable.auto.commit", "false"),
+                ("partition.assignment.strategy", "cooperative-sticky"),
+            ],
+        )
+        .expect("config")
+        .create()
+        .expect("consumer");
+        // The broker takes commits from members only: join, as the old deployment had.
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while consumer.assignment().map_or(0, |a| a.count()) == 0 {
+            assert!(std::time::Instant::now() < deadline, "joined the group within 30 s");
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(offset))
+            .expect("offset");
+        consumer.commit(&list, CommitMode::Sync).expect("commit");
+        let committed = consumer
+            .committed_offsets(list, Duration::from_secs(10))
+            .expect("committed offsets");
+        assert_eq!(
+            committed.find_partition(&topic, 0).map(|e| e.offset()),
+            Some(rdkafka::Offset::Offset(offset))
+        );
+    })
+    .await
+    .expect("commit thread");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_the_dwh_has_no_offset_for_starts_from_the_reset_policy_not_from_kafka() {
     let (broker, prefix) = broker(1).await;
@@ -340,7 +380,11 @@ async fn a_partition_the_dwh_has_no_offset_for_starts_from_the_reset_policy_not_
     publish(&config, &topic, &records[10..15]).await;
     assert_eq!(run(fresh_pg_url().await, &[], 15).await, 15);
 
-    // Adopting the Kafka offsets (now 15) is an explicit choice.
+    // Adopting the Kafka offsets is an explicit choice. The group's Kafka offset
+    // is set to 15 here, as the old deployment would have left it: the ingest's
+    // own mirror of its offsets is asynchronous, and its last commit before a
+    // stop may not have reached the broker.
+    commit_in_kafka(&config, &topic, 15).await;
     publish(&config, &topic, &records[15..]).await;
     assert_eq!(
         run(fresh_pg_url().await, &[("KAFKA_ADOPT_COMMITTED_OFFSETS", "true")], 18).await,
