@@ -497,20 +497,25 @@ pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
         own = lookup();
         &own
     };
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(b"event-hash-v1\x1e");
-    let mut text = String::new();
+    // The whole input in one buffer, hashed at once: the same digest as feeding
+    // XXH3 piece by piece, at a fraction of the cost for pieces this small.
+    let mut input = String::with_capacity(512);
+    input.push_str("event-hash-v1\x1e");
     for (name, index) in fields {
-        text.clear();
-        if !index.is_some_and(|i| row.values[i].write_canonical(&mut text)) {
-            continue;
+        let start = input.len();
+        input.push_str(name);
+        input.push('\x1f');
+        if index.is_some_and(|i| row.values[i].write_canonical(&mut input)) {
+            input.push('\x1e');
+        } else {
+            input.truncate(start);
         }
-        hasher.update(name.as_bytes());
-        hasher.update(b"\x1f");
-        hasher.update(text.as_bytes());
-        hasher.update(b"\x1e");
     }
-    format!("{:032x}", hasher.digest128())
+    let digest = xxhash_rust::xxh3::xxh3_128(input.as_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    (0..32)
+        .map(|i| char::from(HEX[(digest >> (124 - 4 * i)) as usize & 0xf]))
+        .collect()
 }
 
 #[cfg(test)]
