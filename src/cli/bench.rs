@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::{json, Value};
-use sqlx::Connection as _;
+use sqlx::{ConnectOptions as _, Connection as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalogue::{decode_json, Table};
@@ -84,6 +84,8 @@ struct Report {
     mb_per_second: f64,
     copy_seconds: Option<f64>,
     copy_rows_per_second: Option<f64>,
+    /// CPU of the COPY's PostgreSQL backend (server on this machine).
+    copy_postgres_seconds: Option<f64>,
     ratio_to_copy: Option<f64>,
 }
 
@@ -175,6 +177,7 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
     let server = tokio::spawn(http::serve(listener, app, stop.clone(), open_config.http.clone()));
 
     let client = reqwest::Client::new();
+    settle(&scratch.url, &[]).await?;
     let started = Instant::now();
     let mut inserted = 0;
     for body in &bodies {
@@ -207,9 +210,10 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
         seconds,
         rows_per_second,
         mb_per_second: request_bytes as f64 / 1e6 / seconds,
-        copy_seconds: copy.map(|d| d.as_secs_f64()),
-        copy_rows_per_second: copy.map(|d| rows as f64 / d.as_secs_f64()),
-        ratio_to_copy: copy.map(|d| rows_per_second / (rows as f64 / d.as_secs_f64())),
+        copy_seconds: copy.map(|c| c.elapsed.as_secs_f64()),
+        copy_rows_per_second: copy.map(|c| rows as f64 / c.elapsed.as_secs_f64()),
+        copy_postgres_seconds: copy.and_then(|c| c.backend_cpu_seconds),
+        ratio_to_copy: copy.map(|c| rows_per_second / (rows as f64 / c.elapsed.as_secs_f64())),
     })
 }
 
@@ -232,14 +236,59 @@ async fn post_events(client: &reqwest::Client, base: &str, body: Vec<u8>) -> any
         .context("response without count")
 }
 
+/// `(user, system)` CPU seconds of a process so far (`/proc/PID/stat`; Linux
+/// reports them in USER_HZ, 100 per second).
+pub(super) fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
+    Some((ticks(11)?, ticks(12)?))
+}
+
+/// Brings the scratch database to the same quiet state before each measured
+/// phase, so that neither pays for the other's leftovers: `VACUUM (ANALYZE)` of
+/// the tables written so far (else autovacuum may start on them in the middle of
+/// the next phase) and a `CHECKPOINT` (else one may fall due in it). A role not
+/// allowed to run `CHECKPOINT` skips it.
+pub(super) async fn settle(url: &DatabaseUrl, tables: &[&str]) -> anyhow::Result<()> {
+    if url.backend() != Backend::Postgres {
+        return Ok(());
+    }
+    // A vacuum takes seconds: not a slow statement worth a warning here.
+    let mut conn = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url.expose())?
+        .log_slow_statements(log::LevelFilter::Off, Duration::ZERO)
+        .connect()
+        .await?;
+    for table in tables {
+        sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("cannot vacuum {table} before the next phase"))?;
+    }
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(&mut conn).await {
+        tracing::debug!(error = %e, "no checkpoint before the next phase");
+    }
+    Ok(())
+}
+
+/// The plain COPY's time, and the CPU its backend spent (when the server runs
+/// on this machine).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CopyRun {
+    pub(super) elapsed: Duration,
+    pub(super) backend_cpu_seconds: Option<f64>,
+}
+
 /// One plain `COPY` of the same rows into an empty copy of events_part. The COPY
 /// text is written to a file first (not timed, and kept at `copy_file` when given),
-/// then streamed to the server in 8 MiB chunks: only the load is timed.
+/// then streamed to the server in 8 MiB chunks: only the load is timed. What was
+/// written before is settled first ([`settle`]).
 pub(super) async fn copy_baseline(
     url: &DatabaseUrl,
     records: impl Iterator<Item = Value>,
     copy_file: Option<&std::path::Path>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<CopyRun> {
     use std::io::{Read as _, Write as _};
     let spec = Table::EventsPart.spec();
     let mut conn = sqlx::PgConnection::connect(url.expose()).await?;
@@ -273,6 +322,12 @@ pub(super) async fn copy_baseline(
         out.flush()?;
     }
     let mut file = std::fs::File::open(&path)?;
+    settle(url, &["events_part"]).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await?;
+    let cpu = || cpu_seconds(&backend.to_string()).map(|(user, system)| user + system);
+    let cpu_before = cpu();
     let started = Instant::now();
     let mut copy = conn
         .copy_in_raw(&format!("COPY bench_copy ({}) FROM STDIN", sql::column_list(spec)))
@@ -286,7 +341,10 @@ pub(super) async fn copy_baseline(
         copy.send(&chunk[..n]).await?;
     }
     copy.finish().await?;
-    Ok(started.elapsed())
+    Ok(CopyRun {
+        elapsed: started.elapsed(),
+        backend_cpu_seconds: cpu().zip(cpu_before).map(|(after, before)| after - before),
+    })
 }
 
 /// A scratch database beside the configured one.
@@ -348,6 +406,11 @@ impl Scratch {
     }
 }
 
+/// `; PostgreSQL backend 9.8 s CPU`, or nothing when the server is elsewhere.
+pub(super) fn copy_cpu_note(seconds: Option<f64>) -> String {
+    seconds.map_or(String::new(), |s| format!(" (PostgreSQL backend {s:.1} s CPU)"))
+}
+
 fn print_table(r: &Report) {
     println!("scenario            {} ({})", r.scenario, r.backend);
     println!("rows                {}", r.rows);
@@ -361,7 +424,11 @@ fn print_table(r: &Report) {
         r.rows_per_second, r.mb_per_second, r.seconds
     );
     if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
-        println!("plain COPY              {rps:>10.0} rows/s  {:>6}       {s:>7.2} s", "");
+        println!(
+            "plain COPY              {rps:>10.0} rows/s  {:>6}       {s:>7.2} s{}",
+            "",
+            copy_cpu_note(r.copy_postgres_seconds)
+        );
         println!("API / COPY              {:>10.2}", ratio);
     }
 }

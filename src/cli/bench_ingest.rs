@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::bench::{copy_baseline, Scratch};
+use super::bench::{copy_baseline, cpu_seconds, settle, Scratch};
 use crate::catalogue::{self, Table};
 use crate::config::{Backend, Config};
 use crate::kafka::devbroker::{DevBrokerOptions, PARTITION_LIMIT_BYTES};
@@ -40,6 +40,8 @@ pub(super) struct IngestReport {
     flush_p99_ms: Option<f64>,
     copy_seconds: Option<f64>,
     copy_rows_per_second: Option<f64>,
+    /// CPU of the COPY's PostgreSQL backend (server on this machine).
+    copy_postgres_seconds: Option<f64>,
     ratio_to_copy: Option<f64>,
     /// `KAFKA_MAX_IN_FLIGHT_BYTES` of the ingest process, in MiB.
     budget_mib: f64,
@@ -59,16 +61,6 @@ struct CpuSplit {
     postgres_seconds: Option<f64>,
     /// This process: the dev broker serving the fetches, and the bench's polling.
     bench_seconds: Option<f64>,
-}
-
-/// `(user, system)` CPU seconds of a process so far (`/proc/PID/stat`; Linux
-/// reports them in USER_HZ, 100 per second).
-fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
-    Some((ticks(11)?, ticks(12)?))
 }
 
 /// The CPU seconds of the scratch database's `dwh-helper` backends.
@@ -215,6 +207,7 @@ async fn measure(
         );
     }
 
+    settle(&scratch.url, &[]).await?;
     eprintln!("bench: starting the ingest role");
     let metrics_url = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -316,7 +309,7 @@ async fn measure(
         Backend::Sqlite => None,
     };
     let rows_per_second = rows as f64 / seconds;
-    let copy_rps = copy.map(|d| rows as f64 / d.as_secs_f64());
+    let copy_rps = copy.map(|c| rows as f64 / c.elapsed.as_secs_f64());
     Ok(IngestReport {
         scenario: "ingest",
         backend: match scratch.url.backend() {
@@ -339,8 +332,9 @@ async fn measure(
         batches: flushes.count as usize,
         flush_p50_ms: flushes.quantile(0.5).map(|s| s * 1000.0),
         flush_p99_ms: flushes.quantile(0.99).map(|s| s * 1000.0),
-        copy_seconds: copy.map(|d| d.as_secs_f64()),
+        copy_seconds: copy.map(|c| c.elapsed.as_secs_f64()),
         copy_rows_per_second: copy_rps,
+        copy_postgres_seconds: copy.and_then(|c| c.backend_cpu_seconds),
         ratio_to_copy: copy_rps.map(|c| rows_per_second / c),
         budget_mib: config.kafka.max_in_flight_bytes as f64 / MIB,
         rss_bound_mib: rss_bound(config) as f64 / MIB,
@@ -462,7 +456,11 @@ pub(super) fn print(r: &IngestReport) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
-        println!("plain COPY       {rps:>10.0} rows/s  {:>6}       {s:>7.2} s", "");
+        println!(
+            "plain COPY       {rps:>10.0} rows/s  {:>6}       {s:>7.2} s{}",
+            "",
+            super::bench::copy_cpu_note(r.copy_postgres_seconds)
+        );
         println!("ingest / COPY    {ratio:>10.2}");
     }
 }
