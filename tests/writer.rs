@@ -307,7 +307,15 @@ async fn statements_are_chunked_by_rows_and_bytes() {
             .await
             .expect("write");
         assert_eq!((out.inserted_ids.len(), out.statements), (250, 3), "{db:?}");
+        // The row bound is the API's: a batch of the ingest (with origins) is bounded
+        // by KAFKA_BATCH_MAX_ROWS already, and goes in one statement.
+        let out = by_rows
+            .write(ingest_batch(&rows(Table::EventsPart, &events(250, 2)), &mut Vec::new()))
+            .await
+            .expect("write");
+        assert_eq!((out.inserted, out.statements), (250, 1), "{db:?}");
 
+        // The byte bound holds for both.
         let (dwh, _, _guard) = dwh(db, &[("DWH_MAX_WRITE_BATCH_BYTES", "2048")]).await;
         let batch = rows(Table::EventsPart, &events(40, 1));
         let per_row = batch[0].approx_bytes();
@@ -318,6 +326,25 @@ async fn statements_are_chunked_by_rows_and_bytes() {
             (40, expected),
             "{db:?}: {per_row} bytes a row"
         );
+        let out = dwh
+            .write(ingest_batch(&rows(Table::EventsPart, &events(40, 2)), &mut Vec::new()))
+            .await
+            .expect("write");
+        assert_eq!((out.inserted, out.statements), (40, expected), "{db:?}");
+    }
+}
+
+/// `rows` as the ingest writes them: with origins (offsets from 0).
+fn ingest_batch<'a>(rows: &'a [Row], origins: &'a mut Vec<Origin>) -> Batch<'a> {
+    *origins = (0..rows.len() as i64)
+        .map(|offset| Origin { partition: 0, offset })
+        .collect();
+    Batch {
+        origins: Some(Origins {
+            topic: "dwh.events_part",
+            rows: origins,
+        }),
+        ..Batch::rows(Table::EventsPart, rows)
     }
 }
 
@@ -573,7 +600,8 @@ fn location_advance(from: i64, to: i64) -> OffsetAdvance {
 #[tokio::test]
 async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_lands_with_the_offsets() {
     for db in BOTH {
-        // Chunks of 4 rows: the refused rows sit in two of the three chunks.
+        // The API's row bound is 4: the ingest's batch (with origins) is one
+        // statement all the same, and a refusal is found by halving it.
         let (dwh, config, _guard) = dwh(db, &[("DWH_MAX_ROWS_PER_INSERT", "4")]).await;
         exec(
             &config,
@@ -586,16 +614,16 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
             },
         )
         .await;
-        let mut records = common::locations(10);
+        let mut records = common::locations(200);
         records[3]["latitude"] = json!(85.0);
-        records[7]["latitude"] = json!(86.0);
+        records[150]["latitude"] = json!(86.0);
         let batch_rows = rows(Table::UserLocations, &records);
-        let origins: Vec<Origin> = (0..10).map(|offset| Origin { partition: 0, offset }).collect();
+        let origins: Vec<Origin> = (0..200).map(|offset| Origin { partition: 0, offset }).collect();
         let decoded_reject = RejectedRecord {
             table: Table::UserLocations,
             topic: "dwh.user_locations".into(),
             partition: 0,
-            offset: 10,
+            offset: 200,
             key: None,
             payload: b"{oops".to_vec(),
             reason: "record is not valid JSON".into(),
@@ -606,7 +634,7 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
                 table: Table::UserLocations,
                 rows: &batch_rows,
                 rejects: std::slice::from_ref(&decoded_reject),
-                offsets: &[location_advance(0, 11)],
+                offsets: &[location_advance(0, 201)],
                 origins: Some(Origins {
                     topic: "dwh.user_locations",
                     rows: &origins,
@@ -614,10 +642,30 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
             })
             .await
             .expect("the batch lands without the refused rows");
-        assert_eq!(outcome.inserted_ids.len(), 8, "{db:?}");
+        assert_eq!(outcome.inserted, 198, "{db:?}");
         assert_eq!(outcome.skipped, 0, "{db:?}");
         let refused: Vec<i64> = outcome.refused.iter().map(|r| r.offset).collect();
-        assert_eq!(refused, [3, 7], "{db:?}");
+        assert_eq!(refused, [3, 150], "{db:?}");
+        // The rows landed in their order (ids follow offsets), and each refused row
+        // cost two halves per level of the halving (8 levels for 200 rows), not a
+        // statement per row.
+        let stored: Vec<Value> = read_all(&dwh, Table::UserLocations)
+            .await
+            .into_iter()
+            .map(|row| row["uuid"].clone())
+            .collect();
+        let expected: Vec<Value> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| ![3, 150].contains(i))
+            .map(|(_, r)| r["uuid"].clone())
+            .collect();
+        assert_eq!(stored, expected, "{db:?}");
+        assert!(
+            outcome.statements > 1 && outcome.statements <= 1 + 2 * 2 * 8,
+            "{db:?}: {} statements",
+            outcome.statements
+        );
         for reject in &outcome.refused {
             assert!(
                 reject.reason.starts_with("the database refused the data: ")
@@ -631,12 +679,12 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
                 "{db:?}: {payload}"
             );
         }
-        // All in the one transaction: 8 rows, 3 rejects, the offset past the batch.
-        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 8, "{db:?}");
+        // All in the one transaction: 198 rows, 3 rejects, the offset past the batch.
+        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 198, "{db:?}");
         assert_eq!(count_rejects(&dwh).await, 3, "{db:?}");
         assert_eq!(
             dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
-            Some(11),
+            Some(201),
             "{db:?}"
         );
 
@@ -647,7 +695,7 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
             .await
             .expect_err("refused");
         assert!(err.is_refused() && !err.is_transient(), "{db:?}: {err}");
-        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 8, "{db:?}");
+        assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 198, "{db:?}");
     }
 }
 
@@ -758,7 +806,7 @@ async fn every_column_type_round_trips_through_the_binary_copy() {
         async move {
             let batch = rows(table, &records);
             assert!(
-                pgbinary::encode(table.spec(), &batch, 0..).is_some(),
+                pgbinary::encode(table.spec(), &batch, Some(0..)).is_some(),
                 "{table}: the rows go as binary"
             );
             dwh.write(Batch::rows(table, &batch)).await.expect("write")

@@ -62,7 +62,8 @@ pub struct DwhConfig {
     pub database_url: DatabaseUrl,
     /// No statement carries more bytes of row data than this.
     pub max_write_batch_bytes: usize,
-    /// No statement carries more rows than this.
+    /// No statement of an API write carries more rows than this (an ingest
+    /// batch is bounded by `KAFKA_BATCH_MAX_ROWS` and goes in one statement).
     pub max_rows_per_insert: usize,
     pub pool_size: u32,
     /// PostgreSQL's `statement_timeout` on every connection, and the base of the

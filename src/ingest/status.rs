@@ -61,7 +61,7 @@ pub struct Counters {
 
 impl IngestStatus {
     pub(crate) fn batch_written(&self, outcome: &WriteOutcome, rejects: usize, bytes: usize, took: Duration) {
-        let inserted = outcome.inserted_ids.len() as u64;
+        let inserted = outcome.inserted;
         self.rows
             .fetch_add(inserted + outcome.updated + outcome.skipped, Ordering::Relaxed);
         self.inserted.fetch_add(inserted, Ordering::Relaxed);
@@ -185,8 +185,8 @@ mod tests {
     #[test]
     fn counters_and_failures_are_reported() {
         let s = IngestStatus::default();
-        let outcome = |inserted: i64, updated, skipped| WriteOutcome {
-            inserted_ids: (0..inserted).collect(),
+        let outcome = |inserted, updated, skipped| WriteOutcome {
+            inserted,
             updated,
             skipped,
             ..WriteOutcome::default()

@@ -3,56 +3,58 @@
 //! Guarantees: [`Dwh::write`] applies a [`Batch`] in one transaction: the fenced
 //! offset advances, the rejected records and the rows (under the table's conflict
 //! policy) commit together or not at all. No statement carries more than
-//! `DWH_MAX_ROWS_PER_INSERT` rows or `DWH_MAX_WRITE_BATCH_BYTES` bytes of row data.
+//! `DWH_MAX_WRITE_BATCH_BYTES` bytes of row data, nor, in a write of the API (a
+//! batch without origins), more than `DWH_MAX_ROWS_PER_INSERT` rows: a batch of
+//! the ingest is already bounded by `KAFKA_BATCH_MAX_ROWS`, and each statement
+//! costs the database more than its rows do.
 //! A fenced offset aborts the whole transaction with [`StoreError::Fenced`].
 
 /// Writes a batch's rows, chunk by chunk, inside the open transaction `$tx`, the
 /// same way on both backends (a macro: their connection types differ).
 /// `$write(conn, $ctx, rows, outcome)` writes rows. With origins, each chunk runs
 /// under a savepoint; when the database refuses the data of a row in it, the
-/// chunk is rolled back and each of its rows is tried alone under a savepoint of
-/// its own: the refused ones become rejects (`insert_reject` of the backend, in
-/// the same transaction), the rest lands. Any other error fails the batch.
+/// part is rolled back and tried again as two halves, each under a savepoint of
+/// its own, down to single rows: the refused rows become rejects
+/// (`insert_reject` of the backend, in the same transaction), the rest lands, in
+/// order. One refused row among n costs about 2·log2(n) more statements. Any
+/// other error fails the batch.
 macro_rules! write_rows_isolating {
     ($tx:ident, $batch:expr, $chunks:expr, $outcome:ident, $write:ident, $ctx:expr) => {{
         for range in $chunks {
-            let rows = &$batch.rows[range.clone()];
             let Some(origins) = $batch.origins else {
-                $write(&mut $tx, $ctx, rows, &mut $outcome).await?;
+                $write(&mut $tx, $ctx, &$batch.rows[range.clone()], &mut $outcome).await?;
                 continue;
             };
-            let mut chunk = $tx.begin().await?;
-            let mut written = WriteOutcome::default();
-            match $write(&mut chunk, $ctx, rows, &mut written).await {
-                Ok(()) => {
-                    chunk.commit().await?;
-                    $outcome.absorb(written);
-                }
-                Err(e) if e.is_refused() => {
-                    chunk.rollback().await?;
-                    for (row, &origin) in rows.iter().zip(&origins.rows[range.clone()]) {
-                        let mut single = $tx.begin().await?;
-                        let mut written = WriteOutcome::default();
-                        match $write(&mut single, $ctx, std::slice::from_ref(row), &mut written).await {
-                            Ok(()) => {
-                                single.commit().await?;
-                                $outcome.absorb(written);
-                            }
-                            Err(e) if e.is_refused() => {
-                                single.rollback().await?;
-                                let reject = RejectedRecord::refused_row($batch.table, origins.topic, origin, row, &e);
-                                insert_reject(&mut $tx, &reject).await?;
-                                $outcome.refused.push(reject);
-                            }
-                            Err(e) => return Err(e),
+            // Parts still to write, the next on top.
+            let mut parts = vec![range.clone()];
+            while let Some(part) = parts.pop() {
+                let rows = &$batch.rows[part.clone()];
+                let mut savepoint = $tx.begin().await?;
+                let mut written = WriteOutcome::default();
+                match $write(&mut savepoint, $ctx, rows, &mut written).await {
+                    Ok(()) => {
+                        savepoint.commit().await?;
+                        $outcome.absorb(written);
+                    }
+                    Err(e) if e.is_refused() => {
+                        savepoint.rollback().await?;
+                        if let [row] = rows {
+                            let origin = origins.rows[part.start];
+                            let reject = RejectedRecord::refused_row($batch.table, origins.topic, origin, row, &e);
+                            insert_reject(&mut $tx, &reject).await?;
+                            $outcome.refused.push(reject);
+                        } else {
+                            let middle = part.start + part.len() / 2;
+                            parts.push(middle..part.end);
+                            parts.push(part.start..middle);
+                            $outcome.statements += 2;
                         }
                     }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
-        $outcome.skipped =
-            ($batch.rows.len() - $outcome.refused.len()) as u64 - $outcome.inserted_ids.len() as u64 - $outcome.updated;
+        $outcome.skipped = ($batch.rows.len() - $outcome.refused.len()) as u64 - $outcome.inserted - $outcome.updated;
     }};
 }
 
@@ -224,6 +226,12 @@ pub struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
+    /// Whether the write returns the inserted rows' ids: for the API's writes
+    /// (no origins), which answer with them; the ingest only counts its rows.
+    pub fn wants_ids(&self) -> bool {
+        self.origins.is_none()
+    }
+
     /// Rows only, as the HTTP API writes them.
     pub fn rows(table: Table, rows: &'a [Row]) -> Self {
         Batch {
@@ -239,7 +247,10 @@ impl<'a> Batch<'a> {
 /// What a write did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteOutcome {
-    /// Ids of the rows inserted (not of rows that existed already).
+    /// Rows inserted (not rows that existed already).
+    pub inserted: u64,
+    /// Their ids, in the batch's order, when [`Batch::wants_ids`]; may be empty
+    /// otherwise (PostgreSQL leaves the ingest's ids to the column default).
     pub inserted_ids: Vec<i64>,
     /// Rows that replaced a stored, older version (newest-wins tables).
     pub updated: u64,
@@ -249,13 +260,15 @@ pub struct WriteOutcome {
     /// Rows the database refused, rejected in the same transaction (only for a
     /// batch with [`Batch::origins`]).
     pub refused: Vec<RejectedRecord>,
-    /// How many row statements the batch took (chunks by the two limits).
+    /// How many row statements the batch took: its chunks by the limits, plus the
+    /// halves of parts the database refused, tried again.
     pub statements: usize,
 }
 
 impl WriteOutcome {
     /// Adds the counts of a part of the batch that committed.
     fn absorb(&mut self, part: WriteOutcome) {
+        self.inserted += part.inserted;
         self.inserted_ids.extend(part.inserted_ids);
         self.updated += part.updated;
         self.refused.extend(part.refused);
@@ -386,7 +399,11 @@ impl Dwh {
     /// is given up after the statement timeout per statement, plus one, and fails
     /// as [`StoreError::Unavailable`]: dropping it rolls the transaction back.
     pub async fn write(&self, batch: Batch<'_>) -> Result<WriteOutcome, StoreError> {
-        let chunks = chunk::plan(batch.rows.iter().map(Row::approx_bytes), self.max_rows, self.max_bytes)?;
+        let max_rows = match batch.origins {
+            Some(_) => usize::MAX,
+            None => self.max_rows,
+        };
+        let chunks = chunk::plan(batch.rows.iter().map(Row::approx_bytes), max_rows, self.max_bytes)?;
         // Offsets, rejects, ids and merges: a few statements per chunk at most.
         let statements = 4 * chunks.len() as u32 + batch.offsets.len() as u32 + batch.rejects.len() as u32 + 4;
         let limit = self.statement_timeout.saturating_mul(statements);

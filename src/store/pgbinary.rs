@@ -1,8 +1,8 @@
 //! Rows in PostgreSQL's binary `COPY` format.
 //!
 //! Guarantees: [`encode`] gives the bytes that `COPY ... FROM STDIN (FORMAT binary)`
-//! reads into a leading `bigint` (the id, or the staging order) followed by the
-//! table's columns, each value in its type's binary form (what the type's `send`
+//! reads into an optional leading `bigint` (the id, or the staging order) followed
+//! by the table's columns, each value in its type's binary form (what the type's `send`
 //! function writes), so the database parses no text. It gives `None` when a value
 //! does not fit its column's binary form (a value the catalogue never produces);
 //! the caller then sends the rows as text and the database names the problem.
@@ -20,15 +20,18 @@ const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
 /// `numeric`'s digits are base 10,000.
 const NUMERIC_GROUP: usize = 4;
 
-/// `rows` of `spec`, each after its `prefixes` value, as one binary COPY stream.
-pub fn encode(spec: &TableSpec, rows: &[Row], prefixes: impl Iterator<Item = i64>) -> Option<Vec<u8>> {
-    let fields = i16::try_from(spec.columns.len() + 1).ok()?;
+/// `rows` of `spec` as one binary COPY stream, each after its `prefixes` value
+/// when given (a leading `bigint` column), else the table's columns alone.
+pub fn encode(spec: &TableSpec, rows: &[Row], mut prefixes: Option<impl Iterator<Item = i64>>) -> Option<Vec<u8>> {
+    let fields = i16::try_from(spec.columns.len() + usize::from(prefixes.is_some())).ok()?;
     let estimate: usize = rows.iter().map(|r| r.approx_bytes() + 4 * r.values.len() + 14).sum();
     let mut out = Vec::with_capacity(HEADER.len() + estimate + 2);
     out.extend_from_slice(HEADER);
-    for (row, prefix) in rows.iter().zip(prefixes) {
+    for row in rows {
         out.extend_from_slice(&fields.to_be_bytes());
-        field(&mut out, &prefix.to_be_bytes())?;
+        if let Some(prefixes) = prefixes.as_mut() {
+            field(&mut out, &prefixes.next()?.to_be_bytes())?;
+        }
         for (column, value) in spec.columns.iter().zip(&row.values) {
             push_value(&mut out, column.ty, value)?;
         }
@@ -289,7 +292,7 @@ mod tests {
         let row = Row {
             values: spec.columns.iter().map(|_| Value::Null).collect(),
         };
-        let data = encode(spec, &[row], [5i64].into_iter()).expect("encodes");
+        let data = encode(spec, &[row], Some([5i64].into_iter())).expect("encodes");
         let mut expected = HEADER.to_vec();
         expected.extend_from_slice(&((spec.columns.len() + 1) as i16).to_be_bytes());
         expected.extend_from_slice(&with_len(&5i64.to_be_bytes()));

@@ -62,7 +62,11 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
         statements: chunks.len(),
         ..WriteOutcome::default()
     };
-    write_rows_isolating!(tx, batch, chunks, outcome, write_chunk, spec);
+    let target = Target {
+        spec,
+        ids: batch.wants_ids(),
+    };
+    write_rows_isolating!(tx, batch, chunks, outcome, write_chunk, target);
     tx.commit().await?;
     Ok(outcome)
 }
@@ -127,13 +131,19 @@ async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<()
     Ok(())
 }
 
-/// COPY text of the rows, each line prefixed by `first` (the id or ordinal).
-fn copy_text(rows: &[Row], prefixes: impl Iterator<Item = i64>) -> String {
+/// COPY text of the rows, each line prefixed by its `prefixes` value (the id or
+/// ordinal) when given.
+fn copy_text(rows: &[Row], mut prefixes: Option<impl Iterator<Item = i64>>) -> String {
     let mut out = String::with_capacity(rows.iter().map(|r| r.approx_bytes() + 24).sum());
-    for (row, prefix) in rows.iter().zip(prefixes) {
-        let _ = write!(out, "{prefix}"); // writing to a String cannot fail
+    for row in rows {
+        let mut separator = "";
+        if let Some(prefix) = prefixes.as_mut().and_then(Iterator::next) {
+            let _ = write!(out, "{prefix}"); // writing to a String cannot fail
+            separator = "\t";
+        }
         for value in &row.values {
-            out.push('\t');
+            out.push_str(separator);
+            separator = "\t";
             sql::push_copy_value(&mut out, value);
         }
         out.push('\n');
@@ -148,7 +158,7 @@ fn copy_data(
     spec: &TableSpec,
     statement: String,
     rows: &[Row],
-    prefixes: impl Iterator<Item = i64> + Clone,
+    prefixes: Option<impl Iterator<Item = i64> + Clone>,
 ) -> (String, Vec<u8>) {
     match pgbinary::encode(spec, rows, prefixes.clone()) {
         Some(data) => (format!("{statement} (FORMAT binary)"), data),
@@ -162,25 +172,43 @@ async fn copy_in(conn: &mut PgConnection, (statement, data): (String, Vec<u8>)) 
     copy.finish().await
 }
 
+/// What a chunk is written for: the table, and whether the caller wants the
+/// inserted rows' ids (the API answers with them; the ingest only counts).
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    spec: &'a TableSpec,
+    ids: bool,
+}
+
 async fn write_chunk(
     tx: &mut PgConnection,
-    spec: &TableSpec,
+    Target { spec, ids: want_ids }: Target<'_>,
     rows: &[Row],
     outcome: &mut WriteOutcome,
 ) -> Result<(), StoreError> {
-    // The sequence as a constant: resolved once per statement, not once per row.
-    let ids: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT nextval('{}_id_seq'::regclass) FROM generate_series(1, $1)",
-        spec.name
-    ))
-    .bind(rows.len() as i64)
-    .fetch_all(&mut *tx)
-    .await?;
-    let copy = copy_data(spec, sql::copy_into_table(spec), rows, ids.iter().copied());
+    let ids: Vec<i64> = if want_ids {
+        // The sequence as a constant: resolved once per statement, not once per row.
+        sqlx::query_scalar(&format!(
+            "SELECT nextval('{}_id_seq'::regclass) FROM generate_series(1, $1)",
+            spec.name
+        ))
+        .bind(rows.len() as i64)
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        Vec::new()
+    };
+    let copy = copy_data(
+        spec,
+        sql::copy_into_table(spec, want_ids),
+        rows,
+        want_ids.then(|| ids.iter().copied()),
+    );
     let mut savepoint = tx.begin().await?;
     match copy_in(&mut savepoint, copy).await {
         Ok(_) => {
             savepoint.commit().await?;
+            outcome.inserted += rows.len() as u64;
             outcome.inserted_ids.extend(ids);
             return Ok(());
         }
@@ -192,12 +220,14 @@ async fn write_chunk(
     sqlx::query(&format!("TRUNCATE {}", sql::stage_name(spec)))
         .execute(&mut *tx)
         .await?;
-    copy_in(tx, copy_data(spec, sql::copy_into_stage(spec), rows, 0..)).await?;
+    copy_in(tx, copy_data(spec, sql::copy_into_stage(spec), rows, Some(0..))).await?;
     let merged = sqlx::query(&sql::merge_stage(spec)).fetch_all(&mut *tx).await?;
     for row in merged {
-        let id: i64 = row.try_get("id")?;
         if row.try_get::<bool, _>("inserted")? {
-            outcome.inserted_ids.push(id);
+            outcome.inserted += 1;
+            if want_ids {
+                outcome.inserted_ids.push(row.try_get("id")?);
+            }
         } else {
             outcome.updated += 1;
         }

@@ -18,8 +18,10 @@ fn key_list(spec: &TableSpec) -> String {
 }
 
 /// `COPY` straight into the table, ids included (the fast path).
-pub fn copy_into_table(spec: &TableSpec) -> String {
-    format!("COPY {} (id, {}) FROM STDIN", spec.name, column_list(spec))
+/// `COPY` into the table: with the ids given, or left to the column's default.
+pub fn copy_into_table(spec: &TableSpec, with_ids: bool) -> String {
+    let id = if with_ids { "id, " } else { "" };
+    format!("COPY {} ({id}{}) FROM STDIN", spec.name, column_list(spec))
 }
 
 /// The per-connection staging table of the conflict path.

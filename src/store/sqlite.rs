@@ -105,6 +105,7 @@ async fn write_rows(
     for row in rows {
         let q = row.values.iter().fold(sqlx::query(&statements.insert), bind);
         if let Some(inserted) = q.fetch_optional(&mut *conn).await? {
+            outcome.inserted += 1;
             outcome.inserted_ids.push(inserted.try_get(0)?);
             continue;
         }

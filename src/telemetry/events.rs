@@ -97,7 +97,7 @@ impl BatchCommitted<'_> {
         status.batch_written(self.outcome, rejects, self.bytes, self.took);
         let m = metrics();
         let labels = Metrics::table(self.table);
-        let inserted = self.outcome.inserted_ids.len() as u64;
+        let inserted = self.outcome.inserted;
         m.rows_inserted.get_or_create(&labels).inc_by(inserted);
         m.rows_updated.get_or_create(&labels).inc_by(self.outcome.updated);
         m.rows_skipped.get_or_create(&labels).inc_by(self.outcome.skipped);
