@@ -103,7 +103,11 @@ impl Value {
         // Writing to a String cannot fail.
         let _ = match self {
             Value::Null => return false,
-            Value::Int(v) => write!(out, "{v}"),
+            Value::Int(v) => {
+                // The same digits as `Display`, without the formatter (event hash).
+                out.push_str(itoa::Buffer::new().format(*v));
+                Ok(())
+            }
             Value::Float(v) => write!(out, "{v}"),
             Value::Bool(v) => write!(out, "{v}"),
             Value::Text(v) => out.write_str(v),

@@ -187,13 +187,14 @@ async fn write_chunk(
     outcome: &mut WriteOutcome,
 ) -> Result<(), StoreError> {
     let ids: Vec<i64> = if want_ids {
-        // The sequence as a constant: resolved once per statement, not once per row.
+        // The sequence as a constant: resolved once per statement, not once per
+        // row; the ids come back as one array, not a row each.
         sqlx::query_scalar(&format!(
-            "SELECT nextval('{}_id_seq'::regclass) FROM generate_series(1, $1)",
+            "SELECT array_agg(nextval('{}_id_seq'::regclass) ORDER BY n) FROM generate_series(1, $1) AS n",
             spec.name
         ))
         .bind(rows.len() as i64)
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?
     } else {
         Vec::new()
