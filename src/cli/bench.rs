@@ -3,9 +3,10 @@
 //! The benchmark never touches existing tables: on PostgreSQL it creates a scratch
 //! database beside `DWH_DATABASE_URL` (dropped afterwards), on SQLite a temporary
 //! file. Scenario `ingest` (the default) is in `bench_ingest.rs`. Scenario `http`: synthetic `events_part` records are posted through the
-//! real HTTP API in requests of `--per-request` records; then the same rows are
-//! loaded with one plain `COPY` into an empty copy of the table (same columns and
-//! indexes) on the same database, the ceiling the API is compared against.
+//! real HTTP API in requests of `--per-request` records; the same rows are loaded
+//! with one plain `COPY` into an empty copy of the table (same columns and
+//! indexes) on the same database right before and right after: the ceiling the
+//! API is compared against ([`Baseline`]).
 
 use std::time::{Duration, Instant};
 
@@ -82,10 +83,10 @@ struct Report {
     seconds: f64,
     rows_per_second: f64,
     mb_per_second: f64,
-    copy_seconds: Option<f64>,
+    /// The plain COPY before and after (PostgreSQL only).
+    copy: Option<Baseline>,
+    /// Rows per second of the mean COPY time.
     copy_rows_per_second: Option<f64>,
-    /// CPU of the COPY's PostgreSQL backend (server on this machine).
-    copy_postgres_seconds: Option<f64>,
     ratio_to_copy: Option<f64>,
 }
 
@@ -177,6 +178,14 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
     let server = tokio::spawn(http::serve(listener, app, stop.clone(), open_config.http.clone()));
 
     let client = reqwest::Client::new();
+    let copy_text = match scratch.url.backend() {
+        Backend::Postgres => Some(CopyText::write(records.iter().cloned(), args.copy_file.as_deref())?),
+        Backend::Sqlite => None,
+    };
+    let copy_before = match &copy_text {
+        Some(text) => Some(text.load(&scratch.url).await?),
+        None => None,
+    };
     settle(&scratch.url, &[]).await?;
     let started = Instant::now();
     let mut inserted = 0;
@@ -190,11 +199,12 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
         bail!("the API inserted {inserted} of {} rows", rows);
     }
 
-    let copy = match scratch.url.backend() {
-        Backend::Postgres => {
-            Some(copy_baseline(&scratch.url, records.iter().cloned(), args.copy_file.as_deref()).await?)
-        }
-        Backend::Sqlite => None,
+    let copy = match (copy_text, copy_before) {
+        (Some(text), Some(before)) => Some(Baseline {
+            before,
+            after: text.load(&scratch.url).await?,
+        }),
+        _ => None,
     };
     let seconds = elapsed.as_secs_f64();
     let rows_per_second = rows as f64 / seconds;
@@ -210,10 +220,9 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
         seconds,
         rows_per_second,
         mb_per_second: request_bytes as f64 / 1e6 / seconds,
-        copy_seconds: copy.map(|c| c.elapsed.as_secs_f64()),
-        copy_rows_per_second: copy.map(|c| rows as f64 / c.elapsed.as_secs_f64()),
-        copy_postgres_seconds: copy.and_then(|c| c.backend_cpu_seconds),
-        ratio_to_copy: copy.map(|c| rows_per_second / (rows as f64 / c.elapsed.as_secs_f64())),
+        copy_rows_per_second: copy.as_ref().map(|c| rows as f64 / c.seconds()),
+        ratio_to_copy: copy.as_ref().map(|c| rows_per_second / (rows as f64 / c.seconds())),
+        copy,
     })
 }
 
@@ -272,38 +281,72 @@ pub(super) async fn settle(url: &DatabaseUrl, tables: &[&str]) -> anyhow::Result
     Ok(())
 }
 
-/// The plain COPY's time, and the CPU its backend spent (when the server runs
+/// One plain COPY's time, and the CPU its backend spent (when the server runs
 /// on this machine).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub(super) struct CopyRun {
-    pub(super) elapsed: Duration,
-    pub(super) backend_cpu_seconds: Option<f64>,
+    pub(super) seconds: f64,
+    pub(super) postgres_seconds: Option<f64>,
 }
 
-/// One plain `COPY` of the same rows into an empty copy of events_part. The COPY
-/// text is written to a file first (not timed, and kept at `copy_file` when given),
-/// then streamed to the server in 8 MiB chunks: only the load is timed. What was
-/// written before is settled first ([`settle`]).
-pub(super) async fn copy_baseline(
-    url: &DatabaseUrl,
-    records: impl Iterator<Item = Value>,
-    copy_file: Option<&std::path::Path>,
-) -> anyhow::Result<CopyRun> {
-    use std::io::{Read as _, Write as _};
-    let spec = Table::EventsPart.spec();
-    let mut conn = sqlx::PgConnection::connect(url.expose()).await?;
-    sqlx::query("CREATE TABLE bench_copy (LIKE events_part INCLUDING DEFAULTS INCLUDING INDEXES)")
-        .execute(&mut conn)
-        .await?;
-    let temp;
-    let path = match copy_file {
-        Some(path) => path.to_owned(),
-        None => {
-            temp = tempfile::NamedTempFile::new()?.into_temp_path();
-            temp.to_path_buf()
-        }
-    };
-    {
+/// The ceiling a scenario is compared against: one plain `COPY` of the same rows
+/// into an empty copy of events_part (same columns, defaults and indexes), run
+/// right before the scenario and again right after it. This machine's speed
+/// drifts by a third within minutes, so the ratio uses the mean of the two
+/// times, and both are reported.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct Baseline {
+    pub(super) before: CopyRun,
+    pub(super) after: CopyRun,
+}
+
+impl Baseline {
+    pub(super) fn seconds(&self) -> f64 {
+        (self.before.seconds + self.after.seconds) / 2.0
+    }
+
+    /// The table row: the mean rate, then each run.
+    pub(super) fn print(&self, rows: usize, label: &str, ratio_label: &str, contender_rows_per_second: f64) {
+        let rate = rows as f64 / self.seconds();
+        let run = |r: &CopyRun| match r.postgres_seconds {
+            Some(cpu) => format!("{:.2} s ({cpu:.1} s CPU)", r.seconds),
+            None => format!("{:.2} s", r.seconds),
+        };
+        println!(
+            "{label:<w$}{rate:>10.0} rows/s  before {}, after {}",
+            run(&self.before),
+            run(&self.after),
+            w = ratio_label.len().max(label.len()) + 1
+        );
+        println!(
+            "{ratio_label:<w$}{:>10.2}",
+            contender_rows_per_second / rate,
+            w = ratio_label.len().max(label.len()) + 1
+        );
+    }
+}
+
+/// The rows of the plain `COPY` baseline as COPY text in a file (kept at
+/// `copy_file` when given, else removed when dropped), written once, loaded by
+/// each [`CopyText::load`].
+pub(super) struct CopyText {
+    path: std::path::PathBuf,
+    _temp: Option<tempfile::TempPath>,
+}
+
+impl CopyText {
+    pub(super) fn write(
+        records: impl Iterator<Item = Value>,
+        copy_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        use std::io::Write as _;
+        let (path, temp) = match copy_file {
+            Some(path) => (path.to_owned(), None),
+            None => {
+                let temp = tempfile::NamedTempFile::new()?.into_temp_path();
+                (temp.to_path_buf(), Some(temp))
+            }
+        };
         let file = std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
         let mut out = std::io::BufWriter::new(file);
         let mut line = String::new();
@@ -320,31 +363,49 @@ pub(super) async fn copy_baseline(
             out.write_all(line.as_bytes())?;
         }
         out.flush()?;
+        Ok(CopyText { path, _temp: temp })
     }
-    let mut file = std::fs::File::open(&path)?;
-    settle(url, &["events_part"]).await?;
-    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut conn)
-        .await?;
-    let cpu = || cpu_seconds(&backend.to_string()).map(|(user, system)| user + system);
-    let cpu_before = cpu();
-    let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(&format!("COPY bench_copy ({}) FROM STDIN", sql::column_list(spec)))
-        .await?;
-    let mut chunk = vec![0u8; 8 << 20];
-    loop {
-        let n = file.read(&mut chunk)?;
-        if n == 0 {
-            break;
+
+    /// One timed load: a fresh `bench_copy` table, the database settled
+    /// ([`settle`]), the file streamed to the server in 8 MiB chunks; the table
+    /// is dropped afterwards. Only the load is timed.
+    pub(super) async fn load(&self, url: &DatabaseUrl) -> anyhow::Result<CopyRun> {
+        use std::io::Read as _;
+        let spec = Table::EventsPart.spec();
+        let mut conn = sqlx::PgConnection::connect(url.expose()).await?;
+        sqlx::query("DROP TABLE IF EXISTS bench_copy")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query("CREATE TABLE bench_copy (LIKE events_part INCLUDING DEFAULTS INCLUDING INDEXES)")
+            .execute(&mut conn)
+            .await?;
+        let mut file = std::fs::File::open(&self.path)?;
+        settle(url, &["events_part"]).await?;
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        let cpu = || cpu_seconds(&backend.to_string()).map(|(user, system)| user + system);
+        let cpu_before = cpu();
+        let started = Instant::now();
+        let mut copy = conn
+            .copy_in_raw(&format!("COPY bench_copy ({}) FROM STDIN", sql::column_list(spec)))
+            .await?;
+        let mut chunk = vec![0u8; 8 << 20];
+        loop {
+            let n = file.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            copy.send(&chunk[..n]).await?;
         }
-        copy.send(&chunk[..n]).await?;
+        copy.finish().await?;
+        let run = CopyRun {
+            seconds: started.elapsed().as_secs_f64(),
+            postgres_seconds: cpu().zip(cpu_before).map(|(after, before)| after - before),
+        };
+        sqlx::query("DROP TABLE bench_copy").execute(&mut conn).await?;
+        Ok(run)
     }
-    copy.finish().await?;
-    Ok(CopyRun {
-        elapsed: started.elapsed(),
-        backend_cpu_seconds: cpu().zip(cpu_before).map(|(after, before)| after - before),
-    })
 }
 
 /// A scratch database beside the configured one.
@@ -406,11 +467,6 @@ impl Scratch {
     }
 }
 
-/// `; PostgreSQL backend 9.8 s CPU`, or nothing when the server is elsewhere.
-pub(super) fn copy_cpu_note(seconds: Option<f64>) -> String {
-    seconds.map_or(String::new(), |s| format!(" (PostgreSQL backend {s:.1} s CPU)"))
-}
-
 fn print_table(r: &Report) {
     println!("scenario            {} ({})", r.scenario, r.backend);
     println!("rows                {}", r.rows);
@@ -423,12 +479,7 @@ fn print_table(r: &Report) {
         "POST /dwh/events_part   {:>10.0} rows/s  {:>6.1} MB/s  {:>7.2} s",
         r.rows_per_second, r.mb_per_second, r.seconds
     );
-    if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
-        println!(
-            "plain COPY              {rps:>10.0} rows/s  {:>6}       {s:>7.2} s{}",
-            "",
-            copy_cpu_note(r.copy_postgres_seconds)
-        );
-        println!("API / COPY              {:>10.2}", ratio);
+    if let Some(copy) = &r.copy {
+        copy.print(r.rows, "plain COPY", "API / COPY             ", r.rows_per_second);
     }
 }

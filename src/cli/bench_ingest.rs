@@ -4,8 +4,9 @@
 //! an in-process dev broker with enough partitions to hold them all), then starts
 //! `dwh-helper run --roles ingest` as a child process against a scratch database and
 //! measures it from start until every partition is caught up: rows/s, MB/s, the
-//! child's peak RSS and its batch flush latency (from its own JSON log). Then the
-//! same rows go through one plain `COPY` on the same database: the ceiling.
+//! child's peak RSS and its batch flush latency (from its own `/metrics`). The
+//! same rows go through one plain `COPY` on the same database right before and
+//! right after: the ceiling ([`super::bench::Baseline`]).
 
 use std::io::BufRead as _;
 use std::process::{Command, Stdio};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::bench::{copy_baseline, cpu_seconds, settle, Scratch};
+use super::bench::{cpu_seconds, settle, Baseline, CopyText, Scratch};
 use crate::catalogue::{self, Table};
 use crate::config::{Backend, Config};
 use crate::kafka::devbroker::{DevBrokerOptions, PARTITION_LIMIT_BYTES};
@@ -38,10 +39,10 @@ pub(super) struct IngestReport {
     batches: usize,
     flush_p50_ms: Option<f64>,
     flush_p99_ms: Option<f64>,
-    copy_seconds: Option<f64>,
+    /// The plain COPY before and after (PostgreSQL only).
+    copy: Option<Baseline>,
+    /// Rows per second of the mean COPY time.
     copy_rows_per_second: Option<f64>,
-    /// CPU of the COPY's PostgreSQL backend (server on this machine).
-    copy_postgres_seconds: Option<f64>,
     ratio_to_copy: Option<f64>,
     /// `KAFKA_MAX_IN_FLIGHT_BYTES` of the ingest process, in MiB.
     budget_mib: f64,
@@ -207,6 +208,20 @@ async fn measure(
         );
     }
 
+    let copy_text = match scratch.url.backend() {
+        Backend::Postgres => {
+            eprintln!("bench: loading the same rows with a plain COPY");
+            Some(CopyText::write(
+                (0..rows as u64).map(|k| bench_record(k, record_bytes)),
+                None,
+            )?)
+        }
+        Backend::Sqlite => None,
+    };
+    let copy_before = match &copy_text {
+        Some(text) => Some(text.load(&scratch.url).await?),
+        None => None,
+    };
     settle(&scratch.url, &[]).await?;
     eprintln!("bench: starting the ingest role");
     let metrics_url = {
@@ -294,22 +309,18 @@ async fn measure(
     }
     drop(broker);
 
-    let copy = match scratch.url.backend() {
-        Backend::Postgres => {
-            eprintln!("bench: loading the same rows with a plain COPY");
-            Some(
-                copy_baseline(
-                    &scratch.url,
-                    (0..rows as u64).map(|k| bench_record(k, record_bytes)),
-                    None,
-                )
-                .await?,
-            )
+    let copy = match (copy_text, copy_before) {
+        (Some(text), Some(before)) => {
+            eprintln!("bench: loading the same rows with a plain COPY again");
+            Some(Baseline {
+                before,
+                after: text.load(&scratch.url).await?,
+            })
         }
-        Backend::Sqlite => None,
+        _ => None,
     };
     let rows_per_second = rows as f64 / seconds;
-    let copy_rps = copy.map(|c| rows as f64 / c.elapsed.as_secs_f64());
+    let copy_rps = copy.as_ref().map(|c| rows as f64 / c.seconds());
     Ok(IngestReport {
         scenario: "ingest",
         backend: match scratch.url.backend() {
@@ -332,9 +343,8 @@ async fn measure(
         batches: flushes.count as usize,
         flush_p50_ms: flushes.quantile(0.5).map(|s| s * 1000.0),
         flush_p99_ms: flushes.quantile(0.99).map(|s| s * 1000.0),
-        copy_seconds: copy.map(|c| c.elapsed.as_secs_f64()),
+        copy,
         copy_rows_per_second: copy_rps,
-        copy_postgres_seconds: copy.and_then(|c| c.backend_cpu_seconds),
         ratio_to_copy: copy_rps.map(|c| rows_per_second / c),
         budget_mib: config.kafka.max_in_flight_bytes as f64 / MIB,
         rss_bound_mib: rss_bound(config) as f64 / MIB,
@@ -455,13 +465,8 @@ pub(super) fn print(r: &IngestReport) {
         r.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    if let (Some(s), Some(rps), Some(ratio)) = (r.copy_seconds, r.copy_rows_per_second, r.ratio_to_copy) {
-        println!(
-            "plain COPY       {rps:>10.0} rows/s  {:>6}       {s:>7.2} s{}",
-            "",
-            super::bench::copy_cpu_note(r.copy_postgres_seconds)
-        );
-        println!("ingest / COPY    {ratio:>10.2}");
+    if let Some(copy) = &r.copy {
+        copy.print(r.rows, "plain COPY", "ingest / COPY   ", r.rows_per_second);
     }
 }
 
