@@ -30,6 +30,15 @@ pub fn read(table: Table, text: &str) -> Result<Fields, serde_json::Error> {
     Ok(fields)
 }
 
+/// The position of `table`'s column `name`, found by binary search.
+pub fn column_index(table: Table, name: &str) -> Option<usize> {
+    let names = names(table);
+    names
+        .binary_search_by(|(n, _)| (*n).cmp(name))
+        .ok()
+        .map(|sorted| names[sorted].1)
+}
+
 /// `table`'s column names with their positions, sorted by name.
 fn names(table: Table) -> &'static [(&'static str, usize)] {
     static NAMES: OnceLock<Vec<Vec<(&'static str, usize)>>> = OnceLock::new();
@@ -116,6 +125,18 @@ impl<'de> Visitor<'de> for Name {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_column_is_found_at_its_position_and_nothing_else_is() {
+        for table in Table::ALL {
+            for (i, column) in table.spec().columns.iter().enumerate() {
+                assert_eq!(column_index(table, column.name), Some(i), "{table}.{}", column.name);
+            }
+            for name in ["", "id", "zzz", "Event_name", "event_name "] {
+                assert_eq!(column_index(table, name), None, "{table}: {name:?}");
+            }
+        }
+    }
 
     #[test]
     fn slots_follow_the_columns_and_a_repeated_field_keeps_its_last_value() {
