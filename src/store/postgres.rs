@@ -1,7 +1,8 @@
 //! PostgreSQL: the bulk path.
 //!
 //! Each chunk first tries a plain `COPY` into the table under a savepoint, with ids
-//! taken from the table's sequence up front, which costs about what `COPY` costs.
+//! taken from the table's sequence up front when the caller wants them back (the
+//! API), else left to the column's default (the ingest).
 //! When a key already exists (a replay or retry) or the chunk holds two versions of
 //! a key, the savepoint is rolled back and the chunk goes through a staging table:
 //! `COPY` into it, then one `INSERT … SELECT DISTINCT ON (key) … ON CONFLICT`.
