@@ -246,13 +246,21 @@ async fn post_events(client: &reqwest::Client, base: &str, body: Vec<u8>) -> any
 }
 
 /// `(user, system)` CPU seconds of a process so far (`/proc/PID/stat`; Linux
-/// reports them in USER_HZ, 100 per second).
+/// reports them in USER_HZ, which is 100 on x86 and arm64).
 pub(super) fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
     Some((ticks(11)?, ticks(12)?))
+}
+
+/// A size field of `/proc/PID/status` (`VmHWM:`, `VmRSS:`, …), in MiB.
+pub(super) fn proc_status_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// Brings the scratch database to the same quiet state before each measured

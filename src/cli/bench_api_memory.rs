@@ -105,7 +105,7 @@ async fn measure(base: &str, pid: u32, load: &Load) -> anyhow::Result<(f64, Vec<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let idle = rss_mib(pid, "VmRSS:").unwrap_or(0.0);
+    let idle = super::bench::proc_status_mib(pid, "VmRSS:").unwrap_or(0.0);
 
     let post = |i: usize| {
         client
@@ -185,15 +185,8 @@ async fn phase(
         mib_each,
         seconds,
         answers: counted,
-        peak_rss_mib: rss_mib(pid, "VmHWM:").context("cannot read the API's peak RSS")?,
+        peak_rss_mib: super::bench::proc_status_mib(pid, "VmHWM:").context("cannot read the API's peak RSS")?,
     })
-}
-
-fn rss_mib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// `{"data": [...]}` of sample `events_part` records, about `bytes` long,

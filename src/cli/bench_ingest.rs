@@ -419,10 +419,7 @@ pub(super) fn rss_bound(config: &Config) -> usize {
 
 /// The peak resident set size of process `pid` (Linux `VmHWM`), in MiB.
 pub(super) fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    super::bench::proc_status_mib(pid, "VmHWM:")
 }
 
 pub(super) fn print(r: &IngestReport) {
