@@ -17,8 +17,8 @@ fn key_list(spec: &TableSpec) -> String {
     spec.key.join(", ")
 }
 
-/// `COPY` straight into the table, ids included (the fast path).
-/// `COPY` into the table: with the ids given, or left to the column's default.
+/// `COPY` straight into the table (the fast path): with the ids given, or left
+/// to the column's default.
 pub fn copy_into_table(spec: &TableSpec, with_ids: bool) -> String {
     let id = if with_ids { "id, " } else { "" };
     format!("COPY {} ({id}{}) FROM STDIN", spec.name, column_list(spec))
