@@ -48,11 +48,12 @@ pub fn group_id(config: &Config) -> String {
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
-    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, Role::Archive.tables(&config.kafka)).held;
+    let tables = Role::Archive.tables(&config.kafka);
+    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, tables.len()).held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();
-    for table in Table::ALL {
+    for &table in tables {
         let first = consumer::subscribe(&config.kafka, &group, table, Role::Archive)?;
         let archiver = Archiver {
             config: config.clone(),

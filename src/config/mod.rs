@@ -102,6 +102,8 @@ pub struct KafkaConfig {
     /// The tables this instance ingests (`KAFKA_INGEST_TABLES`; all by default).
     /// Leaving one out pauses its ingest, e.g. while it is replayed.
     pub ingest_tables: Vec<Table>,
+    /// The tables this instance archives (`KAFKA_ARCHIVE_TABLES`; all by default).
+    pub archive_tables: Vec<Table>,
     pub shutdown_grace: Duration,
     /// `KAFKA_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`.
     pub librdkafka: Vec<(String, Secret)>,
@@ -263,6 +265,7 @@ struct RawKafka {
     on_offset_out_of_range: Option<String>,
     group_instance_id: Option<String>,
     ingest_tables: Option<String>,
+    archive_tables: Option<String>,
     shutdown_grace_seconds: Option<String>,
 }
 
@@ -462,22 +465,22 @@ fn kafka(raw: RawKafka, passthrough: impl Iterator<Item = (String, String)>) -> 
             }
         },
         group_instance_id: raw.group_instance_id.map(|s| s.trim().to_owned()),
-        ingest_tables: ingest_tables(raw.ingest_tables)?,
+        ingest_tables: tables("KAFKA_INGEST_TABLES", raw.ingest_tables)?,
+        archive_tables: tables("KAFKA_ARCHIVE_TABLES", raw.archive_tables)?,
         shutdown_grace: seconds("KAFKA_SHUTDOWN_GRACE_SECONDS", raw.shutdown_grace_seconds, 30)?,
         librdkafka: librdkafka_properties(passthrough)?,
     })
 }
 
 /// `KAFKA_INGEST_TABLES`: comma-separated table names; unset or empty means all.
-fn ingest_tables(raw: Option<String>) -> Result<Vec<Table>, ConfigError> {
+/// A comma-separated list of tables in `var`; empty or unset means all seven.
+fn tables(var: &'static str, raw: Option<String>) -> Result<Vec<Table>, ConfigError> {
     let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
         return Ok(Table::ALL.to_vec());
     };
     let mut tables = Vec::new();
     for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let table: Table = name
-            .parse()
-            .map_err(|e| ConfigError::new("KAFKA_INGEST_TABLES", format!("{e}")))?;
+        let table: Table = name.parse().map_err(|e| ConfigError::new(var, format!("{e}")))?;
         if !tables.contains(&table) {
             tables.push(table);
         }
@@ -911,12 +914,21 @@ mod tests {
     }
 
     #[test]
-    fn ingest_tables_default_to_all_and_name_the_unknown_one() {
-        assert_eq!(config(&[]).unwrap().kafka.ingest_tables, Table::ALL.to_vec());
-        let c = config(&[("KAFKA_INGEST_TABLES", "user-locations, events_part")]).unwrap();
+    fn ingest_and_archive_tables_default_to_all_and_name_the_unknown_one() {
+        let d = config(&[]).unwrap();
+        assert_eq!(d.kafka.ingest_tables, Table::ALL.to_vec());
+        assert_eq!(d.kafka.archive_tables, Table::ALL.to_vec());
+        let c = config(&[
+            ("KAFKA_INGEST_TABLES", "user-locations, events_part"),
+            ("KAFKA_ARCHIVE_TABLES", "technical_data"),
+        ])
+        .unwrap();
         assert_eq!(c.kafka.ingest_tables, [Table::EventsPart, Table::UserLocations]);
-        let err = config(&[("KAFKA_INGEST_TABLES", "events_part,evnts")]).unwrap_err();
-        assert!(err.contains("KAFKA_INGEST_TABLES") && err.contains("evnts"), "{err}");
+        assert_eq!(c.kafka.archive_tables, [Table::TechnicalData]);
+        for var in ["KAFKA_INGEST_TABLES", "KAFKA_ARCHIVE_TABLES"] {
+            let err = config(&[(var, "events_part,evnts")]).unwrap_err();
+            assert!(err.contains(var) && err.contains("evnts"), "{err}");
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub async fn run(
     prepare_topics(config).await?;
     let budget = consumer::MemoryShare::of(
         config.kafka.max_in_flight_bytes,
-        consumer::Role::Ingest.tables(&config.kafka),
+        consumer::Role::Ingest.tables(&config.kafka).len(),
     )
     .held;
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);

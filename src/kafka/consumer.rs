@@ -217,12 +217,12 @@ impl Role {
         }
     }
 
-    /// How many tables the role consumes, which share its budget: ingest those
-    /// of `KAFKA_INGEST_TABLES`, the archive all seven.
-    pub fn tables(self, kafka: &KafkaConfig) -> usize {
+    /// The tables the role consumes, which share its budget: those of
+    /// `KAFKA_INGEST_TABLES` or `KAFKA_ARCHIVE_TABLES`.
+    pub fn tables(self, kafka: &KafkaConfig) -> &[Table] {
         match self {
-            Role::Ingest => kafka.ingest_tables.len(),
-            Role::Archive => Table::ALL.len(),
+            Role::Ingest => &kafka.ingest_tables,
+            Role::Archive => &kafka.archive_tables,
         }
     }
 
@@ -238,7 +238,7 @@ impl Role {
 /// owning task decides what is committed where).
 pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) -> Result<Subscription, ConsumerError> {
     let instance_suffix = role.suffix();
-    let share = MemoryShare::of(kafka.max_in_flight_bytes, role.tables(kafka));
+    let share = MemoryShare::of(kafka.max_in_flight_bytes, role.tables(kafka).len());
     let topic = kafka::topic_name(&kafka.topic_prefix, table);
     let (events, receiver) = mpsc::channel(CHANNEL_BATCHES);
     let mut settings = kafka::client_config(
