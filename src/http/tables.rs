@@ -1,9 +1,11 @@
 //! `GET /dwh/{table}` and `POST /dwh/{table}`.
 //!
-//! Guarantees: a POST is validated whole before anything is written; one invalid
-//! record fails the request with 422 naming its index and field. Valid records are
-//! written in one transaction, chunked by the two DWH limits; re-posting the same
-//! records inserts nothing new.
+//! Guarantees: a POST commits all its records or none. Its body is parsed whole
+//! before anything is written (a syntax error is a 400); its records are then
+//! decoded and checked in parts, each part written while the next decodes, all
+//! in one transaction. One invalid record fails the request with 422 naming its
+//! index and field, and rolls back what was written of it. Statements are
+//! chunked by the two DWH limits; re-posting the same records inserts nothing new.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,7 +22,7 @@ use utoipa_axum::routes;
 use super::error::{ApiError, ErrorBody};
 use super::{validate, AppState};
 use crate::catalogue::{value, Row, Table};
-use crate::store::{Batch, ReadQuery};
+use crate::store::ReadQuery;
 
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 10_000;
@@ -228,26 +230,44 @@ async fn insert(
     let body = axum::body::to_bytes(request.into_body(), limits.tables_max_body_bytes)
         .await
         .map_err(|e| body_error(e, limits.tables_max_body_bytes))?;
-    let (max_records, max_row_bytes) = (limits.tables_max_records, state.dwh.limits().1);
+    let (max_records, (part_rows, max_row_bytes)) = (limits.tables_max_records, state.dwh.limits());
     let (validators, window) = (state.validators.clone(), state.config.dwh.events_window);
-    // Off the runtime's threads: a body of many records takes a while to decode.
-    let rows = tokio::task::spawn_blocking(move || {
-        parse_records(
-            records::Parse::new(table, max_records, max_row_bytes, &validators, &window),
-            &body,
-        )
-    })
-    .await
-    .map_err(|e| {
+    // Decoded off the runtime's threads, a part ahead of the write: a part is
+    // written while the next one decodes.
+    let (decoded, mut parts) = tokio::sync::mpsc::channel(PARTS_AHEAD);
+    let decoding = tokio::task::spawn_blocking(move || {
+        let parse = records::Parse::new(table, max_records, max_row_bytes, &validators, &window);
+        parse_records(parse, &body, part_rows, |part| decoded.blocking_send(part).is_ok());
+    });
+    let mut writer = None;
+    let mut records = 0;
+    while let Some(part) = parts.recv().await {
+        // An invalid record ends the request; dropping the writer rolls back
+        // the parts written before it.
+        let rows = part?;
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => writer.insert(state.dwh.begin_rows(table).await?),
+        };
+        writer.write(&rows).await?;
+        records += rows.len();
+    }
+    decoding.await.map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the records could not be decoded: {e}"),
         )
-    })??;
-    let outcome = state.dwh.write(Batch::rows(table, &rows)).await?;
+    })?;
+    let Some(writer) = writer else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the records could not be decoded: no part came",
+        ));
+    };
+    let outcome = writer.commit().await?;
     tracing::info!(
         table = table.name(),
-        records = rows.len(),
+        records,
         inserted = outcome.inserted_ids.len(),
         updated = outcome.updated,
         statements = outcome.statements,
@@ -291,12 +311,41 @@ fn body_error(e: axum::Error, limit: usize) -> ApiError {
     }
 }
 
+/// Decoded parts a POST's decoding may run ahead of its write.
+const PARTS_AHEAD: usize = 2;
+
 /// `{"data": [...]}` in two passes: the records' text is found in one pass over
 /// the body (a syntax error anywhere is a 400), then the records are decoded and
-/// checked in parts on the machine's cores; the first invalid record in order
-/// fails the request. Fields the table does not have are skipped unread. Memory
-/// holds the body and the decoded rows, never a tree of the whole request.
-fn parse_records<'b>(mut parse: records::Parse<'b>, body: &'b [u8]) -> Result<Vec<Row>, ApiError> {
+/// checked in parts of `part_rows`, each on the machine's cores, and handed to
+/// `send` in order; the first invalid record in order is the last thing sent.
+/// Fields the table does not have are skipped unread. Memory holds the body and
+/// the parts decoded ahead, never a tree of the whole request. Stops when `send`
+/// returns false (the write gave up).
+fn parse_records(
+    parse: records::Parse<'_>,
+    body: &[u8],
+    part_rows: usize,
+    mut send: impl FnMut(Result<Vec<Row>, ApiError>) -> bool,
+) {
+    let parse = match scan_records(parse, body) {
+        Ok(parse) => parse,
+        Err(e) => {
+            send(Err(e));
+            return;
+        }
+    };
+    let part_rows = part_rows.max(1);
+    for (n, part) in parse.records.chunks(part_rows).enumerate() {
+        let decoded = parse.decode(n * part_rows, part);
+        let invalid = decoded.is_err();
+        if !send(decoded) || invalid {
+            return;
+        }
+    }
+}
+
+/// The first pass: every record's text, or what is wrong with the body.
+fn scan_records<'b>(mut parse: records::Parse<'b>, body: &'b [u8]) -> Result<records::Parse<'b>, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let result = serde::de::DeserializeSeed::deserialize(records::Body(&mut parse), &mut deserializer)
         .and_then(|()| deserializer.end());
@@ -324,7 +373,7 @@ fn parse_records<'b>(mut parse: records::Parse<'b>, body: &'b [u8]) -> Result<Ve
     if parse.records.is_empty() {
         return Err(ApiError::bad_request("\"data\" must hold at least one record"));
     }
-    parse.decode()
+    Ok(parse)
 }
 
 mod records {
@@ -375,14 +424,14 @@ mod records {
             }
         }
 
-        /// Decodes and checks the records found, in parts on up to
-        /// [`catalogue::decoder_threads`] threads; the first invalid record in
-        /// order is the answer.
-        pub fn decode(&self) -> Result<Vec<Row>, ApiError> {
+        /// Decodes and checks `records` (found by the parse, the first of them
+        /// at index `first`) in parts on up to [`catalogue::decoder_threads`]
+        /// threads; the first invalid record in order is the answer.
+        pub fn decode(&self, first: usize, records: &[&RawValue]) -> Result<Vec<Row>, ApiError> {
             let threads = catalogue::decoder_threads()
-                .min(self.records.len() / MIN_RECORDS_PER_THREAD)
+                .min(records.len() / MIN_RECORDS_PER_THREAD)
                 .max(1);
-            let per_part = self.records.len().div_ceil(threads);
+            let per_part = records.len().div_ceil(threads).max(1);
             let decode_part = |first: usize, part: &[&RawValue]| -> Result<Vec<Row>, ApiError> {
                 part.iter()
                     .enumerate()
@@ -390,12 +439,12 @@ mod records {
                     .collect()
             };
             let parts: Vec<Result<Vec<Row>, ApiError>> = std::thread::scope(|scope| {
-                let mut chunks = self.records.chunks(per_part).enumerate();
-                let first = chunks.next();
+                let mut chunks = records.chunks(per_part).enumerate();
+                let head = chunks.next();
                 let others: Vec<_> = chunks
-                    .map(|(n, part)| scope.spawn(move || decode_part(n * per_part, part)))
+                    .map(|(n, part)| scope.spawn(move || decode_part(first + n * per_part, part)))
                     .collect();
-                let mut parts = vec![first.map_or(Ok(Vec::new()), |(_, part)| decode_part(0, part))];
+                let mut parts = vec![head.map_or(Ok(Vec::new()), |(_, part)| decode_part(first, part))];
                 parts.extend(others.into_iter().map(|thread| {
                     thread.join().unwrap_or_else(|_| {
                         Err(ApiError::new(
@@ -406,7 +455,7 @@ mod records {
                 }));
                 parts
             });
-            let mut rows = Vec::with_capacity(self.records.len());
+            let mut rows = Vec::with_capacity(records.len());
             for part in parts {
                 rows.extend(part?);
             }

@@ -275,6 +275,68 @@ impl WriteOutcome {
     }
 }
 
+/// Rows written in parts inside one transaction, which commits them together
+/// (the API's writes: rows only, their ids back in order). Each part goes in
+/// statements bounded as in [`Dwh::write`]; dropped without
+/// [`RowsWriter::commit`], it rolls every part back.
+#[allow(missing_debug_implementations)] // holds an open transaction
+pub struct RowsWriter {
+    dwh: Dwh,
+    table: Table,
+    tx: Tx,
+    outcome: WriteOutcome,
+}
+
+enum Tx {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl RowsWriter {
+    /// Writes the next part of the rows.
+    pub async fn write(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        let RowsWriter {
+            dwh,
+            table,
+            tx,
+            outcome,
+        } = self;
+        let chunks = chunk::plan(rows.iter().map(Row::approx_bytes), dwh.max_rows, dwh.max_bytes)?;
+        let mut part = WriteOutcome {
+            statements: chunks.len(),
+            ..WriteOutcome::default()
+        };
+        let work = async {
+            match (tx, &dwh.pool) {
+                (Tx::Postgres(tx), Pool::Postgres(pool)) => {
+                    if *table == Table::EventsPart {
+                        dwh.ensure_partitions(pool, rows).await?;
+                    }
+                    postgres::write_rows(tx, table.spec(), rows, &chunks, &mut part).await
+                }
+                (Tx::Sqlite(tx), _) => sqlite::write_parts(tx, table.spec(), rows, &chunks, &mut part).await,
+                (Tx::Postgres(_), Pool::Sqlite(_)) => unreachable!("a transaction of the pool's backend"),
+            }
+        };
+        // Ids and merges: a few statements per chunk at most.
+        dwh.within(4 * chunks.len() as u32 + 2, work).await?;
+        part.skipped = rows.len() as u64 - part.inserted - part.updated;
+        outcome.statements += part.statements;
+        outcome.skipped += part.skipped;
+        outcome.absorb(part);
+        Ok(())
+    }
+
+    /// Commits every part written; what they did, in total.
+    pub async fn commit(self) -> Result<WriteOutcome, StoreError> {
+        match self.tx {
+            Tx::Postgres(tx) => self.dwh.within(1, tx.commit()).await?,
+            Tx::Sqlite(tx) => self.dwh.within(1, tx.commit()).await?,
+        }
+        Ok(self.outcome)
+    }
+}
+
 /// A read of one table: equality filters, keyset pagination by `id`.
 #[derive(Debug, Clone)]
 pub struct ReadQuery {
@@ -406,15 +468,39 @@ impl Dwh {
         let chunks = chunk::plan(batch.rows.iter().map(Row::approx_bytes), max_rows, self.max_bytes)?;
         // Offsets, rejects, ids and merges: a few statements per chunk at most.
         let statements = 4 * chunks.len() as u32 + batch.offsets.len() as u32 + batch.rejects.len() as u32 + 4;
+        self.within(statements, self.write_within(batch, &chunks)).await
+    }
+
+    /// Runs `work`, giving it up after the statement timeout per statement:
+    /// [`StoreError::Unavailable`] when the connection does not answer at all.
+    async fn within<T, E: Into<StoreError>>(
+        &self,
+        statements: u32,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, StoreError> {
         let limit = self.statement_timeout.saturating_mul(statements);
-        tokio::time::timeout(limit, self.write_within(batch, &chunks))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer from the database within {} s", limit.as_secs()),
-                ))))
-            })
+        match tokio::time::timeout(limit, work).await {
+            Ok(done) => done.map_err(Into::into),
+            Err(_) => Err(StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the database within {} s", limit.as_secs()),
+            )))),
+        }
+    }
+
+    /// Opens a write of `table`'s rows in parts, in one transaction: the API's,
+    /// whose records are decoded while the parts before them are written.
+    pub async fn begin_rows(&self, table: Table) -> Result<RowsWriter, StoreError> {
+        let tx = match &self.pool {
+            Pool::Postgres(pool) => Tx::Postgres(self.within(1, pool.begin()).await?),
+            Pool::Sqlite(pools) => Tx::Sqlite(self.within(1, pools.write.begin()).await?),
+        };
+        Ok(RowsWriter {
+            dwh: self.clone(),
+            table,
+            tx,
+            outcome: WriteOutcome::default(),
+        })
     }
 
     async fn write_within(

@@ -72,6 +72,22 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
     Ok(outcome)
 }
 
+/// Writes rows of the API (ids wanted) into the open transaction, a statement
+/// per chunk; see [`super::RowsWriter`].
+pub(super) async fn write_rows(
+    tx: &mut PgConnection,
+    spec: &TableSpec,
+    rows: &[Row],
+    chunks: &[Range<usize>],
+    outcome: &mut WriteOutcome,
+) -> Result<(), StoreError> {
+    let target = Target { spec, ids: true };
+    for range in chunks {
+        write_chunk(tx, target, &rows[range.clone()], outcome).await?;
+    }
+    Ok(())
+}
+
 /// Every partition's advance in one statement: rows inserted when absent, moved
 /// when they stand at the batch's start; the partitions it moved come back, and
 /// any other is fenced. Partitions are locked in order, as every writer does.

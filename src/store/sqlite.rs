@@ -74,25 +74,47 @@ pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>])
     for reject in batch.rejects {
         insert_reject(&mut tx, reject).await?;
     }
-    let spec = batch.table.spec();
-    let insert = sql::sqlite_insert(spec, false);
-    let upsert = match spec.policy {
-        ConflictPolicy::InsertOnly => None,
-        ConflictPolicy::NewestWins { .. } => Some(sql::sqlite_insert(spec, true)),
-    };
     let mut outcome = WriteOutcome {
         statements: chunks.len(),
         ..WriteOutcome::default()
     };
-    let statements = Statements { insert, upsert };
+    let statements = Statements::of(batch.table.spec());
     write_rows_isolating!(tx, batch, chunks, outcome, write_rows, &statements);
     tx.commit().await?;
     Ok(outcome)
 }
 
+/// Writes rows of the API into the open transaction, chunk by chunk; see
+/// [`super::RowsWriter`].
+pub(super) async fn write_parts(
+    tx: &mut SqliteConnection,
+    spec: &TableSpec,
+    rows: &[crate::catalogue::Row],
+    chunks: &[Range<usize>],
+    outcome: &mut WriteOutcome,
+) -> Result<(), StoreError> {
+    let statements = Statements::of(spec);
+    for range in chunks {
+        write_rows(tx, &statements, &rows[range.clone()], outcome).await?;
+    }
+    Ok(())
+}
+
 struct Statements {
     insert: String,
     upsert: Option<String>,
+}
+
+impl Statements {
+    fn of(spec: &TableSpec) -> Self {
+        Statements {
+            insert: sql::sqlite_insert(spec, false),
+            upsert: match spec.policy {
+                ConflictPolicy::InsertOnly => None,
+                ConflictPolicy::NewestWins { .. } => Some(sql::sqlite_insert(spec, true)),
+            },
+        }
+    }
 }
 
 /// One statement per row: insert when the key is new, else the table's update.
