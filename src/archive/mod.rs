@@ -27,7 +27,7 @@ use flate2::write::GzEncoder;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,7 @@ use crate::backoff::Backoff;
 use crate::catalogue::Table;
 use crate::config::Config;
 use crate::kafka::consumer::{self, ConsumerError, Event, Exit, Role, Subscription};
+use crate::kafka::memory::{Held, MemoryShare, TableMemory};
 use crate::s3::{Condition, S3};
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -49,7 +50,8 @@ pub fn group_id(config: &Config) -> String {
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
     let tables = Role::Archive.tables(&config.kafka);
-    let budget = consumer::MemoryShare::of(config.kafka.max_in_flight_bytes, tables.len()).held;
+    let share = MemoryShare::of(config.kafka.max_in_flight_bytes, tables.len());
+    let pool = share.pool(tables.len());
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let group = group_id(config);
     let mut tasks = JoinSet::new();
@@ -60,8 +62,7 @@ pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result
             group: group.clone(),
             table,
             s3: s3.clone(),
-            memory: Arc::new(Semaphore::new(budget as usize)),
-            budget,
+            memory: TableMemory::new(&share, pool.clone()),
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -77,8 +78,7 @@ struct Archiver {
     group: String,
     table: Table,
     s3: S3,
-    memory: Arc<Semaphore>,
-    budget: u32,
+    memory: TableMemory,
     shutdown: CancellationToken,
     abort: CancellationToken,
 }
@@ -92,7 +92,7 @@ struct Open {
     raw_bytes: usize,
     gzip: GzEncoder<Vec<u8>>,
     opened_at: Instant,
-    _memory: Option<OwnedSemaphorePermit>,
+    _memory: Option<Held>,
 }
 
 /// How storing an object ended.
@@ -126,7 +126,7 @@ impl Archiver {
         let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
-            let (poller, events) = subscription.poll(self.memory.clone(), self.budget, Arc::new(|| ()))?;
+            let (poller, events) = subscription.poll(self.memory.clone(), Arc::new(|| ()))?;
             let exit = self.serve(&consumer, events).await;
             drop(consumer);
             poller.close().await;
@@ -401,7 +401,7 @@ async fn put(
 }
 
 /// Adds a record to its partition's open object.
-fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: OwnedSemaphorePermit) -> std::io::Result<()> {
+fn append(open: &mut HashMap<i32, Open>, message: &OwnedMessage, permit: Held) -> std::io::Result<()> {
     let partition = message.partition();
     let timestamp = message.timestamp().to_millis();
     let object = open.entry(partition).or_insert_with(|| Open {

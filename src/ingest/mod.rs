@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer as _;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalogue::Table;
 use crate::config::Config;
 use crate::kafka::consumer::{self, Exit, Subscription};
+use crate::kafka::memory::{MemoryShare, TableMemory};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
 use crate::telemetry::events::{FetchPaused, IngestStarted};
@@ -43,11 +43,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     prepare_topics(config).await?;
-    let budget = consumer::MemoryShare::of(
-        config.kafka.max_in_flight_bytes,
-        consumer::Role::Ingest.tables(&config.kafka).len(),
-    )
-    .held;
+    let tables = consumer::Role::Ingest.tables(&config.kafka).len();
+    let share = MemoryShare::of(config.kafka.max_in_flight_bytes, tables);
+    let pool = share.pool(tables);
     let abort = consumer::grace_deadline(&shutdown, config.kafka.shutdown_grace);
     let mut tasks = JoinSet::new();
     for &table in &config.kafka.ingest_tables {
@@ -55,8 +53,7 @@ pub async fn run(
             config: config.clone(),
             dwh: dwh.clone(),
             status: status.clone(),
-            memory: Arc::new(Semaphore::new(budget as usize)),
-            budget,
+            memory: TableMemory::new(&share, pool.clone()),
             shutdown: shutdown.clone(),
             abort: abort.clone(),
         };
@@ -169,8 +166,7 @@ struct Shared {
     config: Config,
     dwh: Dwh,
     status: Arc<IngestStatus>,
-    memory: Arc<Semaphore>,
-    budget: u32,
+    memory: TableMemory,
     shutdown: CancellationToken,
     abort: CancellationToken,
 }
@@ -200,7 +196,7 @@ impl Shared {
             let status = self.status.clone();
             Arc::new(move || FetchPaused { table }.emit(&status))
         };
-        let (poller, receiver) = subscription.poll(self.memory.clone(), self.budget, on_pause)?;
+        let (poller, receiver) = subscription.poll(self.memory.clone(), on_pause)?;
         let writer = Arc::new(Writer {
             table,
             topic: consumer.context().topic.clone(),
@@ -226,7 +222,6 @@ impl Shared {
             },
             shutdown: self.shutdown.clone(),
             memory: self.memory.clone(),
-            budget: self.budget,
             lanes: self.config.kafka.write_lanes,
         };
         // The receiver goes with the worker, so callbacks during the close below

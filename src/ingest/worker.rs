@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -44,6 +44,7 @@ use super::status::IngestStatus;
 use crate::backoff::Backoff;
 use crate::catalogue::{self, DateWindow, RecordError, Row, Table};
 use crate::kafka::consumer::{Context, Event, Exit};
+use crate::kafka::memory::{Held, TableMemory};
 use crate::store::{Batch, Dwh, OffsetAdvance, Origins, RejectedRecord, StoreError, WriteOutcome};
 use crate::telemetry::events::{
     BatchCommitted, BufferLevel, ConsumerEnded, OffsetFenced, OffsetMoved, Rebalanced, RecordRejected, RecordsConsumed,
@@ -54,7 +55,7 @@ use crate::telemetry::lag;
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// A record with its decoded row, or why it was refused.
-type Delivered = (OwnedMessage, OwnedSemaphorePermit, Result<Row, RecordError>);
+type Delivered = (OwnedMessage, Held, Result<Row, RecordError>);
 
 /// Fewer records than this per thread are decoded on the task alone.
 const MIN_RECORDS_PER_DECODER: usize = 64;
@@ -116,8 +117,7 @@ pub struct Worker {
     /// Stop consuming; write what is buffered.
     pub shutdown: CancellationToken,
     /// The table's memory and its size, reported as metrics.
-    pub memory: Arc<Semaphore>,
-    pub budget: u32,
+    pub memory: TableMemory,
     /// Lanes of the table's partitions, each with a batch of its own in flight.
     pub lanes: usize,
 }
@@ -129,7 +129,7 @@ type Joined = Result<Result<(), FlushError>, tokio::task::JoinError>;
 struct Lane {
     batcher: Batcher,
     /// Memory permits of the buffered records, returned when their batch is done.
-    memory: Option<OwnedSemaphorePermit>,
+    memory: Option<Held>,
     /// The batch being written while the next one fills: at most one.
     in_flight: Option<tokio::task::JoinHandle<Result<(), FlushError>>>,
     /// Records of the batch in flight.
@@ -143,7 +143,7 @@ struct Lane {
 struct Queued {
     closed: Closed,
     offsets: Vec<OffsetAdvance>,
-    memory: Option<OwnedSemaphorePermit>,
+    memory: Option<Held>,
 }
 
 struct State {
@@ -344,12 +344,11 @@ impl Worker {
 
     /// Reports what the table holds in memory.
     fn report_buffer(&self, state: &State) {
-        let available = self.memory.available_permits() as u64;
         BufferLevel {
             table: self.writer.table,
             records: state.records(),
-            held_bytes: u64::from(self.budget).saturating_sub(available),
-            budget_bytes: u64::from(self.budget),
+            held_bytes: self.memory.held_bytes(),
+            budget_bytes: self.memory.budget_bytes(),
         }
         .emit();
     }
@@ -374,11 +373,11 @@ impl Worker {
     /// [`catalogue::decoder_threads`]` - 1` blocking threads when there are enough to share.
     async fn decode_delivery(
         &self,
-        records: Vec<(OwnedMessage, OwnedSemaphorePermit)>,
+        records: Vec<(OwnedMessage, Held)>,
         today: chrono::NaiveDate,
     ) -> Result<Vec<Delivered>, Exit> {
         let (table, limit, window) = (self.writer.table, self.max_record_bytes, self.events_window);
-        let decode_part = move |part: Vec<(OwnedMessage, OwnedSemaphorePermit)>| -> Vec<Delivered> {
+        let decode_part = move |part: Vec<(OwnedMessage, Held)>| -> Vec<Delivered> {
             part.into_iter()
                 .map(|(message, permit)| {
                     let row = decode(table, message.payload().unwrap_or_default(), limit, &window, today);
@@ -419,7 +418,7 @@ impl Worker {
         &self,
         state: &mut State,
         message: &OwnedMessage,
-        permit: OwnedSemaphorePermit,
+        permit: Held,
         row: Result<Row, RecordError>,
     ) -> Option<usize> {
         let partition = message.partition();
@@ -713,7 +712,7 @@ impl Writer {
         self: Arc<Self>,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
-        memory: Option<OwnedSemaphorePermit>,
+        memory: Option<Held>,
     ) -> Result<(), FlushError> {
         let partitions: Vec<i32> = offsets.iter().map(|a| a.partition).collect();
         let span = crate::telemetry::traced(tracing::info_span!(
@@ -742,7 +741,7 @@ impl Writer {
         &self,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
-        _memory: Option<OwnedSemaphorePermit>,
+        _memory: Option<Held>,
     ) -> Result<(), FlushError> {
         let started = Instant::now();
         let outcome = match self.write(&closed, &offsets).await {

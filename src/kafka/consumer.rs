@@ -23,41 +23,13 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalogue::Table;
 use crate::config::KafkaConfig;
+use crate::kafka::memory::{Held, MemoryShare, TableMemory};
 use crate::kafka::{self, KafkaSetupError};
-
-/// How one table's consumer may use memory. The role's budget is split evenly
-/// between the tables it consumes (so that one table whose writes stall cannot
-/// starve the others); of a table's share, a quarter is librdkafka's prefetch (half as
-/// its queue, half as one fetch response in flight) and the rest is held records,
-/// counted by [`Role::charge`] per record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryShare {
-    /// `queued.max.messages.kbytes` and `fetch.max.bytes`, each.
-    pub prefetch_half: usize,
-    /// Bytes of held records (as charged), the semaphore's permits.
-    pub held: u32,
-}
-
-/// The smallest prefetch half: librdkafka raises `fetch.max.bytes` to
-/// `message.max.bytes` (1 MB) anyway.
-const MIN_PREFETCH_HALF: usize = 1 << 20;
-
-impl MemoryShare {
-    pub fn of(role_budget: usize, tables: usize) -> Self {
-        let table = role_budget / tables.max(1);
-        let prefetch_half = (table / 8).max(MIN_PREFETCH_HALF);
-        let held = table.saturating_sub(2 * prefetch_half).max(MIN_PREFETCH_HALF);
-        MemoryShare {
-            prefetch_half,
-            held: held.min(u32::MAX as usize) as u32,
-        }
-    }
-}
 
 /// A token cancelled `grace` after `shutdown`: when retries stop and a write in
 /// progress is given up.
@@ -307,8 +279,7 @@ impl Subscription {
     /// `on_pause` is called each time fetching pauses (memory spent or the task behind).
     pub fn poll(
         self,
-        memory: Arc<Semaphore>,
-        budget: u32,
+        memory: TableMemory,
         on_pause: OnPause,
     ) -> Result<(Poller, mpsc::Receiver<Event>), ConsumerError> {
         let stop = CancellationToken::new();
@@ -321,7 +292,7 @@ impl Subscription {
                 .spawn(move || {
                     let events = consumer.context().events.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        poll_loop(consumer, memory, budget, on_pause, stop)
+                        poll_loop(consumer, memory, on_pause, stop)
                     }));
                     if let Err(panic) = polled {
                         // Never leave the task waiting for records that cannot come.
@@ -376,7 +347,7 @@ impl Poller {
 #[derive(Debug)]
 pub enum Event {
     /// Records in poll order, each with its share of the memory budget.
-    Records(Vec<(OwnedMessage, OwnedSemaphorePermit)>),
+    Records(Vec<(OwnedMessage, Held)>),
     /// Partitions were assigned; the answer gives where each one starts. No answer
     /// (the task stopped) assigns nothing.
     Assigned {
@@ -402,7 +373,7 @@ pub struct Context {
     pub events: mpsc::Sender<Event>,
     /// Records polled but not handed over yet (only the poll thread touches it:
     /// the poll loop and the rebalance callback, which runs inside `poll`).
-    pending: std::sync::Mutex<Vec<(OwnedMessage, OwnedSemaphorePermit)>>,
+    pending: std::sync::Mutex<Vec<(OwnedMessage, Held)>>,
     /// How long a revoke waits for the task to write what it buffered.
     revoke_wait: Duration,
     /// What a held record costs ([`Role::charge`]).
@@ -637,13 +608,7 @@ impl ConsumerContext for Context {
 /// [`SHORT_WAIT`], the assigned partitions are paused and polling goes on
 /// (serving rebalances and the group's liveness) until memory comes back and the
 /// task catches up; then they resume.
-fn poll_loop(
-    consumer: Arc<BaseConsumer<Context>>,
-    memory: Arc<Semaphore>,
-    memory_budget: u32,
-    on_pause: OnPause,
-    stop: CancellationToken,
-) {
+fn poll_loop(consumer: Arc<BaseConsumer<Context>>, memory: TableMemory, on_pause: OnPause, stop: CancellationToken) {
     let context = consumer.context();
     let runtime = &context.runtime;
     let topic = context.topic.clone();
@@ -655,13 +620,13 @@ fn poll_loop(
     let mut behind = false;
     while !stop.is_cancelled() {
         while let Some((message, permits)) = held.pop_front() {
-            match memory.clone().try_acquire_many_owned(permits) {
-                Ok(permit) => context
+            match memory.try_take(permits) {
+                Some(permit) => context
                     .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((message, permit)),
-                Err(_) => {
+                None => {
                     held.push_front((message, permits));
                     break;
                 }
@@ -728,7 +693,7 @@ fn poll_loop(
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         let permits = u32::try_from(context.role.charge(size))
             .unwrap_or(u32::MAX)
-            .clamp(1, memory_budget);
+            .clamp(1, memory.max_record());
         if !held.is_empty() {
             // Keep poll order: nothing overtakes a record waiting for memory. A
             // record here comes from a partition assigned since the pause (or
@@ -738,21 +703,16 @@ fn poll_loop(
             paused = true;
             continue;
         }
-        let permit = match memory.clone().try_acquire_many_owned(permits) {
-            Ok(permit) => Some(permit),
-            Err(_) if paused => None,
-            Err(_) => {
-                // Hand over what is gathered first (its permits must be able to
+        let permit = match memory.try_take(permits) {
+            Some(permit) => Some(permit),
+            None if paused => None,
+            None => {
+                // Hand over what is gathered first (its memory must be able to
                 // come back), then wait a moment for memory.
                 if context.hand_over_within(runtime, SHORT_WAIT) == Handed::Gone {
                     break;
                 }
-                // Timers need the runtime's context: build the timeout inside.
-                let acquire = memory.clone().acquire_many_owned(permits);
-                runtime
-                    .block_on(async { tokio::time::timeout(SHORT_WAIT, acquire).await })
-                    .ok()
-                    .and_then(Result::ok)
+                runtime.block_on(memory.take_within(permits, SHORT_WAIT))
             }
         };
         match permit {
@@ -797,27 +757,6 @@ fn set_paused(consumer: &BaseConsumer<Context>, topic: &str, pause: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_role_budget_is_split_between_tables_and_prefetch_within_it() {
-        const MIB: usize = 1 << 20;
-        for budget in [64 * MIB, 256 * MIB, 1024 * MIB] {
-            for tables in [1, 2, Table::ALL.len()] {
-                let share = MemoryShare::of(budget, tables);
-                let per_table = 2 * share.prefetch_half + share.held as usize;
-                assert!(per_table <= budget / tables, "{budget}/{tables}: {share:?}");
-                assert!(
-                    share.held as usize >= per_table * 3 / 4 - 1,
-                    "{budget}/{tables}: {share:?}"
-                );
-            }
-            // One table ingested gets the whole budget, not a seventh of it.
-            assert!(MemoryShare::of(budget, 1).held >= 7 * MemoryShare::of(budget, 7).held - 7);
-        }
-        // A tiny budget still leaves librdkafka its minimum and the table a record.
-        let small = MemoryShare::of(MIB, Table::ALL.len());
-        assert_eq!((small.prefetch_half, small.held as usize), (MIB, MIB));
-    }
 
     #[test]
     fn ingest_charges_the_decoded_row_and_the_archive_the_record() {

@@ -9,6 +9,7 @@ pub mod consumer;
 pub mod devbroker;
 mod ffi;
 pub mod groups;
+pub mod memory;
 pub mod publish;
 pub mod topics;
 
