@@ -509,8 +509,9 @@ impl Drop for Newcomer {
 }
 
 /// One table's writes wait on a lock for twice `max.poll.interval.ms`, with far
-/// more records than its memory share: its consumer pauses instead of blocking,
-/// stays in the group (no rebalance), and the other tables keep landing rows.
+/// more records than it may hold (its own memory and its role's whole pool): its
+/// consumer pauses instead of blocking, stays in the group (no rebalance), and
+/// the other table keeps landing rows on its own share, the pool spent.
 /// A member that joins the group during the stall makes a round of the whole
 /// group: the stalled table's member answers it without its busy task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -521,11 +522,15 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
         &ingest_env(&broker, &prefix, &url),
         &[
             ("KAFKA_LIBRDKAFKA_MAX_POLL_INTERVAL_MS", "7000"),
-            // 1 MiB a table.
-            ("KAFKA_MAX_IN_FLIGHT_BYTES", "7MiB"),
+            // Two tables of 4 MiB each: 1 MiB of prefetch twice, 1 MiB of
+            // records its own and 1 MiB to the pool (2 MiB).
+            ("KAFKA_INGEST_TABLES", "user_locations,events_part"),
+            ("KAFKA_MAX_IN_FLIGHT_BYTES", "8MiB"),
             ("KAFKA_BATCH_MAX_ROWS", "1000"),
         ],
     );
+    let share = dwh_helper::kafka::memory::MemoryShare::of(8 << 20, 2);
+    assert_eq!((share.own, share.pooled), (1 << 20, 1 << 20), "{share:?}");
     let dwh = migrated(&config).await;
     count_writes(&url).await;
     let (stalled, other) = (Table::UserLocations, Table::EventsPart);
@@ -533,7 +538,7 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
     publish(&config, &topic(&prefix, other), &keyed(other, events(100, 1))).await;
     // Each table's consumer got its partitions once (rounds that move nothing
     // of a table are not counted as its rebalances).
-    let tables = Table::ALL.len() as u64;
+    let tables = config.kafka.ingest_tables.len() as u64;
     wait_for(Duration::from_secs(30), "the group to settle", || async {
         (dwh.count_rows("events_part").await.ok()? == 100 && ingest.status.counters().rebalances == tables)
             .then_some(())
@@ -547,8 +552,10 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
         .await
         .expect("lock");
     let before = ingest.status.counters();
-    // About 3 MiB of records: three times the table's memory share.
+    // About 3 MiB of records, charged twice that: twice what the table may hold.
     let backlog = keyed(stalled, locations(20_000));
+    let bytes: usize = backlog.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(2 * bytes > 2 * (3 << 20), "{bytes} bytes");
     publish(&config, &topic(&prefix, stalled), &backlog).await;
     let name = database_name(&url);
     wait_for(Duration::from_secs(30), "a write to wait on the lock", || async {
