@@ -32,11 +32,29 @@ pub fn read(table: Table, text: &str) -> Result<Fields, serde_json::Error> {
 
 /// The position of `table`'s column `name`, found by binary search.
 pub fn column_index(table: Table, name: &str) -> Option<usize> {
+    locate(table, name, usize::MAX).map(|(_, column)| column)
+}
+
+/// Where `name` is among `table`'s column names sorted: its place there and its
+/// column's position. The place `guess` is tried first, then a binary search:
+/// fields read in name order, each guessed after the last one found, take one
+/// comparison each.
+pub fn locate(table: Table, name: &str, guess: usize) -> Option<(usize, usize)> {
     let names = names(table);
-    names
-        .binary_search_by(|(n, _)| (*n).cmp(name))
-        .ok()
-        .map(|sorted| names[sorted].1)
+    let sorted = match names.get(guess) {
+        Some((n, _)) if *n == name => guess,
+        _ => names.binary_search_by(|(n, _)| (*n).cmp(name)).ok()?,
+    };
+    Some((sorted, names[sorted].1))
+}
+
+/// A field name read without copying it, resolved by [`locate`] to its place
+/// among `table`'s sorted column names and its column (`None`: not a column).
+pub fn name_seed(table: Table, guess: usize) -> impl for<'de> DeserializeSeed<'de, Value = Option<(usize, usize)>> {
+    Name {
+        names: names(table),
+        guess,
+    }
 }
 
 /// `table`'s column names with their positions, sorted by name.
@@ -78,9 +96,9 @@ impl<'de> Visitor<'de> for Object {
             guess,
         })? {
             match found {
-                Some(sorted) => {
+                Some((sorted, column)) => {
                     guess = sorted + 1;
-                    values[self.names[sorted].1] = Some(map.next_value::<Json>()?);
+                    values[column] = Some(map.next_value::<Json>()?);
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -92,33 +110,34 @@ impl<'de> Visitor<'de> for Object {
     }
 }
 
-/// A field name, resolved to its place in the sorted names (`None`: not a
-/// column), trying `guess` first.
+/// A field name, resolved to its place in the sorted names and its column
+/// (`None`: not a column), trying `guess` first.
 struct Name {
     names: &'static [(&'static str, usize)],
     guess: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for Name {
-    type Value = Option<usize>;
+    type Value = Option<(usize, usize)>;
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<usize>, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<(usize, usize)>, D::Error> {
         deserializer.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for Name {
-    type Value = Option<usize>;
+    type Value = Option<(usize, usize)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a field name")
     }
 
-    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<usize>, E> {
-        if self.names.get(self.guess).is_some_and(|(n, _)| *n == name) {
-            return Ok(Some(self.guess));
-        }
-        Ok(self.names.binary_search_by(|(n, _)| (*n).cmp(name)).ok())
+    fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<(usize, usize)>, E> {
+        let sorted = match self.names.get(self.guess) {
+            Some((n, _)) if *n == name => Some(self.guess),
+            _ => self.names.binary_search_by(|(n, _)| (*n).cmp(name)).ok(),
+        };
+        Ok(sorted.map(|sorted| (sorted, self.names[sorted].1)))
     }
 }
 

@@ -5,7 +5,7 @@
 //! column present, derived columns filled in), or into a [`RecordError`] whose text
 //! names the field and the problem. It performs no I/O.
 
-mod fields;
+pub mod fields;
 mod tables;
 pub mod value;
 
@@ -206,13 +206,17 @@ pub fn decode_json(table: Table, json: Json) -> Result<Decoded, RecordError> {
 
 /// Decodes one JSON object into a row of `table`.
 pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded, RecordError> {
-    // One pass over the fields, each placed by binary search: not a lookup per
-    // column, nor a scan of the columns per field.
+    // One pass over the fields, in name order (the map's), each placed where
+    // the last one found leaves off, else by binary search.
     let mut slots = vec![None; table.spec().columns.len()];
     let mut unknown_fields = 0;
+    let mut guess = 0;
     for (name, value) in record {
-        match fields::column_index(table, name) {
-            Some(i) => slots[i] = Some(Cow::Borrowed(value)),
+        match fields::locate(table, name, guess) {
+            Some((sorted, column)) => {
+                guess = sorted + 1;
+                slots[column] = Some(Cow::Borrowed(value));
+            }
             None => unknown_fields += 1,
         }
     }

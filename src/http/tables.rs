@@ -585,20 +585,25 @@ mod records {
             f.write_str("a record")
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Element, A::Error> {
-            let spec = self.0.spec();
-            let mut fields = Map::new();
-            while let Some(key) = map.next_key::<String>()? {
-                match spec.index_of(&key) {
-                    Some(_) => {
+            let columns = self.0.spec().columns;
+            // Gathered, then made a map at once: sorted and built in one pass,
+            // where inserting each field would search the map for it.
+            let mut fields = Vec::with_capacity(columns.len());
+            let mut guess = 0;
+            while let Some(found) = map.next_key_seed(catalogue::fields::name_seed(self.0, guess))? {
+                match found {
+                    Some((sorted, column)) => {
+                        guess = sorted + 1;
                         let value: Json = map.next_value()?;
-                        fields.insert(key, value);
+                        fields.push((columns[column].name.to_owned(), value));
                     }
                     None => {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
             }
-            Ok(Element::Object(fields))
+            // A field sent twice keeps its last value, as a map insert would.
+            Ok(Element::Object(fields.into_iter().collect()))
         }
         fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Element, E> {
             Ok(Element::Other(Json::Bool(v)))
