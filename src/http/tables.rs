@@ -2,8 +2,9 @@
 //!
 //! Guarantees: a POST commits all its records or none. Its body is parsed whole
 //! before anything is written (a syntax error is a 400); its records are then
-//! decoded and checked in parts, each part written while the next decodes, all
-//! in one transaction. One invalid record fails the request with 422 naming its
+//! decoded and checked in parts, each part written while the next decodes (on
+//! PostgreSQL; SQLite, with its one writer, takes them all at the end), all in
+//! one transaction. One invalid record fails the request with 422 naming its
 //! index and field, and rolls back what was written of it. Statements are
 //! chunked by the two DWH limits; re-posting the same records inserts nothing new.
 
@@ -249,8 +250,8 @@ async fn insert(
             Some(writer) => writer,
             None => writer.insert(state.dwh.begin_rows(table).await?),
         };
-        writer.write(&rows).await?;
         records += rows.len();
+        writer.write(rows).await?;
     }
     decoding.await.map_err(|e| {
         ApiError::new(

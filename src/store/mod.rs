@@ -276,9 +276,10 @@ impl WriteOutcome {
 }
 
 /// Rows written in parts inside one transaction, which commits them together
-/// (the API's writes: rows only, their ids back in order). Each part goes in
-/// statements bounded as in [`Dwh::write`]; dropped without
-/// [`RowsWriter::commit`], it rolls every part back.
+/// (the API's writes: rows only, their ids back in order). On PostgreSQL each
+/// part is written as it comes, in statements bounded as in [`Dwh::write`]; on
+/// SQLite the parts are written at the commit. Dropped without
+/// [`RowsWriter::commit`], it writes nothing.
 #[allow(missing_debug_implementations)] // holds an open transaction
 pub struct RowsWriter {
     dwh: Dwh,
@@ -289,52 +290,81 @@ pub struct RowsWriter {
 
 enum Tx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    /// SQLite has one writer: a transaction open while the later parts decode
+    /// would hold up every other write, so the parts wait here and go in at
+    /// the commit.
+    Sqlite(Vec<Vec<Row>>),
+}
+
+/// The open transaction a part of a [`RowsWriter`] goes into.
+enum Conn<'c> {
+    Postgres(&'c mut sqlx::PgConnection),
+    Sqlite(&'c mut sqlx::SqliteConnection),
 }
 
 impl RowsWriter {
-    /// Writes the next part of the rows.
-    pub async fn write(&mut self, rows: &[Row]) -> Result<(), StoreError> {
-        let RowsWriter {
-            dwh,
-            table,
-            tx,
-            outcome,
-        } = self;
-        let chunks = chunk::plan(rows.iter().map(Row::approx_bytes), dwh.max_rows, dwh.max_bytes)?;
-        let mut part = WriteOutcome {
-            statements: chunks.len(),
-            ..WriteOutcome::default()
-        };
-        let work = async {
-            match (tx, &dwh.pool) {
-                (Tx::Postgres(tx), Pool::Postgres(pool)) => {
-                    if *table == Table::EventsPart {
-                        dwh.ensure_partitions(pool, rows).await?;
-                    }
-                    postgres::write_rows(tx, table.spec(), rows, &chunks, &mut part).await
-                }
-                (Tx::Sqlite(tx), _) => sqlite::write_parts(tx, table.spec(), rows, &chunks, &mut part).await,
-                (Tx::Postgres(_), Pool::Sqlite(_)) => unreachable!("a transaction of the pool's backend"),
+    /// Writes the next part of the rows (on SQLite, at the commit).
+    pub async fn write(&mut self, rows: Vec<Row>) -> Result<(), StoreError> {
+        match &mut self.tx {
+            Tx::Postgres(tx) => write_part(&self.dwh, self.table, Conn::Postgres(tx), &rows, &mut self.outcome).await,
+            Tx::Sqlite(parts) => {
+                parts.push(rows);
+                Ok(())
             }
-        };
-        // Ids and merges: a few statements per chunk at most.
-        dwh.within(4 * chunks.len() as u32 + 2, work).await?;
-        part.skipped = rows.len() as u64 - part.inserted - part.updated;
-        outcome.statements += part.statements;
-        outcome.skipped += part.skipped;
-        outcome.absorb(part);
-        Ok(())
+        }
     }
 
     /// Commits every part written; what they did, in total.
-    pub async fn commit(self) -> Result<WriteOutcome, StoreError> {
+    pub async fn commit(mut self) -> Result<WriteOutcome, StoreError> {
         match self.tx {
             Tx::Postgres(tx) => self.dwh.within(1, tx.commit()).await?,
-            Tx::Sqlite(tx) => self.dwh.within(1, tx.commit()).await?,
+            Tx::Sqlite(parts) => {
+                let Pool::Sqlite(pools) = &self.dwh.pool else {
+                    unreachable!("parts kept for the pool's backend")
+                };
+                let mut tx = self.dwh.within(1, pools.write.begin()).await?;
+                for rows in &parts {
+                    write_part(&self.dwh, self.table, Conn::Sqlite(&mut tx), rows, &mut self.outcome).await?;
+                }
+                self.dwh.within(1, tx.commit()).await?;
+            }
         }
         Ok(self.outcome)
     }
+}
+
+/// Writes one part of a [`RowsWriter`] in statements bounded as [`Dwh::write`]'s,
+/// and counts what it did into `outcome`.
+async fn write_part(
+    dwh: &Dwh,
+    table: Table,
+    conn: Conn<'_>,
+    rows: &[Row],
+    outcome: &mut WriteOutcome,
+) -> Result<(), StoreError> {
+    let chunks = chunk::plan(rows.iter().map(Row::approx_bytes), dwh.max_rows, dwh.max_bytes)?;
+    let mut part = WriteOutcome {
+        statements: chunks.len(),
+        ..WriteOutcome::default()
+    };
+    let work = async {
+        match conn {
+            Conn::Postgres(tx) => {
+                if let (Table::EventsPart, Pool::Postgres(pool)) = (table, &dwh.pool) {
+                    dwh.ensure_partitions(pool, rows).await?;
+                }
+                postgres::write_rows(tx, table.spec(), rows, &chunks, &mut part).await
+            }
+            Conn::Sqlite(tx) => sqlite::write_parts(tx, table.spec(), rows, &chunks, &mut part).await,
+        }
+    };
+    // Ids and merges: a few statements per chunk at most.
+    dwh.within(4 * chunks.len() as u32 + 2, work).await?;
+    part.skipped = rows.len() as u64 - part.inserted - part.updated;
+    outcome.statements += part.statements;
+    outcome.skipped += part.skipped;
+    outcome.absorb(part);
+    Ok(())
 }
 
 /// A read of one table: equality filters, keyset pagination by `id`.
@@ -493,7 +523,7 @@ impl Dwh {
     pub async fn begin_rows(&self, table: Table) -> Result<RowsWriter, StoreError> {
         let tx = match &self.pool {
             Pool::Postgres(pool) => Tx::Postgres(self.within(1, pool.begin()).await?),
-            Pool::Sqlite(pools) => Tx::Sqlite(self.within(1, pools.write.begin()).await?),
+            Pool::Sqlite(_) => Tx::Sqlite(Vec::new()),
         };
         Ok(RowsWriter {
             dwh: self.clone(),
