@@ -249,7 +249,10 @@ impl Moments {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
-    let (broker, prefix) = broker(16).await;
+    // 12,500 records a partition, well inside the dev broker's 5 MiB; enough that
+    // six kills, each within 0.8 s of the restarted process's first rows, fall
+    // before the end (at 200,000 the faster ingest once finished first).
+    let (broker, prefix) = broker(24).await;
     let table = Table::UserLocations;
     let topic = topic(&prefix, table);
     let url = fresh_pg_url().await;
@@ -259,7 +262,8 @@ async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
     let config = config_from(&env, &[]);
     migrated(&config).await;
     count_writes(&url).await;
-    let records = keyed(table, sample::records(table, 200_000, 5));
+    const RECORDS: i64 = 300_000;
+    let records = keyed(table, sample::records(table, RECORDS as usize, 5));
     publish(&config, &topic, &records).await;
 
     let seed = std::env::var("DWH_TEST_SEED")
@@ -284,32 +288,32 @@ async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
             (landed().await > before).then_some(())
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(moments.next_ms(0, 1500))).await;
+        tokio::time::sleep(Duration::from_millis(moments.next_ms(0, 800))).await;
         child.crash();
         at_kills.push(landed().await);
         child = Child::ingest(&env);
     }
     eprintln!("rows landed at each kill: {at_kills:?}");
     assert!(
-        at_kills.windows(2).all(|w| w[0] < w[1]) && at_kills[0] > 0 && at_kills[5] < 200_000,
+        at_kills.windows(2).all(|w| w[0] < w[1]) && at_kills[0] > 0 && at_kills[5] < RECORDS,
         "every kill fell mid-stream: {at_kills:?}"
     );
     let ends = caught_up(&config, &url, &prefix, table, Duration::from_secs(300)).await;
     drop(child);
-    assert_eq!(ends.len(), 16);
-    assert_eq!(ends.iter().map(|(_, end)| end).sum::<i64>(), 200_000);
+    assert_eq!(ends.len(), 24);
+    assert_eq!(ends.iter().map(|(_, end)| end).sum::<i64>(), RECORDS);
     let lows = watermarks(&config, &topic).await;
     assert!(lows.iter().all(|w| w.low == 0), "the broker dropped nothing: {lows:?}");
     assert_eq!(
         pg_count(&url, "SELECT count(*) FROM user_locations").await,
-        Some(200_000)
+        Some(RECORDS)
     );
     assert_eq!(
         pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
-        Some(200_000),
+        Some(RECORDS),
         "no natural key twice"
     );
-    assert_written_once(&url, 200_000).await;
+    assert_written_once(&url, RECORDS).await;
     assert_eq!(
         pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
         Some(0)
