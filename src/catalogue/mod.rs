@@ -509,24 +509,34 @@ pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
         &own
     };
     // The whole input in one buffer, hashed at once: the same digest as feeding
-    // XXH3 piece by piece, at a fraction of the cost for pieces this small.
-    let mut input = String::with_capacity(512);
-    input.push_str("event-hash-v1\x1e");
-    for (name, index) in fields {
-        let start = input.len();
-        input.push_str(name);
-        input.push('\x1f');
-        if index.is_some_and(|i| row.values[i].write_canonical(&mut input)) {
-            input.push('\x1e');
-        } else {
-            input.truncate(start);
-        }
+    // XXH3 piece by piece, at a fraction of the cost for pieces this small. The
+    // buffer is the thread's, reused from row to row.
+    thread_local! {
+        static INPUT: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
     }
-    let digest = xxhash_rust::xxh3::xxh3_128(input.as_bytes());
+    let digest = INPUT.with(|input| {
+        let mut input = input.borrow_mut();
+        input.clear();
+        input.push_str("event-hash-v1\x1e");
+        for (name, index) in fields {
+            let start = input.len();
+            input.push_str(name);
+            input.push('\x1f');
+            if index.is_some_and(|i| row.values[i].write_canonical(&mut input)) {
+                input.push('\x1e');
+            } else {
+                input.truncate(start);
+            }
+        }
+        xxhash_rust::xxh3::xxh3_128(input.as_bytes())
+    });
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    (0..32)
-        .map(|i| char::from(HEX[(digest >> (124 - 4 * i)) as usize & 0xf]))
-        .collect()
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = HEX[(digest >> (124 - 4 * i)) as usize & 0xf];
+    }
+    // ASCII digits: always UTF-8.
+    std::str::from_utf8(&hex).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]
