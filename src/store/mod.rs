@@ -271,7 +271,9 @@ impl WriteOutcome {
         self.inserted += part.inserted;
         self.inserted_ids.extend(part.inserted_ids);
         self.updated += part.updated;
+        self.skipped += part.skipped;
         self.refused.extend(part.refused);
+        self.statements += part.statements;
     }
 }
 
@@ -353,7 +355,7 @@ async fn write_part(
                 if let (Table::EventsPart, Pool::Postgres(pool)) = (table, &dwh.pool) {
                     dwh.ensure_partitions(pool, rows).await?;
                 }
-                postgres::write_rows(tx, table.spec(), rows, &chunks, &mut part).await
+                postgres::write_parts(tx, table.spec(), rows, &chunks, &mut part).await
             }
             Conn::Sqlite(tx) => sqlite::write_parts(tx, table.spec(), rows, &chunks, &mut part).await,
         }
@@ -361,8 +363,6 @@ async fn write_part(
     // Ids and merges: a few statements per chunk at most.
     dwh.within(4 * chunks.len() as u32 + 2, work).await?;
     part.skipped = rows.len() as u64 - part.inserted - part.updated;
-    outcome.statements += part.statements;
-    outcome.skipped += part.skipped;
     outcome.absorb(part);
     Ok(())
 }

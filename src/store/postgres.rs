@@ -74,7 +74,7 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
 
 /// Writes rows of the API (ids wanted) into the open transaction, a statement
 /// per chunk; see [`super::RowsWriter`].
-pub(super) async fn write_rows(
+pub(super) async fn write_parts(
     tx: &mut PgConnection,
     spec: &TableSpec,
     rows: &[Row],
