@@ -88,6 +88,19 @@ struct Report {
     /// Rows per second of the mean COPY time.
     copy_rows_per_second: Option<f64>,
     ratio_to_copy: Option<f64>,
+    /// Where the CPU went while the requests ran.
+    cpu: HttpCpu,
+}
+
+/// CPU seconds (user + system) while the requests ran, from `/proc`.
+#[derive(Debug, Default, Serialize)]
+struct HttpCpu {
+    /// This process: the API serving the requests, and the client sending them
+    /// (its bodies are serialized before the clock starts).
+    process_seconds: Option<f64>,
+    /// The API's PostgreSQL backends (`pg_stat_activity`), when the server runs
+    /// on this machine.
+    postgres_seconds: Option<f64>,
 }
 
 pub async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
@@ -187,12 +200,27 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
         None => None,
     };
     settle(&scratch.url, &[]).await?;
+    let process_before = cpu_seconds("self");
+    let backends_before = postgres_backends_cpu(&scratch.url).await;
     let started = Instant::now();
     let mut inserted = 0;
     for body in &bodies {
         inserted += post_events(&client, &base, body.clone()).await?;
     }
     let elapsed = started.elapsed();
+    let cpu = HttpCpu {
+        process_seconds: cpu_seconds("self")
+            .zip(process_before)
+            .map(|((user, system), (user0, system0))| user + system - user0 - system0),
+        // A backend that started during the requests counts from zero.
+        postgres_seconds: postgres_backends_cpu(&scratch.url).await.map(|after| {
+            let before = backends_before.unwrap_or_default();
+            after
+                .iter()
+                .map(|(pid, seconds)| seconds - before.get(pid).unwrap_or(&0.0))
+                .sum()
+        }),
+    };
     stop.cancel();
     let _ = server.await;
     if inserted != rows {
@@ -223,6 +251,7 @@ async fn run_http(config: &Config, args: &BenchArgs, rows: usize, scratch: &Scra
         copy_rows_per_second: copy.as_ref().map(|c| rows as f64 / c.seconds()),
         ratio_to_copy: copy.as_ref().map(|c| rows_per_second / (rows as f64 / c.seconds())),
         copy,
+        cpu,
     })
 }
 
@@ -253,6 +282,27 @@ pub(super) fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
     Some((ticks(11)?, ticks(12)?))
+}
+
+/// The CPU seconds (user + system) so far of each of the scratch database's
+/// `dwh-helper` backends, by process id; `None` off PostgreSQL or when the
+/// server's processes are not on this machine.
+pub(super) async fn postgres_backends_cpu(url: &DatabaseUrl) -> Option<std::collections::BTreeMap<i32, f64>> {
+    if url.backend() != Backend::Postgres {
+        return None;
+    }
+    let mut conn = sqlx::PgConnection::connect(url.expose()).await.ok()?;
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'dwh-helper'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .ok()?;
+    let seconds: std::collections::BTreeMap<i32, f64> = pids
+        .into_iter()
+        .filter_map(|pid| cpu_seconds(&pid.to_string()).map(|(user, system)| (pid, user + system)))
+        .collect();
+    (!seconds.is_empty()).then_some(seconds)
 }
 
 /// A size field of `/proc/PID/status` (`VmHWM:`, `VmRSS:`, …), in MiB.
@@ -490,4 +540,10 @@ fn print_table(r: &Report) {
     if let Some(copy) = &r.copy {
         copy.print(r.rows, "plain COPY", "API / COPY             ", r.rows_per_second);
     }
+    let seconds = |s: Option<f64>| s.map_or_else(|| "-".to_owned(), |s| format!("{s:.1} s"));
+    println!(
+        "CPU                 dwh-helper {} (server and client), PostgreSQL backends {}",
+        seconds(r.cpu.process_seconds),
+        seconds(r.cpu.postgres_seconds)
+    );
 }

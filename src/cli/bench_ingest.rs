@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::bench::{cpu_seconds, settle, Baseline, CopyText, Scratch};
+use super::bench::{cpu_seconds, postgres_backends_cpu, settle, Baseline, CopyText, Scratch};
 use crate::catalogue::{self, Table};
 use crate::config::{Backend, Config};
 use crate::kafka::devbroker::{DevBrokerOptions, PARTITION_LIMIT_BYTES};
@@ -62,27 +62,6 @@ struct CpuSplit {
     postgres_seconds: Option<f64>,
     /// This process: the dev broker serving the fetches, and the bench's polling.
     bench_seconds: Option<f64>,
-}
-
-/// The CPU seconds of the scratch database's `dwh-helper` backends.
-async fn postgres_cpu(url: &crate::config::DatabaseUrl) -> Option<f64> {
-    if url.backend() != Backend::Postgres {
-        return None;
-    }
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url.expose())
-        .await
-        .ok()?;
-    let pids: Vec<i32> = sqlx::query_scalar(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'dwh-helper'",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .ok()?;
-    let seconds: Vec<f64> = pids
-        .iter()
-        .filter_map(|pid| cpu_seconds(&pid.to_string()).map(|(user, system)| user + system))
-        .collect();
-    (!seconds.is_empty()).then(|| seconds.iter().sum())
 }
 
 /// Record `k` of the benchmark: a sample event, padded to about `bytes` of JSON.
@@ -283,7 +262,9 @@ async fn measure(
     let cpu = CpuSplit {
         ingest_user_seconds: ingest_cpu.map(|(user, _)| user),
         ingest_system_seconds: ingest_cpu.map(|(_, system)| system),
-        postgres_seconds: postgres_cpu(&scratch.url).await,
+        postgres_seconds: postgres_backends_cpu(&scratch.url)
+            .await
+            .map(|backends| backends.values().sum()),
         bench_seconds: cpu_seconds("self")
             .zip(bench_cpu_before)
             .map(|((user, system), (user0, system0))| user + system - user0 - system0),
