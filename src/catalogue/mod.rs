@@ -183,12 +183,24 @@ pub fn decode_bytes(table: Table, bytes: &[u8]) -> Result<Decoded, RecordError> 
         return Err(RecordError::Empty);
     }
     let text = std::str::from_utf8(bytes).map_err(|e| RecordError::NotUtf8(e.valid_up_to()))?;
+    decode_fields_read(table, read_record(table, text)?)
+}
+
+/// Reads a record's text into `table`'s column slots, undecoded: what the API
+/// checks against its schema before [`decode_fields_read`] takes the values.
+pub fn read_record(table: Table, text: &str) -> Result<fields::Fields, RecordError> {
     let invalid = |e: serde_json::Error| RecordError::InvalidJson(e.to_string());
     if !text.trim_start_matches([' ', '\n', '\r', '\t']).starts_with('{') {
         // Not an object: parsed whole, to name what it is (or why it is not JSON).
-        return decode_json(table, serde_json::from_str(text).map_err(invalid)?);
+        let other: Json = serde_json::from_str(text).map_err(invalid)?;
+        return Err(RecordError::NotAnObject(value::describe(&other)));
     }
-    let fields = fields::read(table, text).map_err(invalid)?;
+    fields::read(table, text).map_err(invalid)
+}
+
+/// Decodes the slots [`read_record`] filled, moving their strings and
+/// documents into the row.
+pub fn decode_fields_read(table: Table, fields: fields::Fields) -> Result<Decoded, RecordError> {
     decode_fields(
         table,
         fields.values.into_iter().map(|v| v.map(Cow::Owned)),

@@ -385,7 +385,7 @@ mod records {
     use serde_json::{Map, Value as Json};
 
     use super::{validate, ApiError};
-    use crate::catalogue::{self, value, DateWindow, Row, Table};
+    use crate::catalogue::{self, DateWindow, Row, Table};
 
     /// Records decoded on one thread at least, so that small bodies stay on one.
     const MIN_RECORDS_PER_THREAD: usize = 256;
@@ -466,21 +466,26 @@ mod records {
         /// Decodes and checks record `index`.
         fn accept(&self, index: usize, raw: &RawValue) -> Result<Row, ApiError> {
             let invalid = |e: String| ApiError::unprocessable(format!("data[{index}]: {e}"));
-            let element = Record(self.table)
-                .deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
-                .map_err(|e| invalid(e.to_string()))?;
-            let map = match element {
-                Element::Object(map) => map,
-                Element::Other(other) => {
-                    return Err(invalid(
-                        catalogue::RecordError::NotAnObject(value::describe(&other)).to_string(),
-                    ))
-                }
+            let fields = catalogue::read_record(self.table, raw.get()).map_err(|e| invalid(e.to_string()))?;
+            let decoded = if self.validators.slots_valid(self.table, &fields.values) {
+                catalogue::decode_fields_read(self.table, fields).map_err(|e| invalid(e.to_string()))?
+            } else {
+                // Checked whole to name what is wrong: the decoder's complaint
+                // first, then the schema's.
+                let record: Map<String, Json> = self
+                    .table
+                    .spec()
+                    .columns
+                    .iter()
+                    .zip(fields.values)
+                    .filter_map(|(column, value)| Some((column.name.to_owned(), value?)))
+                    .collect();
+                let decoded = catalogue::decode_record(self.table, &record).map_err(|e| invalid(e.to_string()))?;
+                self.validators
+                    .check_record(self.table, &Json::Object(record))
+                    .map_err(invalid)?;
+                decoded
             };
-            let decoded = catalogue::decode_record(self.table, &map).map_err(|e| invalid(e.to_string()))?;
-            self.validators
-                .check_record(self.table, &Json::Object(map))
-                .map_err(invalid)?;
             self.window
                 .check(self.table, &decoded.row, self.today)
                 .map_err(|e| invalid(e.to_string()))?;
@@ -561,76 +566,6 @@ mod records {
                 parse.records.push(raw);
             }
             Ok(())
-        }
-    }
-
-    /// One element of `data`: an object with the table's fields only, or any
-    /// other value (refused by `accept`, which names it).
-    enum Element {
-        Object(Map<String, Json>),
-        Other(Json),
-    }
-
-    struct Record(Table);
-
-    impl<'de> DeserializeSeed<'de> for Record {
-        type Value = Element;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Element, D::Error> {
-            d.deserialize_any(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for Record {
-        type Value = Element;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a record")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Element, A::Error> {
-            let columns = self.0.spec().columns;
-            // Gathered, then made a map at once: sorted and built in one pass,
-            // where inserting each field would search the map for it.
-            let mut fields = Vec::with_capacity(columns.len());
-            let mut guess = 0;
-            while let Some(found) = map.next_key_seed(catalogue::fields::name_seed(self.0, guess))? {
-                match found {
-                    Some((sorted, column)) => {
-                        guess = sorted + 1;
-                        let value: Json = map.next_value()?;
-                        fields.push((columns[column].name.to_owned(), value));
-                    }
-                    None => {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-            }
-            // A field sent twice keeps its last value, as a map insert would.
-            Ok(Element::Object(fields.into_iter().collect()))
-        }
-        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Element, E> {
-            Ok(Element::Other(Json::Bool(v)))
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Element, E> {
-            Ok(Element::Other(Json::from(v)))
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Element, E> {
-            Ok(Element::Other(Json::from(v)))
-        }
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Element, E> {
-            Ok(Element::Other(Json::from(v)))
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Element, E> {
-            Ok(Element::Other(Json::String(v.to_owned())))
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Element, E> {
-            Ok(Element::Other(Json::Null))
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Element, E> {
-            Ok(Element::Other(Json::Null))
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
-            // Described as "an array": its elements are skipped, not kept.
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(Element::Other(Json::Array(Vec::new())))
         }
     }
 }
