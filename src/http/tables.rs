@@ -236,34 +236,43 @@ async fn insert(
     // Decoded off the runtime's threads, a part ahead of the write: a part is
     // written while the next one decodes.
     let (decoded, mut parts) = tokio::sync::mpsc::channel(PARTS_AHEAD);
+    let (counted, count) = tokio::sync::oneshot::channel();
     let decoding = tokio::task::spawn_blocking(move || {
         let parse = records::Parse::new(table, max_records, max_row_bytes, &validators, &window);
-        parse_records(parse, &body, part_rows, |part| decoded.blocking_send(part).is_ok());
+        // A request given up on takes neither the count nor the parts.
+        let counted = |records| {
+            let _ = counted.send(records);
+        };
+        parse_records(parse, &body, part_rows, counted, |part| {
+            decoded.blocking_send(part).is_ok()
+        });
     });
+    // The transaction opens, with the records' ids, while the first part decodes.
+    let mut begun = match count.await {
+        Ok(records) => Some(state.dwh.begin_rows(table, records).await),
+        // The body is refused: the reason comes as the one part.
+        Err(_) => None,
+    };
     let mut writer = None;
     let mut records = 0;
     while let Some(part) = parts.recv().await {
-        // An invalid record ends the request; dropping the writer rolls back
-        // the parts written before it.
+        // An invalid record ends the request (even when the database could not
+        // be reached); dropping the writer rolls back the parts written before it.
         let rows = part?;
         let writer = match &mut writer {
             Some(writer) => writer,
-            None => writer.insert(state.dwh.begin_rows(table).await?),
+            None => writer.insert(
+                begun
+                    .take()
+                    .ok_or_else(|| undecoded("a part came before the count"))??,
+            ),
         };
         records += rows.len();
         writer.write(rows).await?;
     }
-    decoding.await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the records could not be decoded: {e}"),
-        )
-    })?;
+    decoding.await.map_err(|e| undecoded(&e.to_string()))?;
     let Some(writer) = writer else {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the records could not be decoded: no part came",
-        ));
+        return Err(undecoded("no part came"));
     };
     let outcome = writer.commit().await?;
     tracing::info!(
@@ -280,6 +289,14 @@ async fn insert(
         updated: outcome.updated,
         batches: outcome.statements,
     }))
+}
+
+/// A 500: the decoding of the records broke off.
+fn undecoded(reason: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("the records could not be decoded: {reason}"),
+    )
 }
 
 /// `application/json` or `application/*+json`, as axum's `Json` takes.
@@ -316,9 +333,10 @@ fn body_error(e: axum::Error, limit: usize) -> ApiError {
 const PARTS_AHEAD: usize = 2;
 
 /// `{"data": [...]}` in two passes: the records' text is found in one pass over
-/// the body (a syntax error anywhere is a 400), then the records are decoded and
-/// checked in parts of `part_rows`, each on the machine's cores, and handed to
-/// `send` in order; the first invalid record in order is the last thing sent.
+/// the body (a syntax error anywhere is a 400), their number handed to
+/// `counted`, then the records are decoded and checked in parts of `part_rows`,
+/// each on the machine's cores, and handed to `send` in order; the first
+/// invalid record in order is the last thing sent.
 /// Fields the table does not have are skipped unread. Memory holds the body and
 /// the parts decoded ahead, never a tree of the whole request. Stops when `send`
 /// returns false (the write gave up).
@@ -326,6 +344,7 @@ fn parse_records(
     parse: records::Parse<'_>,
     body: &[u8],
     part_rows: usize,
+    counted: impl FnOnce(usize),
     mut send: impl FnMut(Result<Vec<Row>, ApiError>) -> bool,
 ) {
     let parse = match scan_records(parse, body) {
@@ -335,6 +354,7 @@ fn parse_records(
             return;
         }
     };
+    counted(parse.records.len());
     let part_rows = part_rows.max(1);
     for (n, part) in parse.records.chunks(part_rows).enumerate() {
         let decoded = parse.decode(n * part_rows, part);

@@ -291,16 +291,19 @@ pub struct RowsWriter {
 }
 
 enum Tx {
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    /// The transaction, the ids taken for the rows at its start, and how many
+    /// of them the parts written so far used.
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>, Vec<i64>, usize),
     /// SQLite has one writer: a transaction open while the later parts decode
     /// would hold up every other write, so the parts wait here and go in at
     /// the commit.
     Sqlite(Vec<Vec<Row>>),
 }
 
-/// The open transaction a part of a [`RowsWriter`] goes into.
+/// The open transaction a part of a [`RowsWriter`] goes into (on PostgreSQL,
+/// with the ids taken for the part's rows, as many as are left).
 enum Conn<'c> {
-    Postgres(&'c mut sqlx::PgConnection),
+    Postgres(&'c mut sqlx::PgConnection, &'c [i64]),
     Sqlite(&'c mut sqlx::SqliteConnection),
 }
 
@@ -308,7 +311,12 @@ impl RowsWriter {
     /// Writes the next part of the rows (on SQLite, at the commit).
     pub async fn write(&mut self, rows: Vec<Row>) -> Result<(), StoreError> {
         match &mut self.tx {
-            Tx::Postgres(tx) => write_part(&self.dwh, self.table, Conn::Postgres(tx), &rows, &mut self.outcome).await,
+            Tx::Postgres(tx, ids, used) => {
+                let reserved = ids.get(*used..).unwrap_or_default();
+                *used += rows.len();
+                let conn = Conn::Postgres(tx, reserved);
+                write_part(&self.dwh, self.table, conn, &rows, &mut self.outcome).await
+            }
             Tx::Sqlite(parts) => {
                 parts.push(rows);
                 Ok(())
@@ -319,7 +327,7 @@ impl RowsWriter {
     /// Commits every part written; what they did, in total.
     pub async fn commit(mut self) -> Result<WriteOutcome, StoreError> {
         match self.tx {
-            Tx::Postgres(tx) => self.dwh.within(1, tx.commit()).await?,
+            Tx::Postgres(tx, _, _) => self.dwh.within(1, tx.commit()).await?,
             Tx::Sqlite(parts) => {
                 let Pool::Sqlite(pools) = &self.dwh.pool else {
                     unreachable!("parts kept for the pool's backend")
@@ -351,11 +359,11 @@ async fn write_part(
     };
     let work = async {
         match conn {
-            Conn::Postgres(tx) => {
+            Conn::Postgres(tx, reserved) => {
                 if let (Table::EventsPart, Pool::Postgres(pool)) = (table, &dwh.pool) {
                     dwh.ensure_partitions(pool, rows).await?;
                 }
-                postgres::write_parts(tx, table.spec(), rows, &chunks, &mut part).await
+                postgres::write_parts(tx, table.spec(), rows, &chunks, reserved, &mut part).await
             }
             Conn::Sqlite(tx) => sqlite::write_parts(tx, table.spec(), rows, &chunks, &mut part).await,
         }
@@ -519,10 +527,18 @@ impl Dwh {
     }
 
     /// Opens a write of `table`'s rows in parts, in one transaction: the API's,
-    /// whose records are decoded while the parts before them are written.
-    pub async fn begin_rows(&self, table: Table) -> Result<RowsWriter, StoreError> {
+    /// whose records are decoded while the parts before them are written. On
+    /// PostgreSQL the ids of the `rows` expected are taken from the table's
+    /// sequence at once (in one statement, while the first part decodes); a
+    /// row beyond them takes its id with its chunk, and ids left unused are
+    /// gaps in the sequence, as a rolled-back write leaves.
+    pub async fn begin_rows(&self, table: Table, rows: usize) -> Result<RowsWriter, StoreError> {
         let tx = match &self.pool {
-            Pool::Postgres(pool) => Tx::Postgres(self.within(1, pool.begin()).await?),
+            Pool::Postgres(pool) => {
+                let mut tx = self.within(1, pool.begin()).await?;
+                let ids = self.within(1, postgres::take_ids(&mut tx, table.spec(), rows)).await?;
+                Tx::Postgres(tx, ids, 0)
+            }
             Pool::Sqlite(_) => Tx::Sqlite(Vec::new()),
         };
         Ok(RowsWriter {

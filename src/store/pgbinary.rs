@@ -6,6 +6,7 @@
 //! function writes), so the database parses no text. It gives `None` when a value
 //! does not fit its column's binary form (a value the catalogue never produces);
 //! the caller then sends the rows as text and the database names the problem.
+//! [`suits`] tells which rows are worth sending as binary at all.
 
 use chrono::{Datelike as _, NaiveDate, NaiveDateTime, Timelike as _};
 
@@ -19,6 +20,28 @@ const PG_EPOCH_DAYS_FROM_CE: i32 = 730_120;
 const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
 /// `numeric`'s digits are base 10,000.
 const NUMERIC_GROUP: usize = 4;
+
+/// PostgreSQL's `COPY` gathers rows for a multi-row insert until it holds 1,000
+/// of them or 64 KiB of their text. Binary rows count no bytes there
+/// (PostgreSQL 15), so a binary statement gathers up to 1,000 rows, each in its
+/// own slot, and every slot pins the table's descriptor in a list whose upkeep
+/// grows with the square of the slots (`ResourceOwnerRememberTupleDesc` and its
+/// `Forget` took 14% of the server's time in `perf`). Measured here, 100,000
+/// events in statements of 1,000 rows, each under a savepoint: binary 432–475 ms,
+/// text 382–413 ms; of 300 rows: binary 441–449, text 463; of 10,000: within
+/// 2% of each other.
+const COPY_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Whether `rows` go as binary: when they fit in the 64 KiB a text `COPY`
+/// gathers at once, binary gathers no more rows than text would, and is cheaper
+/// to parse; beyond it, text is (see [`COPY_BUFFER_BYTES`]).
+pub fn suits(rows: &[Row]) -> bool {
+    let mut bytes = 0;
+    rows.iter().all(|row| {
+        bytes += row.approx_bytes();
+        bytes <= COPY_BUFFER_BYTES
+    })
+}
 
 /// `rows` of `spec` as one binary COPY stream, each after its `prefixes` value
 /// when given (a leading `bigint` column), else the table's columns alone.

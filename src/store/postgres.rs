@@ -65,7 +65,10 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
     };
     let target = Target {
         spec,
-        ids: batch.wants_ids(),
+        ids: match batch.wants_ids() {
+            true => Ids::Taken,
+            false => Ids::Unwanted,
+        },
     };
     write_rows_isolating!(tx, batch, chunks, outcome, write_chunk, target);
     tx.commit().await?;
@@ -73,19 +76,38 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
 }
 
 /// Writes rows of the API (ids wanted) into the open transaction, a statement
-/// per chunk; see [`super::RowsWriter`].
+/// per chunk; see [`super::RowsWriter`]. `reserved` holds ids taken for these
+/// rows ([`take_ids`]), one per row in order; rows past its end take theirs
+/// chunk by chunk.
 pub(super) async fn write_parts(
     tx: &mut PgConnection,
     spec: &TableSpec,
     rows: &[Row],
     chunks: &[Range<usize>],
+    reserved: &[i64],
     outcome: &mut WriteOutcome,
 ) -> Result<(), StoreError> {
-    let target = Target { spec, ids: true };
     for range in chunks {
-        write_chunk(tx, target, &rows[range.clone()], outcome).await?;
+        let ids = reserved.get(range.clone()).map_or(Ids::Taken, Ids::Reserved);
+        write_chunk(tx, Target { spec, ids }, &rows[range.clone()], outcome).await?;
     }
     Ok(())
+}
+
+/// `n` ids from `spec`'s sequence, ascending: the sequence as a constant,
+/// resolved once per statement, not once per row; the ids come back as one
+/// array, not a row each, and are put in order here (an `ORDER BY` in the
+/// aggregate would sort them on the server, which the writes wait for).
+pub(super) async fn take_ids(conn: &mut PgConnection, spec: &TableSpec, n: usize) -> Result<Vec<i64>, sqlx::Error> {
+    let mut ids: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT coalesce(array_agg(nextval('{}_id_seq'::regclass)), '{{}}') FROM generate_series(1, $1)",
+        spec.name
+    ))
+    .bind(n as i64)
+    .fetch_one(conn)
+    .await?;
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Every partition's advance in one statement: rows inserted when absent, moved
@@ -168,16 +190,21 @@ fn copy_text(rows: &[Row], mut prefixes: Option<impl Iterator<Item = i64>>) -> S
     out
 }
 
-/// A `COPY ... FROM STDIN` statement and its data: binary, so the database parses
-/// no text, or text when a value does not fit its column's binary form (the
-/// database then names the value, as for any bad row).
+/// A `COPY ... FROM STDIN` statement and its data: binary when the rows suit it
+/// ([`pgbinary::suits`]), so the database parses no text, else text; text also
+/// when a value does not fit its column's binary form (the database then names
+/// the value, as for any bad row).
 fn copy_data(
     spec: &TableSpec,
     statement: String,
     rows: &[Row],
     prefixes: Option<impl Iterator<Item = i64> + Clone>,
 ) -> (String, Vec<u8>) {
-    match pgbinary::encode(spec, rows, prefixes.clone()) {
+    let binary = match pgbinary::suits(rows) {
+        true => pgbinary::encode(spec, rows, prefixes.clone()),
+        false => None,
+    };
+    match binary {
         Some(data) => (format!("{statement} (FORMAT binary)"), data),
         None => (statement, copy_text(rows, prefixes).into_bytes()),
     }
@@ -194,27 +221,31 @@ async fn copy_in(conn: &mut PgConnection, (statement, data): (String, Vec<u8>)) 
 #[derive(Clone, Copy)]
 struct Target<'a> {
     spec: &'a TableSpec,
-    ids: bool,
+    ids: Ids<'a>,
+}
+
+/// Where a chunk's ids come from.
+#[derive(Clone, Copy)]
+enum Ids<'a> {
+    /// Not wanted: the column's default assigns them.
+    Unwanted,
+    /// Taken from the sequence for the chunk, before its `COPY`.
+    Taken,
+    /// Taken before, one per row of the chunk.
+    Reserved(&'a [i64]),
 }
 
 async fn write_chunk(
     tx: &mut PgConnection,
-    Target { spec, ids: want_ids }: Target<'_>,
+    Target { spec, ids }: Target<'_>,
     rows: &[Row],
     outcome: &mut WriteOutcome,
 ) -> Result<(), StoreError> {
-    let ids: Vec<i64> = if want_ids {
-        // The sequence as a constant: resolved once per statement, not once per
-        // row; the ids come back as one array, not a row each.
-        sqlx::query_scalar(&format!(
-            "SELECT array_agg(nextval('{}_id_seq'::regclass) ORDER BY n) FROM generate_series(1, $1) AS n",
-            spec.name
-        ))
-        .bind(rows.len() as i64)
-        .fetch_one(&mut *tx)
-        .await?
-    } else {
-        Vec::new()
+    let want_ids = !matches!(ids, Ids::Unwanted);
+    let ids: Vec<i64> = match ids {
+        Ids::Unwanted => Vec::new(),
+        Ids::Taken => take_ids(tx, spec, rows.len()).await?,
+        Ids::Reserved(ids) => ids.to_vec(),
     };
     let copy = copy_data(
         spec,
