@@ -793,107 +793,23 @@ async fn texts(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
 }
 
 /// Rows over the 64 KiB that suit binary go as COPY text, escapes and edge values
-/// intact: text with tabs, backslashes and newlines, timestamps before 2000 and
-/// with microseconds, extreme bigints and doubles, uuid, boolean, jsonb with
-/// unicode; on the bulk path and on the conflict path (staging).
+/// intact (the same values as through the binary COPY).
 #[tokio::test]
 async fn large_chunks_round_trip_through_the_text_copy() {
-    use dwh_helper::store::pgbinary;
     let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
-    let url = config.database_url.expose().to_owned();
-    let pad = "\u{00e9}\\\t".repeat(12_000);
-    let data = json!({"ü": "日本語 😀", "q": "say \"hi\"\n", "pad": pad});
-    let technical = vec![
-        json!({"uuid": "00000000-0000-0000-0000-000000000000", "app": i64::MIN, "event_type": "tab\there \\ back\nslash",
-               "server_upload_time": "0001-01-01T00:00:00", "event_time": "1999-12-31T23:59:59.999999",
-               "paying": true, "sample_rate": -0.5, "data": data}),
-        json!({"uuid": "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF", "app": i64::MAX, "event_type": "\\N",
-               "server_upload_time": "9999-12-31T23:59:59.999999", "paying": false,
-               "sample_rate": 1.797_693_134_862_315_7e308, "data": pad}),
-        json!({"uuid": "12345678-1234-4234-8234-123456789abc", "app": 0, "event_type": "nulls",
-               "server_upload_time": 0}),
-    ];
-    let batch = rows(Table::TechnicalData, &technical);
-    assert!(!pgbinary::suits(&batch), "the rows go as text");
-    for expected in [3, 0] {
-        // The same rows again: the bulk COPY meets the keys, the staging path skips them.
-        let written = dwh
-            .write(Batch::rows(Table::TechnicalData, &batch))
-            .await
-            .expect("write");
-        assert_eq!(written.inserted_ids.len(), expected);
-    }
-    let s = |v: &str| Some(v.to_owned());
-    let stored = texts(
-        &url,
-        "SELECT uuid::text, app::text, event_type, server_upload_time::text, event_time::text, \
-         paying::text, sample_rate::text, data::text FROM technical_data ORDER BY app",
-    )
-    .await;
-    assert_eq!(
-        stored.iter().map(|r| r[..7].to_vec()).collect::<Vec<_>>(),
-        vec![
-            vec![
-                s("00000000-0000-0000-0000-000000000000"),
-                s("-9223372036854775808"),
-                s("tab\there \\ back\nslash"),
-                s("0001-01-01 00:00:00"),
-                s("1999-12-31 23:59:59.999999"),
-                s("true"),
-                s("-0.5"),
-            ],
-            vec![
-                s("12345678-1234-4234-8234-123456789abc"),
-                s("0"),
-                s("nulls"),
-                s("1970-01-01 00:00:00"),
-                None,
-                None,
-                None,
-            ],
-            vec![
-                s("ffffffff-ffff-ffff-ffff-ffffffffffff"),
-                s("9223372036854775807"),
-                s("\\N"),
-                s("9999-12-31 23:59:59.999999"),
-                None,
-                s("false"),
-                s("1.7976931348623157e+308"),
-            ],
-        ]
-    );
-    let json_of = |text: &Option<String>| {
-        text.as_deref()
-            .map(|t| serde_json::from_str::<Value>(t).expect("jsonb text"))
-    };
-    assert_eq!(json_of(&stored[0][7]), Some(data));
-    assert_eq!(json_of(&stored[1][7]), None);
-    assert_eq!(json_of(&stored[2][7]), Some(json!(pad)));
+    let pad = "\u{00e9}\\\t".repeat(24_000);
+    technical_edge_values_round_trip(&dwh, config.database_url.expose(), &pad, false).await;
 }
 
-/// Every column type goes through PostgreSQL's binary COPY and back, edge values
-/// and NULLs included: bigint, int, double, boolean, text, date, timestamp,
-/// timestamptz, numeric(20), uuid and jsonb, on the bulk path and on the
-/// conflict path (staging).
-#[tokio::test]
-async fn every_column_type_round_trips_through_the_binary_copy() {
+/// technical_data's edge values through the COPY (`binary` says which form the
+/// rows take) and back: text with tabs, backslashes, newlines and the text
+/// form's NULL marker, timestamps before 2000 and with microseconds, extreme
+/// bigints and doubles, uuid, boolean, jsonb with unicode and escapes, NULLs; on
+/// the bulk path, then on the conflict path (staging). `pad` goes into the
+/// first record's document, to make the rows as large as wanted.
+async fn technical_edge_values_round_trip(dwh: &Dwh, url: &str, pad: &str, binary: bool) {
     use dwh_helper::store::pgbinary;
-    let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
-    let url = config.database_url.expose().to_owned();
-    let write = |table: Table, records: Vec<Value>| {
-        let dwh = dwh.clone();
-        async move {
-            let batch = rows(table, &records);
-            assert!(
-                pgbinary::suits(&batch) && pgbinary::encode(table.spec(), &batch, Some(0..)).is_some(),
-                "{table}: the rows go as binary"
-            );
-            dwh.write(Batch::rows(table, &batch)).await.expect("write")
-        }
-    };
-    let s = |v: &str| Some(v.to_owned());
-
-    let data = json!({"ü": "日本語 😀", "n": [1, 2.5, null, true], "q": "say \"hi\"\n"});
+    let data = json!({"ü": "日本語 😀", "n": [1, 2.5, null, true], "q": "say \"hi\"\n", "pad": pad});
     let technical = vec![
         json!({"uuid": "00000000-0000-0000-0000-000000000000", "app": i64::MIN, "event_type": "tab\there \\ back\nslash",
                "server_upload_time": "0001-01-01T00:00:00", "event_time": "1999-12-31T23:59:59.999999",
@@ -903,15 +819,26 @@ async fn every_column_type_round_trips_through_the_binary_copy() {
                "sample_rate": 1.797_693_134_862_315_7e308, "data": "just a string"}),
         json!({"uuid": "12345678-1234-4234-8234-123456789abc", "app": 0, "event_type": "nulls",
                "server_upload_time": 0}),
+        json!({"uuid": "12345678-1234-4234-8234-123456789abd", "app": 1, "event_type": "\\N",
+               "server_upload_time": 1}),
     ];
+    let batch = rows(Table::TechnicalData, &technical);
     assert_eq!(
-        write(Table::TechnicalData, technical.clone()).await.inserted_ids.len(),
-        3
+        pgbinary::suits(&batch) && pgbinary::encode(Table::TechnicalData.spec(), &batch, Some(0..)).is_some(),
+        binary,
+        "the rows go as binary: {binary}"
     );
-    // The same rows again: the bulk COPY meets the keys, the staging path skips them.
-    assert_eq!(write(Table::TechnicalData, technical).await.inserted_ids.len(), 0);
+    for expected in [4, 0] {
+        // The same rows again: the bulk COPY meets the keys, the staging path skips them.
+        let written = dwh
+            .write(Batch::rows(Table::TechnicalData, &batch))
+            .await
+            .expect("write");
+        assert_eq!(written.inserted_ids.len(), expected);
+    }
+    let s = |v: &str| Some(v.to_owned());
     let stored = texts(
-        &url,
+        url,
         "SELECT uuid::text, app::text, event_type, server_upload_time::text, event_time::text, \
          client_event_time::text, paying::text, sample_rate::text, data::text FROM technical_data ORDER BY app",
     )
@@ -940,6 +867,16 @@ async fn every_column_type_round_trips_through_the_binary_copy() {
                 None,
             ],
             vec![
+                s("12345678-1234-4234-8234-123456789abd"),
+                s("1"),
+                s("\\N"),
+                s("1970-01-01 00:00:01"),
+                None,
+                None,
+                None,
+                None,
+            ],
+            vec![
                 s("ffffffff-ffff-ffff-ffff-ffffffffffff"),
                 s("9223372036854775807"),
                 s(""),
@@ -957,7 +894,33 @@ async fn every_column_type_round_trips_through_the_binary_copy() {
     };
     assert_eq!(json_of(&stored[0][8]), Some(data));
     assert_eq!(json_of(&stored[1][8]), None);
-    assert_eq!(json_of(&stored[2][8]), Some(json!("just a string")));
+    assert_eq!(json_of(&stored[2][8]), None);
+    assert_eq!(json_of(&stored[3][8]), Some(json!("just a string")));
+}
+
+/// Every column type goes through PostgreSQL's binary COPY and back, edge values
+/// and NULLs included: bigint, int, double, boolean, text, date, timestamp,
+/// timestamptz, numeric(20), uuid and jsonb, on the bulk path and on the
+/// conflict path (staging).
+#[tokio::test]
+async fn every_column_type_round_trips_through_the_binary_copy() {
+    use dwh_helper::store::pgbinary;
+    let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
+    let url = config.database_url.expose().to_owned();
+    let write = |table: Table, records: Vec<Value>| {
+        let dwh = dwh.clone();
+        async move {
+            let batch = rows(table, &records);
+            assert!(
+                pgbinary::suits(&batch) && pgbinary::encode(table.spec(), &batch, Some(0..)).is_some(),
+                "{table}: the rows go as binary"
+            );
+            dwh.write(Batch::rows(table, &batch)).await.expect("write")
+        }
+    };
+    let s = |v: &str| Some(v.to_owned());
+
+    technical_edge_values_round_trip(&dwh, &url, "", true).await;
 
     let device = |id: u64, n: &str, mcc: Value, first: &str, last: &str| json!({"application_id": id, "appmetrica_device_id": n, "mcc": mcc, "first_seen_at": first, "last_seen_at": last});
     let devices = vec![

@@ -27,15 +27,23 @@ const NUMERIC_GROUP: usize = 4;
 /// own slot, and every slot pins the table's descriptor in a list whose upkeep
 /// grows with the square of the slots (`ResourceOwnerRememberTupleDesc` and its
 /// `Forget` took 14% of the server's time in `perf`). Measured here, 100,000
-/// events in statements of 1,000 rows, each under a savepoint: binary 432–475 ms,
-/// text 382–413 ms; of 300 rows: binary 441–449, text 463; of 10,000: within
-/// 2% of each other.
+/// events under a savepoint per statement: of 300 rows a statement, binary
+/// 441–449 ms, text 463; of 1,000, binary 432–475, text 382–413; of 3,000,
+/// binary 364–387, text 354–359; of 10,000, binary 338–346, text 344–351.
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
+/// Rows from which a binary statement's cheaper parsing outweighs its fuller
+/// buffer (between the 3,000 and 10,000 above).
+const LONG_STATEMENT_ROWS: usize = 5_000;
+
 /// Whether `rows` go as binary: when they fit in the 64 KiB a text `COPY`
-/// gathers at once, binary gathers no more rows than text would, and is cheaper
-/// to parse; beyond it, text is (see [`COPY_BUFFER_BYTES`]).
+/// gathers at once (binary then gathers no more rows than text would, and is
+/// cheaper to parse), or when they are many (see [`COPY_BUFFER_BYTES`]). In
+/// between, text is cheaper for the database.
 pub fn suits(rows: &[Row]) -> bool {
+    if rows.len() >= LONG_STATEMENT_ROWS {
+        return true;
+    }
     let mut bytes = 0;
     rows.iter().all(|row| {
         bytes += row.approx_bytes();
@@ -153,6 +161,24 @@ mod tests {
     use super::*;
     use chrono::{NaiveDate, TimeZone as _, Utc};
     use serde_json::json;
+
+    #[test]
+    fn rows_go_as_binary_when_small_or_many() {
+        let rows = |n: usize| {
+            vec![
+                Row {
+                    values: vec![Value::Text("x".repeat(999))]
+                };
+                n
+            ]
+        };
+        assert_eq!(rows(1)[0].approx_bytes(), 1_000);
+        assert!(suits(&rows(65)), "65,000 bytes: within the 64 KiB");
+        assert!(!suits(&rows(66)), "66,000 bytes: over it");
+        assert!(!suits(&rows(LONG_STATEMENT_ROWS - 1)));
+        assert!(suits(&rows(LONG_STATEMENT_ROWS)), "many rows");
+        assert!(suits(&[]));
+    }
 
     fn bytes(ty: ColumnType, value: Value) -> Vec<u8> {
         let mut out = Vec::new();

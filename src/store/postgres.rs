@@ -6,8 +6,9 @@
 //! When a key already exists (a replay or retry) or the chunk holds two versions of
 //! a key, the savepoint is rolled back and the chunk goes through a staging table:
 //! `COPY` into it, then one `INSERT … SELECT DISTINCT ON (key) … ON CONFLICT`.
-//! Both `COPY`s send binary rows ([`super::pgbinary`]), or text when a value does
-//! not fit its column's binary form.
+//! Both `COPY`s send binary rows ([`super::pgbinary`]) when the rows are small
+//! enough to suit it ([`super::pgbinary::suits`]), else text; text also when a
+//! value does not fit its column's binary form.
 
 use std::fmt::Write as _;
 use std::ops::Range;
