@@ -8,6 +8,8 @@
 //! the caller then sends the rows as text and the database names the problem.
 //! [`suits`] tells which rows are worth sending as binary at all.
 
+use std::borrow::Borrow;
+
 use chrono::{Datelike as _, NaiveDate, NaiveDateTime, Timelike as _};
 
 use crate::catalogue::{ColumnType, Row, TableSpec, Value};
@@ -40,25 +42,33 @@ const LONG_STATEMENT_ROWS: usize = 5_000;
 /// gathers at once (binary then gathers no more rows than text would, and is
 /// cheaper to parse), or when they are many (see [`COPY_BUFFER_BYTES`]). In
 /// between, text is cheaper for the database.
-pub fn suits(rows: &[Row]) -> bool {
+pub fn suits<R: Borrow<Row>>(rows: &[R]) -> bool {
     if rows.len() >= LONG_STATEMENT_ROWS {
         return true;
     }
     let mut bytes = 0;
     rows.iter().all(|row| {
-        bytes += row.approx_bytes();
+        bytes += row.borrow().approx_bytes();
         bytes <= COPY_BUFFER_BYTES
     })
 }
 
 /// `rows` of `spec` as one binary COPY stream, each after its `prefixes` value
 /// when given (a leading `bigint` column), else the table's columns alone.
-pub fn encode(spec: &TableSpec, rows: &[Row], mut prefixes: Option<impl Iterator<Item = i64>>) -> Option<Vec<u8>> {
+pub fn encode<R: Borrow<Row>>(
+    spec: &TableSpec,
+    rows: &[R],
+    mut prefixes: Option<impl Iterator<Item = i64>>,
+) -> Option<Vec<u8>> {
     let fields = i16::try_from(spec.columns.len() + usize::from(prefixes.is_some())).ok()?;
-    let estimate: usize = rows.iter().map(|r| r.approx_bytes() + 4 * r.values.len() + 14).sum();
+    let estimate: usize = rows
+        .iter()
+        .map(|r| r.borrow().approx_bytes() + 4 * r.borrow().values.len() + 14)
+        .sum();
     let mut out = Vec::with_capacity(HEADER.len() + estimate + 2);
     out.extend_from_slice(HEADER);
     for row in rows {
+        let row = row.borrow();
         out.extend_from_slice(&fields.to_be_bytes());
         if let Some(prefixes) = prefixes.as_mut() {
             field(&mut out, &prefixes.next()?.to_be_bytes())?;
@@ -177,7 +187,7 @@ mod tests {
         assert!(!suits(&rows(66)), "66,000 bytes: over it");
         assert!(!suits(&rows(LONG_STATEMENT_ROWS - 1)));
         assert!(suits(&rows(LONG_STATEMENT_ROWS)), "many rows");
-        assert!(suits(&[]));
+        assert!(suits::<Row>(&[]));
     }
 
     fn bytes(ty: ColumnType, value: Value) -> Vec<u8> {

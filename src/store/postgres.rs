@@ -10,6 +10,8 @@
 //! enough to suit it ([`super::pgbinary::suits`]), else text; text also when a
 //! value does not fit its column's binary form.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::str::FromStr;
@@ -173,9 +175,10 @@ async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<()
 
 /// COPY text of the rows, each line prefixed by its `prefixes` value (the id or
 /// ordinal) when given.
-fn copy_text(rows: &[Row], mut prefixes: Option<impl Iterator<Item = i64>>) -> String {
-    let mut out = String::with_capacity(rows.iter().map(|r| r.approx_bytes() + 24).sum());
+fn copy_text<R: Borrow<Row>>(rows: &[R], mut prefixes: Option<impl Iterator<Item = i64>>) -> String {
+    let mut out = String::with_capacity(rows.iter().map(|r| r.borrow().approx_bytes() + 24).sum());
     for row in rows {
+        let row = row.borrow();
         let mut separator = "";
         if let Some(prefix) = prefixes.as_mut().and_then(Iterator::next) {
             let _ = write!(out, "{prefix}"); // writing to a String cannot fail
@@ -195,10 +198,10 @@ fn copy_text(rows: &[Row], mut prefixes: Option<impl Iterator<Item = i64>>) -> S
 /// ([`pgbinary::suits`]), so the database parses no text, else text; text also
 /// when a value does not fit its column's binary form (the database then names
 /// the value, as for any bad row).
-fn copy_data(
+fn copy_data<R: Borrow<Row>>(
     spec: &TableSpec,
     statement: String,
-    rows: &[Row],
+    rows: &[R],
     prefixes: Option<impl Iterator<Item = i64> + Clone>,
 ) -> (String, Vec<u8>) {
     let binary = match pgbinary::suits(rows) {
@@ -215,6 +218,39 @@ async fn copy_in(conn: &mut PgConnection, (statement, data): (String, Vec<u8>)) 
     let mut copy = conn.copy_in_raw(&statement).await?;
     copy.send(data).await?;
     copy.finish().await
+}
+
+/// `rows` sorted by `spec`'s natural key. Two rows of one key make the `COPY`
+/// fail whatever their order (the staging path then takes `rows` as they came),
+/// so the sort need not keep them in order.
+fn in_key_order<'r>(spec: &TableSpec, rows: &'r [Row]) -> Vec<&'r Row> {
+    let key: Vec<usize> = spec.key.iter().filter_map(|name| spec.index_of(name)).collect();
+    let mut ordered: Vec<&Row> = rows.iter().collect();
+    ordered.sort_unstable_by(|a, b| {
+        key.iter()
+            .map(|&i| key_order(&a.values[i], &b.values[i]))
+            .find(|o| o.is_ne())
+            .unwrap_or(Ordering::Equal)
+    });
+    ordered
+}
+
+/// The order of two values of one key column (NULLs first); values of two
+/// different kinds, which one column never holds, are equal here.
+fn key_order(a: &Value, b: &Value) -> Ordering {
+    match (a, b) {
+        (Value::Null, Value::Null) => Ordering::Equal,
+        (Value::Null, _) => Ordering::Less,
+        (_, Value::Null) => Ordering::Greater,
+        (Value::Int(a), Value::Int(b)) => a.cmp(b),
+        (Value::Text(a), Value::Text(b)) => a.cmp(b),
+        (Value::Date(a), Value::Date(b)) => a.cmp(b),
+        (Value::Timestamp(a), Value::Timestamp(b)) => a.cmp(b),
+        (Value::TimestampTz(a), Value::TimestampTz(b)) => a.cmp(b),
+        (Value::Bool(a), Value::Bool(b)) => a.cmp(b),
+        (Value::Float(a), Value::Float(b)) => a.total_cmp(b),
+        _ => Ordering::Equal,
+    }
 }
 
 /// What a chunk is written for: the table, and whether the caller wants the
@@ -248,12 +284,17 @@ async fn write_chunk(
         Ids::Taken => take_ids(tx, spec, rows.len()).await?,
         Ids::Reserved(ids) => ids.to_vec(),
     };
-    let copy = copy_data(
-        spec,
-        sql::copy_into_table(spec, want_ids),
-        rows,
-        want_ids.then(|| ids.iter().copied()),
-    );
+    let copy = match want_ids {
+        true => copy_data(spec, sql::copy_into_table(spec, true), rows, Some(ids.iter().copied())),
+        // In key order: the inserts walk the key's index in order instead of
+        // jumping about it (the ids the column default gives follow).
+        false => copy_data(
+            spec,
+            sql::copy_into_table(spec, false),
+            &in_key_order(spec, rows),
+            None::<std::iter::Empty<i64>>,
+        ),
+    };
     let mut savepoint = tx.begin().await?;
     match copy_in(&mut savepoint, copy).await {
         Ok(_) => {
@@ -347,4 +388,45 @@ fn to_json(spec: &TableSpec, row: &PgRow) -> Result<Map<String, Json>, StoreErro
     let ingested: DateTime<Utc> = row.try_get("ingested_at")?;
     out.insert("ingested_at".into(), Value::TimestampTz(ingested).to_json());
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue::{decode_json, Table};
+
+    #[test]
+    fn rows_go_in_key_order() {
+        let spec = Table::EventsPart.spec();
+        let mut rows: Vec<Row> = crate::sample::records(Table::EventsPart, 200, 3)
+            .into_iter()
+            .map(|record| decode_json(Table::EventsPart, record).expect("a sample decodes").row)
+            .collect();
+        // Two applications, and a key column left NULL, which sorts first.
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.values[spec.index_of("application_id").unwrap()] = Value::Int(i as i64 % 2);
+        }
+        rows[150].values[spec.index_of("dup_seq").unwrap()] = Value::Null;
+        let key = |row: &Row| -> Vec<String> {
+            spec.key
+                .iter()
+                .map(|name| match &row.values[spec.index_of(name).unwrap()] {
+                    Value::Null => String::new(),
+                    Value::Int(n) => format!("{n:020}"),
+                    Value::Date(d) => d.to_string(),
+                    Value::Text(t) => t.clone(),
+                    other => panic!("{other:?} in a key"),
+                })
+                .collect()
+        };
+        let ordered: Vec<Vec<String>> = in_key_order(spec, &rows).into_iter().map(key).collect();
+        let mut expected: Vec<Vec<String>> = rows.iter().map(key).collect();
+        expected.sort();
+        assert_eq!(ordered, expected);
+        assert_ne!(
+            rows.iter().map(key).collect::<Vec<_>>(),
+            expected,
+            "the sample was not in order"
+        );
+    }
 }
