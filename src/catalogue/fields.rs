@@ -48,15 +48,6 @@ pub fn locate(table: Table, name: &str, guess: usize) -> Option<(usize, usize)> 
     Some((sorted, names[sorted].1))
 }
 
-/// A field name read without copying it, resolved by [`locate`] to its place
-/// among `table`'s sorted column names and its column (`None`: not a column).
-pub fn name_seed(table: Table, guess: usize) -> impl for<'de> DeserializeSeed<'de, Value = Option<(usize, usize)>> {
-    Name {
-        names: names(table),
-        guess,
-    }
-}
-
 /// `table`'s column names with their positions, sorted by name.
 fn names(table: Table) -> &'static [(&'static str, usize)] {
     static NAMES: OnceLock<Vec<Vec<(&'static str, usize)>>> = OnceLock::new();
