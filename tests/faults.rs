@@ -552,10 +552,15 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
         .await
         .expect("lock");
     let before = ingest.status.counters();
-    // About 3 MiB of records, charged twice that: twice what the table may hold.
+    // About 3 MiB of records, charged at twice their bytes: over twice what the
+    // table may hold (its own share and the role's whole pool).
     let backlog = keyed(stalled, locations(20_000));
     let bytes: usize = backlog.iter().map(|(k, v)| k.len() + v.len()).sum();
-    assert!(2 * bytes > 2 * (3 << 20), "{bytes} bytes");
+    let may_hold = (share.own + 2 * share.pooled) as usize; // two tables pool theirs
+    assert!(
+        2 * bytes > 2 * may_hold,
+        "{bytes} bytes against {may_hold} held at most"
+    );
     publish(&config, &topic(&prefix, stalled), &backlog).await;
     let name = database_name(&url);
     wait_for(Duration::from_secs(30), "a write to wait on the lock", || async {

@@ -25,14 +25,9 @@ pub struct Fields {
 /// Parses `text`, a JSON object, into `table`'s column slots.
 pub fn read(table: Table, text: &str) -> Result<Fields, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let fields = de.deserialize_map(Object { names: names(table) })?;
+    let fields = de.deserialize_map(Object { table })?;
     de.end()?;
     Ok(fields)
-}
-
-/// The position of `table`'s column `name`, found by binary search.
-pub fn column_index(table: Table, name: &str) -> Option<usize> {
-    locate(table, name, usize::MAX).map(|(_, column)| column)
 }
 
 /// Where `name` is among `table`'s column names sorted: its place there and its
@@ -66,7 +61,7 @@ fn names(table: Table) -> &'static [(&'static str, usize)] {
 }
 
 struct Object {
-    names: &'static [(&'static str, usize)],
+    table: Table,
 }
 
 impl<'de> Visitor<'de> for Object {
@@ -77,13 +72,13 @@ impl<'de> Visitor<'de> for Object {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut values = vec![None; self.names.len()];
+        let mut values = vec![None; self.table.spec().columns.len()];
         let mut unknown = 0;
         // Producers that write fields in name order (serde_json's default) are
         // matched with one comparison each: the name after the last one found.
         let mut guess = 0;
         while let Some(found) = map.next_key_seed(Name {
-            names: self.names,
+            table: self.table,
             guess,
         })? {
             match found {
@@ -101,10 +96,9 @@ impl<'de> Visitor<'de> for Object {
     }
 }
 
-/// A field name, resolved to its place in the sorted names and its column
-/// (`None`: not a column), trying `guess` first.
+/// A field name, resolved by [`locate`] (`None`: not a column).
 struct Name {
-    names: &'static [(&'static str, usize)],
+    table: Table,
     guess: usize,
 }
 
@@ -124,11 +118,7 @@ impl<'de> Visitor<'de> for Name {
     }
 
     fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Option<(usize, usize)>, E> {
-        let sorted = match self.names.get(self.guess) {
-            Some((n, _)) if *n == name => Some(self.guess),
-            _ => self.names.binary_search_by(|(n, _)| (*n).cmp(name)).ok(),
-        };
-        Ok(sorted.map(|sorted| (sorted, self.names[sorted].1)))
+        Ok(locate(self.table, name, self.guess))
     }
 }
 
@@ -140,10 +130,20 @@ mod tests {
     fn every_column_is_found_at_its_position_and_nothing_else_is() {
         for table in Table::ALL {
             for (i, column) in table.spec().columns.iter().enumerate() {
-                assert_eq!(column_index(table, column.name), Some(i), "{table}.{}", column.name);
+                // Found with no guess, a wrong guess, and the right one alike.
+                let (sorted, found) = locate(table, column.name, usize::MAX).expect("a column");
+                assert_eq!(found, i, "{table}.{}", column.name);
+                for guess in [0, sorted + 1, sorted] {
+                    assert_eq!(
+                        locate(table, column.name, guess),
+                        Some((sorted, i)),
+                        "{table}.{}",
+                        column.name
+                    );
+                }
             }
             for name in ["", "id", "zzz", "Event_name", "event_name "] {
-                assert_eq!(column_index(table, name), None, "{table}: {name:?}");
+                assert_eq!(locate(table, name, 0), None, "{table}: {name:?}");
             }
         }
     }

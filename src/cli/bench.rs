@@ -93,7 +93,7 @@ struct Report {
 }
 
 /// CPU seconds (user + system) while the requests ran, from `/proc`.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Serialize)]
 struct HttpCpu {
     /// This process: the API serving the requests, and the client sending them
     /// (its bodies are serialized before the clock starts).

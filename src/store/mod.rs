@@ -291,9 +291,13 @@ pub struct RowsWriter {
 }
 
 enum Tx {
-    /// The transaction, the ids taken for the rows at its start, and how many
-    /// of them the parts written so far used.
-    Postgres(sqlx::Transaction<'static, sqlx::Postgres>, Vec<i64>, usize),
+    Postgres {
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        /// The ids taken for the rows at the start.
+        ids: Vec<i64>,
+        /// How many of them the parts written so far used.
+        used: usize,
+    },
     /// SQLite has one writer: a transaction open while the later parts decode
     /// would hold up every other write, so the parts wait here and go in at
     /// the commit.
@@ -311,7 +315,7 @@ impl RowsWriter {
     /// Writes the next part of the rows (on SQLite, at the commit).
     pub async fn write(&mut self, rows: Vec<Row>) -> Result<(), StoreError> {
         match &mut self.tx {
-            Tx::Postgres(tx, ids, used) => {
+            Tx::Postgres { tx, ids, used } => {
                 let reserved = ids.get(*used..).unwrap_or_default();
                 *used += rows.len();
                 let conn = Conn::Postgres(tx, reserved);
@@ -327,7 +331,7 @@ impl RowsWriter {
     /// Commits every part written; what they did, in total.
     pub async fn commit(mut self) -> Result<WriteOutcome, StoreError> {
         match self.tx {
-            Tx::Postgres(tx, _, _) => self.dwh.within(1, tx.commit()).await?,
+            Tx::Postgres { tx, .. } => self.dwh.within(1, tx.commit()).await?,
             Tx::Sqlite(parts) => {
                 let Pool::Sqlite(pools) = &self.dwh.pool else {
                     unreachable!("parts kept for the pool's backend")
@@ -537,7 +541,7 @@ impl Dwh {
             Pool::Postgres(pool) => {
                 let mut tx = self.within(1, pool.begin()).await?;
                 let ids = self.within(1, postgres::take_ids(&mut tx, table.spec(), rows)).await?;
-                Tx::Postgres(tx, ids, 0)
+                Tx::Postgres { tx, ids, used: 0 }
             }
             Pool::Sqlite(_) => Tx::Sqlite(Vec::new()),
         };
