@@ -4,7 +4,8 @@
 //! as an object, and fills slot `i` with the value of column `i`'s field (the
 //! last one when a field repeats, as a parsed map keeps it). Field names are
 //! matched without being copied; fields the table lacks are skipped unread and
-//! counted.
+//! counted. What a slot holds is the reader's choice ([`Slot`]): the JSON value
+//! as parsed, or the column's value read straight from the text.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -12,20 +13,36 @@ use std::sync::OnceLock;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value as Json;
 
-use super::Table;
+use super::{Column, Table};
 
 /// A record's fields, one slot per column of its table, in catalogue order.
 #[derive(Debug)]
-pub struct Fields {
-    pub values: Vec<Option<Json>>,
+pub struct Fields<S = Json> {
+    pub values: Vec<Option<S>>,
     /// Fields the table does not have.
     pub unknown: usize,
 }
 
+/// What a field's value is read into.
+pub trait Slot: Sized {
+    /// Reads the value of the field of `column` that `map` is at.
+    fn next<'de, A: MapAccess<'de>>(map: &mut A, column: &'static Column) -> Result<Self, A::Error>;
+}
+
+/// The value as parsed (what the API checks against its schema).
+impl Slot for Json {
+    fn next<'de, A: MapAccess<'de>>(map: &mut A, _: &'static Column) -> Result<Json, A::Error> {
+        map.next_value()
+    }
+}
+
 /// Parses `text`, a JSON object, into `table`'s column slots.
-pub fn read(table: Table, text: &str) -> Result<Fields, serde_json::Error> {
+pub fn read<S: Slot>(table: Table, text: &str) -> Result<Fields<S>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
-    let fields = de.deserialize_map(Object { table })?;
+    let fields = de.deserialize_map(Object {
+        table,
+        slot: std::marker::PhantomData,
+    })?;
     de.end()?;
     Ok(fields)
 }
@@ -60,19 +77,21 @@ fn names(table: Table) -> &'static [(&'static str, usize)] {
     &all[index]
 }
 
-struct Object {
+struct Object<S> {
     table: Table,
+    slot: std::marker::PhantomData<S>,
 }
 
-impl<'de> Visitor<'de> for Object {
-    type Value = Fields;
+impl<'de, S: Slot> Visitor<'de> for Object<S> {
+    type Value = Fields<S>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut values = vec![None; self.table.spec().columns.len()];
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<S>, A::Error> {
+        let columns = self.table.spec().columns;
+        let mut values: Vec<Option<S>> = std::iter::repeat_with(|| None).take(columns.len()).collect();
         let mut unknown = 0;
         // Producers that write fields in name order (serde_json's default) are
         // matched with one comparison each: the name after the last one found.
@@ -84,7 +103,7 @@ impl<'de> Visitor<'de> for Object {
             match found {
                 Some((sorted, column)) => {
                     guess = sorted + 1;
-                    values[column] = Some(map.next_value::<Json>()?);
+                    values[column] = Some(S::next(&mut map, &columns[column])?);
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -157,7 +176,7 @@ mod tests {
             a = columns[0].name,
             b = columns[1].name
         );
-        let fields = read(table, &text).expect("an object");
+        let fields = read::<Json>(table, &text).expect("an object");
         assert_eq!(fields.values.len(), columns.len());
         assert_eq!(fields.values[0], Some(Json::from(2)));
         assert_eq!(fields.values[1], Some(Json::from("x\"y")));
@@ -179,7 +198,7 @@ mod tests {
         reversed.reverse();
         let catalogue: Vec<&str> = columns.iter().map(|c| c.name).collect();
         for names in [sorted, reversed, catalogue] {
-            let fields = read(table, &object(names)).expect("an object");
+            let fields = read::<Json>(table, &object(names)).expect("an object");
             for (column, value) in columns.iter().zip(&fields.values) {
                 assert_eq!(value.as_ref(), Some(&Json::from(column.name)));
             }
@@ -192,7 +211,7 @@ mod tests {
         let table = Table::UserLocations;
         let name = table.spec().columns[0].name;
         let escaped: String = name.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
-        let fields = read(table, &format!(r#"{{"{escaped}": 7}}"#)).expect("an object");
+        let fields = read::<Json>(table, &format!(r#"{{"{escaped}": 7}}"#)).expect("an object");
         assert_eq!(fields.values[0], Some(Json::from(7)));
     }
 
@@ -206,7 +225,7 @@ mod tests {
             "[1]",
             "{\"a\": 1,}",
         ] {
-            let ours = read(Table::UserLocations, text).expect_err(text).to_string();
+            let ours = read::<Json>(Table::UserLocations, text).expect_err(text).to_string();
             let theirs = serde_json::from_str::<serde_json::Map<String, Json>>(text)
                 .expect_err(text)
                 .to_string();

@@ -177,18 +177,31 @@ pub fn decoder_threads() -> usize {
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
 }
 
-/// Decodes raw bytes (a Kafka record value) into a row of `table`.
+/// Decodes raw bytes (a Kafka record value) into a row of `table`. Fields are
+/// read straight into their columns' values where the text allows
+/// ([`value::Read`]), with no JSON value in between.
 pub fn decode_bytes(table: Table, bytes: &[u8]) -> Result<Decoded, RecordError> {
     if bytes.is_empty() {
         return Err(RecordError::Empty);
     }
     let text = std::str::from_utf8(bytes).map_err(|e| RecordError::NotUtf8(e.valid_up_to()))?;
-    decode_fields_read(table, read_record(table, text)?)
+    let fields = read_slots::<value::Read>(table, text)?;
+    let raws = fields.values.into_iter().map(|v| {
+        v.map(|read| match read {
+            value::Read::Value(value) => Raw::Value(value),
+            value::Read::Json(json) => Raw::Json(Cow::Owned(json)),
+        })
+    });
+    decode_fields(table, raws, fields.unknown)
 }
 
 /// Reads a record's text into `table`'s column slots, undecoded: what the API
 /// checks against its schema before [`decode_fields_read`] takes the values.
 pub fn read_record(table: Table, text: &str) -> Result<fields::Fields, RecordError> {
+    read_slots(table, text)
+}
+
+fn read_slots<S: fields::Slot>(table: Table, text: &str) -> Result<fields::Fields<S>, RecordError> {
     let invalid = |e: serde_json::Error| RecordError::InvalidJson(e.to_string());
     if !text.trim_start_matches([' ', '\n', '\r', '\t']).starts_with('{') {
         // Not an object: parsed whole, to name what it is (or why it is not JSON).
@@ -203,7 +216,10 @@ pub fn read_record(table: Table, text: &str) -> Result<fields::Fields, RecordErr
 pub fn decode_fields_read(table: Table, fields: fields::Fields) -> Result<Decoded, RecordError> {
     decode_fields(
         table,
-        fields.values.into_iter().map(|v| v.map(Cow::Owned)),
+        fields
+            .values
+            .into_iter()
+            .map(|v| v.map(|json| Raw::Json(Cow::Owned(json)))),
         fields.unknown,
     )
 }
@@ -220,14 +236,16 @@ pub fn decode_json(table: Table, json: Json) -> Result<Decoded, RecordError> {
 pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded, RecordError> {
     // One pass over the fields, in name order (the map's), each placed where
     // the last one found leaves off, else by binary search.
-    let mut slots = vec![None; table.spec().columns.len()];
+    let mut slots: Vec<Option<Raw<'_>>> = std::iter::repeat_with(|| None)
+        .take(table.spec().columns.len())
+        .collect();
     let mut unknown_fields = 0;
     let mut guess = 0;
     for (name, value) in record {
         match fields::locate(table, name, guess) {
             Some((sorted, column)) => {
                 guess = sorted + 1;
-                slots[column] = Some(Cow::Borrowed(value));
+                slots[column] = Some(Raw::Json(Cow::Borrowed(value)));
             }
             None => unknown_fields += 1,
         }
@@ -235,19 +253,25 @@ pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded
     decode_fields(table, slots.into_iter(), unknown_fields)
 }
 
+/// One field as it reaches [`decode_field`]: already the column's value, or JSON.
+enum Raw<'a> {
+    Value(Value),
+    Json(Cow<'a, Json>),
+}
+
 /// Decodes a record given as one field per column (`None`: absent). Owned
 /// strings and JSON documents move into the row.
 fn decode_fields<'a>(
     table: Table,
-    fields: impl Iterator<Item = Option<Cow<'a, Json>>>,
+    fields: impl Iterator<Item = Option<Raw<'a>>>,
     unknown_fields: usize,
 ) -> Result<Decoded, RecordError> {
     let spec = table.spec();
     let mut values = Vec::with_capacity(spec.columns.len());
     for (column, raw) in spec.columns.iter().zip(fields) {
         let value = match raw {
-            None => Value::Null,
-            Some(raw) if raw.is_null() => Value::Null,
+            None | Some(Raw::Value(Value::Null)) => Value::Null,
+            Some(Raw::Json(raw)) if raw.is_null() => Value::Null,
             Some(raw) => decode_field(table, column, raw)?,
         };
         values.push(value);
@@ -262,7 +286,7 @@ fn decode_fields<'a>(
     Ok(Decoded { row, unknown_fields })
 }
 
-fn decode_field(table: Table, column: &'static Column, raw: Cow<'_, Json>) -> Result<Value, RecordError> {
+fn decode_field(table: Table, column: &'static Column, raw: Raw<'_>) -> Result<Value, RecordError> {
     let field_error = |problem| RecordError::Field {
         field: column.name,
         problem,
@@ -270,22 +294,25 @@ fn decode_field(table: Table, column: &'static Column, raw: Cow<'_, Json>) -> Re
     // Event properties sent as a JSON string (AppMetrica's `event_json`) are parsed;
     // a string that is not a JSON object is kept verbatim by `derive`.
     if table == Table::TmpEventProperties && column.name == "properties" {
-        if let Json::String(text) = raw.as_ref() {
-            return match serde_json::from_str::<Json>(text) {
-                Ok(parsed @ Json::Object(_)) => decode_field(table, column, Cow::Owned(parsed)),
-                _ => value::decode(ColumnType::Text, &raw).map_err(field_error),
-            };
+        if let Raw::Json(raw) = &raw {
+            if let Json::String(text) = raw.as_ref() {
+                return match serde_json::from_str::<Json>(text) {
+                    Ok(parsed @ Json::Object(_)) => decode_field(table, column, Raw::Json(Cow::Owned(parsed))),
+                    _ => value::decode(ColumnType::Text, raw).map_err(field_error),
+                };
+            }
         }
     }
     // A string for a text column and a document for a JSON column are the value
     // itself: moved when owned, and shown from the value when refused.
     let (value, source) = match raw {
-        Cow::Owned(raw @ (Json::String(_) | Json::Object(_) | Json::Array(_)))
+        Raw::Value(value) => (value, None),
+        Raw::Json(Cow::Owned(raw @ (Json::String(_) | Json::Object(_) | Json::Array(_))))
             if matches!(column.ty, ColumnType::Text | ColumnType::Json) =>
         {
             (value::decode_owned(column.ty, raw).map_err(field_error)?, None)
         }
-        raw => (value::decode(column.ty, &raw).map_err(field_error)?, Some(raw)),
+        Raw::Json(raw) => (value::decode(column.ty, &raw).map_err(field_error)?, Some(raw)),
     };
     let shown = || match &source {
         Some(raw) => value::describe(raw),
@@ -504,7 +531,7 @@ pub const EVENT_HASH_V1_FIELDS: &[&str] = &[
 /// canonical text, so `"123"` and `123` hash alike), behind a version tag.
 /// Lowercase hex. A NULL field and an absent column hash alike, so a column that
 /// is added (nullable) or dropped leaves every stored hash as it was.
-pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
+pub fn event_hash(spec: &TableSpec, row: &Row) -> value::SmolStr {
     // The columns of the frozen fields, looked up once per table spec.
     static EVENTS_PART: std::sync::OnceLock<Vec<(&'static str, Option<usize>)>> = std::sync::OnceLock::new();
     let lookup = || -> Vec<(&'static str, Option<usize>)> {
@@ -548,7 +575,7 @@ pub fn event_hash(spec: &TableSpec, row: &Row) -> String {
         *digit = HEX[(digest >> (124 - 4 * i)) as usize & 0xf];
     }
     // ASCII digits: always UTF-8.
-    std::str::from_utf8(&hex).unwrap_or_default().to_owned()
+    value::SmolStr::new(std::str::from_utf8(&hex).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -655,6 +682,72 @@ mod tests {
             let decoded = decode(table, minimal(table)).unwrap_or_else(|e| panic!("{table}: {e}"));
             assert_eq!(decoded.row.values.len(), table.spec().columns.len(), "{table}");
         }
+    }
+
+    #[test]
+    fn reading_from_the_text_decodes_as_the_parsed_value_does() {
+        // What `decode_bytes` reads straight into a value must be what the JSON
+        // path makes of the same field: the same row, or the same words of refusal.
+        let long = "k".repeat(MAX_KEY_TEXT_BYTES + 1);
+        let values = [
+            json!(null),
+            json!(true),
+            json!(false),
+            json!(0),
+            json!(1),
+            json!(-1),
+            json!(i32::MAX),
+            json!(i64::from(i32::MAX) + 1),
+            json!(i64::from(i32::MIN) - 1),
+            json!(i64::MAX),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!(18_446_744_073_709_551_616.0),
+            json!(1.5),
+            json!(1e3),
+            json!(45.25),
+            json!(""),
+            json!("abc"),
+            json!("a\u{0}b"),
+            json!("123"),
+            json!(" 42 "),
+            json!("permanent"),
+            json!("2024-03-01"),
+            json!("2024-03-01T10:00:00.123456Z"),
+            json!("550e8400-e29b-41d4-a716-446655440000"),
+            json!("{\"k\": 1}"),
+            json!(long),
+            json!([1, "a"]),
+            json!({"a": 1}),
+            json!({"a": "\u{0}"}),
+        ];
+        let (mut direct, mut accepted, mut refused) = (0, 0, 0);
+        for table in Table::ALL {
+            for column in table.spec().columns {
+                for value in &values {
+                    let mut record = obj(minimal(table));
+                    record.insert(column.name.into(), value.clone());
+                    let text = Json::Object(record.clone()).to_string();
+                    let read = decode_bytes(table, text.as_bytes()).map_err(|e| e.to_string());
+                    let parsed = decode_record(table, &record).map_err(|e| e.to_string());
+                    assert_eq!(read, parsed, "{table}.{} = {value}", column.name);
+                    let slots = fields::read::<value::Read>(table, &text).expect("an object");
+                    let at = table.spec().index_of(column.name).expect("a column");
+                    direct += usize::from(matches!(&slots.values[at], Some(value::Read::Value(v)) if !v.is_null()));
+                    match read {
+                        Ok(_) => accepted += 1,
+                        Err(_) => refused += 1,
+                    }
+                }
+            }
+        }
+        // Each path was taken, and both outcomes seen, many times over.
+        let total = accepted + refused;
+        assert!(direct > total / 10, "{direct} of {total} read straight");
+        assert!(
+            accepted > total / 4 && refused > total / 4,
+            "{accepted} accepted, {refused} refused"
+        );
     }
 
     #[test]
@@ -799,7 +892,7 @@ mod tests {
         // A NULL field hashes like an absent one: not like an empty string.
         let i = spec.index_of("city").expect("column");
         let mut empty = decoded.row.clone();
-        empty.values[i] = Value::Text(String::new());
+        empty.values[i] = Value::Text("".into());
         let mut null = decoded.row.clone();
         null.values[i] = Value::Null;
         assert_ne!(event_hash(spec, &empty), event_hash(spec, &null));

@@ -7,6 +7,7 @@
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::Value as Json;
+pub use smol_str::SmolStr;
 
 /// The column types of TABLES.md, named after their PostgreSQL types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +77,7 @@ pub enum Value {
     Int(i64),
     Float(f64),
     Bool(bool),
-    Text(String),
+    Text(SmolStr),
     Date(NaiveDate),
     Timestamp(NaiveDateTime),
     TimestampTz(DateTime<Utc>),
@@ -127,7 +128,7 @@ impl Value {
             Value::Int(v) => Json::from(*v),
             Value::Float(v) => serde_json::Number::from_f64(*v).map_or(Json::Null, Json::Number),
             Value::Bool(v) => Json::Bool(*v),
-            Value::Text(v) => Json::String(v.clone()),
+            Value::Text(v) => Json::String(v.to_string()),
             Value::Date(v) => Json::String(v.format("%Y-%m-%d").to_string()),
             Value::Timestamp(v) => Json::String(v.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
             Value::TimestampTz(v) => Json::String(v.format("%Y-%m-%dT%H:%M:%S%.fZ").to_string()),
@@ -282,10 +283,10 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
             _ => Err(bad()),
         },
         ColumnType::Text => match raw {
-            Json::String(s) => no_nul(s).map(|_| Value::Text(s.clone())),
+            Json::String(s) => no_nul(s).map(|_| Value::Text(s.into())),
             // Producers often send ids as numbers; the text of the number is the value.
-            Json::Number(n) => Ok(Value::Text(n.to_string())),
-            Json::Bool(b) => Ok(Value::Text(b.to_string())),
+            Json::Number(n) => Ok(Value::Text(n.to_string().into())),
+            Json::Bool(b) => Ok(Value::Text(SmolStr::new_static(if *b { "true" } else { "false" }))),
             _ => Err(bad()),
         },
         ColumnType::Date => date(raw).ok_or_else(bad).and_then(checked_date).map(Value::Date),
@@ -322,11 +323,11 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
                     describe(raw)
                 )));
             }
-            Ok(Value::Text(canonical.to_owned()))
+            Ok(Value::Text(canonical.into()))
         }
         ColumnType::Uuid => match raw {
             Json::String(s) => uuid::Uuid::try_parse(s.trim())
-                .map(|u| Value::Text(u.hyphenated().to_string()))
+                .map(|u| Value::Text(u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).into()))
                 .map_err(|_| bad()),
             _ => Err(bad()),
         },
@@ -341,12 +342,104 @@ pub fn decode(ty: ColumnType, raw: &Json) -> Result<Value, FieldProblem> {
 /// for a JSON column move into the value instead of being copied.
 pub fn decode_owned(ty: ColumnType, raw: Json) -> Result<Value, FieldProblem> {
     match (ty, raw) {
-        (ColumnType::Text, Json::String(s)) => no_nul(&s).map(|_| Value::Text(s)),
+        (ColumnType::Text, Json::String(s)) => no_nul(&s).map(|_| Value::Text(s.into())),
         (ColumnType::Json, raw) => {
             check_json_strings(&raw)?;
             Ok(Value::Json(raw))
         }
         (ty, raw) => decode(ty, &raw),
+    }
+}
+
+/// A field read straight from the record's text for a column of its type:
+/// the column's value where the text is already it (a string for a text
+/// column, an integer in range for an integer column, an unsigned integer for
+/// a device id), and otherwise the JSON value, for [`decode`] to take apart
+/// and, if need be, refuse with its usual words. A `Value` here is always what
+/// [`decode`] makes of the same JSON value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Read {
+    Value(Value),
+    Json(Json),
+}
+
+impl super::fields::Slot for Read {
+    fn next<'de, A: serde::de::MapAccess<'de>>(map: &mut A, column: &'static super::Column) -> Result<Read, A::Error> {
+        map.next_value_seed(Reader(column.ty))
+    }
+}
+
+/// Reads one JSON value as [`Read`] for a column of the type it holds.
+struct Reader(ColumnType);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Reader {
+    type Value = Read;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Read, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Reader {
+    type Value = Read;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Read, E> {
+        Ok(Read::Json(Json::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Read, E> {
+        Ok(match self.0 {
+            ColumnType::BigInt => Read::Value(Value::Int(v)),
+            ColumnType::Int if i32::try_from(v).is_ok() => Read::Value(Value::Int(v)),
+            _ => Read::Json(Json::from(v)),
+        })
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Read, E> {
+        Ok(match (self.0, i64::try_from(v)) {
+            (ColumnType::BigInt, Ok(v)) => Read::Value(Value::Int(v)),
+            (ColumnType::Int, Ok(v)) if i32::try_from(v).is_ok() => Read::Value(Value::Int(v)),
+            (ColumnType::Numeric20, _) => Read::Value(Value::Text(itoa::Buffer::new().format(v).into())),
+            _ => Read::Json(Json::from(v)),
+        })
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Read, E> {
+        Ok(Read::Json(Json::from(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Read, E> {
+        Ok(match self.0 {
+            ColumnType::Text if !v.contains('\0') => Read::Value(Value::Text(v.into())),
+            _ => Read::Json(Json::String(v.to_owned())),
+        })
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Read, E> {
+        Ok(match self.0 {
+            ColumnType::Text if !v.contains('\0') => Read::Value(Value::Text(v.into())),
+            _ => Read::Json(Json::String(v)),
+        })
+    }
+
+    fn visit_unit<E>(self) -> Result<Read, E> {
+        Ok(Read::Value(Value::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<Read, E> {
+        Ok(Read::Value(Value::Null))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Read, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Read::Json)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Read, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Read::Json)
     }
 }
 

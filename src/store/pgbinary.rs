@@ -177,7 +177,7 @@ mod tests {
         let rows = |n: usize| {
             vec![
                 Row {
-                    values: vec![Value::Text("x".repeat(999))]
+                    values: vec![Value::Text("x".repeat(999).into())]
                 };
                 n
             ]
@@ -320,7 +320,7 @@ mod tests {
             bytes(ColumnType::Text, Value::Text("é\t日".into())),
             with_len("é\t日".as_bytes())
         );
-        assert_eq!(bytes(ColumnType::Text, Value::Text(String::new())), with_len(&[]));
+        assert_eq!(bytes(ColumnType::Text, Value::Text("".into())), with_len(&[]));
         assert_eq!(
             bytes(
                 ColumnType::Uuid,

@@ -375,7 +375,7 @@ fn to_json(spec: &TableSpec, row: &PgRow) -> Result<Map<String, Json>, StoreErro
             ColumnType::Timestamp => row.try_get::<Option<NaiveDateTime>, _>(name)?.map(Value::Timestamp),
             ColumnType::TimestampTz => row.try_get::<Option<DateTime<Utc>>, _>(name)?.map(Value::TimestampTz),
             ColumnType::Text | ColumnType::Numeric20 | ColumnType::Uuid => {
-                row.try_get::<Option<String>, _>(name)?.map(Value::Text)
+                row.try_get::<Option<&str>, _>(name)?.map(|t| Value::Text(t.into()))
             }
             ColumnType::Json => row
                 .try_get::<Option<String>, _>(name)?
@@ -414,7 +414,7 @@ mod tests {
                     Value::Null => String::new(),
                     Value::Int(n) => format!("{n:020}"),
                     Value::Date(d) => d.to_string(),
-                    Value::Text(t) => t.clone(),
+                    Value::Text(t) => t.to_string(),
                     other => panic!("{other:?} in a key"),
                 })
                 .collect()

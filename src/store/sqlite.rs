@@ -233,6 +233,6 @@ fn parse_text(ty: ColumnType, text: &str) -> Option<Value> {
         ColumnType::Timestamp => Value::Timestamp(NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").ok()?),
         ColumnType::TimestampTz => Value::TimestampTz(DateTime::parse_from_rfc3339(text).ok()?.with_timezone(&Utc)),
         ColumnType::Json => Value::Json(serde_json::from_str(text).ok()?),
-        _ => Value::Text(text.to_owned()),
+        _ => Value::Text(text.into()),
     })
 }
