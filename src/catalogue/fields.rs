@@ -48,14 +48,22 @@ pub fn read<S: Slot>(table: Table, text: &str) -> Result<Fields<S>, serde_json::
 }
 
 /// Where `name` is among `table`'s column names sorted: its place there and its
-/// column's position. The place `guess` is tried first, then a binary search:
-/// fields read in name order, each guessed after the last one found, take one
-/// comparison each.
+/// column's position. The place `guess` and the few after it are tried first,
+/// then a binary search: fields read in name order, each guessed after the last
+/// one found, are found by an equality test or a few (a record leaves out some
+/// columns), and names of another length differ at once.
 pub fn locate(table: Table, name: &str, guess: usize) -> Option<(usize, usize)> {
+    const AHEAD: usize = 4;
     let names = names(table);
-    let sorted = match names.get(guess) {
-        Some((n, _)) if *n == name => guess,
-        _ => names.binary_search_by(|(n, _)| (*n).cmp(name)).ok()?,
+    let near = names
+        .iter()
+        .enumerate()
+        .skip(guess)
+        .take(AHEAD)
+        .find(|(_, (n, _))| *n == name);
+    let sorted = match near {
+        Some((sorted, _)) => sorted,
+        None => names.binary_search_by(|(n, _)| (*n).cmp(name)).ok()?,
     };
     Some((sorted, names[sorted].1))
 }
@@ -152,7 +160,13 @@ mod tests {
                 // Found with no guess, a wrong guess, and the right one alike.
                 let (sorted, found) = locate(table, column.name, usize::MAX).expect("a column");
                 assert_eq!(found, i, "{table}.{}", column.name);
-                for guess in [0, sorted + 1, sorted] {
+                for guess in [
+                    0,
+                    sorted.saturating_sub(2),
+                    sorted.saturating_sub(5),
+                    sorted + 1,
+                    sorted,
+                ] {
                     assert_eq!(
                         locate(table, column.name, guess),
                         Some((sorted, i)),

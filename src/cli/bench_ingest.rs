@@ -254,7 +254,7 @@ async fn measure(
         if Instant::now() > deadline {
             bail!("the ingest did not catch up within an hour");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
     peak_rss = peak_rss_mib(pid).or(peak_rss);

@@ -61,10 +61,12 @@ pub fn encode<R: Borrow<Row>>(
     mut prefixes: Option<impl Iterator<Item = i64>>,
 ) -> Option<Vec<u8>> {
     let fields = i16::try_from(spec.columns.len() + usize::from(prefixes.is_some())).ok()?;
-    let estimate: usize = rows
-        .iter()
-        .map(|r| r.borrow().approx_bytes() + 4 * r.borrow().values.len() + 14)
-        .sum();
+    // A capacity hint from the first row (rows of one table are much alike):
+    // sizing every row would walk every value once more.
+    let estimate = rows.first().map_or(0, |r| {
+        let r = r.borrow();
+        (r.approx_bytes() + 4 * r.values.len() + 14) * rows.len()
+    });
     let mut out = Vec::with_capacity(HEADER.len() + estimate + 2);
     out.extend_from_slice(HEADER);
     for row in rows {

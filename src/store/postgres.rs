@@ -225,14 +225,51 @@ async fn copy_in(conn: &mut PgConnection, (statement, data): (String, Vec<u8>)) 
 /// so the sort need not keep them in order.
 fn in_key_order<'r>(spec: &TableSpec, rows: &'r [Row]) -> Vec<&'r Row> {
     let key: Vec<usize> = spec.key.iter().filter_map(|name| spec.index_of(name)).collect();
-    let mut ordered: Vec<&Row> = rows.iter().collect();
-    ordered.sort_unstable_by(|a, b| {
+    let full = |a: &Row, b: &Row| {
         key.iter()
             .map(|&i| key_order(&a.values[i], &b.values[i]))
             .find(|o| o.is_ne())
             .unwrap_or(Ordering::Equal)
-    });
-    ordered
+    };
+    // Sorted by a prefix held beside each row, so that most comparisons touch
+    // neither row; rows whose prefixes are equal are compared in full.
+    let mut ordered: Vec<(u128, &Row)> = rows.iter().map(|row| (key_prefix(&key, row), row)).collect();
+    ordered.sort_unstable_by(|(pa, a), (pb, b)| pa.cmp(pb).then_with(|| full(a, b)));
+    ordered.into_iter().map(|(_, row)| row).collect()
+}
+
+/// The first 16 bytes of an order-preserving encoding of `row`'s key columns
+/// (`key`, in order): two rows whose prefixes differ are ordered by
+/// [`key_order`] as their prefixes are. Each value is a tag (NULL first) and
+/// then, for integers and dates, its big-endian bytes with the sign flipped,
+/// and for text its bytes; the encoding stops after a text (its length
+/// varies) and at a kind it does not cover.
+fn key_prefix(key: &[usize], row: &Row) -> u128 {
+    let mut bytes = [0u8; 16];
+    let mut at = 0;
+    let mut put = |part: &[u8]| {
+        let n = part.len().min(bytes.len() - at);
+        bytes[at..at + n].copy_from_slice(&part[..n]);
+        at += n;
+        at < bytes.len()
+    };
+    for &i in key {
+        let more = match &row.values[i] {
+            Value::Null => put(&[0]),
+            Value::Int(v) => put(&[1]) && put(&(v ^ i64::MIN).to_be_bytes()),
+            Value::Date(d) => put(&[1]) && put(&(chrono::Datelike::num_days_from_ce(d) ^ i32::MIN).to_be_bytes()),
+            Value::Text(t) => {
+                put(&[1]);
+                put(t.as_bytes());
+                false
+            }
+            _ => false,
+        };
+        if !more {
+            break;
+        }
+    }
+    u128::from_be_bytes(bytes)
 }
 
 /// The order of two values of one key column (NULLs first); values of two
@@ -394,6 +431,94 @@ fn to_json(spec: &TableSpec, row: &PgRow) -> Result<Map<String, Json>, StoreErro
 mod tests {
     use super::*;
     use crate::catalogue::{decode_json, Table};
+
+    #[test]
+    fn the_key_prefix_orders_as_the_full_key_does() {
+        // Keys of an integer (NULLs, negatives, extremes), a date (before the
+        // epoch and the era), a text (empty, control characters, sharing
+        // prefixes longer than the 16 bytes) and an int, in two orders (the
+        // text last and first): many ties, so both the prefix and the full
+        // comparison decide some pairs.
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+        enum Part {
+            Null,
+            Int(i64),
+            Date(NaiveDate),
+            Text(String),
+        }
+        let spec = Table::EventsPart.spec();
+        let sessions = [
+            None,
+            Some(i64::MIN),
+            Some(-5),
+            Some(-1),
+            Some(0),
+            Some(3),
+            Some(i64::MAX),
+        ];
+        let dates =
+            ["0001-01-01", "1969-12-31", "1970-01-01", "2024-03-01"].map(|d| NaiveDate::from_str(d).expect("a date"));
+        let profiles = [
+            None,
+            Some(""),
+            Some("a"),
+            Some("a\u{1}\u{5}"),
+            Some("ab"),
+            Some("b"),
+            Some("abcdefghijkl"),
+            Some("abcdefghijklmnopq"),
+            Some("abcdefghijklmnopz"),
+        ];
+        let base = decode_json(Table::EventsPart, crate::sample::record(Table::EventsPart, 1))
+            .expect("a sample decodes")
+            .row;
+        let mut state = 7u64;
+        let mut pick = |n: usize| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as usize % n
+        };
+        let rows: Vec<Row> = (0..3000)
+            .map(|_| {
+                let mut row = base.clone();
+                let mut set = |name: &str, value: Value| row.values[spec.index_of(name).unwrap()] = value;
+                set(
+                    "session_id",
+                    sessions[pick(sessions.len())].map_or(Value::Null, Value::Int),
+                );
+                set("event_date", Value::Date(dates[pick(dates.len())]));
+                set(
+                    "profile_id",
+                    profiles[pick(profiles.len())].map_or(Value::Null, |t| Value::Text(t.into())),
+                );
+                set("dup_seq", Value::Int(pick(3) as i64 - 1));
+                row
+            })
+            .collect();
+        let orders: [&'static [&'static str]; 2] = [
+            &["session_id", "event_date", "profile_id", "dup_seq"],
+            &["profile_id", "dup_seq", "session_id", "event_date"],
+        ];
+        for key in orders {
+            let keyed = TableSpec { key, ..*spec };
+            let parts = |row: &Row| -> Vec<Part> {
+                key.iter()
+                    .map(|name| match &row.values[spec.index_of(name).unwrap()] {
+                        Value::Null => Part::Null,
+                        Value::Int(n) => Part::Int(*n),
+                        Value::Date(d) => Part::Date(*d),
+                        Value::Text(t) => Part::Text(t.to_string()),
+                        other => panic!("{other:?} in a key"),
+                    })
+                    .collect()
+            };
+            let ordered: Vec<Vec<Part>> = in_key_order(&keyed, &rows).into_iter().map(parts).collect();
+            let mut expected: Vec<Vec<Part>> = rows.iter().map(parts).collect();
+            expected.sort();
+            assert_eq!(ordered, expected, "{key:?}");
+        }
+    }
 
     #[test]
     fn rows_go_in_key_order() {
