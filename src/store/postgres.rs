@@ -224,10 +224,15 @@ async fn copy_in(conn: &mut PgConnection, (statement, data): (String, Vec<u8>)) 
 /// fail whatever their order (the staging path then takes `rows` as they came),
 /// so the sort need not keep them in order.
 fn in_key_order<'r>(spec: &TableSpec, rows: &'r [Row]) -> Vec<&'r Row> {
-    let key: Vec<usize> = spec.key.iter().filter_map(|name| spec.index_of(name)).collect();
+    let key: Vec<(usize, bool)> = spec
+        .key
+        .iter()
+        .filter_map(|name| spec.index_of(name))
+        .map(|i| (i, !spec.columns[i].required))
+        .collect();
     let full = |a: &Row, b: &Row| {
         key.iter()
-            .map(|&i| key_order(&a.values[i], &b.values[i]))
+            .map(|&(i, _)| key_order(&a.values[i], &b.values[i]))
             .find(|o| o.is_ne())
             .unwrap_or(Ordering::Equal)
     };
@@ -239,12 +244,14 @@ fn in_key_order<'r>(spec: &TableSpec, rows: &'r [Row]) -> Vec<&'r Row> {
 }
 
 /// The first 16 bytes of an order-preserving encoding of `row`'s key columns
-/// (`key`, in order): two rows whose prefixes differ are ordered by
-/// [`key_order`] as their prefixes are. Each value is a tag (NULL first) and
-/// then, for integers and dates, its big-endian bytes with the sign flipped,
-/// and for text its bytes; the encoding stops after a text (its length
-/// varies) and at a kind it does not cover.
-fn key_prefix(key: &[usize], row: &Row) -> u128 {
+/// (`key`: each column's position, and whether it may be NULL): two rows whose
+/// prefixes differ are ordered by [`key_order`] as their prefixes are. A
+/// column that may be NULL starts with a tag (NULL first); integers and dates
+/// are their big-endian bytes with the sign flipped, text its bytes. The
+/// encoding stops after a text (its length varies), at a kind it does not
+/// cover, and at a NULL in a column without a tag (all zeros from there: no
+/// more than any value).
+fn key_prefix(key: &[(usize, bool)], row: &Row) -> u128 {
     let mut bytes = [0u8; 16];
     let mut at = 0;
     let mut put = |part: &[u8]| {
@@ -253,16 +260,19 @@ fn key_prefix(key: &[usize], row: &Row) -> u128 {
         at += n;
         at < bytes.len()
     };
-    for &i in key {
-        let more = match &row.values[i] {
-            Value::Null => put(&[0]),
-            Value::Int(v) => put(&[1]) && put(&(v ^ i64::MIN).to_be_bytes()),
-            Value::Date(d) => put(&[1]) && put(&(chrono::Datelike::num_days_from_ce(d) ^ i32::MIN).to_be_bytes()),
+    for &(i, nullable) in key {
+        let value = &row.values[i];
+        if nullable && !put(&[u8::from(!value.is_null())]) {
+            break;
+        }
+        let more = match value {
+            Value::Int(v) => put(&(v ^ i64::MIN).to_be_bytes()),
+            Value::Date(d) => put(&(chrono::Datelike::num_days_from_ce(d) ^ i32::MIN).to_be_bytes()),
             Value::Text(t) => {
-                put(&[1]);
                 put(t.as_bytes());
                 false
             }
+            Value::Null => nullable,
             _ => false,
         };
         if !more {
@@ -436,9 +446,8 @@ mod tests {
     fn the_key_prefix_orders_as_the_full_key_does() {
         // Keys of an integer (NULLs, negatives, extremes), a date (before the
         // epoch and the era), a text (empty, control characters, sharing
-        // prefixes longer than the 16 bytes) and an int, in two orders (the
-        // text last and first): many ties, so both the prefix and the full
-        // comparison decide some pairs.
+        // prefixes longer than the 16 bytes) and an int, in three orders:
+        // many ties, so both the prefix and the full comparison decide some pairs.
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
         enum Part {
             Null,
@@ -492,13 +501,19 @@ mod tests {
                     "profile_id",
                     profiles[pick(profiles.len())].map_or(Value::Null, |t| Value::Text(t.into())),
                 );
-                set("dup_seq", Value::Int(pick(3) as i64 - 1));
+                // dup_seq may not be NULL, so it has no tag: a NULL there (which
+                // decoding never lets through) must still sort first.
+                set(
+                    "dup_seq",
+                    [Value::Null, Value::Int(-1), Value::Int(0), Value::Int(1)][pick(4)].clone(),
+                );
                 row
             })
             .collect();
-        let orders: [&'static [&'static str]; 2] = [
+        let orders: [&'static [&'static str]; 3] = [
             &["session_id", "event_date", "profile_id", "dup_seq"],
             &["profile_id", "dup_seq", "session_id", "event_date"],
+            &["dup_seq", "event_date", "session_id", "profile_id"],
         ];
         for key in orders {
             let keyed = TableSpec { key, ..*spec };
