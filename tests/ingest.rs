@@ -437,6 +437,70 @@ async fn a_database_outage_mid_ingest_resumes_by_itself_exactly_once() {
     drop(cluster);
 }
 
+/// Waits until the group is settled (all seven consumers hold their
+/// `partitions`, no rebalance for a while: a rebalance rightly writes the
+/// buffer), and returns the rebalances counted so far.
+async fn settled_group(child: &Child, partitions: i32) -> f64 {
+    let settled = || async {
+        let m = child.scrape().await?;
+        let assigned = Table::ALL
+            .iter()
+            .all(|t| m.value("dwh_helper_partitions_assigned", &[("table", t.name())]) == Some(f64::from(partitions)));
+        Some((assigned, m.sum("dwh_helper_rebalances_total", &[])))
+    };
+    wait_for(Duration::from_secs(60), "a settled group", || async {
+        let (assigned, before) = settled().await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (still, after) = settled().await?;
+        (assigned && still && before == after).then_some(after)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_end_of_a_backlog_lands_without_waiting_out_the_linger() {
+    // A ten-minute linger: only full batches, and the rest of a backlog that
+    // follows a full batch, may be written while the test looks.
+    let (broker, prefix) = broker(1).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    env.retain(|(k, _)| k != "KAFKA_BATCH_LINGER_MS");
+    env.push(("KAFKA_BATCH_LINGER_MS".into(), "600000".into()));
+    env.push(("KAFKA_BATCH_MAX_ROWS".into(), "100".into()));
+    env.push(("KAFKA_WRITE_LANES".into(), "1".into()));
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let table = Table::UserLocations;
+    let child = Child::observed(&env, "ingest");
+    let topic = topic(&prefix, table);
+    let rebalances = settled_group(&child, 1).await;
+    // 250 records: two full batches, then 50 that follow a full one.
+    publish(&config, &topic, &keyed(table, sample::records(table, 250, 9))).await;
+    let count = || pg_count(&url, "SELECT count(*) FROM user_locations");
+    wait_for(Duration::from_secs(60), "the whole backlog", || async {
+        (count().await == Some(250)).then_some(())
+    })
+    .await;
+    let m = child.scrape().await.expect("a scrape");
+    assert_eq!(
+        m.sum("dwh_helper_rebalances_total", &[]),
+        rebalances,
+        "no rebalance wrote the buffer instead"
+    );
+    // 30 more follow a batch that was not full: light traffic, which waits out
+    // the linger as before.
+    publish(&config, &topic, &keyed(table, sample::records(table, 30, 10))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count().await, Some(250), "the light batch is still open");
+    let status = child
+        .terminate(Duration::from_secs(30))
+        .expect("exits within the grace period");
+    assert!(status.success(), "exit 0: {status:?}");
+    assert_eq!(count().await, Some(280));
+    let stored: i64 = stored_offsets(&url, GROUP, &topic).await.iter().map(|(_, o)| o).sum();
+    assert_eq!(stored, 280);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
     let (broker, prefix) = broker(2).await;
@@ -449,24 +513,8 @@ async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
     migrated(&config).await;
     let table = Table::UserLocations;
     let child = Child::observed(&env, "ingest");
-    // Wait until the group is settled (all seven consumers hold both partitions,
-    // no rebalance for a while: a rebalance rightly writes the buffer), then give
-    // it records.
     let topic = topic(&prefix, table);
-    let settled = || async {
-        let m = child.scrape().await?;
-        let assigned = Table::ALL
-            .iter()
-            .all(|t| m.value("dwh_helper_partitions_assigned", &[("table", t.name())]) == Some(2.0));
-        Some((assigned, m.sum("dwh_helper_rebalances_total", &[])))
-    };
-    wait_for(Duration::from_secs(60), "a settled group", || async {
-        let (assigned, before) = settled().await?;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (still, after) = settled().await?;
-        (assigned && still && before == after).then_some(())
-    })
-    .await;
+    settled_group(&child, 2).await;
     publish(&config, &topic, &keyed(table, sample::records(table, 500, 8))).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(

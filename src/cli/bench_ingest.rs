@@ -222,7 +222,10 @@ async fn measure(
         )
         .env_remove("HTTP_API_TOKEN")
         .env("LOG_FORMAT", "json")
-        .env("LOG_LEVEL", "warn")
+        .env(
+            "LOG_LEVEL",
+            std::env::var("BENCH_CHILD_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

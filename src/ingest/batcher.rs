@@ -2,7 +2,9 @@
 //! batch closes, and says which offset range of each partition the batch covers.
 //!
 //! Guarantees (pure, no I/O): a batch closes at `max_rows` records, `max_bytes`
-//! bytes or `linger` after its first record, whichever comes first; for every
+//! bytes or `linger` after its first record, whichever comes first; a batch that
+//! follows a full one may also close [`DRAIN_IDLE`] after its last record (the
+//! end of a backlog: see [`Batcher::drained_at`]); for every
 //! partition it covers, the batch starts at the position the consumer stood at
 //! (the stored `next_offset`) and ends one past its last record, so consecutive
 //! batches of a partition chain without gap or overlap.
@@ -13,6 +15,13 @@ use std::time::{Duration, Instant};
 use crate::catalogue::Row;
 pub use crate::store::Origin;
 use crate::store::{OffsetAdvance, RejectedRecord};
+
+/// How long a batch that follows a full one waits after its last record before
+/// it counts as drained: a backlog or burst has ended, and what is left of it
+/// need not wait out the linger for records that are not coming. Below the
+/// rows and bytes bounds (light traffic) a batch never follows a full one, so
+/// the linger alone decides there.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(50);
 
 /// When a batch closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +53,9 @@ pub struct Batcher {
     batch: Closed,
     bytes: usize,
     opened_at: Option<Instant>,
+    last_push: Option<Instant>,
+    /// The batch taken before this one was full.
+    after_full: bool,
 }
 
 /// A closed batch, ready to write.
@@ -85,6 +97,8 @@ impl Batcher {
             batch: Closed::default(),
             bytes: 0,
             opened_at: None,
+            last_push: None,
+            after_full: false,
         }
     }
 
@@ -115,6 +129,7 @@ impl Batcher {
         }
         self.bytes += bytes;
         self.opened_at.get_or_insert(now);
+        self.last_push = Some(now);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -129,6 +144,14 @@ impl Batcher {
     /// When the linger time of the open batch runs out.
     pub fn deadline(&self) -> Option<Instant> {
         self.opened_at.map(|opened| opened + self.limits.linger)
+    }
+
+    /// When the open batch counts as drained, if it follows a full batch:
+    /// [`DRAIN_IDLE`] (at most the linger) after its last record. The caller
+    /// closes it then only if no records are waiting to be added.
+    pub fn drained_at(&self) -> Option<Instant> {
+        let idle = DRAIN_IDLE.min(self.limits.linger);
+        self.last_push.filter(|_| self.after_full).map(|last| last + idle)
     }
 
     /// Whether the batch should be written now.
@@ -158,9 +181,11 @@ impl Batcher {
 
     /// Closes the open batch and starts an empty one.
     pub fn take(&mut self) -> Closed {
+        self.after_full = self.is_full();
         let mut closed = std::mem::take(&mut self.batch);
         closed.bytes = std::mem::take(&mut self.bytes);
         self.opened_at = None;
+        self.last_push = None;
         closed
     }
 }
@@ -243,6 +268,43 @@ mod tests {
         );
         assert!(!b.should_close(later + Duration::from_millis(499)));
         assert!(b.should_close(later + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn only_a_batch_after_a_full_one_counts_as_drained() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut b = Batcher::new(limits());
+        b.push(0, Some(0), 0, 1, row(), start);
+        assert_eq!(b.drained_at(), None, "the first batch follows none");
+        b.push(0, Some(0), 1, 1, row(), start);
+        b.push(0, Some(0), 2, 1, row(), start);
+        assert!(b.is_full());
+        b.take();
+        // After a full batch: drained DRAIN_IDLE after the last record, which
+        // each record moves on; the linger deadline stays where it was.
+        b.push(0, Some(3), 3, 1, row(), start + ms(10));
+        assert_eq!(b.drained_at(), Some(start + ms(10) + DRAIN_IDLE));
+        b.push(0, Some(3), 4, 1, row(), start + ms(30));
+        assert_eq!(b.drained_at(), Some(start + ms(30) + DRAIN_IDLE));
+        assert_eq!(b.deadline(), Some(start + ms(10) + ms(500)));
+        // That batch closes partial: the next one follows a batch that was not
+        // full, and waits for the linger alone.
+        b.take();
+        assert_eq!(b.drained_at(), None, "empty");
+        b.push(0, Some(5), 5, 1, row(), start + ms(40));
+        assert_eq!(b.drained_at(), None);
+        // A linger shorter than DRAIN_IDLE bounds the wait too.
+        let mut short = Batcher::new(BatchLimits {
+            linger: ms(20),
+            ..limits()
+        });
+        for offset in 0..3 {
+            short.push(0, Some(0), offset, 1, row(), start);
+        }
+        short.take();
+        short.push(0, Some(3), 3, 1, row(), start + ms(5));
+        assert_eq!(short.drained_at(), Some(start + ms(25)));
     }
 
     #[test]

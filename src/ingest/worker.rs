@@ -139,6 +139,14 @@ struct Lane {
     queued: Option<Queued>,
 }
 
+impl Lane {
+    /// When the open batch is due (see [`State::deadline`]).
+    fn due(&self, drain: bool) -> Option<Instant> {
+        let drained = self.batcher.drained_at().filter(|_| drain);
+        self.batcher.deadline().into_iter().chain(drained).min()
+    }
+}
+
 /// A closed batch, its offset advances and its memory, ready to be written.
 struct Queued {
     closed: Closed,
@@ -179,9 +187,10 @@ impl State {
         self.lanes[self.lane_of(partition)].batcher.next_offset(partition)
     }
 
-    /// The earliest linger deadline of the open batches.
-    fn deadline(&self) -> Option<Instant> {
-        self.lanes.iter().filter_map(|lane| lane.batcher.deadline()).min()
+    /// The earliest time an open batch is due: its linger deadline, or, when
+    /// `drain` (no delivery is waiting), the time it counts as drained.
+    fn deadline(&self, drain: bool) -> Option<Instant> {
+        self.lanes.iter().filter_map(|lane| lane.due(drain)).min()
     }
 
     fn writing(&self) -> bool {
@@ -242,7 +251,10 @@ impl Worker {
 
     async fn serve(&self, state: &mut State, events: &mut mpsc::Receiver<Event>) -> Exit {
         loop {
-            let deadline = state.deadline();
+            // A batch that follows a full one is written once its records stop
+            // coming (the end of a backlog), but never while a delivery waits.
+            let drain = events.is_empty();
+            let deadline = state.deadline(drain);
             let linger = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into());
             tokio::select! {
                 biased;
@@ -263,7 +275,7 @@ impl Worker {
                 () = linger, if deadline.is_some() => {
                     let now = Instant::now();
                     for lane in 0..state.lanes.len() {
-                        if state.lanes[lane].batcher.deadline().is_some_and(|due| due <= now) {
+                        if state.lanes[lane].due(drain).is_some_and(|due| due <= now) {
                             if let Err(exit) = self.flush(state, lane).await {
                                 return exit;
                             }
@@ -473,8 +485,14 @@ impl Worker {
     /// flight, else queued behind it (after the batch queued before it, if any,
     /// has started).
     async fn flush(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
-        if state.lanes[lane].queued.is_some() {
-            self.advance(state, lane).await?;
+        // The lane's queue holds one batch: wait for room. Any lane's write that
+        // lands meanwhile starts that lane's queued batch at once, so that a lane
+        // waiting here does not hold up the others.
+        while state.lanes[lane].queued.is_some() {
+            // A lane queues a batch only behind its own write in flight.
+            debug_assert!(state.lanes[lane].in_flight.is_some());
+            let (ended, joined) = landed(&mut state.lanes).await;
+            self.next_write(&mut state.lanes[ended], Some(joined))?;
         }
         if state.lanes[lane].batcher.is_empty() {
             return Ok(());
