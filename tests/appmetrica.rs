@@ -38,8 +38,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
     for (k, v) in extra {
-        env.retain(|(name, _)| name != k);
-        env.push((k.to_string(), v.to_string()));
+        set_env(&mut env, k, v);
     }
     let config = config_from(&env, &[]);
     let dwh = Dwh::connect(&config.dwh).expect("pool");
@@ -205,8 +204,7 @@ async fn throttling_server_errors_drops_and_truncations_are_retried_to_the_right
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_invalid_token_stops_with_a_clear_error_and_no_retry() {
     let mut s = setup(&[]).await;
-    s.env.retain(|(k, _)| k != "APPMETRICA_API_KEY");
-    s.env.push(("APPMETRICA_API_KEY".into(), "wrong-token".into()));
+    set_env(&mut s.env, "APPMETRICA_API_KEY", "wrong-token");
     s.api.script(
         "events",
         "2024-03-01",

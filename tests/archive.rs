@@ -240,8 +240,7 @@ async fn an_unreachable_store_delays_the_archive_and_not_the_ingest() {
 
     proxy.resume().await;
     let mut verify_env = env.clone();
-    verify_env.retain(|(k, _)| k != "S3_ENDPOINT_URL");
-    verify_env.push(("S3_ENDPOINT_URL".into(), endpoint.clone()));
+    set_env(&mut verify_env, "S3_ENDPOINT_URL", &endpoint);
     let report = archive_complete(&verify_env, &config, &topic, Duration::from_secs(120)).await;
     assert_eq!(report["problems"], 0, "{report}");
     let status = child.terminate(Duration::from_secs(30)).expect("stops");

@@ -457,79 +457,97 @@ async fn settled_group(child: &Child, partitions: i32) -> f64 {
     .await
 }
 
+/// An ingest child of `user_locations` over `partitions` with a ten-minute
+/// linger and `settings`, its group settled: only what the test means to close
+/// a batch does so while it looks.
+struct Lingering {
+    _broker: DevBroker,
+    url: String,
+    config: Config,
+    child: Child,
+    topic: String,
+    /// Rebalances counted once the group settled.
+    rebalances: f64,
+}
+
+async fn lingering_ingest(partitions: i32, settings: &[(&str, &str)]) -> Lingering {
+    let (broker, prefix) = broker(partitions).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "KAFKA_BATCH_LINGER_MS", "600000");
+    for (name, value) in settings {
+        set_env(&mut env, name, value);
+    }
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let child = Child::observed(&env, "ingest");
+    let rebalances = settled_group(&child, partitions).await;
+    Lingering {
+        _broker: broker,
+        url,
+        config,
+        child,
+        topic: topic(&prefix, Table::UserLocations),
+        rebalances,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_end_of_a_backlog_lands_without_waiting_out_the_linger() {
     // A ten-minute linger: only full batches, and the rest of a backlog that
     // follows a full batch, may be written while the test looks.
-    let (broker, prefix) = broker(1).await;
-    let url = fresh_pg_url().await;
-    let mut env = ingest_env(&broker, &prefix, &url);
-    env.retain(|(k, _)| k != "KAFKA_BATCH_LINGER_MS");
-    env.push(("KAFKA_BATCH_LINGER_MS".into(), "600000".into()));
-    env.push(("KAFKA_BATCH_MAX_ROWS".into(), "100".into()));
-    env.push(("KAFKA_WRITE_LANES".into(), "1".into()));
-    let config = config_from(&env, &[]);
-    migrated(&config).await;
+    let ingest = lingering_ingest(1, &[("KAFKA_BATCH_MAX_ROWS", "100"), ("KAFKA_WRITE_LANES", "1")]).await;
+    let (url, config, topic) = (&ingest.url, &ingest.config, &ingest.topic);
     let table = Table::UserLocations;
-    let child = Child::observed(&env, "ingest");
-    let topic = topic(&prefix, table);
-    let rebalances = settled_group(&child, 1).await;
     // 250 records: two full batches, then 50 that follow a full one.
-    publish(&config, &topic, &keyed(table, sample::records(table, 250, 9))).await;
-    let count = || pg_count(&url, "SELECT count(*) FROM user_locations");
+    publish(config, topic, &keyed(table, sample::records(table, 250, 9))).await;
+    let count = || pg_count(url, "SELECT count(*) FROM user_locations");
     wait_for(Duration::from_secs(60), "the whole backlog", || async {
         (count().await == Some(250)).then_some(())
     })
     .await;
-    let m = child.scrape().await.expect("a scrape");
+    let m = ingest.child.scrape().await.expect("a scrape");
     assert_eq!(
         m.sum("dwh_helper_rebalances_total", &[]),
-        rebalances,
+        ingest.rebalances,
         "no rebalance wrote the buffer instead"
     );
     // 30 more follow a batch that was not full: light traffic, which waits out
     // the linger as before.
-    publish(&config, &topic, &keyed(table, sample::records(table, 30, 10))).await;
+    publish(config, topic, &keyed(table, sample::records(table, 30, 10))).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(count().await, Some(250), "the light batch is still open");
-    let status = child
+    let status = ingest
+        .child
         .terminate(Duration::from_secs(30))
         .expect("exits within the grace period");
     assert!(status.success(), "exit 0: {status:?}");
     assert_eq!(count().await, Some(280));
-    let stored: i64 = stored_offsets(&url, GROUP, &topic).await.iter().map(|(_, o)| o).sum();
+    let stored: i64 = stored_offsets(url, GROUP, topic).await.iter().map(|(_, o)| o).sum();
     assert_eq!(stored, 280);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
-    let (broker, prefix) = broker(2).await;
-    let url = fresh_pg_url().await;
-    let mut env = ingest_env(&broker, &prefix, &url);
-    env.retain(|(k, _)| k != "KAFKA_BATCH_LINGER_MS");
-    env.push(("KAFKA_BATCH_LINGER_MS".into(), "600000".into()));
-    env.push(("KAFKA_BATCH_MAX_ROWS".into(), "100000".into()));
-    let config = config_from(&env, &[]);
-    migrated(&config).await;
+    let ingest = lingering_ingest(2, &[("KAFKA_BATCH_MAX_ROWS", "100000")]).await;
+    let (url, config, topic) = (&ingest.url, &ingest.config, &ingest.topic);
     let table = Table::UserLocations;
-    let child = Child::observed(&env, "ingest");
-    let topic = topic(&prefix, table);
-    settled_group(&child, 2).await;
-    publish(&config, &topic, &keyed(table, sample::records(table, 500, 8))).await;
+    publish(config, topic, &keyed(table, sample::records(table, 500, 8))).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        pg_count(url, "SELECT count(*) FROM user_locations").await,
         Some(0),
         "the batch is still open (linger 10 minutes)"
     );
     let started = Instant::now();
-    let status = child
+    let status = ingest
+        .child
         .terminate(Duration::from_secs(30))
         .expect("exits within the grace period");
     assert!(status.success(), "exit 0: {status:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(500));
-    let stored: i64 = stored_offsets(&url, GROUP, &topic).await.iter().map(|(_, o)| o).sum();
+    assert_eq!(pg_count(url, "SELECT count(*) FROM user_locations").await, Some(500));
+    let stored: i64 = stored_offsets(url, GROUP, topic).await.iter().map(|(_, o)| o).sum();
     assert_eq!(stored, 500);
 }
 

@@ -295,6 +295,12 @@ pub fn ingest_env(broker: &DevBroker, prefix: &str, database_url: &str) -> Vec<(
     .collect()
 }
 
+/// Sets `name` to `value` in `env`, replacing the value it had.
+pub fn set_env(env: &mut Vec<(String, String)>, name: &str, value: &str) {
+    env.retain(|(k, _)| k != name);
+    env.push((name.to_owned(), value.to_owned()));
+}
+
 pub fn config_from(env: &[(String, String)], extra: &[(&str, &str)]) -> Config {
     let mut vars = env.to_vec();
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
