@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against real servers, which it starts itself:
-#   - tansu, a second Kafka-protocol broker (in memory) that answers ListOffsets by
-#     timestamp, which librdkafka's mock cluster does not: built once with
-#     `cargo install` and cached under the cargo home, unless DWH_TEST_TANSU_BOOTSTRAP
-#     points at a running broker already;
+#   - Apache Kafka (one KRaft node, from Maven Central: scripts/kafka.sh, jars cached
+#     under ~/.cache/dwh-helper), with PLAINTEXT, SASL_PLAINTEXT and SASL_SSL
+#     listeners and ACLs, unless DWH_TEST_KAFKA_BOOTSTRAP points at a running broker
+#     already (the security tests then need the other DWH_TEST_KAFKA_* variables);
+#   - confluent-kafka (PyPI), a third-party producer for the compression test;
 #   - Chromium (Debian's package), to render the /docs page in a test;
 #   - schemathesis (PyPI), to fuzz the API from its OpenAPI document in a test;
 #   - a throwaway PostgreSQL cluster in a temporary directory (initdb + pg_ctl of the
@@ -18,13 +19,19 @@ tmp=""
 pg_ctl_cmd=()
 s3_pid=""
 s3_log=""
-tansu_pid=""
-tansu_log=""
+kafka_dir=""
 cleanup() {
   if [ -n "$s3_pid" ]; then kill "$s3_pid" 2>/dev/null || true; fi
   if [ -n "$s3_log" ]; then rm -f "$s3_log"; fi
-  if [ -n "$tansu_pid" ]; then kill "$tansu_pid" 2>/dev/null || true; fi
-  if [ -n "$tansu_log" ]; then rm -f "$tansu_log"; fi
+  if [ -n "$kafka_dir" ]; then
+    if [ -f "$kafka_dir/env" ]; then
+      kafka_pid=$(sed -n 's/^export DWH_TEST_KAFKA_PID=//p' "$kafka_dir/env")
+      kill "$kafka_pid" 2>/dev/null || true
+      for _ in $(seq 1 100); do kill -0 "$kafka_pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$kafka_pid" 2>/dev/null || true
+    fi
+    rm -rf "$kafka_dir"
+  fi
   if [ ${#pg_ctl_cmd[@]} -gt 0 ]; then
     "${pg_ctl_cmd[@]}" -D "$tmp/data" -m immediate stop >/dev/null 2>&1 || true
   fi
@@ -103,29 +110,19 @@ if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("schemathesi
   python3 -m pip install --quiet --disable-pip-version-check 'schemathesis==4.32.5' >/dev/null
 fi
 
-# tansu: a real broker for the time-based replay scenarios.
-if [ -z "${DWH_TEST_TANSU_BOOTSTRAP:-}" ]; then
-  tansu_version=0.6.0
-  tansu_root="${CARGO_HOME:-$HOME/.cargo}/dwh-helper-tools/tansu-$tansu_version-dynostore"
-  if [ ! -x "$tansu_root/bin/tansu" ]; then
-    echo "scripts/test.sh: building tansu $tansu_version once (about 15 minutes), cached in $tansu_root"
-    cargo install tansu --locked --quiet --version "$tansu_version" --features dynostore --root "$tansu_root"
-  fi
-  tansu_port=$(free_port)
-  tansu_log=$(mktemp /tmp/dwh-helper-tansu.XXXXXX)
-  # Its own flags only: tansu also reads STORAGE_ENGINE, OTEL_* and others from the
-  # environment.
-  env -i PATH="$PATH" "$tansu_root/bin/tansu" broker \
-    --storage-engine memory://tansu/ \
-    --listener-url "tcp://127.0.0.1:$tansu_port" \
-    --advertised-listener-url "tcp://127.0.0.1:$tansu_port" >"$tansu_log" 2>&1 &
-  tansu_pid=$!
-  for _ in $(seq 1 100); do
-    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $tansu_port), 0.2)" 2>/dev/null; then break; fi
-    sleep 0.1
-  done
-  export DWH_TEST_TANSU_BOOTSTRAP="127.0.0.1:$tansu_port"
-  echo "scripts/test.sh: tansu $tansu_version on 127.0.0.1:$tansu_port"
+# confluent-kafka: a producer that is not ours, for the compression test.
+if [ "$(python3 -c 'import confluent_kafka; print(confluent_kafka.version()[0])' 2>/dev/null)" != 2.16.1 ]; then
+  echo "scripts/test.sh: installing confluent-kafka (a third-party Kafka producer) with pip"
+  python3 -m pip install --quiet --disable-pip-version-check 'confluent-kafka==2.16.1' >/dev/null
+fi
+
+# Apache Kafka: the broker every Kafka test runs against.
+if [ -z "${DWH_TEST_KAFKA_BOOTSTRAP:-}" ]; then
+  kafka_dir=$(mktemp -d /tmp/dwh-helper-kafka.XXXXXX)
+  scripts/kafka.sh "$kafka_dir" >/dev/null
+  # shellcheck disable=SC1091
+  . "$kafka_dir/env"
+  echo "scripts/test.sh: Apache Kafka $DWH_TEST_KAFKA_VERSION on $DWH_TEST_KAFKA_BOOTSTRAP (SASL $DWH_TEST_KAFKA_SASL_BOOTSTRAP, SASL_SSL $DWH_TEST_KAFKA_SSL_BOOTSTRAP)"
 fi
 
 cargo test --locked "$@"

@@ -17,13 +17,16 @@ struct Setup {
     env: Vec<(String, String)>,
     config: Config,
     url: String,
-    broker: DevBroker,
+    broker: TestBroker,
     ingest: InProcessIngest,
 }
 
 async fn setup(extra: &[(&str, &str)]) -> Setup {
+    setup_on(broker(4).await, extra).await
+}
+
+async fn setup_on((broker, prefix): (TestBroker, String), extra: &[(&str, &str)]) -> Setup {
     let api = LogsApi::start().await;
-    let (broker, prefix) = broker(4).await;
     let url = fresh_pg_url().await;
     let mut env = ingest_env(&broker, &prefix, &url);
     env.extend(
@@ -430,9 +433,11 @@ async fn a_poller_killed_half_way_through_a_window_fetches_it_again_exactly_once
 
 /// The Kafka broker is down while an export is published: the idempotent
 /// producer waits it out, the export completes, and every event lands once.
+/// On the mock cluster: the suite's Kafka broker is shared by every test and
+/// cannot be taken down for one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_export_published_while_the_broker_is_down_completes_once_it_is_back() {
-    let s = setup(&[]).await;
+    let s = setup_on(mock_broker(4).await, &[]).await;
     let day = "2024-03-05";
     let rows = logs_api::events(day, 300, 31, 0);
     s.api.script("events", day, script(vec![Step::Preparing], rows));

@@ -75,7 +75,7 @@ async fn archive_complete(
     }
 }
 
-fn env_for(broker: &DevBroker, prefix: &str, url: &str, s3_endpoint: &str, bucket: &str) -> Vec<(String, String)> {
+fn env_for(broker: &TestBroker, prefix: &str, url: &str, s3_endpoint: &str, bucket: &str) -> Vec<(String, String)> {
     let mut env = ingest_env(broker, prefix, url);
     let mut s3 = s3_env(s3_endpoint);
     s3.retain(|(k, _)| k != "S3_BUCKET_NAME");
@@ -381,10 +381,11 @@ async fn an_evicted_archive_member_retrying_its_upload_leaves_no_gap_and_no_over
 
 /// The Kafka broker goes down in the middle of ingest and archive, then comes
 /// back: both resume by themselves, every record lands once in the DWH and
-/// once in the archive.
+/// once in the archive. On the mock cluster: the suite's Kafka broker is shared
+/// by every test and cannot be taken down for one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kafka_broker_outage_mid_stream_loses_nothing_in_ingest_or_archive() {
-    let (broker, prefix) = broker(4).await;
+    let (broker, prefix) = mock_broker(4).await;
     let topic = format!("{prefix}{}", TABLE.name());
     let url = fresh_pg_url().await;
     let (s3, _) = s3_bucket(&[]).await;

@@ -145,7 +145,7 @@ async fn a_record_with_a_nul_character_is_rejected_and_the_table_goes_on() {
         .await;
         assert_eq!(ingest.status.failing(), None, "sqlite={sqlite}");
         assert_eq!(
-            dwh.stored_offset(GROUP, &topic(&prefix, table), 0)
+            dwh.stored_offset(&group(&prefix), &topic(&prefix, table), 0)
                 .await
                 .expect("offset"),
             Some(2),
@@ -190,7 +190,7 @@ async fn a_retry_that_finds_its_batch_committed_counts_it_landed_and_readiness_r
     let ingest = InProcessIngest::start(config.clone(), dwh.clone());
     publish(&config, &topic, &records[..5]).await;
     wait_for(Duration::from_secs(30), "the first batch", || async {
-        (dwh.stored_offset(GROUP, &topic, 0).await.ok()?? == 5).then_some(())
+        (dwh.stored_offset(&group(&prefix), &topic, 0).await.ok()?? == 5).then_some(())
     })
     .await;
 
@@ -233,11 +233,14 @@ async fn a_retry_that_finds_its_batch_committed_counts_it_landed_and_readiness_r
     })
     .await;
     assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 10);
-    assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), Some(10));
+    assert_eq!(
+        dwh.stored_offset(&group(&prefix), &topic, 0).await.expect("offset"),
+        Some(10)
+    );
     // Landed, not fenced: the consumer kept its partition and goes on.
     publish(&config, &topic, &keyed(table, locations(12))[10..]).await;
     wait_for(Duration::from_secs(30), "the next batch", || async {
-        (dwh.stored_offset(GROUP, &topic, 0).await.ok()?? == 12).then_some(())
+        (dwh.stored_offset(&group(&prefix), &topic, 0).await.ok()?? == 12).then_some(())
     })
     .await;
     assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 12);
@@ -256,7 +259,7 @@ async fn a_stored_offset_above_the_high_watermark_stops_the_table_until_the_oper
     // The topic was recreated: the DWH remembers offset 1000 of the old one.
     exec(
         &url,
-        &format!("INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) VALUES ('{GROUP}', '{topic}', 0, 1000)"),
+        &format!("INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) VALUES ('{}', '{topic}', 0, 1000)", group(&prefix)),
     )
     .await;
     publish(&config, &topic, &keyed(table, locations(10))).await;
@@ -290,7 +293,10 @@ async fn a_stored_offset_above_the_high_watermark_stops_the_table_until_the_oper
         0,
         "nothing skipped silently"
     );
-    assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), Some(1000));
+    assert_eq!(
+        dwh.stored_offset(&group(&prefix), &topic, 0).await.expect("offset"),
+        Some(1000)
+    );
     ingest.stop().await;
 
     // The operator asks for the partition from its first record.
@@ -303,7 +309,10 @@ async fn a_stored_offset_above_the_high_watermark_stops_the_table_until_the_oper
         (dwh.count_rows("user_locations").await.ok()? == 10).then_some(())
     })
     .await;
-    assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), Some(10));
+    assert_eq!(
+        dwh.stored_offset(&group(&prefix), &topic, 0).await.expect("offset"),
+        Some(10)
+    );
     let counters = ingest.status.counters();
     assert_eq!((counters.offsets_moved, counters.tables_stopped), (1, 0));
     assert_eq!(ingest.status.failing(), None);
@@ -358,12 +367,12 @@ async fn a_partition_the_dwh_has_no_offset_for_starts_from_the_reset_policy_not_
     let records = keyed(table, locations(18));
     let run = |url: String, extra: &'static [(&'static str, &'static str)], until: i64| {
         let config = config_from(&ingest_env(&broker, &prefix, &url), extra);
-        let topic = topic.clone();
+        let (topic, group) = (topic.clone(), group(&prefix));
         async move {
             let dwh = migrated(&config).await;
             let ingest = InProcessIngest::start(config.clone(), dwh.clone());
             wait_for(Duration::from_secs(30), "the partition to be caught up", || async {
-                (dwh.stored_offset(GROUP, &topic, 0).await.ok()?? == until).then_some(())
+                (dwh.stored_offset(&group, &topic, 0).await.ok()?? == until).then_some(())
             })
             .await;
             ingest.stop().await;
@@ -445,7 +454,10 @@ async fn shutdown_cancels_a_stuck_write_at_the_deadline_and_a_second_signal_exit
         }
         sqlx::raw_sql("ROLLBACK").execute(&mut blocker).await.expect("unlock");
         assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0);
-        assert_eq!(dwh.stored_offset(GROUP, &topic, 0).await.expect("offset"), None);
+        assert_eq!(
+            dwh.stored_offset(&group(&prefix), &topic, 0).await.expect("offset"),
+            None
+        );
     }
 }
 

@@ -322,6 +322,89 @@ async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
     );
 }
 
+/// Three members of one group; four times a member picked at random is killed
+/// (SIGKILL) at a random moment while records keep coming, and a new one joins.
+/// Every record lands once, under `protocol`'s rebalances.
+async fn members_killed_at_random(protocol: &str) {
+    let (broker, prefix) = broker_with(&[(Table::UserLocations, 12)]).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "KAFKA_INGEST_TABLES", "user_locations");
+    set_env(&mut env, "KAFKA_BATCH_MAX_ROWS", "1000");
+    if protocol == "consumer" {
+        env = kip848(env);
+    }
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    count_writes(&url).await;
+    const RECORDS: i64 = 80_000;
+    let producing = trickle(
+        &config,
+        &topic,
+        keyed(table, sample::records(table, RECORDS as usize, 12)),
+        2_000,
+    );
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 | 1)
+        .unwrap_or(7);
+    eprintln!("{protocol}: kill seed {seed}");
+    let mut moments = Moments(seed);
+    let mut members: Vec<Child> = (0..3).map(|_| Child::observed(&env, "ingest")).collect();
+    let landed = || async { pg_count(&url, "SELECT count(*) FROM user_locations").await.unwrap_or(0) };
+    let mut at_kills = Vec::new();
+    for _ in 0..4 {
+        let before = at_kills.last().copied().unwrap_or(0);
+        wait_for(Duration::from_secs(120), "progress before the next kill", || async {
+            (landed().await > before).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(moments.next_ms(0, 1_500))).await;
+        let victim = (moments.next_ms(0, 3_000) / 1_000) as usize;
+        members.remove(victim).crash();
+        at_kills.push(landed().await);
+        members.push(Child::observed(&env, "ingest"));
+    }
+    eprintln!("{protocol}: rows landed at each kill: {at_kills:?}");
+    producing.await.expect("all published");
+    assert!(
+        at_kills[0] > 0 && at_kills[3] < RECORDS,
+        "every kill fell mid-stream: {at_kills:?}"
+    );
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(240)).await;
+    // The group went through rebalances (the survivors counted theirs).
+    let mut rebalances = 0.0;
+    for member in &members {
+        rebalances += member
+            .scrape()
+            .await
+            .map_or(0.0, |m| m.sum("dwh_helper_rebalances_total", &[]));
+    }
+    assert!(rebalances > 0.0, "the members saw rebalances");
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        Some(RECORDS)
+    );
+    assert_eq!(
+        pg_count(&url, "SELECT count(DISTINCT uuid) FROM user_locations").await,
+        Some(RECORDS)
+    );
+    assert_written_once(&url, RECORDS).await;
+    drop(members);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_killed_at_random_lose_and_duplicate_nothing_in_a_classic_group() {
+    members_killed_at_random("classic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn members_killed_at_random_lose_and_duplicate_nothing_in_a_kip848_group() {
+    members_killed_at_random("consumer").await;
+}
+
 /// Publishes `records` in slices while the test does other things.
 fn trickle(config: &Config, topic: &str, records: Vec<(String, Vec<u8>)>, slice: usize) -> tokio::task::JoinHandle<()> {
     let (config, topic) = (config.clone(), topic.to_owned());
@@ -463,7 +546,7 @@ async fn settled_group(child: &Child, partitions: i32) -> f64 {
 /// linger and `settings`, its group settled: only what the test means to close
 /// a batch does so while it looks.
 struct Lingering {
-    _broker: DevBroker,
+    _broker: TestBroker,
     url: String,
     config: Config,
     child: Child,
@@ -525,7 +608,11 @@ async fn the_end_of_a_backlog_lands_without_waiting_out_the_linger() {
         .expect("exits within the grace period");
     assert!(status.success(), "exit 0: {status:?}");
     assert_eq!(count().await, Some(280));
-    let stored: i64 = stored_offsets(url, GROUP, topic).await.iter().map(|(_, o)| o).sum();
+    let stored: i64 = stored_offsets(url, &config.kafka.group_id, topic)
+        .await
+        .iter()
+        .map(|(_, o)| o)
+        .sum();
     assert_eq!(stored, 280);
 }
 
@@ -549,16 +636,19 @@ async fn sigterm_writes_the_half_full_batch_and_exits_zero() {
     assert!(status.success(), "exit 0: {status:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(pg_count(url, "SELECT count(*) FROM user_locations").await, Some(500));
-    let stored: i64 = stored_offsets(url, GROUP, topic).await.iter().map(|(_, o)| o).sum();
+    let stored: i64 = stored_offsets(url, &config.kafka.group_id, topic)
+        .await
+        .iter()
+        .map(|(_, o)| o)
+        .sum();
     assert_eq!(stored, 500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_topic_created_after_the_start_is_warned_about_once_then_consumed() {
-    let (broker, _) = broker(1).await;
-    let url = fresh_pg_url().await;
     // Topics under this prefix do not exist when the ingest starts.
-    let prefix = format!("late{}.", std::process::id());
+    let (broker, prefix) = broker_with(&[]).await;
+    let url = fresh_pg_url().await;
     let env = ingest_env(&broker, &prefix, &url);
     let config = config_from(&env, &[]);
     migrated(&config).await;
@@ -577,7 +667,7 @@ async fn a_topic_created_after_the_start_is_warned_about_once_then_consumed() {
         .filter(|l| l.contains(&topic) && l.contains("topic does not exist"))
         .count();
     assert_eq!(warnings, 1, "one clear warning:\n{}", child.log_text());
-    // Producing creates the topic on the dev broker (auto-creation).
+    // Producing creates the topic (auto.create.topics.enable, Kafka's default).
     publish(&config, &topic, &keyed(table, sample::records(table, 100, 10))).await;
     wait_for(Duration::from_secs(90), "rows from the late topic", || async {
         pg_count(&url, "SELECT count(*) FROM user_locations")

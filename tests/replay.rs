@@ -97,7 +97,7 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
 
     // Ingested to the end; while the child runs, an execution is refused.
     let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
-    let before = stored_offsets(&url, GROUP, &topic).await;
+    let before = stored_offsets(&url, &group(&prefix), &topic).await;
     let ends: Vec<i64> = before.iter().map(|(_, o)| *o).collect();
     assert_eq!(ends.iter().sum::<i64>(), 40);
     let digest = table_digest(&url).await;
@@ -108,11 +108,11 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("group ingest-test is ingesting user_locations by "),
+        stderr.contains(&format!("group {} is ingesting user_locations by ", group(&prefix))),
         "{stderr}"
     );
     assert!(stderr.contains("nothing was changed"), "{stderr}");
-    assert_eq!(stored_offsets(&url, GROUP, &topic).await, before);
+    assert_eq!(stored_offsets(&url, &group(&prefix), &topic).await, before);
     stop(child);
 
     // The plan alone changes nothing.
@@ -122,21 +122,24 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
         "{plan}"
     );
     assert!(plan.contains("nothing changed"), "{plan}");
-    assert_eq!(stored_offsets(&url, GROUP, &topic).await, before);
+    assert_eq!(stored_offsets(&url, &group(&prefix), &topic).await, before);
 
     // --to-earliest: everything is read again, and stored already.
     let (done, warnings) = ok(
         &env,
         &["replay", "--table", "user_locations", "--to-earliest", "--execute"],
     );
-    assert!(done.contains("partition(s) of group ingest-test moved"), "{done}");
-    assert_eq!(stored_offsets(&url, GROUP, &topic).await, vec![(0, 0), (1, 0)]);
-    // The mock cluster refuses commits from outside a group it knows (real
-    // Kafka takes them once the group is empty: see the tansu test).
     assert!(
-        warnings.contains("Kafka's committed offsets of ingest-test were not updated"),
-        "{warnings}"
+        done.contains(&format!("partition(s) of group {} moved", group(&prefix))),
+        "{done}"
     );
+    assert_eq!(
+        stored_offsets(&url, &group(&prefix), &topic).await,
+        vec![(0, 0), (1, 0)]
+    );
+    // Kafka takes the mirror's commit once the group is empty.
+    assert!(!warnings.contains("warning: "), "{warnings}");
+    assert_eq!(committed_offsets(&config, &topic).await, vec![(0, 0), (1, 0)]);
     let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
     skipped_reaches(&child, 40.0).await;
     assert_eq!(
@@ -183,7 +186,7 @@ async fn each_scenario_moves_the_stored_offsets_and_ingest_rereads_without_dupli
     // --from-file applies the exported plan: partition 0 only.
     ok(&env, &["replay", "--from-file", plan_file, "--execute"]);
     assert_eq!(
-        stored_offsets(&url, GROUP, &topic).await,
+        stored_offsets(&url, &group(&prefix), &topic).await,
         vec![(0, ends[0] - 5), (1, ends[1])]
     );
     let child = ingest_until_caught_up(&env, &config, &url, &prefix).await;
@@ -250,10 +253,10 @@ fn usage_errors_name_the_flag_and_exit_2() {
 }
 
 async fn committed_offsets(config: &Config, topic: &str) -> Vec<(i32, i64)> {
-    let kafka = config.kafka.clone();
+    let (kafka, config) = (config.kafka.clone(), config.clone());
     let list = vec![(topic.to_owned(), vec![0, 1])];
     let mut offsets: Vec<(i32, i64)> = tokio::task::spawn_blocking(move || {
-        dwh_helper::kafka::topics::committed(&kafka, GROUP, &list).expect("committed offsets")
+        dwh_helper::kafka::topics::committed(&kafka, &config.kafka.group_id, &list).expect("committed offsets")
     })
     .await
     .expect("task")
@@ -413,40 +416,20 @@ async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
     );
 }
 
-/// A broker that answers ListOffsets by timestamp, which the mock cluster does
-/// not (librdkafka issue 4755): tansu, started by scripts/test.sh. Without it
-/// the test fails rather than skips.
-fn tansu_bootstrap() -> String {
-    std::env::var("DWH_TEST_TANSU_BOOTSTRAP").unwrap_or_else(|_| {
-        panic!("DWH_TEST_TANSU_BOOTSTRAP is not set: run the tests with scripts/test.sh, which starts tansu")
-    })
-}
-
 /// The first offset of each partition whose records came after `at`, from the
 /// records published before and after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_time() {
-    let bootstrap = tansu_bootstrap();
+    // The real broker answers ListOffsets by timestamp (the mock cluster does not:
+    // librdkafka issue 4755).
+    let (broker, prefix) = broker_with(&[(TABLE, 2)]).await;
     let url = fresh_pg_url().await;
-    let prefix = format!("time{}.", std::process::id());
-    let env: Vec<(String, String)> = [
-        ("DWH_DATABASE_URL", url.as_str()),
-        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
-        ("KAFKA_TOPIC_PREFIX", prefix.as_str()),
-        ("KAFKA_GROUP_ID", GROUP),
-        ("LOG_LEVEL", "warn"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "LOG_LEVEL", "warn");
     let config = config_from(&env, &[]);
     migrated(&config).await;
     let topic = topic(&prefix, TABLE);
-    dwh_helper::kafka::topics::create(&config.kafka, std::slice::from_ref(&topic), 2)
-        .await
-        .expect("topic created on tansu");
-    // One record per produce request: tansu 0.6's ListOffsets (latest) answers
-    // one past the last batch's first offset, right only for batches of one.
+    // One record per produce request, so that each has a timestamp of its own.
     let all = keyed(TABLE, locations(30));
     let publish_one_by_one = |records: &'static [(String, Vec<u8>)]| {
         let (config, topic) = (config.clone(), topic.clone());
@@ -489,10 +472,13 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
     assert!(warnings.is_empty(), "{warnings}");
     assert!(plan.contains("10 record(s) to read again"), "{plan}");
     assert!(
-        plan.contains("Kafka's committed offsets of ingest-test mirror the new positions"),
+        plan.contains(&format!(
+            "Kafka's committed offsets of {} mirror the new positions",
+            group(&prefix)
+        )),
         "{plan}"
     );
-    assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected);
+    assert_eq!(stored_offsets(&url, &group(&prefix), &topic).await, expected);
     assert_eq!(committed_offsets(&config, &topic).await, expected);
 
     // --by-duration: the same time, given as how long ago it was.
@@ -513,12 +499,11 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
         ],
     );
     assert!(plan.contains("10 record(s) to read again"), "{plan}");
-    assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected);
+    assert_eq!(stored_offsets(&url, &group(&prefix), &topic).await, expected);
 
-    // A time after the last record: the high watermark. (Kafka answers -1 there,
-    // which replay resolves with a warning, a unit test's case; tansu answers the
-    // end offset itself.)
-    let (plan, _) = ok(
+    // A time after the last record: the high watermark (Kafka answers -1 there,
+    // which replay resolves to the end, with a warning per partition).
+    let (plan, warnings) = ok(
         &env,
         &[
             "replay",
@@ -528,22 +513,24 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
             &chrono::Utc::now().to_rfc3339(),
         ],
     );
-    assert!(plan.contains("0 record(s) to read again, 0 to skip"), "{plan}");
+    assert!(plan.contains("0 record(s) to read again, 10 to skip"), "{plan}");
+    assert_eq!(warnings.matches("warning: ").count(), 2, "{warnings}");
+    assert!(warnings.contains("no record at or after"), "{warnings}");
     assert_eq!(
-        stored_offsets(&url, GROUP, &topic).await,
+        stored_offsets(&url, &group(&prefix), &topic).await,
         expected,
         "a plan alone changes nothing"
     );
 
     // A consumer of the group reads the topic (not an ingest instance: nothing
-    // announced it in the DWH). This broker describes groups, and replay refuses.
+    // announced it in the DWH). The broker describes the group, and replay refuses.
     let kafka = config.kafka.clone();
-    let subscribed = topic.clone();
+    let (subscribed, member_group) = (topic.clone(), group(&prefix));
     let (joined, assigned) = tokio::sync::oneshot::channel::<usize>();
     let (stop_member, leave) = std::sync::mpsc::channel::<()>();
     let member = std::thread::spawn(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer as _};
-        let consumer: BaseConsumer = dwh_helper::kafka::client_config(&kafka, &[("group.id", GROUP)])
+        let consumer: BaseConsumer = dwh_helper::kafka::client_config(&kafka, &[("group.id", &member_group)])
             .expect("config")
             .create()
             .expect("consumer");
@@ -566,10 +553,17 @@ async fn to_datetime_and_by_duration_move_to_the_first_record_at_or_after_the_ti
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("consumer group ingest-test is Stable with 1 active member(s) reading"),
+        stderr.contains(&format!(
+            "consumer group {} is Stable with 1 active member(s) reading",
+            group(&prefix)
+        )),
         "{stderr}"
     );
-    assert_eq!(stored_offsets(&url, GROUP, &topic).await, expected, "nothing changed");
+    assert_eq!(
+        stored_offsets(&url, &group(&prefix), &topic).await,
+        expected,
+        "nothing changed"
+    );
     let _ = stop_member.send(());
     member.join().expect("member thread");
 }

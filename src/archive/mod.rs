@@ -20,7 +20,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::events::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed};
+use crate::telemetry::events::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed, KafkaFailing, KafkaRecovered};
 
 use bytes::Bytes;
 use flate2::write::GzEncoder;
@@ -46,6 +46,23 @@ pub fn group_id(config: &Config) -> String {
     format!("{}-archive", config.kafka.group_id)
 }
 
+/// Tells of an archive consumer's Kafka failures (logged and counted: the
+/// archive has no readiness of its own).
+fn on_kafka(config: &Config, table: Table) -> consumer::OnKafka {
+    let topic = crate::kafka::topic_name(&config.kafka.topic_prefix, table);
+    Arc::new(move |condition| match condition {
+        consumer::KafkaCondition::Failing { kind, reason } => KafkaFailing {
+            table,
+            topic: &topic,
+            role: "archive",
+            kind,
+            reason,
+        }
+        .emit(None),
+        consumer::KafkaCondition::Recovered => KafkaRecovered { table, topic: &topic }.emit(None),
+    })
+}
+
 /// Runs the archive until `shutdown`; open objects are stored before it returns
 /// (within `KAFKA_SHUTDOWN_GRACE_SECONDS`).
 pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result<(), ConsumerError> {
@@ -56,7 +73,7 @@ pub async fn run(config: &Config, s3: S3, shutdown: CancellationToken) -> Result
     let group = group_id(config);
     let mut tasks = JoinSet::new();
     for &table in tables {
-        let first = consumer::subscribe(&config.kafka, &group, table, Role::Archive)?;
+        let first = consumer::subscribe(&config.kafka, &group, table, Role::Archive, on_kafka(config, table))?;
         let archiver = Archiver {
             config: config.clone(),
             group: group.clone(),
@@ -123,7 +140,15 @@ impl Stored {
 impl Archiver {
     async fn supervise(self, first: Subscription) {
         let label = format!("archive {}", self.table);
-        let build = || consumer::subscribe(&self.config.kafka, &self.group, self.table, Role::Archive);
+        let build = || {
+            consumer::subscribe(
+                &self.config.kafka,
+                &self.group,
+                self.table,
+                Role::Archive,
+                on_kafka(&self.config, self.table),
+            )
+        };
         let run = |subscription: Subscription| async {
             let consumer = subscription.consumer.clone();
             let (poller, events) = subscription.poll(self.memory.clone(), Arc::new(|| ()))?;

@@ -29,21 +29,24 @@ async fn live() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The DWH answers, and this instance's writes are not failing (no token needed).
-/// The reason is short, as anyone may read it: the cause is logged, and in
-/// `/status` behind the token.
+/// The DWH answers, and no table of this instance is failing: its DWH writes, or
+/// its consumer's Kafka access (credentials, TLS, a permission). No token needed.
+/// The reason names the tables and the kind of failure only, as anyone may read
+/// it: the cause is logged, and in `/status` behind the token.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready: \"database unavailable\" or \"DWH writes failing\"", body = ErrorBody),
+        (status = 503, description = "Not ready: \"database unavailable\" or \"tables failing: …\" (each with its kind: DWH writes, kafka authentication, kafka tls, kafka authorization, kafka unreadable records)", body = ErrorBody),
     ))]
 async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    if let Some(failing) = state.ingest.as_ref().and_then(|s| s.failing()) {
-        tracing::debug!(cause = %failing, "not ready: DWH writes failing");
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "DWH writes failing (the cause is in the log and in /status)",
-        ));
+    if let Some(ingest) = state.ingest.as_ref() {
+        if let (Some(brief), Some(cause)) = (ingest.failing_brief(), ingest.failing()) {
+            tracing::debug!(cause = %cause, "not ready: tables failing");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("tables failing: {brief} (the cause is in the log and in /status)"),
+            ));
+        }
     }
     let ping = state.dwh.ping(state.ready_timeout).await;
     crate::telemetry::metrics::metrics()

@@ -27,7 +27,7 @@ use crate::kafka::consumer::{self, Exit, Subscription};
 use crate::kafka::memory::{MemoryShare, TableMemory};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
-use crate::telemetry::events::{FetchPaused, IngestStarted};
+use crate::telemetry::events::{FetchPaused, IngestStarted, KafkaFailing, KafkaRecovered};
 use batcher::BatchLimits;
 pub use status::{Counters, IngestStatus};
 use worker::{Worker, Writer};
@@ -116,7 +116,9 @@ async fn announce(dwh: Dwh, group: String, tables: Vec<Table>, member: String, d
 /// Creates missing topics when asked to; otherwise warns once per missing topic.
 async fn prepare_topics(config: &Config) -> Result<(), IngestError> {
     let kafka = config.kafka.clone();
-    let names: Vec<String> = Table::ALL
+    // Only the tables this instance ingests (KAFKA_INGEST_TABLES).
+    let names: Vec<String> = kafka
+        .ingest_tables
         .iter()
         .map(|t| kafka::topic_name(&kafka.topic_prefix, *t))
         .collect();
@@ -174,7 +176,20 @@ struct Shared {
 impl Shared {
     fn build(&self, table: Table) -> Result<Subscription, IngestError> {
         let kafka = &self.config.kafka;
-        consumer::subscribe(kafka, &kafka.group_id, table, consumer::Role::Ingest)
+        let status = self.status.clone();
+        let topic = crate::kafka::topic_name(&kafka.topic_prefix, table);
+        let on_kafka: consumer::OnKafka = Arc::new(move |condition| match condition {
+            consumer::KafkaCondition::Failing { kind, reason } => KafkaFailing {
+                table,
+                topic: &topic,
+                role: "ingest",
+                kind,
+                reason,
+            }
+            .emit(Some(&status)),
+            consumer::KafkaCondition::Recovered => KafkaRecovered { table, topic: &topic }.emit(Some(&status)),
+        });
+        consumer::subscribe(kafka, &kafka.group_id, table, consumer::Role::Ingest, on_kafka)
     }
 
     /// Runs `table`'s consumer, rebuilding it after a fence or a failure, until shutdown.

@@ -27,6 +27,10 @@ pub struct IngestStatus {
     latencies: Mutex<Vec<u64>>,
     /// Why writes are failing right now, per topic.
     failing: Mutex<Vec<(String, String)>>,
+    /// Why a topic's consumer cannot work right now (credentials, TLS, a
+    /// permission, a codec), per topic: kept apart from the write failures, so
+    /// that a write landing does not hide it.
+    kafka_failing: Mutex<Vec<(String, String)>>,
 }
 
 const LATENCY_SAMPLES: usize = 100_000;
@@ -89,6 +93,24 @@ impl IngestStatus {
         cleared
     }
 
+    /// Sets or clears why `topic`'s consumer cannot work; true when that changed
+    /// whether it fails.
+    pub(crate) fn set_kafka_failing(&self, topic: &str, cause: Option<String>) -> bool {
+        let mut failing = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner());
+        let was = failing.iter().any(|(t, _)| t == topic);
+        failing.retain(|(t, _)| t != topic);
+        let now = cause.is_some();
+        if let Some(cause) = cause {
+            failing.push((topic.to_owned(), cause));
+        }
+        was != now
+    }
+
+    /// Whether `topic` fails for any reason, its writes or its consumer.
+    pub fn is_failing(&self, topic: &str) -> bool {
+        self.failing_topics().contains_key(topic)
+    }
+
     pub(crate) fn retried(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
@@ -135,19 +157,43 @@ impl IngestStatus {
         quantile(&mut sorted, q).map(Duration::from_micros)
     }
 
-    /// Why each failing topic fails, by topic.
+    /// Why each failing topic fails, by topic: its consumer's failure first, then
+    /// its writes'.
     pub fn failing_topics(&self) -> HashMap<String, String> {
-        self.failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        let mut causes: HashMap<String, String> = HashMap::new();
+        for list in [&self.kafka_failing, &self.failing] {
+            for (topic, cause) in list.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                causes
+                    .entry(topic.clone())
+                    .and_modify(|c| *c = format!("{c}; {cause}"))
+                    .or_insert_with(|| cause.clone());
+            }
+        }
+        causes
     }
 
-    /// Why DWH writes fail right now (`topic: cause`), or `None` when they do not.
+    /// Which tables fail and in what way (`dwh.a (kafka authorization), dwh.b (DWH
+    /// writes)`), with no detail: for readiness, which anyone may read.
+    pub fn failing_brief(&self) -> Option<String> {
+        let kafka = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let writes = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut brief: Vec<String> = kafka
+            .iter()
+            .map(|(topic, cause)| {
+                // The cause reads "kafka <kind>: <librdkafka's reason>".
+                let kind = cause.split(':').next().unwrap_or("kafka");
+                format!("{topic} ({kind})")
+            })
+            .chain(writes.iter().map(|(topic, _)| format!("{topic} (DWH writes)")))
+            .collect();
+        brief.sort();
+        (!brief.is_empty()).then(|| brief.join(", "))
+    }
+
+    /// Why tables fail right now (`topic: cause`, by topic), or `None` when none does.
     pub fn failing(&self) -> Option<String> {
-        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failing: Vec<(String, String)> = self.failing_topics().into_iter().collect();
+        failing.sort();
         (!failing.is_empty()).then(|| {
             failing
                 .iter()
@@ -215,5 +261,22 @@ mod tests {
         assert!(s.set_failing("dwh.b", None), "a failure was cleared");
         assert!(!s.set_failing("dwh.b", None), "nothing left to clear");
         assert_eq!(s.failing().as_deref(), Some("dwh.a: database unreachable: refused"));
+        // A consumer's failure stays whatever the writes do.
+        assert!(s.set_kafka_failing("dwh.b", Some("kafka authorization: denied".into())));
+        assert!(!s.set_kafka_failing("dwh.b", Some("kafka authorization: denied again".into())));
+        s.set_failing("dwh.b", None);
+        assert!(s.is_failing("dwh.b"));
+        s.set_failing("dwh.a", Some("x".into()));
+        s.set_kafka_failing("dwh.a", Some("kafka tls: untrusted".into()));
+        assert_eq!(
+            s.failing().as_deref(),
+            Some("dwh.a: kafka tls: untrusted; x; dwh.b: kafka authorization: denied again")
+        );
+        assert_eq!(
+            s.failing_brief().as_deref(),
+            Some("dwh.a (DWH writes), dwh.a (kafka tls), dwh.b (kafka authorization)")
+        );
+        assert!(s.set_kafka_failing("dwh.b", None));
+        assert!(!s.is_failing("dwh.b"));
     }
 }

@@ -226,7 +226,13 @@ impl Role {
 
 /// Builds a consumer of `table`'s topic in `group_id` (auto-commit off; the
 /// owning task decides what is committed where).
-pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) -> Result<Subscription, ConsumerError> {
+pub fn subscribe(
+    kafka: &KafkaConfig,
+    group_id: &str,
+    table: Table,
+    role: Role,
+    on_kafka: OnKafka,
+) -> Result<Subscription, ConsumerError> {
     let instance_suffix = role.suffix();
     let share = MemoryShare::of(kafka.max_in_flight_bytes, role.tables(kafka).len());
     let topic = kafka::topic_name(&kafka.topic_prefix, table);
@@ -250,12 +256,15 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
             ("fetch.wait.max.ms", role.fetch_wait_max_ms()),
             // Pick up topics created after the start within seconds.
             ("topic.metadata.refresh.interval.ms", "10000"),
-            // A rebalance moves only the partitions that change hands; the others
-            // keep their buffers and go on (KAFKA_LIBRDKAFKA_PARTITION_ASSIGNMENT_STRATEGY
-            // overrides it; every member of a group must use the same protocol).
-            ("partition.assignment.strategy", "cooperative-sticky"),
         ],
     )?;
+    if !kafka::consumer_protocol(kafka) && settings.get("partition.assignment.strategy").is_none() {
+        // Classic groups: a rebalance moves only the partitions that change hands;
+        // the others keep their buffers and go on (every member of a group must use
+        // the same protocol). KIP-848 groups are incremental by design, assigned by
+        // the broker, and librdkafka refuses the setting there.
+        settings.set("partition.assignment.strategy", "cooperative-sticky");
+    }
     let max_poll_interval = settings
         .get("max.poll.interval.ms")
         .and_then(|v| v.parse::<u64>().ok())
@@ -273,6 +282,8 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
         revoke_wait: Duration::from_millis(max_poll_interval / 2),
         role,
         runtime: tokio::runtime::Handle::current(),
+        on_kafka,
+        failing: std::sync::atomic::AtomicBool::new(false),
     };
     let consumer: BaseConsumer<Context> =
         settings
@@ -292,6 +303,37 @@ pub fn subscribe(kafka: &KafkaConfig, group_id: &str, table: Table, role: Role) 
 
 /// Called from the poll thread each time fetching pauses.
 pub type OnPause = Arc<dyn Fn() + Send + Sync>;
+
+/// What the consumer's client says of its broker connection and permissions:
+/// told to the owning role each time it changes, from librdkafka's threads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KafkaCondition {
+    /// The client cannot do its work until someone acts: credentials refused,
+    /// a certificate not trusted, a permission missing, a codec unreadable.
+    /// librdkafka keeps retrying; the table is failing while this lasts.
+    Failing { kind: &'static str, reason: String },
+    /// A record or an assignment arrived after a failure: the client works again.
+    Recovered,
+}
+
+/// Told of each change of [`KafkaCondition`].
+pub type OnKafka = Arc<dyn Fn(&KafkaCondition) + Send + Sync>;
+
+/// The kind of failure an error code means for a consumer, when it is one that
+/// retrying alone does not mend (a person must act), else `None`: a broker away
+/// or a rebalance in progress mends itself.
+pub fn failure_kind(code: RDKafkaErrorCode) -> Option<&'static str> {
+    match code {
+        RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => Some("authentication"),
+        RDKafkaErrorCode::SSL => Some("tls"),
+        RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::GroupAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed => Some("authorization"),
+        // A record batch this build cannot decompress is refetched for ever.
+        RDKafkaErrorCode::NotImplemented | RDKafkaErrorCode::InvalidRecord => Some("unreadable records"),
+        _ => None,
+    }
+}
 
 impl Subscription {
     /// Starts the poll thread; returns it and the events for the owning task.
@@ -386,7 +428,6 @@ pub enum Event {
 }
 
 /// The rdkafka context: forwards logs to `tracing` and rebalances to the task.
-#[derive(Debug)]
 pub struct Context {
     pub topic: String,
     pub events: mpsc::Sender<Event>,
@@ -399,6 +440,21 @@ pub struct Context {
     role: Role,
     /// The runtime the poll thread blocks on for short, bounded waits.
     runtime: tokio::runtime::Handle,
+    /// Told when the client fails in a way retrying does not mend, and when it
+    /// works again.
+    on_kafka: OnKafka,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .field("role", &self.role)
+            .field("revoke_wait", &self.revoke_wait)
+            .field("failing", &self.failing)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Whether an event reached the task.
@@ -461,6 +517,29 @@ impl Context {
     fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// The client failed with `error`: told to the role when the code is one a
+    /// person must act on (see [`failure_kind`]); true when it was.
+    fn failed(&self, error: &KafkaError, reason: &str) -> bool {
+        let Some(kind) = error.rdkafka_error_code().and_then(failure_kind) else {
+            return false;
+        };
+        let reason = if reason.is_empty() || error.to_string().contains(reason) {
+            error.to_string()
+        } else {
+            format!("{error}: {reason}")
+        };
+        self.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        (self.on_kafka)(&KafkaCondition::Failing { kind, reason });
+        true
+    }
+
+    /// The client did its work (a record, an assignment): a failure is over.
+    fn working(&self) {
+        if self.failing.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            (self.on_kafka)(&KafkaCondition::Recovered);
+        }
+    }
 }
 
 /// Waits for a oneshot answer, at most until `deadline` when one is given.
@@ -484,20 +563,29 @@ impl ClientContext for Context {
         // commit only mirrors them for lag tools; one fails whenever a rebalance
         // is in progress. Not a warning for ops.
         if facility == "COMMITFAIL" {
-            tracing::debug!(topic = %self.topic, facility, "librdkafka: {message}");
+            tracing::debug!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}");
             return;
         }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(topic = %self.topic, facility, "librdkafka: {message}")
+                tracing::error!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
             }
-            RDKafkaLogLevel::Warning => tracing::warn!(topic = %self.topic, facility, "librdkafka: {message}"),
-            _ => tracing::debug!(topic = %self.topic, facility, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(topic = %self.topic, error = %error, "kafka client error: {reason}");
+        if !self.failed(&error, reason) {
+            tracing::warn!(topic = %self.topic, error = %error, "kafka client error: {reason}");
+        }
     }
 }
 
@@ -537,6 +625,10 @@ impl ConsumerContext for Context {
                 tracing::error!(topic = %self.topic, error = %e, "cannot apply the rebalance");
             }
             return;
+        }
+        if !revoking {
+            // Partitions of this topic assigned: the group and the topic answer.
+            self.working();
         }
         let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
         let wait = if revoking {
@@ -707,10 +799,13 @@ fn poll_loop(consumer: Arc<BaseConsumer<Context>>, memory: TableMemory, on_pause
                 continue;
             }
             Some(Err(e)) => {
-                tracing::warn!(topic = %topic, error = %e, "kafka consume error");
+                if !context.failed(&e, "") {
+                    tracing::warn!(topic = %topic, error = %e, "kafka consume error");
+                }
                 continue;
             }
         };
+        context.working();
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         let permits = u32::try_from(context.role.charge(size))
             .unwrap_or(u32::MAX)

@@ -1,5 +1,6 @@
-//! The librdkafka mock-cluster controls that rdkafka does not wrap: two settings
-//! and a broker's outage (down, then up again), for outage tests.
+//! What rdkafka does not wrap: the mock-cluster controls (two settings and a
+//! broker's outage, down then up again, for outage tests) and the build's
+//! `builtin.features`.
 //!
 //! `unsafe` is denied crate-wide; this module and `alloc.rs` are the exceptions. Each call
 //! passes a mock-cluster handle that librdkafka itself returned for a client that
@@ -57,4 +58,33 @@ pub fn set_broker_up<C: ClientContext>(client: &Client<C>, broker_id: i32, up: b
         }
     };
     err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+}
+
+/// librdkafka's `builtin.features` of this build (e.g. `gzip,snappy,ssl,…`): a
+/// property with a default that rdkafka's `ClientConfig` cannot read.
+pub fn builtin_features() -> String {
+    const NAME: &std::ffi::CStr = c"builtin.features";
+    // SAFETY: the configuration is created and destroyed here and used by no one
+    // else; librdkafka writes at most `size` bytes (its own answer for the length)
+    // into the buffer, NUL included.
+    unsafe {
+        let conf = rdsys::rd_kafka_conf_new();
+        let mut size: usize = 0;
+        let mut value = String::new();
+        if rdsys::rd_kafka_conf_get(conf, NAME.as_ptr(), std::ptr::null_mut(), &mut size)
+            == rdsys::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK
+            && size > 0
+        {
+            let mut buffer = vec![0u8; size];
+            if rdsys::rd_kafka_conf_get(conf, NAME.as_ptr(), buffer.as_mut_ptr().cast(), &mut size)
+                == rdsys::rd_kafka_conf_res_t::RD_KAFKA_CONF_OK
+            {
+                value = std::ffi::CStr::from_bytes_until_nul(&buffer)
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+            }
+        }
+        rdsys::rd_kafka_conf_destroy(conf);
+        value
+    }
 }

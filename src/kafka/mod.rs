@@ -7,6 +7,7 @@
 
 pub mod consumer;
 pub mod devbroker;
+pub mod features;
 mod ffi;
 pub mod groups;
 pub mod memory;
@@ -26,6 +27,8 @@ pub use publish::{PublishError, Publisher};
 pub enum KafkaSetupError {
     #[error("KAFKA_BOOTSTRAP_SERVERS is not set")]
     NoBootstrap,
+    #[error(transparent)]
+    Features(#[from] features::MissingFeatures),
     #[error("cannot create the Kafka {role}: {cause}")]
     Client {
         role: &'static str,
@@ -44,20 +47,45 @@ pub fn table_of_topic(prefix: &str, topic: &str) -> Option<Table> {
 }
 
 /// Base settings for any client: the servers, then `defaults`, then the
-/// pass-through properties.
+/// pass-through properties. Refused when this build of librdkafka lacks a feature
+/// they need (see [`features`]).
 pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<ClientConfig, KafkaSetupError> {
     let servers = kafka.bootstrap_servers.as_deref().ok_or(KafkaSetupError::NoBootstrap)?;
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", servers);
-    // librdkafka logs through the context; keep its chatter at warnings.
-    config.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
+    // librdkafka logs through the context; keep its chatter at warnings, unless
+    // KAFKA_LIBRDKAFKA_DEBUG asks for its debug contexts (target `librdkafka`,
+    // shown at any LOG_LEVEL then: see telemetry::init_all).
+    config.set_log_level(if debug_requested(kafka) {
+        rdkafka::config::RDKafkaLogLevel::Debug
+    } else {
+        rdkafka::config::RDKafkaLogLevel::Warning
+    });
     for (name, value) in defaults {
         config.set(*name, *value);
     }
     for (name, value) in &kafka.librdkafka {
         config.set(name, value.expose());
     }
+    features::check(&config)?;
     Ok(config)
+}
+
+/// Whether `KAFKA_LIBRDKAFKA_DEBUG` names librdkafka debug contexts.
+pub fn debug_requested(kafka: &KafkaConfig) -> bool {
+    kafka
+        .librdkafka
+        .iter()
+        .any(|(name, value)| name == "debug" && !value.expose().trim().is_empty())
+}
+
+/// Whether the consumers use KIP-848's group protocol (`group.protocol=consumer`),
+/// under which the broker assigns partitions and times sessions.
+pub fn consumer_protocol(kafka: &KafkaConfig) -> bool {
+    kafka
+        .librdkafka
+        .iter()
+        .any(|(name, value)| name == "group.protocol" && value.expose().trim().eq_ignore_ascii_case("consumer"))
 }
 
 #[cfg(test)]

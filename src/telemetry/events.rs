@@ -166,7 +166,8 @@ impl WritesRecovered<'_> {
         }
         if status.set_failing(self.topic, None) {
             tracing::info!(target: INGEST, topic = %self.topic, "DWH writes succeed again");
-            metrics().failing.get_or_create(&Metrics::table(self.table)).set(0);
+            let still = i64::from(status.is_failing(self.topic));
+            metrics().failing.get_or_create(&Metrics::table(self.table)).set(still);
         }
     }
 }
@@ -252,6 +253,65 @@ impl FetchPaused {
     pub fn emit(&self, status: &IngestStatus) {
         status.paused();
         metrics().fetch_pauses.get_or_create(&Metrics::table(self.table)).inc();
+    }
+}
+
+/// A consumer of a table cannot work until someone acts (credentials refused, a
+/// certificate not trusted, a permission missing, records it cannot read);
+/// librdkafka goes on retrying. For the ingest role the table is failing (ready
+/// 503, `status`, the failing gauge) until [`KafkaRecovered`].
+#[derive(Debug)]
+pub struct KafkaFailing<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+    /// `ingest` or `archive`.
+    pub role: &'static str,
+    pub kind: &'static str,
+    pub reason: &'a str,
+}
+
+impl KafkaFailing<'_> {
+    pub fn emit(&self, status: Option<&IngestStatus>) {
+        let target = if status.is_some() { INGEST } else { ARCHIVE };
+        metrics()
+            .kafka_errors
+            .get_or_create(&vec![
+                ("table", self.table.name().to_owned()),
+                ("role", self.role.to_owned()),
+                ("kind", self.kind.to_owned()),
+            ])
+            .inc();
+        let Some(status) = status else {
+            tracing::error!(target: ARCHIVE, topic = %self.topic, kind = self.kind, reason = %self.reason, "kafka: the archive consumer cannot work");
+            return;
+        };
+        if status.set_kafka_failing(self.topic, Some(format!("kafka {}: {}", self.kind, self.reason))) {
+            tracing::error!(target, topic = %self.topic, kind = self.kind, reason = %self.reason, "kafka: the table's consumer cannot work; the table is failing");
+        } else {
+            tracing::debug!(target, topic = %self.topic, kind = self.kind, reason = %self.reason, "kafka: still failing");
+        }
+        metrics().failing.get_or_create(&Metrics::table(self.table)).set(1);
+    }
+}
+
+/// A table's consumer works again after [`KafkaFailing`].
+#[derive(Debug)]
+pub struct KafkaRecovered<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+}
+
+impl KafkaRecovered<'_> {
+    pub fn emit(&self, status: Option<&IngestStatus>) {
+        let Some(status) = status else {
+            tracing::info!(target: ARCHIVE, topic = %self.topic, "kafka: the archive consumer works again");
+            return;
+        };
+        if status.set_kafka_failing(self.topic, None) {
+            tracing::info!(target: INGEST, topic = %self.topic, "kafka: the table's consumer works again");
+            let still = i64::from(status.is_failing(self.topic));
+            metrics().failing.get_or_create(&Metrics::table(self.table)).set(still);
+        }
     }
 }
 

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub fetch_pauses: Counters,
     pub failing: Gauges,
     pub table_stopped: Gauges,
+    pub kafka_errors: Counters,
 
     // Lag, per partition (or per table with partition labels off).
     pub consumer_lag: Gauges,
@@ -162,6 +163,7 @@ impl Metrics {
             offsets_moved: Counters::default(),
             fetch_pauses: Counters::default(),
             failing: Gauges::default(),
+            kafka_errors: Counters::default(),
             table_stopped: Gauges::default(),
             consumer_lag: Gauges::default(),
             consumer_lag_seconds: FloatGauges::default(),
@@ -278,8 +280,13 @@ impl Metrics {
         );
         r.register(
             "failing",
-            "1 while the table's DWH writes fail (the cause is logged and in status)",
+            "1 while the table fails: its DWH writes, or its consumer's Kafka access (the cause is logged and in status)",
             m.failing.clone(),
+        );
+        r.register(
+            "kafka_errors",
+            "Kafka failures a person must act on, by table, role and kind (authentication, tls, authorization, unreadable records)",
+            m.kafka_errors.clone(),
         );
         r.register(
             "table_stopped",

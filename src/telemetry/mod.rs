@@ -22,7 +22,14 @@ use crate::config::{Config, LogConfig, LogFormat};
 pub fn init_all(config: &Config) -> Result<Option<otel::Otel>, otel::OtelError> {
     metrics::configure(config.metrics.partition_labels);
     let otel = otel::start()?;
-    init(&config.log, otel.as_ref());
+    // KAFKA_LIBRDKAFKA_DEBUG asks for librdkafka's debug lines: shown whatever
+    // LOG_LEVEL says of the rest.
+    let librdkafka_debug = config
+        .kafka
+        .librdkafka
+        .iter()
+        .any(|(name, value)| name == "debug" && !value.expose().trim().is_empty());
+    install(&config.log, otel.as_ref(), librdkafka_debug);
     Ok(otel)
 }
 
@@ -30,9 +37,18 @@ pub fn init_all(config: &Config) -> Result<Option<otel::Otel>, otel::OtelError> 
 /// `otel` is running. The level was validated with the configuration. Log lines
 /// inside a span show its fields, its `trace_id` among them (see [`traced`]).
 pub fn init(config: &LogConfig, otel: Option<&otel::Otel>) {
-    let filter = EnvFilter::builder()
+    install(config, otel, false);
+}
+
+fn install(config: &LogConfig, otel: Option<&otel::Otel>, librdkafka_debug: bool) {
+    let mut filter = EnvFilter::builder()
         .parse(&config.level)
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    if librdkafka_debug {
+        if let Ok(directive) = "librdkafka=debug".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let lines = match config.format {
         LogFormat::Pretty => tracing_subscriber::fmt::layer()

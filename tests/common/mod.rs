@@ -5,8 +5,11 @@
 //! silently skips its database tests would pass while testing nothing.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod logs_api;
 pub mod otlp;
+
+pub use kafka::*;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -174,13 +177,7 @@ pub fn locations(n: usize) -> Vec<serde_json::Value> {
 }
 
 // ---------------------------------------------------------------------------
-// Kafka: the dev broker in-process, publishing, ingest in-process or as a child.
-
-use dwh_helper::kafka::devbroker::DevBrokerOptions;
-pub use dwh_helper::kafka::DevBroker;
-
-/// The consumer group of [`ingest_env`].
-pub const GROUP: &str = "ingest-test";
+// Kafka: publishing, ingest in-process or as a child (brokers: kafka.rs).
 
 /// The topic of `table` under `prefix`.
 pub fn topic(prefix: &str, table: dwh_helper::catalogue::Table) -> String {
@@ -255,44 +252,42 @@ impl Scrape {
     }
 }
 
-/// A dev broker whose seven topics (under a prefix of their own) have `partitions`
-/// partitions each.
-pub async fn broker(partitions: i32) -> (DevBroker, String) {
-    let prefix = format!("t{}.", COUNTER.fetch_add(1, Ordering::SeqCst));
-    let broker = DevBroker::start(&DevBrokerOptions {
-        partitions,
-        topic_prefix: prefix.clone(),
-        initial_rebalance_delay_ms: 100,
-        ..DevBrokerOptions::default()
-    })
-    .await
-    .expect("dev broker starts");
-    (broker, prefix)
-}
-
-/// The variables an ingest process needs for `broker` and `database_url`.
-pub fn ingest_env(broker: &DevBroker, prefix: &str, database_url: &str) -> Vec<(String, String)> {
-    [
+/// The variables an ingest process needs for `broker` and `database_url`; its
+/// consumer group is the test's own ([`group`]).
+pub fn ingest_env(broker: &TestBroker, prefix: &str, database_url: &str) -> Vec<(String, String)> {
+    let group = group(prefix);
+    let mut env: Vec<(String, String)> = [
         ("DWH_DATABASE_URL", database_url),
         ("KAFKA_BOOTSTRAP_SERVERS", broker.bootstrap_servers()),
         ("KAFKA_TOPIC_PREFIX", prefix),
-        ("KAFKA_GROUP_ID", "ingest-test"),
+        ("KAFKA_GROUP_ID", &group),
         ("KAFKA_BATCH_LINGER_MS", "100"),
         // Crashed members leave the group quickly.
         ("KAFKA_LIBRDKAFKA_SESSION_TIMEOUT_MS", "6000"),
         ("KAFKA_LIBRDKAFKA_HEARTBEAT_INTERVAL_MS", "500"),
-        // A timed-out request keeps its connection. The mock cluster stops reading
-        // a connection while it holds that member's JoinGroup or SyncGroup, so it
-        // would not see that connection close, and a member that sent the request
-        // again on a new connection would abort the test process
-        // (rdkafka_mock_cgrp.c: `Assertion '!member->resp' failed`). The abort
-        // seen in CI had another cause: see the zombie test in faults.rs.
-        ("KAFKA_LIBRDKAFKA_SOCKET_MAX_FAILS", "0"),
         ("LOG_LEVEL", "info"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    .collect();
+    if !broker.is_real() {
+        // A timed-out request keeps its connection. The mock cluster stops reading
+        // a connection while it holds that member's JoinGroup or SyncGroup, so it
+        // would not see that connection close, and a member that sent the request
+        // again on a new connection would abort the test process
+        // (rdkafka_mock_cgrp.c: `Assertion '!member->resp' failed`).
+        env.push(("KAFKA_LIBRDKAFKA_SOCKET_MAX_FAILS".into(), "0".into()));
+    }
+    env
+}
+
+/// `env` moved to the KIP-848 consumer group protocol (`group.protocol=consumer`):
+/// the session and heartbeat settings are the broker's there, and librdkafka
+/// refuses them.
+pub fn kip848(mut env: Vec<(String, String)>) -> Vec<(String, String)> {
+    env.retain(|(k, _)| k != "KAFKA_LIBRDKAFKA_SESSION_TIMEOUT_MS" && k != "KAFKA_LIBRDKAFKA_HEARTBEAT_INTERVAL_MS");
+    env.push(("KAFKA_LIBRDKAFKA_GROUP_PROTOCOL".into(), "consumer".into()));
+    env
 }
 
 /// Sets `name` to `value` in `env`, replacing the value it had.
@@ -440,6 +435,11 @@ impl Child {
         child
     }
 
+    /// The base URL of its API (started with [`Child::observed`]).
+    pub fn base(&self) -> Option<&str> {
+        self.api.as_ref().map(|(base, _)| base.as_str())
+    }
+
     /// A scrape of its `/metrics` (started with [`Child::observed`]); `None`
     /// while it does not answer.
     pub async fn scrape(&self) -> Option<Scrape> {
@@ -548,7 +548,7 @@ pub async fn caught_up(
             .filter(|w| w.high > 0)
             .map(|w| (w.partition, w.high))
             .collect();
-        let stored = stored_offsets(url, GROUP, &topic).await;
+        let stored = stored_offsets(url, &group(prefix), &topic).await;
         (!ends.is_empty() && stored == ends).then_some(ends)
     })
     .await
