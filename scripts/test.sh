@@ -111,7 +111,7 @@ if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("schemathesi
 fi
 
 # confluent-kafka: a producer that is not ours, for the compression test.
-if [ "$(python3 -c 'import confluent_kafka; print(confluent_kafka.version()[0])' 2>/dev/null)" != 2.16.1 ]; then
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("confluent-kafka"))' 2>/dev/null)" != 2.16.1 ]; then
   echo "scripts/test.sh: installing confluent-kafka (a third-party Kafka producer) with pip"
   python3 -m pip install --quiet --disable-pip-version-check 'confluent-kafka==2.16.1' >/dev/null
 fi

@@ -352,13 +352,22 @@ async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing(
         .expect("first line");
     let bootstrap = first.trim().to_owned();
     assert_eq!(bootstrap, format!("127.0.0.1:{port}"));
-    let vars = [
-        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
-        ("KAFKA_TOPIC_PREFIX", "cli."),
-    ];
+    produce_validates_before_publishing(dir.path(), &bootstrap, "cli.").await;
+
+    terminate(&broker);
+    let status = broker.wait().expect("dev-broker exits");
+    assert!(status.success(), "dev-broker stops cleanly on SIGTERM: {status:?}");
+}
+
+/// `produce` refuses a file with an invalid line and publishes nothing, publishes
+/// the valid lines with `--skip-invalid`, and reads standard input, against the
+/// broker at `bootstrap` whose `prefix` topics exist.
+async fn produce_validates_before_publishing(dir: &Path, bootstrap: &str, prefix: &str) {
+    let topic = format!("{prefix}user_locations");
+    let vars = [("KAFKA_BOOTSTRAP_SERVERS", bootstrap), ("KAFKA_TOPIC_PREFIX", prefix)];
     let config = common::config_for("sqlite::memory:", &vars);
     let published = || async {
-        common::watermarks(&config, "cli.user_locations")
+        common::watermarks(&config, &topic)
             .await
             .iter()
             .map(|w| w.high)
@@ -371,14 +380,10 @@ async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing(
         .collect();
     lines.insert(1, r#"{"uuid": "not-a-uuid"}"#.to_owned());
     lines.insert(3, String::new());
-    let file = dir.path().join("locations.jsonl");
+    let file = dir.join("locations.jsonl");
     std::fs::write(&file, lines.join("\n")).expect("write input");
 
-    let refused = run_to_end(
-        dir.path(),
-        &["produce", "--table", "user_locations", "locations.jsonl"],
-        &vars,
-    );
+    let refused = run_to_end(dir, &["produce", "--table", "user_locations", "locations.jsonl"], &vars);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("line 2: field \"uuid\""), "{stderr}");
@@ -386,7 +391,7 @@ async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing(
     assert_eq!(published().await, 0, "nothing published while a line is invalid");
 
     let skipped = run_to_end(
-        dir.path(),
+        dir,
         &[
             "produce",
             "--table",
@@ -399,11 +404,11 @@ async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing(
     assert!(skipped.status.success(), "{}", String::from_utf8_lossy(&skipped.stderr));
     assert_eq!(
         String::from_utf8_lossy(&skipped.stdout).trim(),
-        "published 3 records to cli.user_locations"
+        format!("published 3 records to {topic}")
     );
     assert_eq!(published().await, 3);
 
-    let mut stdin = command(dir.path(), &vars)
+    let mut stdin = command(dir, &vars)
         .args(["produce", "--table", "user_locations", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -421,10 +426,13 @@ async fn dev_broker_serves_a_fixed_port_and_produce_validates_before_publishing(
         4,
         "standard input is published too (same key: same record)"
     );
+}
 
-    terminate(&broker);
-    let status = broker.wait().expect("dev-broker exits");
-    assert!(status.success(), "dev-broker stops cleanly on SIGTERM: {status:?}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_validates_before_publishing_to_kafka() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (broker, prefix) = common::broker_with(&[(dwh_helper::catalogue::Table::UserLocations, 3)]).await;
+    produce_validates_before_publishing(dir.path(), broker.bootstrap_servers(), &prefix).await;
 }
 
 /// Every variable the configuration reads is documented in `.env.example` and the

@@ -53,6 +53,14 @@ pub struct BenchArgs {
     /// MiB per /s3/upload (scenario api-memory)
     #[arg(long, default_value_t = 256)]
     upload_mb: u64,
+    /// Also measure the ingest against this running Kafka broker (host:port, a
+    /// PLAINTEXT listener), beside the in-process dev broker (scenario ingest)
+    #[arg(long, env = "BENCH_KAFKA_BOOTSTRAP", value_name = "HOST:PORT")]
+    bootstrap: Option<String>,
+    /// The --bootstrap broker's process id, for its CPU in the split [default: the
+    /// process on this machine listening on its port]
+    #[arg(long, requires = "bootstrap")]
+    broker_pid: Option<u32>,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -141,11 +149,48 @@ pub async fn bench(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         if rows == 0 {
             bail!("--rows must be positive");
         }
-        let report = super::bench_ingest::run(&config, rows, args.partitions, args.record_bytes).await?;
+        let Some(bootstrap) = &args.bootstrap else {
+            let broker_pid = config
+                .kafka
+                .bootstrap_servers
+                .as_deref()
+                .and_then(super::bench_ingest::listener_pid);
+            let report =
+                super::bench_ingest::run(&config, rows, args.partitions, args.record_bytes, broker_pid).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                super::bench_ingest::print(&report);
+            }
+            return Ok(());
+        };
+        // The same backlog through the dev broker in this process, then through the
+        // running broker, over as many partitions.
+        let mut in_process = config.clone();
+        in_process.kafka.bootstrap_servers = None;
+        let dev = super::bench_ingest::run(&in_process, rows, args.partitions, args.record_bytes, None).await?;
+        let mut running = config.clone();
+        running.kafka.bootstrap_servers = Some(bootstrap.clone());
+        let broker_pid = args.broker_pid.or_else(|| super::bench_ingest::listener_pid(bootstrap));
+        if broker_pid.is_none() {
+            eprintln!("bench: no process on this machine listens on {bootstrap}: the broker's CPU is not measured");
+        }
+        let real =
+            super::bench_ingest::run(&running, rows, Some(dev.partitions), args.record_bytes, broker_pid).await?;
         if args.json {
-            println!("{}", serde_json::to_string(&report)?);
+            println!("{}", serde_json::json!({ "dev_broker": dev, "broker": real }));
         } else {
-            super::bench_ingest::print(&report);
+            super::bench_ingest::print(&dev);
+            println!();
+            super::bench_ingest::print(&real);
+            println!();
+            let ratio =
+                |r: &super::bench_ingest::IngestReport| r.ratio_to_copy.map_or("n/a".to_owned(), |v| format!("{v:.2}"));
+            println!(
+                "ingest / COPY    {} with the dev broker, {} with the broker at {bootstrap}",
+                ratio(&dev),
+                ratio(&real)
+            );
         }
         return Ok(());
     }

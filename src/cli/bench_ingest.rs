@@ -27,9 +27,9 @@ use crate::store::Dwh;
 pub(super) struct IngestReport {
     scenario: &'static str,
     backend: &'static str,
-    broker: &'static str,
+    pub(super) broker: String,
     rows: usize,
-    partitions: i32,
+    pub(super) partitions: i32,
     payload_bytes: u64,
     produce_seconds: f64,
     seconds: f64,
@@ -43,7 +43,7 @@ pub(super) struct IngestReport {
     copy: Option<Baseline>,
     /// Rows per second of the mean COPY time.
     copy_rows_per_second: Option<f64>,
-    ratio_to_copy: Option<f64>,
+    pub(super) ratio_to_copy: Option<f64>,
     /// `KAFKA_MAX_IN_FLIGHT_BYTES` of the ingest process, in MiB.
     budget_mib: f64,
     /// The documented bound of peak RSS for that budget (README, "Memory").
@@ -60,8 +60,11 @@ struct CpuSplit {
     /// The ingest's PostgreSQL backends (`pg_stat_activity`), when the server
     /// runs on this machine.
     postgres_seconds: Option<f64>,
-    /// This process: the dev broker serving the fetches, and the bench's polling.
+    /// This process: the dev broker serving the fetches (when it is the broker),
+    /// and the bench's polling.
     bench_seconds: Option<f64>,
+    /// A running broker's process, when it is on this machine.
+    broker_seconds: Option<f64>,
 }
 
 /// Record `k` of the benchmark: a sample event, padded to about `bytes` of JSON.
@@ -74,14 +77,18 @@ fn bench_record(k: u64, bytes: Option<usize>) -> serde_json::Value {
     record
 }
 
+/// Measures the ingest of `rows` records: through the configured broker when
+/// `KAFKA_BOOTSTRAP_SERVERS` is set (whose process, `broker_pid`, has its CPU
+/// counted), else through a dev broker in this process.
 pub(super) async fn run(
     config: &Config,
     rows: usize,
     partitions: Option<i32>,
     record_bytes: Option<usize>,
+    broker_pid: Option<u32>,
 ) -> anyhow::Result<IngestReport> {
     let scratch = Scratch::create(&config.dwh.database_url).await?;
-    let result = measure(config, rows, partitions, record_bytes, &scratch).await;
+    let result = measure(config, rows, partitions, record_bytes, broker_pid, &scratch).await;
     scratch.drop_database().await;
     result
 }
@@ -91,6 +98,7 @@ async fn measure(
     rows: usize,
     partitions: Option<i32>,
     record_bytes: Option<usize>,
+    broker_pid: Option<u32>,
     scratch: &Scratch,
 ) -> anyhow::Result<IngestReport> {
     let mut dwh_config = config.dwh.clone();
@@ -101,17 +109,14 @@ async fn measure(
     let prefix = format!("bench{}.", std::process::id());
     let group = format!("dwh-bench-{}", std::process::id());
     let sample_size = bench_record(0, record_bytes).to_string().len();
-    let (broker, bootstrap, partitions) = match &config.kafka.bootstrap_servers {
-        Some(servers) => (
-            None,
-            servers.clone(),
-            partitions.unwrap_or(config.kafka.topic_partitions),
-        ),
+    // The dev broker forgets data past 5 MiB a partition: spread the backlog so
+    // that no partition holds more than 3 MiB of it. A running broker gets as many
+    // partitions, so that the two compare.
+    let needed = (rows * (sample_size + 64)).div_ceil(PARTITION_LIMIT_BYTES * 3 / 5);
+    let partitions = partitions.unwrap_or((needed as i32).max(16));
+    let (broker, bootstrap) = match &config.kafka.bootstrap_servers {
+        Some(servers) => (None, servers.clone()),
         None => {
-            // The dev broker forgets data past 5 MiB a partition: spread the backlog
-            // so that no partition holds more than 3 MiB of it.
-            let needed = (rows * (sample_size + 64)).div_ceil(PARTITION_LIMIT_BYTES * 3 / 5);
-            let partitions = partitions.unwrap_or((needed as i32).max(16));
             let broker = DevBroker::start(&DevBrokerOptions {
                 partitions,
                 topic_prefix: prefix.clone(),
@@ -119,7 +124,7 @@ async fn measure(
             })
             .await?;
             let bootstrap = broker.bootstrap_servers().to_owned();
-            (Some(broker), bootstrap, partitions)
+            (Some(broker), bootstrap)
         }
     };
     let mut kafka_config = config.kafka.clone();
@@ -209,6 +214,7 @@ async fn measure(
     };
     let started = Instant::now();
     let bench_cpu_before = cpu_seconds("self");
+    let broker_cpu_before = broker_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
     let mut child = Command::new(std::env::current_exe()?)
         .args(["run", "--roles", "ingest,api", "--no-migrate"])
         .env("DWH_DATABASE_URL", scratch.url.expose())
@@ -271,6 +277,10 @@ async fn measure(
         bench_seconds: cpu_seconds("self")
             .zip(bench_cpu_before)
             .map(|((user, system), (user0, system0))| user + system - user0 - system0),
+        broker_seconds: broker_pid
+            .and_then(|pid| cpu_seconds(&pid.to_string()))
+            .zip(broker_cpu_before)
+            .map(|((user, system), (user0, system0))| user + system - user0 - system0),
     };
     // Batches and flush latency from the child's own /metrics.
     let exposition = reqwest::get(&metrics_url)
@@ -311,10 +321,9 @@ async fn measure(
             Backend::Postgres => "postgres",
             Backend::Sqlite => "sqlite",
         },
-        broker: if config.kafka.bootstrap_servers.is_some() {
-            "configured"
-        } else {
-            "dev broker"
+        broker: match &config.kafka.bootstrap_servers {
+            Some(servers) => format!("broker at {servers}"),
+            None => "dev broker".to_owned(),
         },
         rows,
         partitions,
@@ -402,6 +411,48 @@ pub(super) fn rss_bound(config: &Config) -> usize {
 }
 
 /// The peak resident set size of process `pid` (Linux `VmHWM`), in MiB.
+/// The process on this machine listening on the port of the first of
+/// `bootstrap`'s servers (from `/proc/net/tcp*` and each process's sockets), if
+/// there is one that this user may look at.
+pub(super) fn listener_pid(bootstrap: &str) -> Option<u32> {
+    let port: u16 = bootstrap.split(',').next()?.trim().rsplit_once(':')?.1.parse().ok()?;
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        inodes.extend(listening_inodes(&text, port));
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+        fds.flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
+            })
+            .then_some(pid)
+    })
+}
+
+/// The inodes of the sockets listening on `port` in a `/proc/net/tcp` table.
+fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            (local_port == port && *fields.get(3)? == LISTEN).then(|| fields.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
 pub(super) fn peak_rss_mib(pid: u32) -> Option<f64> {
     super::bench::proc_status_mib(pid, "VmHWM:")
 }
@@ -437,12 +488,20 @@ pub(super) fn print(r: &IngestReport) {
         r.batches
     );
     let seconds = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} s"));
+    let broker = if r.broker == "dev broker" {
+        format!("dev broker and bench {}", seconds(r.cpu.bench_seconds))
+    } else {
+        format!(
+            "broker process {}; bench {}",
+            seconds(r.cpu.broker_seconds),
+            seconds(r.cpu.bench_seconds)
+        )
+    };
     println!(
-        "CPU              dwh-helper {} user + {} system; PostgreSQL backends {}; dev broker and bench {}; of {:.1} s on {} cores",
+        "CPU              dwh-helper {} user + {} system; PostgreSQL backends {}; {broker}; of {:.1} s on {} cores",
         seconds(r.cpu.ingest_user_seconds),
         seconds(r.cpu.ingest_system_seconds),
         seconds(r.cpu.postgres_seconds),
-        seconds(r.cpu.bench_seconds),
         r.seconds,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
@@ -453,6 +512,23 @@ pub(super) fn print(r: &IngestReport) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_listening_socket_of_a_port_is_found_in_the_tcp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(super::listening_inodes(table, 8080), vec![4242]);
+        assert_eq!(super::listening_inodes(table, 8081), vec![4444]);
+        assert!(super::listening_inodes(table, 9092).is_empty());
+        let me = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = me.local_addr().expect("address").port();
+        assert_eq!(
+            super::listener_pid(&format!("127.0.0.1:{port}")),
+            Some(std::process::id())
+        );
+    }
+
     use super::*;
 
     #[test]

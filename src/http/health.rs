@@ -36,7 +36,7 @@ async fn live() -> Json<Health> {
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready: \"database unavailable\" or \"tables failing: …\" (each with its kind: DWH writes, kafka authentication, kafka tls, kafka authorization, kafka unreadable records)", body = ErrorBody),
+        (status = 503, description = "Not ready: \"database unavailable\" or \"tables failing: …\" (each with its kind: DWH writes, stopped, kafka authentication, kafka tls, kafka authorization, kafka unreadable records)", body = ErrorBody),
     ))]
 async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if let Some(ingest) = state.ingest.as_ref() {

@@ -173,7 +173,7 @@ impl IngestStatus {
     }
 
     /// Which tables fail and in what way (`dwh.a (kafka authorization), dwh.b (DWH
-    /// writes)`), with no detail: for readiness, which anyone may read.
+    /// writes), dwh.c (stopped)`), with no detail: for readiness, which anyone may read.
     pub fn failing_brief(&self) -> Option<String> {
         let kafka = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let writes = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -184,7 +184,14 @@ impl IngestStatus {
                 let kind = cause.split(':').next().unwrap_or("kafka");
                 format!("{topic} ({kind})")
             })
-            .chain(writes.iter().map(|(topic, _)| format!("{topic} (DWH writes)")))
+            .chain(writes.iter().map(|(topic, cause)| {
+                let kind = if cause.starts_with("stopped:") {
+                    "stopped"
+                } else {
+                    "DWH writes"
+                };
+                format!("{topic} ({kind})")
+            }))
             .collect();
         brief.sort();
         (!brief.is_empty()).then(|| brief.join(", "))
@@ -278,5 +285,7 @@ mod tests {
         );
         assert!(s.set_kafka_failing("dwh.b", None));
         assert!(!s.is_failing("dwh.b"));
+        s.table_stopped("dwh.c", "offset above the high watermark");
+        assert!(s.failing_brief().expect("failing").ends_with("dwh.c (stopped)"));
     }
 }

@@ -597,7 +597,9 @@ impl Worker {
         let (ranges, committed) = tokio::task::spawn_blocking(move || {
             let ranges: HashMap<i32, start::Range> = owned
                 .iter()
-                .filter_map(|&p| match consumer.fetch_watermarks(&topic, p, BROKER_QUERY_TIMEOUT) {
+                .filter_map(|&p| match crate::kafka::topics::past_transients(|| {
+                    consumer.fetch_watermarks(&topic, p, BROKER_QUERY_TIMEOUT)
+                }) {
                     Ok((low, high)) => Some((p, start::Range { low, high })),
                     Err(e) => {
                         tracing::warn!(topic, partition = p, error = %e, "cannot read the watermarks; trusting the stored offset");

@@ -16,6 +16,42 @@ use super::{client_config, KafkaSetupError};
 use crate::config::KafkaConfig;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts of a watermark or offset query that a broker answers with a
+/// passing state (a partition's leadership moving, as after a topic's creation
+/// or a broker's restart), and the pause between them.
+const TRANSIENT_ATTEMPTS: u32 = 8;
+const TRANSIENT_PAUSE: Duration = Duration::from_millis(250);
+
+/// Whether `error` is a state a broker passes through (a leader being elected
+/// or moved, an offset not resolved yet), which a query asked again soon gets
+/// past.
+pub fn transient(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::OffsetNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+        )
+    )
+}
+
+/// Runs `query`, again after a pause while it fails with a [`transient`] error
+/// (at most [`TRANSIENT_ATTEMPTS`] times). Blocking.
+pub fn past_transients<T>(mut query: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaError> {
+    let mut attempt = 1;
+    loop {
+        match query() {
+            Err(e) if transient(&e) && attempt < TRANSIENT_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "kafka query in a passing state; asking again");
+                attempt += 1;
+                std::thread::sleep(TRANSIENT_PAUSE);
+            }
+            result => return result,
+        }
+    }
+}
 
 /// One partition's range of offsets on the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +110,7 @@ impl Metadata {
         let count = self.partitions(topic)?.unwrap_or(0);
         (0..count as i32)
             .map(|partition| {
-                let (low, high) = self.client.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+                let (low, high) = past_transients(|| self.client.fetch_watermarks(topic, partition, METADATA_TIMEOUT))?;
                 Ok(Watermarks { partition, low, high })
             })
             .collect()
@@ -114,8 +150,8 @@ impl Metadata {
                 })
                 .collect()
         };
-        let low = ends(Offset::Beginning)?;
-        let high = ends(Offset::End)?;
+        let low = past_transients(|| ends(Offset::Beginning))?;
+        let high = past_transients(|| ends(Offset::End))?;
         for ((topic, partition), high) in high {
             let low = low.get(&(topic.clone(), partition)).copied().unwrap_or(0);
             marks
@@ -140,15 +176,17 @@ impl Metadata {
         for &p in partitions {
             query.add_partition_offset(topic, p, Offset::Offset(millis))?;
         }
-        let answer = self.client.offsets_for_times(query, METADATA_TIMEOUT)?;
-        answer
-            .elements()
-            .iter()
-            .map(|e| {
-                e.error()?;
-                Ok((e.partition(), e.offset()))
-            })
-            .collect()
+        past_transients(|| {
+            let answer = self.client.offsets_for_times(query.clone(), METADATA_TIMEOUT)?;
+            answer
+                .elements()
+                .iter()
+                .map(|e| {
+                    e.error()?;
+                    Ok((e.partition(), e.offset()))
+                })
+                .collect()
+        })
     }
 }
 
@@ -210,4 +248,37 @@ pub async fn create(kafka: &KafkaConfig, topics: &[String], partitions: i32) -> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    #[test]
+    fn a_passing_broker_state_is_asked_again_and_anything_else_is_not() {
+        let mut answers = vec![
+            Ok(7),
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition)),
+            Err(KafkaError::OffsetFetch(RDKafkaErrorCode::LeaderNotAvailable)),
+        ];
+        assert_eq!(
+            super::past_transients(|| answers.pop().expect("an answer")).ok(),
+            Some(7)
+        );
+        let mut asked = 0;
+        let refused = super::past_transients(|| -> Result<(), KafkaError> {
+            asked += 1;
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::TopicAuthorizationFailed))
+        });
+        assert!(refused.is_err());
+        assert_eq!(asked, 1, "a refusal is not a passing state");
+        let mut asked = 0;
+        let never = super::past_transients(|| -> Result<(), KafkaError> {
+            asked += 1;
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::NotLeaderForPartition))
+        });
+        assert!(never.is_err());
+        assert_eq!(asked, super::TRANSIENT_ATTEMPTS, "bounded");
+    }
 }
