@@ -583,8 +583,16 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if !self.failed(&error, reason) {
-            tracing::warn!(topic = %self.topic, error = %error, "kafka client error: {reason}");
+        if self.failed(&error, reason) {
+            return;
+        }
+        match error.rdkafka_error_code() {
+            // A subscribed topic that does not exist (yet): the start warned once,
+            // and librdkafka repeats this at every metadata refresh.
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                tracing::debug!(topic = %self.topic, error = %error, "kafka client error: {reason}")
+            }
+            _ => tracing::warn!(topic = %self.topic, error = %error, "kafka client error: {reason}"),
         }
     }
 }
