@@ -62,18 +62,11 @@ fn stored_codecs(topic: &str, partition: i32) -> String {
     let segment = std::path::Path::new(&kafka_var("DWH_TEST_KAFKA_DATA"))
         .join(format!("{topic}-{partition}"))
         .join("00000000000000000000.log");
-    let output = std::process::Command::new("java")
-        .args([
-            "-Xmx256m",
-            "-XX:TieredStopAtLevel=1",
-            "-cp",
-            &kafka_var("DWH_TEST_KAFKA_CLASSPATH"),
-        ])
-        .args(["kafka.tools.DumpLogSegments", "--files", &segment.display().to_string()])
-        .output()
-        .expect("java runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).to_lowercase()
+    kafka_java(
+        "kafka.tools.DumpLogSegments",
+        &["--files", &segment.display().to_string()],
+    )
+    .to_lowercase()
 }
 
 fn with_token(mut env: Vec<(String, String)>) -> Vec<(String, String)> {

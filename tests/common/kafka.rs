@@ -165,10 +165,10 @@ pub async fn mock_broker(partitions: i32) -> (TestBroker, String) {
     (TestBroker::Mock(broker), prefix)
 }
 
-/// Runs one of Kafka's own command-line tools (a class of kafka-tools, e.g.
-/// `org.apache.kafka.tools.AclCommand`) against the PLAINTEXT listener, and
-/// returns its standard output; a failure fails the test.
-pub fn kafka_tool(class: &str, args: &[&str]) -> String {
+/// Runs one of Kafka's own command-line tools (a class of its jars, e.g.
+/// `kafka.tools.DumpLogSegments`) with `args`, and returns its standard output; a
+/// failure fails the test.
+pub fn kafka_java(class: &str, args: &[&str]) -> String {
     let output = std::process::Command::new("java")
         .args([
             "-Xmx256m",
@@ -177,7 +177,6 @@ pub fn kafka_tool(class: &str, args: &[&str]) -> String {
             &kafka_var("DWH_TEST_KAFKA_CLASSPATH"),
             class,
         ])
-        .args(["--bootstrap-server", &kafka_bootstrap()])
         .args(args)
         .output()
         .expect("java runs");
@@ -187,6 +186,15 @@ pub fn kafka_tool(class: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs one of Kafka's admin tools (e.g. `org.apache.kafka.tools.AclCommand`)
+/// against the PLAINTEXT listener.
+pub fn kafka_tool(class: &str, args: &[&str]) -> String {
+    let bootstrap = kafka_bootstrap();
+    let mut all = vec!["--bootstrap-server", bootstrap.as_str()];
+    all.extend_from_slice(args);
+    kafka_java(class, &all)
 }
 
 /// The user scripts/kafka.sh created with no permission of its own.
