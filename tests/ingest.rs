@@ -249,11 +249,10 @@ impl Moments {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crashes_at_random_moments_lose_and_duplicate_nothing() {
-    // 12,500 records a partition, well inside the dev broker's 5 MiB; enough that
-    // six kills, each within 0.4 s of the restarted process's first rows, fall
-    // before the end (at 200,000 the faster ingest once finished first; with 0.8 s
-    // the ingest of this session's speed finished before the sixth kill once:
-    // rows at the kills 42,000 to 300,000).
+    // 12,500 records a partition: enough that six kills, each within 0.4 s of the
+    // restarted process's first rows, fall before the end (at 200,000 the faster
+    // ingest once finished first; with 0.8 s it finished before the sixth kill
+    // once: rows at the kills 42,000 to 300,000).
     let (broker, prefix) = broker(24).await;
     let table = Table::UserLocations;
     let topic = topic(&prefix, table);
