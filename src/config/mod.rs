@@ -109,6 +109,28 @@ pub struct KafkaConfig {
     pub librdkafka: Vec<(String, Secret)>,
 }
 
+impl KafkaConfig {
+    /// The value of the pass-through librdkafka property `name`, if set.
+    fn librdkafka_property(&self, name: &str) -> Option<&str> {
+        self.librdkafka
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.expose().trim())
+    }
+
+    /// Whether `KAFKA_LIBRDKAFKA_DEBUG` names librdkafka debug contexts.
+    pub fn librdkafka_debug(&self) -> bool {
+        self.librdkafka_property("debug").is_some_and(|v| !v.is_empty())
+    }
+
+    /// Whether the consumers use KIP-848's group protocol (`group.protocol=consumer`),
+    /// under which the broker assigns partitions and times sessions.
+    pub fn consumer_protocol(&self) -> bool {
+        self.librdkafka_property("group.protocol")
+            .is_some_and(|v| v.eq_ignore_ascii_case("consumer"))
+    }
+}
+
 /// Where a partition without a stored offset starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetReset {

@@ -258,7 +258,7 @@ pub fn subscribe(
             ("topic.metadata.refresh.interval.ms", "10000"),
         ],
     )?;
-    if !kafka::consumer_protocol(kafka) && settings.get("partition.assignment.strategy").is_none() {
+    if !kafka.consumer_protocol() && settings.get("partition.assignment.strategy").is_none() {
         // Classic groups: a rebalance moves only the partitions that change hands;
         // the others keep their buffers and go on (every member of a group must use
         // the same protocol). KIP-848 groups are incremental by design, assigned by

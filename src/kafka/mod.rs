@@ -56,7 +56,7 @@ pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<C
     // librdkafka logs through the context; keep its chatter at warnings, unless
     // KAFKA_LIBRDKAFKA_DEBUG asks for its debug contexts (target `librdkafka`,
     // shown at any LOG_LEVEL then: see telemetry::init_all).
-    config.set_log_level(if debug_requested(kafka) {
+    config.set_log_level(if kafka.librdkafka_debug() {
         rdkafka::config::RDKafkaLogLevel::Debug
     } else {
         rdkafka::config::RDKafkaLogLevel::Warning
@@ -69,23 +69,6 @@ pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<C
     }
     features::check(&config)?;
     Ok(config)
-}
-
-/// Whether `KAFKA_LIBRDKAFKA_DEBUG` names librdkafka debug contexts.
-pub fn debug_requested(kafka: &KafkaConfig) -> bool {
-    kafka
-        .librdkafka
-        .iter()
-        .any(|(name, value)| name == "debug" && !value.expose().trim().is_empty())
-}
-
-/// Whether the consumers use KIP-848's group protocol (`group.protocol=consumer`),
-/// under which the broker assigns partitions and times sessions.
-pub fn consumer_protocol(kafka: &KafkaConfig) -> bool {
-    kafka
-        .librdkafka
-        .iter()
-        .any(|(name, value)| name == "group.protocol" && value.expose().trim().eq_ignore_ascii_case("consumer"))
 }
 
 #[cfg(test)]

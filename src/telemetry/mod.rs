@@ -24,12 +24,7 @@ pub fn init_all(config: &Config) -> Result<Option<otel::Otel>, otel::OtelError> 
     let otel = otel::start()?;
     // KAFKA_LIBRDKAFKA_DEBUG asks for librdkafka's debug lines: shown whatever
     // LOG_LEVEL says of the rest.
-    let librdkafka_debug = config
-        .kafka
-        .librdkafka
-        .iter()
-        .any(|(name, value)| name == "debug" && !value.expose().trim().is_empty());
-    install(&config.log, otel.as_ref(), librdkafka_debug);
+    install(&config.log, otel.as_ref(), config.kafka.librdkafka_debug());
     Ok(otel)
 }
 
