@@ -193,7 +193,7 @@ mod tests {
             for (bytes, reason) in poison(table, 1, 2048) {
                 let window = crate::catalogue::DateWindow::default();
                 let result =
-                    crate::ingest::worker::decode(table, &bytes, 2048, &window, chrono::Utc::now().date_naive());
+                    crate::catalogue::admit::admit(table, &bytes, 2048, &window, chrono::Utc::now().date_naive());
                 let error = result.expect_err("poison must be rejected").to_string();
                 assert!(error.contains(reason), "{table}: {error:?} should say {reason:?}");
             }

@@ -411,6 +411,7 @@ async fn shutdown_cancels_a_stuck_write_at_the_deadline_and_a_second_signal_exit
         let grace = if second_signal { "60" } else { "2" };
         let mut env = ingest_env(&broker, &prefix, &url);
         env.push(("KAFKA_SHUTDOWN_GRACE_SECONDS".into(), grace.into()));
+        env.push(("LOG_FORMAT".into(), "json".into()));
         let config = config_from(&env, &[]);
         let dwh = migrated(&config).await;
         let table = Table::UserLocations;
@@ -440,16 +441,22 @@ async fn shutdown_cancels_a_stuck_write_at_the_deadline_and_a_second_signal_exit
         let status = child.wait_exit(Duration::from_secs(15)).expect("the process exits");
         let took = started.elapsed();
         let log = child.log_text();
+        let aborted = child.events("batch_aborted");
         if second_signal {
             assert!(took < Duration::from_secs(4), "{took:?}");
-            assert!(log.contains("nothing buffered was committed"), "{log}");
+            assert_eq!(child.events("shutdown_forced").len(), 1, "{log}");
+            assert!(aborted.is_empty(), "no grace period ran out: {log}");
             assert!(!status.success());
         } else {
             assert!(
                 took >= Duration::from_secs(2) && took < Duration::from_secs(8),
                 "{took:?}"
             );
-            assert!(log.contains("shutdown grace period over"), "{log}");
+            // The stuck write of the five records was the one cancelled.
+            assert_eq!(aborted.len(), 1, "{log}");
+            assert_eq!(aborted[0]["records"], 5, "{log}");
+            assert_eq!(aborted[0]["topic"], topic.as_str(), "{log}");
+            assert!(child.events("shutdown_forced").is_empty(), "{log}");
             assert!(status.success(), "{status:?}\n{log}");
         }
         sqlx::raw_sql("ROLLBACK").execute(&mut blocker).await.expect("unlock");

@@ -12,7 +12,6 @@
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt as _;
-use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +19,10 @@ use tokio_util::sync::CancellationToken;
 use super::mapping;
 use super::window::Window;
 use crate::backoff::Backoff;
+use crate::catalogue::envelope;
 use crate::config::AppMetricaConfig;
 use crate::telemetry::events::AppMetricaResponse;
+use crate::telemetry::Event as _;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Attempts of one request on 429, 5xx and connection errors before giving up.
@@ -223,9 +224,7 @@ impl LogsApi {
         let sender = rows.clone();
         let parsed = tokio::task::spawn_blocking(move || {
             let mut deserializer = serde_json::Deserializer::from_reader(std::io::BufReader::new(reader));
-            let count = Export { rows: &sender }
-                .deserialize(&mut deserializer)
-                .map_err(|e| e.to_string())?;
+            let count = export(&mut deserializer, &sender).map_err(|e| e.to_string())?;
             deserializer.end().map_err(|e| e.to_string())?;
             Ok::<u64, String>(count)
         })
@@ -266,67 +265,26 @@ fn shorten(body: &str) -> String {
     }
 }
 
-/// The top-level object: `data` is streamed, anything else skipped.
-struct Export<'a> {
-    rows: &'a mpsc::Sender<Map<String, Value>>,
-}
-
-impl<'de> DeserializeSeed<'de> for Export<'_> {
-    type Value = u64;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Export<'_> {
-    type Value = u64;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an object with a \"data\" array")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
-        let mut count = None;
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "data" {
-                count = Some(map.next_value_seed(Rows { rows: self.rows })?);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        count.ok_or_else(|| serde::de::Error::missing_field("data"))
-    }
+/// Streams an export's rows (`{"data": [ {...}, ... ]}`) to `rows` as they are
+/// parsed; how many there were.
+fn export<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    rows: &mpsc::Sender<Map<String, Value>>,
+) -> Result<u64, D::Error> {
+    envelope::stream(deserializer, &mut Rows { rows })?.ok_or_else(|| serde::de::Error::missing_field("data"))
 }
 
 struct Rows<'a> {
     rows: &'a mpsc::Sender<Map<String, Value>>,
 }
 
-impl<'de> DeserializeSeed<'de> for Rows<'_> {
-    type Value = u64;
+impl<'de> envelope::Sink<'de> for Rows<'_> {
+    type Item = Map<String, Value>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Rows<'_> {
-    type Value = u64;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("an array of row objects")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
-        let mut count = 0;
-        while let Some(row) = seq.next_element::<Map<String, Value>>()? {
-            count += 1;
-            if self.rows.blocking_send(row).is_err() {
-                return Err(serde::de::Error::custom("the consumer stopped"));
-            }
-        }
-        Ok(count)
+    fn push(&mut self, _: u64, row: Map<String, Value>) -> Result<(), String> {
+        self.rows
+            .blocking_send(row)
+            .map_err(|_| "the consumer stopped".to_owned())
     }
 }
 
@@ -337,8 +295,7 @@ mod tests {
     fn parse(text: &str) -> (Result<u64, String>, Vec<Map<String, Value>>) {
         let (tx, mut rx) = mpsc::channel(ROWS_AHEAD);
         let mut deserializer = serde_json::Deserializer::from_reader(text.as_bytes());
-        let result = Export { rows: &tx }
-            .deserialize(&mut deserializer)
+        let result = export(&mut deserializer, &tx)
             .and_then(|n| deserializer.end().map(|()| n))
             .map_err(|e| e.to_string());
         drop(tx);

@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::kafka::{self, Publisher};
 use crate::store::{Dwh, WindowRecord};
 use crate::telemetry::events::AppMetricaWindowDone;
+use crate::telemetry::Event as _;
 pub use client::{ExportError, LogsApi};
 use window::Window;
 

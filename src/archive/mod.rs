@@ -20,7 +20,10 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::events::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed, KafkaFailing, KafkaRecovered};
+use crate::telemetry::events::{
+    ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed, KafkaError, KafkaFailing, KafkaRecovered, PollFailed, Shown,
+};
+use crate::telemetry::Event as _;
 
 use bytes::Bytes;
 use flate2::write::GzEncoder;
@@ -57,9 +60,17 @@ fn on_kafka(config: &Config, table: Table) -> consumer::OnKafka {
             role: "archive",
             kind,
             reason,
+            first: true,
         }
-        .emit(None),
-        consumer::KafkaCondition::Recovered => KafkaRecovered { table, topic: &topic }.emit(None),
+        .emit(),
+        consumer::KafkaCondition::Recovered => KafkaRecovered {
+            table,
+            topic: &topic,
+            role: "archive",
+            cleared: true,
+            still_failing: false,
+        }
+        .emit(),
     })
 }
 
@@ -228,7 +239,8 @@ impl Archiver {
                     // The archive's consumer resets to the earliest record by itself.
                     Some(Event::OutOfRange(_)) => {}
                     Some(Event::PollFailed(why)) => {
-                        tracing::error!(table = %self.table, %why, "the poll thread failed; rebuilding the consumer");
+                        let topic = &consumer.context().topic;
+                        PollFailed { table: self.table, topic, role: "archive", reason: &why }.emit();
                         return Exit::Restart(format!("the poll thread failed: {why}"));
                     }
                     Some(Event::Revoked { partitions, reply }) => {
@@ -322,8 +334,20 @@ impl Archiver {
         // uncommitted, and it is the one a restart begins with (same key), so a
         // re-archive can only overwrite, never overlap.
         let mut list = TopicPartitionList::new();
+        let failed = |what: &str, error: &dyn Shown| {
+            KafkaError {
+                table: self.table,
+                topic: &topic,
+                role: "archive",
+                kind: "commit",
+                what,
+                error,
+                warn: true,
+            }
+            .emit()
+        };
         if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(commit_to)) {
-            tracing::error!(topic, partition, error = %e, "cannot list the archive commit");
+            failed(&format!("cannot list the commit of partition {partition}"), &e);
             return Stored::CommitFailed;
         }
         for attempt in 1..=3u32 {
@@ -333,7 +357,10 @@ impl Archiver {
                 Ok(()) if commit_to != object.last_offset + 1 => return Stored::Skipped,
                 Ok(()) => return Stored::Committed,
                 Err(e) => {
-                    tracing::warn!(topic, partition, attempt, error = %e, "archive offset commit failed");
+                    failed(
+                        &format!("offset commit of partition {partition} failed (attempt {attempt})"),
+                        &e,
+                    );
                     tokio::time::sleep(FIRST_RETRY * attempt).await;
                 }
             }

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value as Json;
 
+use super::value::{Read, Reader};
 use super::{Column, Table};
 
 /// A record's fields, one slot per column of its table, in catalogue order.
@@ -33,6 +34,13 @@ pub trait Slot: Sized {
 impl Slot for Json {
     fn next<'de, A: MapAccess<'de>>(map: &mut A, _: &'static Column) -> Result<Json, A::Error> {
         map.next_value()
+    }
+}
+
+/// The column's value read straight from the text where it can be.
+impl Slot for Read<'static> {
+    fn next<'de, A: MapAccess<'de>>(map: &mut A, column: &'static Column) -> Result<Read<'static>, A::Error> {
+        map.next_value_seed(Reader(column.ty))
     }
 }
 

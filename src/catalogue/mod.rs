@@ -5,6 +5,8 @@
 //! column present, derived columns filled in), or into a [`RecordError`] whose text
 //! names the field and the problem. It performs no I/O.
 
+pub mod admit;
+pub mod envelope;
 pub mod fields;
 mod tables;
 pub mod value;
@@ -15,9 +17,10 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value as Json};
 
+pub use admit::decoder_threads;
 pub use tables::{Check, Column, ConflictPolicy, TableSpec};
-use value::FieldProblem;
 pub use value::{ColumnType, Value};
+use value::{FieldProblem, Read};
 
 /// One of the seven DWH tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -170,13 +173,6 @@ pub struct Decoded {
     pub unknown_fields: usize,
 }
 
-/// Threads a batch of records may be decoded on: the machine's cores (ingest
-/// deliveries and POST bodies alike).
-pub fn decoder_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-}
-
 /// Decodes raw bytes (a Kafka record value) into a row of `table`. Fields are
 /// read straight into their columns' values where the text allows
 /// ([`value::Read`]), with no JSON value in between.
@@ -185,14 +181,8 @@ pub fn decode_bytes(table: Table, bytes: &[u8]) -> Result<Decoded, RecordError> 
         return Err(RecordError::Empty);
     }
     let text = std::str::from_utf8(bytes).map_err(|e| RecordError::NotUtf8(e.valid_up_to()))?;
-    let fields = read_slots::<value::Read>(table, text)?;
-    let raws = fields.values.into_iter().map(|v| {
-        v.map(|read| match read {
-            value::Read::Value(value) => Raw::Value(value),
-            value::Read::Json(json) => Raw::Json(Cow::Owned(json)),
-        })
-    });
-    decode_fields(table, raws, fields.unknown)
+    let fields = read_slots::<Read>(table, text)?;
+    decode_fields(table, fields.values.into_iter(), fields.unknown)
 }
 
 /// Reads a record's text into `table`'s column slots, undecoded: what the API
@@ -216,10 +206,7 @@ fn read_slots<S: fields::Slot>(table: Table, text: &str) -> Result<fields::Field
 pub fn decode_fields_read(table: Table, fields: fields::Fields) -> Result<Decoded, RecordError> {
     decode_fields(
         table,
-        fields
-            .values
-            .into_iter()
-            .map(|v| v.map(|json| Raw::Json(Cow::Owned(json)))),
+        fields.values.into_iter().map(|v| v.map(Read::json)),
         fields.unknown,
     )
 }
@@ -236,7 +223,7 @@ pub fn decode_json(table: Table, json: Json) -> Result<Decoded, RecordError> {
 pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded, RecordError> {
     // One pass over the fields, in name order (the map's), each placed where
     // the last one found leaves off, else by binary search.
-    let mut slots: Vec<Option<Raw<'_>>> = std::iter::repeat_with(|| None)
+    let mut slots: Vec<Option<Read<'_>>> = std::iter::repeat_with(|| None)
         .take(table.spec().columns.len())
         .collect();
     let mut unknown_fields = 0;
@@ -245,7 +232,7 @@ pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded
         match fields::locate(table, name, guess) {
             Some((sorted, column)) => {
                 guess = sorted + 1;
-                slots[column] = Some(Raw::Json(Cow::Borrowed(value)));
+                slots[column] = Some(Read::Json(Cow::Borrowed(value)));
             }
             None => unknown_fields += 1,
         }
@@ -253,25 +240,19 @@ pub fn decode_record(table: Table, record: &Map<String, Json>) -> Result<Decoded
     decode_fields(table, slots.into_iter(), unknown_fields)
 }
 
-/// One field as it reaches [`decode_field`]: already the column's value, or JSON.
-enum Raw<'a> {
-    Value(Value),
-    Json(Cow<'a, Json>),
-}
-
 /// Decodes a record given as one field per column (`None`: absent). Owned
 /// strings and JSON documents move into the row.
 fn decode_fields<'a>(
     table: Table,
-    fields: impl Iterator<Item = Option<Raw<'a>>>,
+    fields: impl Iterator<Item = Option<Read<'a>>>,
     unknown_fields: usize,
 ) -> Result<Decoded, RecordError> {
     let spec = table.spec();
     let mut values = Vec::with_capacity(spec.columns.len());
     for (column, raw) in spec.columns.iter().zip(fields) {
         let value = match raw {
-            None | Some(Raw::Value(Value::Null)) => Value::Null,
-            Some(Raw::Json(raw)) if raw.is_null() => Value::Null,
+            None | Some(Read::Value(Value::Null)) => Value::Null,
+            Some(Read::Json(raw)) if raw.is_null() => Value::Null,
             Some(raw) => decode_field(table, column, raw)?,
         };
         values.push(value);
@@ -286,7 +267,7 @@ fn decode_fields<'a>(
     Ok(Decoded { row, unknown_fields })
 }
 
-fn decode_field(table: Table, column: &'static Column, raw: Raw<'_>) -> Result<Value, RecordError> {
+fn decode_field(table: Table, column: &'static Column, raw: Read<'_>) -> Result<Value, RecordError> {
     let field_error = |problem| RecordError::Field {
         field: column.name,
         problem,
@@ -294,10 +275,10 @@ fn decode_field(table: Table, column: &'static Column, raw: Raw<'_>) -> Result<V
     // Event properties sent as a JSON string (AppMetrica's `event_json`) are parsed;
     // a string that is not a JSON object is kept verbatim by `derive`.
     if table == Table::TmpEventProperties && column.name == "properties" {
-        if let Raw::Json(raw) = &raw {
+        if let Read::Json(raw) = &raw {
             if let Json::String(text) = raw.as_ref() {
                 return match serde_json::from_str::<Json>(text) {
-                    Ok(parsed @ Json::Object(_)) => decode_field(table, column, Raw::Json(Cow::Owned(parsed))),
+                    Ok(parsed @ Json::Object(_)) => decode_field(table, column, Read::Json(Cow::Owned(parsed))),
                     _ => value::decode(ColumnType::Text, raw).map_err(field_error),
                 };
             }
@@ -306,13 +287,13 @@ fn decode_field(table: Table, column: &'static Column, raw: Raw<'_>) -> Result<V
     // A string for a text column and a document for a JSON column are the value
     // itself: moved when owned, and shown from the value when refused.
     let (value, source) = match raw {
-        Raw::Value(value) => (value, None),
-        Raw::Json(Cow::Owned(raw @ (Json::String(_) | Json::Object(_) | Json::Array(_))))
+        Read::Value(value) => (value, None),
+        Read::Json(Cow::Owned(raw @ (Json::String(_) | Json::Object(_) | Json::Array(_))))
             if matches!(column.ty, ColumnType::Text | ColumnType::Json) =>
         {
             (value::decode_owned(column.ty, raw).map_err(field_error)?, None)
         }
-        Raw::Json(raw) => (value::decode(column.ty, &raw).map_err(field_error)?, Some(raw)),
+        Read::Json(raw) => (value::decode(column.ty, &raw).map_err(field_error)?, Some(raw)),
     };
     let shown = || match &source {
         Some(raw) => value::describe(raw),
@@ -576,6 +557,20 @@ pub fn event_hash(spec: &TableSpec, row: &Row) -> value::SmolStr {
     }
     // ASCII digits: always UTF-8.
     value::SmolStr::new(std::str::from_utf8(&hex).unwrap_or_default())
+}
+
+/// A record that could not be decoded, kept with where it came from and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedRecord {
+    pub table: Table,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub reason: String,
+    /// A bounded name of the reason (`invalid_json`, `refused`, ...) for metrics.
+    pub class: &'static str,
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! integers within their column's range), so one bad field is caught here, as a
 //! rejection naming the field, instead of failing a whole batch in the database.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::Value as Json;
 pub use smol_str::SmolStr;
@@ -357,89 +359,93 @@ pub fn decode_owned(ty: ColumnType, raw: Json) -> Result<Value, FieldProblem> {
 /// a device id), and otherwise the JSON value, for [`decode`] to take apart
 /// and, if need be, refuse with its usual words. A `Value` here is always what
 /// [`decode`] makes of the same JSON value.
+///
+/// The one enum of a field on its way to [`decode`]: read from the text here,
+/// or taken from a parsed document (borrowed from it, or owned).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Read {
+pub enum Read<'a> {
     Value(Value),
-    Json(Json),
+    Json(Cow<'a, Json>),
 }
 
-impl super::fields::Slot for Read {
-    fn next<'de, A: serde::de::MapAccess<'de>>(map: &mut A, column: &'static super::Column) -> Result<Read, A::Error> {
-        map.next_value_seed(Reader(column.ty))
+impl Read<'static> {
+    /// A JSON value of its own.
+    pub fn json(json: Json) -> Read<'static> {
+        Read::Json(Cow::Owned(json))
     }
 }
 
 /// Reads one JSON value as [`Read`] for a column of the type it holds.
-struct Reader(ColumnType);
+pub(super) struct Reader(pub(super) ColumnType);
 
 impl<'de> serde::de::DeserializeSeed<'de> for Reader {
-    type Value = Read;
+    type Value = Read<'static>;
 
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Read, D::Error> {
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Read<'static>, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
 impl<'de> serde::de::Visitor<'de> for Reader {
-    type Value = Read;
+    type Value = Read<'static>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Read, E> {
-        Ok(Read::Json(Json::Bool(v)))
+    fn visit_bool<E>(self, v: bool) -> Result<Read<'static>, E> {
+        Ok(Read::json(Json::Bool(v)))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Read, E> {
+    fn visit_i64<E>(self, v: i64) -> Result<Read<'static>, E> {
         Ok(match self.0 {
             ColumnType::BigInt => Read::Value(Value::Int(v)),
             ColumnType::Int if i32::try_from(v).is_ok() => Read::Value(Value::Int(v)),
-            _ => Read::Json(Json::from(v)),
+            _ => Read::json(Json::from(v)),
         })
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Read, E> {
+    fn visit_u64<E>(self, v: u64) -> Result<Read<'static>, E> {
         Ok(match (self.0, i64::try_from(v)) {
             (ColumnType::BigInt, Ok(v)) => Read::Value(Value::Int(v)),
             (ColumnType::Int, Ok(v)) if i32::try_from(v).is_ok() => Read::Value(Value::Int(v)),
             (ColumnType::Numeric20, _) => Read::Value(Value::Text(itoa::Buffer::new().format(v).into())),
-            _ => Read::Json(Json::from(v)),
+            _ => Read::json(Json::from(v)),
         })
     }
 
-    fn visit_f64<E>(self, v: f64) -> Result<Read, E> {
-        Ok(Read::Json(Json::from(v)))
+    fn visit_f64<E>(self, v: f64) -> Result<Read<'static>, E> {
+        Ok(Read::json(Json::from(v)))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Read, E> {
+    fn visit_str<E>(self, v: &str) -> Result<Read<'static>, E> {
         Ok(match self.0 {
             ColumnType::Text if !v.contains('\0') => Read::Value(Value::Text(v.into())),
-            _ => Read::Json(Json::String(v.to_owned())),
+            _ => Read::json(Json::String(v.to_owned())),
         })
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Read, E> {
+    fn visit_string<E>(self, v: String) -> Result<Read<'static>, E> {
         Ok(match self.0 {
             ColumnType::Text if !v.contains('\0') => Read::Value(Value::Text(v.into())),
-            _ => Read::Json(Json::String(v)),
+            _ => Read::json(Json::String(v)),
         })
     }
 
-    fn visit_unit<E>(self) -> Result<Read, E> {
+    fn visit_unit<E>(self) -> Result<Read<'static>, E> {
         Ok(Read::Value(Value::Null))
     }
 
-    fn visit_none<E>(self) -> Result<Read, E> {
+    fn visit_none<E>(self) -> Result<Read<'static>, E> {
         Ok(Read::Value(Value::Null))
     }
 
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Read, A::Error> {
-        serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Read::Json)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Read<'static>, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(Read::json)
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Read, A::Error> {
-        serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Read::Json)
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Read<'static>, A::Error> {
+        serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Read::json)
     }
 }
 

@@ -72,9 +72,9 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(async move { ingest::run(&config, dwh, status, shutdown).await })
     };
     let lag = {
-        let (config, dwh, shutdown) = (config.clone(), dwh.clone(), shutdown.clone());
+        let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         let interval = config.metrics.lag_interval;
-        tokio::spawn(crate::telemetry::lag::run(config, dwh, false, interval, shutdown))
+        tokio::spawn(crate::status::lag::run(config, dwh, status, false, interval, shutdown))
     };
     wait_caught_up(&config, &dwh, &shutdown).await?;
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();
@@ -110,7 +110,7 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("`dwh-helper status` of this DWH and broker:");
     println!();
-    let report = crate::report::gather(&config, &dwh, Some(&status)).await;
+    let report = crate::status::report::gather(&config, &dwh, Some(&status)).await;
     for line in report.render().lines() {
         println!("  {line}");
     }
@@ -187,7 +187,7 @@ async fn publish_samples(config: &Config, rows: u64) -> anyhow::Result<(u64, u64
 async fn wait_caught_up(config: &Config, dwh: &Dwh, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let broker = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || crate::report::read_broker(&config, None))
+        tokio::task::spawn_blocking(move || crate::status::report::read_broker(&config, None))
             .await?
             .map_err(anyhow::Error::msg)?
     };
@@ -203,7 +203,9 @@ async fn wait_caught_up(config: &Config, dwh: &Dwh, shutdown: &CancellationToken
             .watermarks
             .iter()
             .flat_map(|(topic, marks)| marks.iter().map(move |(p, range)| (topic, *p, *range)))
-            .filter(|(topic, p, range)| crate::report::lag(stored.get(&((*topic).clone(), *p)).copied(), *range) > 0)
+            .filter(|(topic, p, range)| {
+                crate::status::report::lag(stored.get(&((*topic).clone(), *p)).copied(), *range) > 0
+            })
             .count();
         if behind == 0 {
             return Ok(());

@@ -6,9 +6,6 @@
 mod appmetrica;
 mod archive;
 mod bench;
-mod bench_api_memory;
-mod bench_appmetrica;
-mod bench_ingest;
 mod demo;
 mod dev_broker;
 mod produce;

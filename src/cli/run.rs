@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::ingest::{self, IngestStatus};
 use crate::store::Dwh;
+use crate::telemetry::Event as _;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -114,11 +115,11 @@ async fn serve_roles(
     if config.kafka.bootstrap_servers.is_some() && observed {
         // Lag from the DWH's offsets and the watermarks, on its own task so that
         // it goes on while a consumer is stuck (and an API-only instance shows it).
-        let (config, dwh, shutdown) = (config.clone(), dwh.clone(), shutdown.clone());
+        let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         let archive = roles.contains(&Role::Archive);
         let interval = config.metrics.lag_interval;
         tasks.spawn(async move {
-            crate::telemetry::lag::run(config, dwh, archive, interval, shutdown).await;
+            crate::status::lag::run(config, dwh, status, archive, interval, shutdown).await;
             Ok(())
         });
     }
@@ -167,7 +168,7 @@ pub async fn signal(shutdown: CancellationToken) {
     one_signal().await;
     // Open transactions roll back when their connections close with the process:
     // nothing half-written stays, and the records are read again by the next owner.
-    tracing::error!("second signal: exiting now; batches not yet written were not committed and will be read again");
+    crate::telemetry::events::ShutdownForced.emit();
     eprintln!("dwh-helper: second signal: exiting now; nothing buffered was committed (it will be read again)");
     std::process::exit(130);
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::Config;
-use crate::report::{self, State};
+use crate::status::report::{self, State};
 use crate::store::Dwh;
 
 #[derive(Debug, Args)]

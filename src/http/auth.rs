@@ -6,7 +6,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use subtle::ConstantTimeEq;
 
-use super::{ApiError, AppState};
+use super::error::ApiError;
+use super::AppState;
 
 pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
     authorize(&state, request.headers())?;
@@ -16,7 +17,7 @@ pub async fn require_token(State(state): State<AppState>, request: Request, next
 /// Whether `uri` is one of the routes anyone may read.
 pub fn is_open(uri: &Uri) -> bool {
     let path = uri.path();
-    path.starts_with("/health/") || path == super::openapi::DOCUMENT_PATH || path.starts_with(super::openapi::DOCS_PATH)
+    path.starts_with("/health/") || path == super::paths::DOCUMENT_PATH || path.starts_with(super::paths::DOCS_PATH)
 }
 
 /// Ok when no token is configured or `headers` present it (`Authorization:
@@ -44,6 +45,21 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
 fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// 405 for a known path with another method; a protected path asks for the token
+/// first (401), so that a route's methods are no clue without it.
+pub async fn method_not_allowed(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> ApiError {
+    if !is_open(&uri) {
+        if let Err(unauthorized) = authorize(&state, &headers) {
+            return unauthorized;
+        }
+    }
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
 }
 
 #[cfg(test)]

@@ -94,18 +94,3 @@ impl From<QueryRejection> for ApiError {
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
-
-/// 405 for a known path with another method; a protected path asks for the token
-/// first (401), so that a route's methods are no clue without it.
-pub async fn method_not_allowed(
-    axum::extract::State(state): axum::extract::State<super::AppState>,
-    uri: axum::http::Uri,
-    headers: axum::http::HeaderMap,
-) -> ApiError {
-    if !super::auth::is_open(&uri) {
-        if let Err(unauthorized) = super::auth::authorize(&state, &headers) {
-            return unauthorized;
-        }
-    }
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
-}

@@ -10,7 +10,9 @@ mod error;
 mod health;
 mod observe;
 pub mod openapi;
+mod paths;
 pub mod s3;
+mod schema;
 pub mod tables;
 mod validate;
 
@@ -88,7 +90,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .merge(routes)
         .merge(openapi::router(openapi::finish(api, &state.config.dwh.events_window)))
         .fallback(error::not_found)
-        .method_not_allowed_fallback(error::method_not_allowed)
+        .method_not_allowed_fallback(auth::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), deadline))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(observe::track))

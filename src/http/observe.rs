@@ -1,5 +1,5 @@
 //! `GET /metrics` (Prometheus text), `GET /status` (the report of
-//! [`crate::report`] as JSON), and the middleware that measures every request.
+//! [`crate::status::report`] as JSON), and the middleware that measures every request.
 
 use std::time::Instant;
 
@@ -13,9 +13,10 @@ use utoipa_axum::routes;
 
 use super::error::ErrorBody;
 use super::AppState;
-use crate::report::{self, State as Verdict};
+use crate::status::report::{self, State as Verdict};
 use crate::telemetry::events::HttpRequestServed;
 use crate::telemetry::metrics::metrics;
+use crate::telemetry::Event as _;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

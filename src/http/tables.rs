@@ -368,8 +368,7 @@ fn parse_records(
 /// The first pass: every record's text, or what is wrong with the body.
 fn scan_records<'b>(mut parse: records::Parse<'b>, body: &'b [u8]) -> Result<records::Parse<'b>, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let result = serde::de::DeserializeSeed::deserialize(records::Body(&mut parse), &mut deserializer)
-        .and_then(|()| deserializer.end());
+    let result = records::scan(&mut deserializer, &mut parse).and_then(|()| deserializer.end());
     if let Some(problem) = parse.problem.take() {
         return Err(problem);
     }
@@ -398,14 +397,12 @@ fn scan_records<'b>(mut parse: records::Parse<'b>, body: &'b [u8]) -> Result<rec
 }
 
 mod records {
-    use std::fmt;
 
-    use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
     use serde_json::value::RawValue;
     use serde_json::{Map, Value as Json};
 
     use super::{validate, ApiError};
-    use crate::catalogue::{self, DateWindow, Row, Table};
+    use crate::catalogue::{self, admit, envelope, DateWindow, Row, Table};
 
     /// Records decoded on one thread at least, so that small bodies stay on one.
     const MIN_RECORDS_PER_THREAD: usize = 256;
@@ -447,40 +444,18 @@ mod records {
 
         /// Decodes and checks `records` (found by the parse, the first of them
         /// at index `first`) in parts on up to [`catalogue::decoder_threads`]
-        /// threads; the first invalid record in order is the answer.
+        /// threads ([`admit::in_parallel`]); the first invalid record in order is
+        /// the answer.
         pub fn decode(&self, first: usize, records: &[&RawValue]) -> Result<Vec<Row>, ApiError> {
-            let threads = catalogue::decoder_threads()
-                .min(records.len() / MIN_RECORDS_PER_THREAD)
-                .max(1);
-            let per_part = records.len().div_ceil(threads).max(1);
-            let decode_part = |first: usize, part: &[&RawValue]| -> Result<Vec<Row>, ApiError> {
-                part.iter()
-                    .enumerate()
-                    .map(|(i, raw)| self.accept(first + i, raw))
-                    .collect()
-            };
-            let parts: Vec<Result<Vec<Row>, ApiError>> = std::thread::scope(|scope| {
-                let mut chunks = records.chunks(per_part).enumerate();
-                let head = chunks.next();
-                let others: Vec<_> = chunks
-                    .map(|(n, part)| scope.spawn(move || decode_part(first + n * per_part, part)))
-                    .collect();
-                let mut parts = vec![head.map_or(Ok(Vec::new()), |(_, part)| decode_part(first, part))];
-                parts.extend(others.into_iter().map(|thread| {
-                    thread.join().unwrap_or_else(|_| {
-                        Err(ApiError::new(
-                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                            "a decoding thread failed",
-                        ))
-                    })
-                }));
-                parts
-            });
-            let mut rows = Vec::with_capacity(records.len());
-            for part in parts {
-                rows.extend(part?);
-            }
-            Ok(rows)
+            admit::in_parallel(records, MIN_RECORDS_PER_THREAD, |i, raw| self.accept(first + i, raw))
+                .map_err(|_| {
+                    ApiError::new(
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "a decoding thread failed",
+                    )
+                })?
+                .into_iter()
+                .collect()
         }
 
         /// Decodes and checks record `index`.
@@ -506,85 +481,38 @@ mod records {
                     .map_err(invalid)?;
                 decoded
             };
-            self.window
-                .check(self.table, &decoded.row, self.today)
-                .map_err(|e| invalid(e.to_string()))?;
-            let size = decoded.row.approx_bytes();
-            if size > self.max_row_bytes {
-                return Err(invalid(
-                    catalogue::RecordError::TooLarge {
-                        size,
-                        limit: self.max_row_bytes,
-                    }
-                    .to_string(),
-                ));
-            }
-            Ok(decoded.row)
+            admit::admit_row(self.table, decoded.row, self.max_row_bytes, self.window, self.today)
+                .map_err(|e| invalid(e.to_string()))
         }
     }
 
     /// Stops the parse; the reason is in `Parse::problem`.
     const STOP: &str = "stopped at an invalid record";
 
-    pub struct Body<'p, 'b>(pub &'p mut Parse<'b>);
-
-    impl<'de: 'b, 'b> DeserializeSeed<'de> for Body<'_, 'b> {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_map(self)
-        }
+    /// Finds every record's text in the body's `data` array.
+    pub fn scan<'de: 'b, 'b, D: serde::Deserializer<'de>>(
+        deserializer: D,
+        parse: &mut Parse<'b>,
+    ) -> Result<(), D::Error> {
+        parse.seen_data = envelope::stream(deserializer, parse)?.is_some();
+        Ok(())
     }
 
-    impl<'de: 'b, 'b> Visitor<'de> for Body<'_, 'b> {
-        type Value = ();
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("an object with \"data\": [records]")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(key) = map.next_key::<String>()? {
-                if key == "data" && !self.0.seen_data {
-                    self.0.seen_data = true;
-                    map.next_value_seed(Data(&mut *self.0))?;
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                }
+    impl<'de: 'b, 'b> envelope::Sink<'de> for Parse<'b> {
+        type Item = &'de RawValue;
+
+        fn push(&mut self, index: u64, raw: &'de RawValue) -> Result<(), String> {
+            if index >= self.max_records as u64 {
+                self.problem = Some(ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request holds over {} records (HTTP_TABLES_MAX_RECORDS); send them in parts",
+                        self.max_records
+                    ),
+                ));
+                return Err(STOP.to_owned());
             }
-            Ok(())
-        }
-    }
-
-    struct Data<'p, 'b>(&'p mut Parse<'b>);
-
-    impl<'de: 'b, 'b> DeserializeSeed<'de> for Data<'_, 'b> {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_seq(self)
-        }
-    }
-
-    impl<'de: 'b, 'b> Visitor<'de> for Data<'_, 'b> {
-        type Value = ();
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a sequence of records")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            let parse = self.0;
-            for index in 0.. {
-                let Some(raw) = seq.next_element::<&'de RawValue>()? else {
-                    break;
-                };
-                if index >= parse.max_records {
-                    parse.problem = Some(ApiError::new(
-                        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "the request holds over {} records (HTTP_TABLES_MAX_RECORDS); send them in parts",
-                            parse.max_records
-                        ),
-                    ));
-                    return Err(A::Error::custom(STOP));
-                }
-                parse.records.push(raw);
-            }
+            self.records.push(raw);
             Ok(())
         }
     }

@@ -14,7 +14,7 @@
 use jsonschema::Validator;
 use serde_json::{json, Map, Value as Json};
 
-use super::openapi;
+use super::schema;
 use crate::catalogue::{self, value, Column, ColumnType, DateWindow, Table};
 
 /// The compiled record and filter schemas of one API (its date window set).
@@ -161,11 +161,11 @@ impl Validators {
             .map(|&table| {
                 // The record schema refers to the JSON value schema inside the
                 // document; the validator gets the same frame.
-                let record = openapi::record_schema(table, window);
+                let record = schema::record_schema(table, window);
                 let frame = json!({
                     "components": { "schemas": {
                         table.name(): record.clone(),
-                        openapi::JSON_VALUE: openapi::json_value_schema(),
+                        schema::JSON_VALUE: schema::json_value_schema(),
                     } },
                 });
                 let mut whole = frame.clone();
@@ -189,7 +189,7 @@ impl Validators {
                 types
             })
             .into_iter()
-            .map(|ty| (ty, build(&openapi::query_schema(ty))))
+            .map(|ty| (ty, build(&schema::query_schema(ty))))
             .collect();
         Validators {
             window: *window,

@@ -10,6 +10,9 @@
 //! is lost: its offsets were not advanced).
 
 pub mod batcher;
+pub mod lanes;
+pub mod sink;
+pub mod source;
 pub mod start;
 pub mod status;
 pub mod worker;
@@ -17,7 +20,6 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +30,12 @@ use crate::kafka::memory::{MemoryShare, TableMemory};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
 use crate::telemetry::events::{FetchPaused, IngestStarted, KafkaFailing, KafkaRecovered};
+use crate::telemetry::Event as _;
 use batcher::BatchLimits;
+use sink::Writer;
+use source::Source;
 pub use status::{Counters, IngestStatus};
-use worker::{Worker, Writer};
+use worker::Worker;
 
 pub use crate::kafka::consumer::ConsumerError as IngestError;
 
@@ -179,15 +184,29 @@ impl Shared {
         let status = self.status.clone();
         let topic = crate::kafka::topic_name(&kafka.topic_prefix, table);
         let on_kafka: consumer::OnKafka = Arc::new(move |condition| match condition {
-            consumer::KafkaCondition::Failing { kind, reason } => KafkaFailing {
-                table,
-                topic: &topic,
-                role: "ingest",
-                kind,
-                reason,
+            consumer::KafkaCondition::Failing { kind, reason } => {
+                let first = status.set_kafka_failing(&topic, Some(format!("kafka {kind}: {reason}")));
+                KafkaFailing {
+                    table,
+                    topic: &topic,
+                    role: "ingest",
+                    kind,
+                    reason,
+                    first,
+                }
+                .emit()
             }
-            .emit(Some(&status)),
-            consumer::KafkaCondition::Recovered => KafkaRecovered { table, topic: &topic }.emit(Some(&status)),
+            consumer::KafkaCondition::Recovered => {
+                let cleared = status.set_kafka_failing(&topic, None);
+                KafkaRecovered {
+                    table,
+                    topic: &topic,
+                    role: "ingest",
+                    cleared,
+                    still_failing: status.is_failing(&topic),
+                }
+                .emit()
+            }
         });
         consumer::subscribe(kafka, &kafka.group_id, table, consumer::Role::Ingest, on_kafka)
     }
@@ -209,20 +228,25 @@ impl Shared {
         let consumer = subscription.consumer.clone();
         let on_pause = {
             let status = self.status.clone();
-            Arc::new(move || FetchPaused { table }.emit(&status))
+            Arc::new(move || {
+                status.paused();
+                FetchPaused { table }.emit()
+            })
         };
         let (poller, receiver) = subscription.poll(self.memory.clone(), on_pause)?;
+        let source = Source::new(table, consumer.clone());
         let writer = Arc::new(Writer {
             table,
-            topic: consumer.context().topic.clone(),
+            topic: source.topic.clone(),
             group_id: self.config.kafka.group_id.clone(),
             dwh: self.dwh.clone(),
-            consumer: consumer.clone(),
+            source: source.clone(),
             status: self.status.clone(),
             abort: self.abort.clone(),
         });
         let worker = Worker {
             writer,
+            source,
             limits: BatchLimits {
                 max_rows: self.config.kafka.batch_max_rows,
                 max_bytes: self.config.kafka.batch_max_bytes,

@@ -9,6 +9,8 @@
 //! nothing of the partition: it starts from `KAFKA_AUTO_OFFSET_RESET`, or from the
 //! Kafka committed offset only when `KAFKA_ADOPT_COMMITTED_OFFSETS` says so.
 
+use std::collections::HashMap;
+
 use crate::config::{OffsetReset, OutOfRange};
 
 /// A partition's offsets on the broker: `low` is the first held, `high` one past
@@ -160,6 +162,53 @@ pub fn decide(
     })
 }
 
+/// One assigned partition's start, as [`plan`] decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    pub partition: i32,
+    /// The stored next offset it starts from (after a move, where it was moved to).
+    pub stored: Option<i64>,
+    pub start: Start,
+    /// The stored offset must first be moved in the DWH, `(from, to)`.
+    pub moved: Option<(i64, i64)>,
+}
+
+/// Decides where every assigned partition starts, from its stored offset, the
+/// Kafka committed offsets and the watermarks (a partition missing from `ranges`
+/// trusts its stored offset). A partition whose stored offset does not fit the
+/// log stops the table before any offset is moved.
+pub fn plan(
+    topic: &str,
+    stored: &[(i32, Option<i64>)],
+    committed: &HashMap<i32, i64>,
+    ranges: &HashMap<i32, Range>,
+    policy: Policy,
+) -> Result<Vec<Planned>, Misfit> {
+    stored
+        .iter()
+        .map(|&(partition, stored)| {
+            let start = decide(
+                topic,
+                partition,
+                stored,
+                committed.get(&partition).copied(),
+                ranges.get(&partition).copied(),
+                policy,
+            )?;
+            let (stored, moved) = match start.source {
+                Source::Moved { stored, to } => (Some(to), Some((stored, to))),
+                _ => (stored, None),
+            };
+            Ok(Planned {
+                partition,
+                stored,
+                start,
+                moved,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +333,44 @@ mod tests {
             .unwrap()
             .at,
             StartAt::Offset(1_000)
+        );
+    }
+
+    #[test]
+    fn a_plan_moves_what_the_operator_asked_and_stops_before_any_move_on_a_misfit() {
+        let ranges: HashMap<i32, Range> = [(0, Range { low: 10, high: 100 }), (1, Range { low: 10, high: 100 })].into();
+        let committed: HashMap<i32, i64> = [(2, 42)].into();
+        let stored = [(0, Some(50)), (1, Some(5)), (2, None), (3, Some(7))];
+        let moving = policy(OffsetReset::Latest, true, OutOfRange::Earliest);
+        let planned = plan("dwh.t", &stored, &committed, &ranges, moving).expect("a plan");
+        let summary: Vec<_> = planned
+            .iter()
+            .map(|p| (p.partition, p.stored, p.start.at, p.moved))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, Some(50), StartAt::Offset(50), None),
+                (1, Some(10), StartAt::Offset(10), Some((5, 10))),
+                (2, None, StartAt::Offset(42), None),
+                // No watermarks read: the stored offset is trusted.
+                (3, Some(7), StartAt::Offset(7), None),
+            ]
+        );
+        assert_eq!(planned[2].start.source, Source::KafkaCommitted);
+        let stopping = policy(OffsetReset::Latest, true, OutOfRange::Stop);
+        let misfit = plan("dwh.t", &stored, &committed, &ranges, stopping).unwrap_err();
+        assert!(
+            matches!(
+                misfit,
+                Misfit::BelowLow {
+                    partition: 1,
+                    stored: 5,
+                    low: 10,
+                    ..
+                }
+            ),
+            "{misfit:?}"
         );
     }
 }

@@ -1,11 +1,15 @@
 //! What the ingest role reports while it runs: counters for the demo, the bench
-//! and ops, and whether DWH writes are failing (readiness goes 503 while they are).
+//! and ops, whether DWH writes are failing (readiness goes 503 while they are),
+//! and how far each partition it consumes was fetched and written (for the lag
+//! loop's buffer and seconds gauges). One per process, shared by reference: no
+//! global state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::catalogue::Table;
 use crate::store::WriteOutcome;
 
 /// Shared between the ingest tasks and whoever watches them.
@@ -31,6 +35,17 @@ pub struct IngestStatus {
     /// permission, a codec), per topic: kept apart from the write failures, so
     /// that a write landing does not hide it.
     kafka_failing: Mutex<Vec<(String, String)>>,
+    /// What this process knows of each partition it consumes.
+    progress: Mutex<BTreeMap<(Table, i32), Progress>>,
+}
+
+/// What this process knows of a partition it consumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The next offset to fetch.
+    pub fetched: Option<i64>,
+    /// Kafka timestamp (ms) of the last record written to the DWH.
+    pub written_at: Option<i64>,
 }
 
 const LATENCY_SAMPLES: usize = 100_000;
@@ -131,6 +146,40 @@ impl IngestStatus {
     pub(crate) fn table_stopped(&self, topic: &str, reason: &str) {
         self.tables_stopped.fetch_add(1, Ordering::Relaxed);
         self.set_failing(topic, Some(format!("stopped: {reason}")));
+    }
+
+    fn progress_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Table, i32), Progress>> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The consumer of `table` has fetched up to (not including) these offsets.
+    pub(crate) fn fetched(&self, table: Table, next: impl Iterator<Item = (i32, i64)>) {
+        let mut progress = self.progress_map();
+        for (partition, offset) in next {
+            progress.entry((table, partition)).or_default().fetched = Some(offset);
+        }
+    }
+
+    /// A batch of `table` landed; its last record of `partition` bore `timestamp_ms`.
+    pub(crate) fn written(&self, table: Table, partition: i32, timestamp_ms: Option<i64>) {
+        if let Some(ts) = timestamp_ms {
+            self.progress_map().entry((table, partition)).or_default().written_at = Some(ts);
+        }
+    }
+
+    /// The consumer of `table` ended: what it fetched is gone.
+    pub(crate) fn forget(&self, table: Table) {
+        self.progress_map().retain(|(t, _), _| *t != table);
+    }
+
+    /// `partition` of `table` was revoked.
+    pub(crate) fn forget_partition(&self, table: Table, partition: i32) {
+        self.progress_map().remove(&(table, partition));
+    }
+
+    /// Every consumed partition's progress, now.
+    pub fn progress(&self) -> BTreeMap<(Table, i32), Progress> {
+        self.progress_map().clone()
     }
 
     pub fn counters(&self) -> Counters {

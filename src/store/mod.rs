@@ -9,55 +9,6 @@
 //! costs the database more than its rows do.
 //! A fenced offset aborts the whole transaction with [`StoreError::Fenced`].
 
-/// Writes a batch's rows, chunk by chunk, inside the open transaction `$tx`, the
-/// same way on both backends (a macro: their connection types differ).
-/// `$write(conn, $ctx, rows, outcome)` writes rows. With origins, each chunk runs
-/// under a savepoint; when the database refuses the data of a row in it, the
-/// part is rolled back and tried again as two halves, each under a savepoint of
-/// its own, down to single rows: the refused rows become rejects
-/// (`insert_reject` of the backend, in the same transaction), the rest lands, in
-/// order. One refused row among n costs about 2·log2(n) more statements. Any
-/// other error fails the batch.
-macro_rules! write_rows_isolating {
-    ($tx:ident, $batch:expr, $chunks:expr, $outcome:ident, $write:ident, $ctx:expr) => {{
-        for range in $chunks {
-            let Some(origins) = $batch.origins else {
-                $write(&mut $tx, $ctx, &$batch.rows[range.clone()], &mut $outcome).await?;
-                continue;
-            };
-            // Parts still to write, the next on top.
-            let mut parts = vec![range.clone()];
-            while let Some(part) = parts.pop() {
-                let rows = &$batch.rows[part.clone()];
-                let mut savepoint = $tx.begin().await?;
-                let mut written = WriteOutcome::default();
-                match $write(&mut savepoint, $ctx, rows, &mut written).await {
-                    Ok(()) => {
-                        savepoint.commit().await?;
-                        $outcome.absorb(written);
-                    }
-                    Err(e) if e.is_refused() => {
-                        savepoint.rollback().await?;
-                        if let [row] = rows {
-                            let origin = origins.rows[part.start];
-                            let reject = RejectedRecord::refused_row($batch.table, origins.topic, origin, row, &e);
-                            insert_reject(&mut $tx, &reject).await?;
-                            $outcome.refused.push(reject);
-                        } else {
-                            let middle = part.start + part.len() / 2;
-                            parts.push(middle..part.end);
-                            parts.push(part.start..middle);
-                            $outcome.statements += 2;
-                        }
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        $outcome.skipped = ($batch.rows.len() - $outcome.refused.len()) as u64 - $outcome.inserted - $outcome.updated;
-    }};
-}
-
 /// Runs `$body` with `$pool` bound to the backend's pool (for SQLite, its `read`
 /// or `write` pool): one query text, written once, for both backends (a macro:
 /// their pool types differ).
@@ -73,6 +24,7 @@ macro_rules! on_pool {
     };
 }
 
+mod backend;
 mod chunk;
 mod error;
 mod members;
@@ -92,6 +44,8 @@ use std::time::Duration;
 use chrono::{Datelike as _, NaiveDate};
 use serde_json::{Map, Value as Json};
 
+/// Rejects are the catalogue's to define; the store keeps them.
+pub use crate::catalogue::RejectedRecord;
 pub use chunk::{plan as plan_chunks, Oversized};
 pub use error::StoreError;
 pub use members::Reader;
@@ -102,20 +56,6 @@ pub use windows::WindowRecord;
 
 use crate::catalogue::{Column, Row, Table};
 use crate::config::{Backend, DwhConfig};
-
-/// A record that could not be decoded, kept with where it came from and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RejectedRecord {
-    pub table: Table,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub reason: String,
-    /// A bounded name of the reason (`invalid_json`, `refused`, ...) for metrics.
-    pub class: &'static str,
-}
 
 /// Where a row of a batch came from, so that a row the database refuses can be
 /// rejected with its place in the log.
@@ -202,14 +142,6 @@ const ADVANCE_OFFSET: &str = "INSERT INTO dwh_consumer_offsets (group_id, topic,
      VALUES ($1, $2, $3, $4) ON CONFLICT (group_id, topic, partition) DO UPDATE \
      SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
      WHERE dwh_consumer_offsets.next_offset = $5 RETURNING next_offset";
-
-const SELECT_OFFSET: &str =
-    "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3";
-
-/// Binds: table, topic, partition, offset, key, payload, reason.
-const INSERT_REJECT: &str = "INSERT INTO dwh_rejected_records \
-     (table_name, topic, partition, \"offset\", record_key, payload, reason) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
 
 /// Everything one flush writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
@@ -579,7 +511,7 @@ impl Dwh {
 
     /// The stored `next_offset` of a consumer group's partition, if any.
     pub async fn stored_offset(&self, group_id: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let sql = SELECT_OFFSET;
+        let sql = backend::SELECT_OFFSET;
         let offset = match &self.pool {
             Pool::Postgres(pool) => {
                 sqlx::query_scalar(sql)

@@ -20,10 +20,11 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Row as _};
+use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Postgres, Row as _};
 
+use super::backend::{self, Bookkeeping as _, RowWriter};
 use super::error::is_unique_violation;
-use super::{pgbinary, sql, Batch, OffsetAdvance, ReadPage, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use super::{pgbinary, sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -59,7 +60,7 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
     // lock serialises two writers of the same partition.
     advance_offsets(&mut tx, batch.offsets).await?;
     for reject in batch.rejects {
-        insert_reject(&mut tx, reject).await?;
+        Postgres::insert_reject(&mut tx, reject).await?;
     }
     let spec = batch.table.spec();
     let mut outcome = WriteOutcome {
@@ -73,7 +74,7 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
             false => Ids::Unwanted,
         },
     };
-    write_rows_isolating!(tx, batch, chunks, outcome, write_chunk, target);
+    backend::write_isolating::<Postgres, _>(&mut tx, &target, &batch, chunks, &mut outcome).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -150,27 +151,19 @@ async fn advance_offsets(conn: &mut PgConnection, advances: &[OffsetAdvance]) ->
     let Some(fenced) = advances.iter().find(|a| !moved.contains(&a.partition)) else {
         return Ok(());
     };
-    let stored = sqlx::query_scalar(super::SELECT_OFFSET)
-        .bind(&fenced.group_id)
-        .bind(&fenced.topic)
-        .bind(fenced.partition)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Err(fenced.fenced(stored))
+    Err(Postgres::fenced(conn, fenced).await)
 }
 
-async fn insert_reject(conn: &mut PgConnection, r: &RejectedRecord) -> Result<(), StoreError> {
-    sqlx::query(super::INSERT_REJECT)
-        .bind(r.table.name())
-        .bind(&r.topic)
-        .bind(r.partition)
-        .bind(r.offset)
-        .bind(r.key.as_deref())
-        .bind(&r.payload)
-        .bind(super::storable_text(&r.reason))
-        .execute(conn)
-        .await?;
-    Ok(())
+#[async_trait::async_trait]
+impl RowWriter<Postgres> for Target<'_> {
+    async fn write_rows(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[Row],
+        outcome: &mut WriteOutcome,
+    ) -> Result<(), StoreError> {
+        write_chunk(conn, *self, rows, outcome).await
+    }
 }
 
 /// COPY text of the rows, each line prefixed by its `prefixes` value (the id or

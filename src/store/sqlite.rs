@@ -10,9 +10,10 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
-use sqlx::{ConnectOptions as _, Connection as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{ConnectOptions as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
 
-use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, RejectedRecord, StoreError, WriteOutcome};
+use super::backend::{self, Bookkeeping as _, RowWriter};
+use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -72,14 +73,14 @@ pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>])
         advance_offset(&mut tx, advance).await?;
     }
     for reject in batch.rejects {
-        insert_reject(&mut tx, reject).await?;
+        Sqlite::insert_reject(&mut tx, reject).await?;
     }
     let mut outcome = WriteOutcome {
         statements: chunks.len(),
         ..WriteOutcome::default()
     };
     let statements = Statements::of(batch.table.spec());
-    write_rows_isolating!(tx, batch, chunks, outcome, write_rows, &statements);
+    backend::write_isolating::<Sqlite, _>(&mut tx, &statements, &batch, chunks, &mut outcome).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -154,27 +155,19 @@ async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Resul
     if moved.is_some() {
         return Ok(());
     }
-    let stored = sqlx::query_scalar(super::SELECT_OFFSET)
-        .bind(&a.group_id)
-        .bind(&a.topic)
-        .bind(a.partition)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Err(a.fenced(stored))
+    Err(Sqlite::fenced(conn, a).await)
 }
 
-async fn insert_reject(conn: &mut SqliteConnection, r: &RejectedRecord) -> Result<(), StoreError> {
-    sqlx::query(super::INSERT_REJECT)
-        .bind(r.table.name())
-        .bind(&r.topic)
-        .bind(r.partition)
-        .bind(r.offset)
-        .bind(r.key.as_deref())
-        .bind(&r.payload)
-        .bind(super::storable_text(&r.reason))
-        .execute(conn)
-        .await?;
-    Ok(())
+#[async_trait::async_trait]
+impl RowWriter<Sqlite> for Statements {
+    async fn write_rows(
+        &self,
+        conn: &mut SqliteConnection,
+        rows: &[crate::catalogue::Row],
+        outcome: &mut WriteOutcome,
+    ) -> Result<(), StoreError> {
+        write_rows(conn, self, rows, outcome).await
+    }
 }
 
 pub async fn read(pool: &SqlitePool, table: Table, query: &ReadQuery) -> Result<ReadPage, StoreError> {

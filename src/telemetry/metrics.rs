@@ -3,7 +3,7 @@
 //! `prometheus-client` (the Prometheus project's own Rust client) holds them: its
 //! families are lock-free atomics behind a read lock, and its text encoder is the
 //! reference format. The instruments are updated in one place, the events of
-//! [`super::events`]; the lag loop ([`super::lag`]) and the scrape itself set the
+//! [`super::events`]; the lag loop (`status::lag`) and the scrape itself set the
 //! gauges that are measured rather than counted.
 //!
 //! Labels are bounded: `table` (seven), `partition` (unless
@@ -52,6 +52,8 @@ pub struct Metrics {
     pub memory_budget: Gauges,
     pub write_retries: Counters,
     pub batches_fenced: Counters,
+    pub batches_aborted: Counters,
+    pub offset_read_retries: Counters,
     pub rebalances: Counters,
     pub partitions_assigned: Gauges,
     pub offsets_moved: Counters,
@@ -158,6 +160,8 @@ impl Metrics {
             memory_budget: Gauges::default(),
             write_retries: Counters::default(),
             batches_fenced: Counters::default(),
+            batches_aborted: Counters::default(),
+            offset_read_retries: Counters::default(),
             rebalances: Counters::default(),
             partitions_assigned: Gauges::default(),
             offsets_moved: Counters::default(),
@@ -257,6 +261,16 @@ impl Metrics {
             "batches_fenced",
             "Batches dropped because another member moved the offset",
             m.batches_fenced.clone(),
+        );
+        r.register(
+            "batches_aborted",
+            "Batches whose write the shutdown grace period cancelled (read again by the next owner)",
+            m.batches_aborted.clone(),
+        );
+        r.register(
+            "offset_read_retries",
+            "Failed reads of the DWH's stored offsets for an assignment, each retried",
+            m.offset_read_retries.clone(),
         );
         r.register(
             "rebalances",
@@ -465,15 +479,11 @@ impl Metrics {
 
 /// Resident bytes and open descriptors, from /proc (zero where there is none).
 fn process_usage() -> (u64, u64) {
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024);
-    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    let Ok(me) = procfs::process::Process::myself() else {
+        return (0, 0);
+    };
+    let rss = me.status().ok().and_then(|s| s.vmrss).map_or(0, |kib| kib * 1024);
+    let fds = me.fd_count().map_or(0, |n| n as u64);
     (rss, fds)
 }
 

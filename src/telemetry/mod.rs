@@ -1,14 +1,19 @@
-//! Telemetry: logging, metrics and the lag loop.
+//! Telemetry: logging, metrics and OpenTelemetry, on the ground floor (it uses
+//! nothing of the application but the configuration and the catalogue's table
+//! names).
 //!
 //! Logging: `tracing` to stderr, human-readable (`LOG_FORMAT=pretty`) or one JSON
 //! object per line for log shippers (`LOG_FORMAT=json`), filtered by `LOG_LEVEL`.
 //! Metrics: [`metrics`] (the registry behind `/metrics`), updated by the named
-//! [`events`] and by the [`lag`] loop.
+//! [`events`] (each an [`event::Event`]) and by the lag loop of
+//! `status::lag`.
 
+pub mod event;
 pub mod events;
-pub mod lag;
 pub mod metrics;
 pub mod otel;
+
+pub use event::Event;
 
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;

@@ -457,6 +457,16 @@ impl Child {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The named events the child logged so far (it runs with `LOG_FORMAT=json`):
+    /// each log object whose `event` field is `name`.
+    pub fn events(&self, name: &str) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|object| object["event"] == name)
+            .collect()
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = std::process::Command::new("kill")
             .args([format!("-{signal}"), self.child.id().to_string()])
@@ -950,15 +960,9 @@ async fn relay_bytes(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::ne
 
 /// Peak and current resident memory of a process, in bytes (Linux).
 pub fn memory_of(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    let status = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    let kib = |v: Option<u64>, name: &str| v.unwrap_or_else(|| panic!("{name} in /proc/{pid}/status")) * 1024;
+    (kib(status.vmhwm, "VmHWM"), kib(status.vmrss, "VmRSS"))
 }

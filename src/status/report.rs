@@ -1,7 +1,7 @@
 //! Where everything stands, from the sources of truth: the offsets stored in the
 //! DWH and the broker's watermarks (Kafka's committed offsets only mirror the
 //! DWH, so group-lag tools cannot see this lag). Serves `dwh-helper status`,
-//! `GET /status` and the lag loop of [`crate::telemetry::lag`].
+//! `GET /status` and the lag loop of [`super::lag`].
 //!
 //! Verdict: `failing` when the DWH or the broker does not answer, a table's
 //! writes fail, or a stored offset does not fit the log; else `lagging` when any

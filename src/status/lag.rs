@@ -12,61 +12,30 @@
 //! - `consumer_lag_seconds`: now minus the Kafka timestamp of the last record
 //!   this process wrote, while records wait (0 when caught up).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::metrics;
+use super::report::{self, BrokerView};
 use crate::catalogue::Table;
 use crate::config::Config;
+use crate::ingest::IngestStatus;
 use crate::kafka;
-use crate::report::{self, BrokerView};
 use crate::store::{Dwh, StoredOffset};
+use crate::telemetry::metrics::metrics;
 
-/// What this process knows of a partition it consumes.
-#[derive(Debug, Clone, Copy, Default)]
-struct Progress {
-    /// The next offset to fetch.
-    fetched: Option<i64>,
-    /// Kafka timestamp (ms) of the last record written to the DWH.
-    written_at: Option<i64>,
-}
-
-static PROGRESS: Mutex<BTreeMap<(Table, i32), Progress>> = Mutex::new(BTreeMap::new());
-
-fn progress() -> std::sync::MutexGuard<'static, BTreeMap<(Table, i32), Progress>> {
-    PROGRESS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The consumer of `table` has fetched up to (not including) these offsets.
-pub fn fetched(table: Table, next: impl Iterator<Item = (i32, i64)>) {
-    let mut progress = progress();
-    for (partition, offset) in next {
-        progress.entry((table, partition)).or_default().fetched = Some(offset);
-    }
-}
-
-/// A batch of `table` landed; its last record of `partition` bore `timestamp_ms`.
-pub fn written(table: Table, partition: i32, timestamp_ms: Option<i64>) {
-    if let Some(ts) = timestamp_ms {
-        progress().entry((table, partition)).or_default().written_at = Some(ts);
-    }
-}
-
-/// The consumer of `table` ended: what it fetched is gone.
-pub fn forget(table: Table) {
-    progress().retain(|(t, _), _| *t != table);
-}
-
-/// `partition` of `table` was revoked.
-pub fn forget_partition(table: Table, partition: i32) {
-    progress().remove(&(table, partition));
-}
-
-/// Runs the loop until `shutdown`.
-pub async fn run(config: Config, dwh: Dwh, archive: bool, interval: Duration, shutdown: CancellationToken) {
+/// Runs the loop until `shutdown`; `ingest` is this process's ingest role, whose
+/// progress feeds the buffer and seconds gauges.
+pub async fn run(
+    config: Config,
+    dwh: Dwh,
+    ingest: Arc<IngestStatus>,
+    archive: bool,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let archive_group = archive.then(|| crate::archive::group_id(&config));
     let mut stored: Option<Vec<StoredOffset>> = None;
     let mut broker: Option<BrokerView> = None;
@@ -104,7 +73,7 @@ pub async fn run(config: Config, dwh: Dwh, archive: bool, interval: Duration, sh
             windows(&dwh, application).await;
         }
         if let (Some(stored), Some(broker)) = (&stored, &broker) {
-            publish(&config, stored, broker, archive_group.is_some());
+            publish(&config, &ingest, stored, broker, archive_group.is_some());
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -134,14 +103,14 @@ async fn windows(dwh: &Dwh, application: i64) {
 }
 
 /// Sets the lag gauges from one reading.
-fn publish(config: &Config, stored: &[StoredOffset], broker: &BrokerView, archive: bool) {
+fn publish(config: &Config, ingest: &IngestStatus, stored: &[StoredOffset], broker: &BrokerView, archive: bool) {
     let m = metrics();
     let now_ms = chrono::Utc::now().timestamp_millis();
     let stored: HashMap<(&str, i32), i64> = stored
         .iter()
         .map(|o| ((o.topic.as_str(), o.partition), o.next_offset))
         .collect();
-    let progress = progress().clone();
+    let progress = ingest.progress();
     // Sums (records) and maxima (seconds) per label set: with partition labels
     // off, a table's partitions fold into one series.
     let mut lag: HashMap<Vec<(&'static str, String)>, i64> = HashMap::new();

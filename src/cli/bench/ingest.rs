@@ -6,7 +6,7 @@
 //! measures it from start until every partition is caught up: rows/s, MB/s, the
 //! child's peak RSS and its batch flush latency (from its own `/metrics`). The
 //! same rows go through one plain `COPY` on the same database right before and
-//! right after: the ceiling ([`super::bench::Baseline`]).
+//! right after: the ceiling ([`super::baseline::Baseline`]).
 
 use std::io::BufRead as _;
 use std::process::{Command, Stdio};
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::bench::{cpu_seconds, postgres_backends_cpu, settle, Baseline, CopyText, Scratch};
+use super::baseline::{settle, Baseline, CopyText, Scratch};
+use super::probe::{cpu_seconds, own_cpu_seconds, peak_rss_mib, postgres_backends_cpu};
 use crate::catalogue::{self, Table};
 use crate::config::{Backend, Config};
 use crate::kafka::devbroker::{DevBrokerOptions, PARTITION_LIMIT_BYTES};
@@ -213,8 +214,8 @@ async fn measure(
         format!("http://{}/metrics", listener.local_addr()?)
     };
     let started = Instant::now();
-    let bench_cpu_before = cpu_seconds("self");
-    let broker_cpu_before = broker_pid.and_then(|pid| cpu_seconds(&pid.to_string()));
+    let bench_cpu_before = own_cpu_seconds();
+    let broker_cpu_before = broker_pid.and_then(|pid| cpu_seconds(pid as i32));
     let mut child = Command::new(std::env::current_exe()?)
         .args(["run", "--roles", "ingest,api", "--no-migrate"])
         .env("DWH_DATABASE_URL", scratch.url.expose())
@@ -267,18 +268,18 @@ async fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     peak_rss = peak_rss_mib(pid).or(peak_rss);
-    let ingest_cpu = cpu_seconds(&pid.to_string());
+    let ingest_cpu = cpu_seconds(pid as i32);
     let cpu = CpuSplit {
         ingest_user_seconds: ingest_cpu.map(|(user, _)| user),
         ingest_system_seconds: ingest_cpu.map(|(_, system)| system),
         postgres_seconds: postgres_backends_cpu(&scratch.url)
             .await
             .map(|backends| backends.values().sum()),
-        bench_seconds: cpu_seconds("self")
+        bench_seconds: own_cpu_seconds()
             .zip(bench_cpu_before)
             .map(|((user, system), (user0, system0))| user + system - user0 - system0),
         broker_seconds: broker_pid
-            .and_then(|pid| cpu_seconds(&pid.to_string()))
+            .and_then(|pid| cpu_seconds(pid as i32))
             .zip(broker_cpu_before)
             .map(|((user, system), (user0, system0))| user + system - user0 - system0),
     };
@@ -410,53 +411,6 @@ pub(super) fn rss_bound(config: &Config) -> usize {
         + 2 * config.dwh.max_write_batch_bytes * Table::ALL.len() * config.kafka.write_lanes
 }
 
-/// The peak resident set size of process `pid` (Linux `VmHWM`), in MiB.
-/// The process on this machine listening on the port of the first of
-/// `bootstrap`'s servers (from `/proc/net/tcp*` and each process's sockets), if
-/// there is one that this user may look at.
-pub(super) fn listener_pid(bootstrap: &str) -> Option<u32> {
-    let port: u16 = bootstrap.split(',').next()?.trim().rsplit_once(':')?.1.parse().ok()?;
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        inodes.extend(listening_inodes(&text, port));
-    }
-    if inodes.is_empty() {
-        return None;
-    }
-    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-        let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
-        fds.flatten()
-            .any(|fd| {
-                std::fs::read_link(fd.path())
-                    .is_ok_and(|target| wanted.iter().any(|w| target.as_os_str() == w.as_str()))
-            })
-            .then_some(pid)
-    })
-}
-
-/// The inodes of the sockets listening on `port` in a `/proc/net/tcp` table.
-fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
-    const LISTEN: &str = "0A";
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = u16::from_str_radix(fields.get(1)?.rsplit_once(':')?.1, 16).ok()?;
-            (local_port == port && *fields.get(3)? == LISTEN).then(|| fields.get(9)?.parse().ok())?
-        })
-        .collect()
-}
-
-pub(super) fn peak_rss_mib(pid: u32) -> Option<f64> {
-    super::bench::proc_status_mib(pid, "VmHWM:")
-}
-
 pub(super) fn print(r: &IngestReport) {
     let opt = |v: Option<f64>, unit: &str| v.map_or("n/a".to_owned(), |v| format!("{v:.1} {unit}"));
     println!("scenario         ingest ({}, {})", r.backend, r.broker);
@@ -512,23 +466,6 @@ pub(super) fn print(r: &IngestReport) {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_listening_socket_of_a_port_is_found_in_the_tcp_table() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
-   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1
-   2: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0000000000000000 100 0 0 10 0";
-        assert_eq!(super::listening_inodes(table, 8080), vec![4242]);
-        assert_eq!(super::listening_inodes(table, 8081), vec![4444]);
-        assert!(super::listening_inodes(table, 9092).is_empty());
-        let me = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = me.local_addr().expect("address").port();
-        assert_eq!(
-            super::listener_pid(&format!("127.0.0.1:{port}")),
-            Some(std::process::id())
-        );
-    }
-
     use super::*;
 
     #[test]

@@ -105,7 +105,7 @@ async fn measure(base: &str, pid: u32, load: &Load) -> anyhow::Result<(f64, Vec<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let idle = super::bench::proc_status_mib(pid, "VmRSS:").unwrap_or(0.0);
+    let idle = super::probe::rss_mib(pid).unwrap_or(0.0);
 
     let post = |i: usize| {
         client
@@ -185,7 +185,7 @@ async fn phase(
         mib_each,
         seconds,
         answers: counted,
-        peak_rss_mib: super::bench::proc_status_mib(pid, "VmHWM:").context("cannot read the API's peak RSS")?,
+        peak_rss_mib: super::probe::peak_rss_mib(pid).context("cannot read the API's peak RSS")?,
     })
 }
 

@@ -17,7 +17,7 @@ use axum::Router;
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::bench_ingest::peak_rss_mib;
+use super::probe::peak_rss_mib;
 use crate::kafka::devbroker::DevBrokerOptions;
 use crate::kafka::DevBroker;
 

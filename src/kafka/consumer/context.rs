@@ -1,0 +1,359 @@
+//! The rebalance bridge: the rdkafka context of a consumer. It forwards
+//! librdkafka's logs and errors (a failure a person must act on goes to the
+//! role as a [`KafkaCondition`]), and passes rebalances to the owning task:
+//! records polled before a rebalance reach the task before it hears of it; an
+//! assignment waits for the task's start offsets, a revoke at most
+//! `revoke_wait` for it to write what it buffered.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::OwnedMessage;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::TopicPartitionList;
+use tokio::sync::{mpsc, oneshot};
+
+use super::profile::Role;
+use super::{failure_kind, Event, KafkaCondition, OnKafka};
+use crate::catalogue::Table;
+use crate::kafka::memory::Held;
+use crate::telemetry::events::{KafkaError as KafkaErrorEvent, Shown};
+use crate::telemetry::Event as _;
+
+/// The rdkafka context: forwards logs to `tracing` and rebalances to the task.
+pub struct Context {
+    pub table: Table,
+    pub topic: String,
+    pub events: mpsc::Sender<Event>,
+    /// Records polled but not handed over yet (only the poll thread touches it:
+    /// the poll loop and the rebalance callback, which runs inside `poll`).
+    pub(super) pending: std::sync::Mutex<Vec<(OwnedMessage, Held)>>,
+    /// How long a revoke waits for the task to write what it buffered.
+    pub(super) revoke_wait: Duration,
+    /// What a held record costs ([`Role::charge`]).
+    pub(super) role: Role,
+    /// The runtime the poll thread blocks on for short, bounded waits.
+    pub(super) runtime: tokio::runtime::Handle,
+    /// Told when the client fails in a way retrying does not mend, and when it
+    /// works again.
+    on_kafka: OnKafka,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("topic", &self.topic)
+            .field("role", &self.role)
+            .field("revoke_wait", &self.revoke_wait)
+            .field("failing", &self.failing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether an event reached the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sent {
+    Yes,
+    /// The task is gone (closing): nobody to wait for.
+    Gone,
+    TimedOut,
+}
+
+/// Whether the task took what was offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Handed {
+    /// Everything pending is with the task (or nothing was pending).
+    All,
+    /// The channel is full: the records stay pending (under their permits).
+    Later,
+    /// The task is gone.
+    Gone,
+}
+
+impl Context {
+    pub(super) fn new(
+        table: Table,
+        topic: String,
+        events: mpsc::Sender<Event>,
+        revoke_wait: Duration,
+        role: Role,
+        on_kafka: OnKafka,
+    ) -> Context {
+        Context {
+            table,
+            topic,
+            events,
+            pending: std::sync::Mutex::new(Vec::new()),
+            revoke_wait,
+            role,
+            runtime: tokio::runtime::Handle::current(),
+            on_kafka,
+            failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The role this consumer serves.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Hands everything over, waiting at most `wait` for room in the channel.
+    /// Call from the poll thread only (it blocks on `runtime`).
+    pub(super) fn hand_over_within(&self, runtime: &tokio::runtime::Handle, wait: Duration) -> Handed {
+        let records = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if records.is_empty() {
+            return Handed::All;
+        }
+        // An async fn: its timer is made when `block_on` first polls it.
+        match runtime.block_on(self.events.send_timeout(Event::Records(records), wait)) {
+            Ok(()) => Handed::All,
+            Err(mpsc::error::SendTimeoutError::Timeout(Event::Records(records))) => {
+                *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = records;
+                Handed::Later
+            }
+            Err(_) => Handed::Gone,
+        }
+    }
+
+    /// Sends `event`, waiting at most until `deadline` (`None`: for as long as
+    /// the task lives).
+    pub(super) fn send_by(&self, mut event: Event, deadline: Option<Instant>) -> Sent {
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) => return Sent::Yes,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Sent::Gone,
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Sent::TimedOut;
+                    }
+                    event = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    pub(super) fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The client failed with `error`: told to the role when the code is one a
+    /// person must act on (see [`failure_kind`]); true when it was.
+    pub(super) fn failed(&self, error: &KafkaError, reason: &str) -> bool {
+        let Some(kind) = error.rdkafka_error_code().and_then(failure_kind) else {
+            return false;
+        };
+        let reason = if reason.is_empty() || error.to_string().contains(reason) {
+            error.to_string()
+        } else {
+            format!("{error}: {reason}")
+        };
+        self.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        (self.on_kafka)(&KafkaCondition::Failing { kind, reason });
+        true
+    }
+
+    /// An error the client goes through on its own: counted and logged.
+    pub(super) fn error(&self, kind: &'static str, what: &str, error: &dyn Shown, warn: bool) {
+        KafkaErrorEvent {
+            table: self.table,
+            topic: &self.topic,
+            role: self.role.name(),
+            kind,
+            what,
+            error,
+            warn,
+        }
+        .emit();
+    }
+
+    /// The client did its work (a record, an assignment): a failure is over.
+    pub(super) fn working(&self) {
+        if self.failing.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            (self.on_kafka)(&KafkaCondition::Recovered);
+        }
+    }
+}
+
+/// Waits for a oneshot answer, at most until `deadline` when one is given.
+fn answer_by<T>(mut answer: oneshot::Receiver<T>, deadline: Option<Instant>) -> Option<T> {
+    let Some(deadline) = deadline else {
+        return answer.blocking_recv().ok();
+    };
+    loop {
+        match answer.try_recv() {
+            Ok(value) => return Some(value),
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+            Err(oneshot::error::TryRecvError::Empty) if Instant::now() >= deadline => return None,
+            Err(oneshot::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        // A failed Kafka commit loses nothing: the DWH holds the offsets and the
+        // commit only mirrors them for lag tools; one fails whenever a rebalance
+        // is in progress. Not a warning for ops.
+        if facility == "COMMITFAIL" {
+            tracing::debug!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}");
+            return;
+        }
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if self.failed(&error, reason) {
+            return;
+        }
+        match error.rdkafka_error_code() {
+            // A subscribed topic that does not exist (yet): the start warned once,
+            // and librdkafka repeats this at every metadata refresh.
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                self.error("client", &format!("client error: {reason}"), &error, false)
+            }
+            _ => self.error("client", &format!("client error: {reason}"), &error, true),
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        // Records polled before the rebalance reach the task before it hears of it.
+        // An assignment waits for the task as long as it takes (it chooses the
+        // offsets); a revoke at most `revoke_wait`.
+        let revoking = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let partitions: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        if partitions.is_empty()
+            && matches!(
+                err,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
+                    | RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+            )
+        {
+            // A round of the group that moves nothing of this topic (another
+            // member joined or left; librdkafka calls back with an empty list
+            // after every cooperative round): nothing for the task to decide or
+            // write, so it is not asked. A task waiting on a stalled write would
+            // otherwise hold this poll thread past max.poll.interval.ms, and the
+            // member would leave the group for a round that did not concern it.
+            let result = match (revoking, cooperative) {
+                (true, true) => consumer.incremental_unassign(tpl),
+                (false, true) => consumer.incremental_assign(tpl),
+                (true, false) => consumer.unassign(),
+                (false, false) => consumer.assign(tpl),
+            };
+            if let Err(e) = result {
+                self.error("rebalance", "cannot apply the rebalance", &e, true);
+            }
+            return;
+        }
+        if !revoking {
+            // Partitions of this topic assigned: the group and the topic answer.
+            self.working();
+        }
+        let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
+        let wait = if revoking {
+            self.revoke_wait
+        } else {
+            Duration::from_secs(3600)
+        };
+        self.hand_over_within(&self.runtime, wait);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let (reply, answer) = oneshot::channel();
+                let event = Event::Assigned {
+                    partitions: partitions.clone(),
+                    reply,
+                };
+                let offsets = (self.send_by(event, None) == Sent::Yes)
+                    .then(|| answer_by(answer, None))
+                    .flatten();
+                let Some(offsets) = offsets else {
+                    // The task is gone (stopping): take nothing on.
+                    let none = TopicPartitionList::new();
+                    let result = if cooperative {
+                        consumer.incremental_assign(&none)
+                    } else {
+                        consumer.assign(&none)
+                    };
+                    if let Err(e) = result {
+                        self.error("rebalance", "cannot decline the assignment", &e, true);
+                    }
+                    return;
+                };
+                for (partition, offset) in offsets {
+                    if let Err(e) = tpl.set_partition_offset(&self.topic, partition, offset) {
+                        let what = format!("cannot set the start offset of partition {partition}");
+                        self.error("rebalance", &what, &e, true);
+                    }
+                }
+                tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let (reply, answer) = oneshot::channel();
+                let event = Event::Revoked {
+                    partitions: partitions.clone(),
+                    reply,
+                };
+                let sent = self.send_by(event, deadline);
+                let answered = sent == Sent::Yes && answer_by(answer, deadline).is_some();
+                if !answered && sent != Sent::Gone {
+                    // The task is stuck writing (or gone). Leaving now keeps this
+                    // member in the group; a write of these partitions that lands
+                    // later is fenced if the next owner wrote first.
+                    tracing::warn!(topic = %self.topic, ?partitions, wait_ms = self.revoke_wait.as_millis() as u64, "revoking before the buffered records were written");
+                }
+                tracing::info!(topic = %self.topic, ?partitions, "partitions revoked");
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                let code: RDKafkaErrorCode = other.into();
+                self.error("rebalance", "rebalance failed; dropping the assignment", &code, true);
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            self.error("rebalance", "cannot apply the rebalance", &e, true);
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        // Kafka commits only feed lag tools; the DWH holds the real offsets.
+        if let Err(e) = result {
+            self.error("commit", "offset commit failed", &e, false);
+        }
+    }
+}

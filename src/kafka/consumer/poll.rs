@@ -1,0 +1,162 @@
+//! The poll thread: polls the consumer, gathers records under their memory
+//! permits and hands them to the owning task, pausing and resuming fetching as
+//! [`super::backpressure`] decides.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio_util::sync::CancellationToken;
+
+use super::backpressure::{Backpressure, Fetching, Polled, SHORT_WAIT};
+use super::context::{Context, Handed, Sent};
+use super::{Event, OnPause};
+use crate::kafka::memory::TableMemory;
+
+/// Polls `consumer` until `stop` is cancelled or the task goes away. Records are
+/// handed over in batches: when [`HANDOVER_RECORDS`] are gathered, when nothing
+/// more is ready, and before a rebalance. Waits are short and bounded: when a
+/// record finds no memory, or the task does not take what is gathered, within
+/// [`SHORT_WAIT`], the assigned partitions are paused and polling goes on
+/// (serving rebalances and the group's liveness) until memory comes back and the
+/// task catches up; then they resume.
+pub(super) fn poll_loop(
+    consumer: Arc<BaseConsumer<Context>>,
+    memory: TableMemory,
+    on_pause: OnPause,
+    stop: CancellationToken,
+) {
+    let context = consumer.context();
+    let runtime = &context.runtime;
+    let topic = context.topic.clone();
+    let mut bp = Backpressure::default();
+    let fetching = |change: Fetching| {
+        if change == Fetching::Pause {
+            on_pause();
+        }
+        set_paused(&consumer, &topic, change != Fetching::Resume);
+    };
+    // Offers what is pending (waiting as long as the state allows); false when
+    // the task is gone.
+    let offer = |bp: &mut Backpressure<_>| match context.hand_over_within(runtime, bp.offer_wait()) {
+        Handed::Gone => false,
+        handed => {
+            bp.offered(handed == Handed::Later);
+            true
+        }
+    };
+    while !stop.is_cancelled() {
+        let released = bp.release(|permits| memory.try_take(permits));
+        context
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(released);
+        if bp.offer_now(context.pending()) && !offer(&mut bp) {
+            break;
+        }
+        if let Some(change) = bp.settle() {
+            fetching(change);
+        }
+        let message = match consumer.poll(bp.poll_timeout(context.pending())) {
+            None => {
+                if context.pending() > 0 && !offer(&mut bp) {
+                    break;
+                }
+                continue;
+            }
+            Some(Ok(message)) => message.detach(),
+            Some(Err(KafkaError::PartitionEOF(_))) => continue,
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)))
+            | Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopic))) => {
+                // The start already warned about a missing topic, once.
+                tracing::debug!(topic = %topic, "topic not available yet");
+                continue;
+            }
+            Some(Err(KafkaError::MessageConsumption(
+                code @ (RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange),
+            ))) => {
+                // The owning task decides, against the watermarks, what this means.
+                let deadline = Instant::now() + context.revoke_wait;
+                if context.hand_over_within(runtime, context.revoke_wait) != Handed::All
+                    || context.send_by(Event::OutOfRange(code.to_string()), Some(deadline)) != Sent::Yes
+                {
+                    break;
+                }
+                continue;
+            }
+            Some(Err(e)) => {
+                if !context.failed(&e, "") {
+                    context.error("consume", "consume error", &e, true);
+                }
+                continue;
+            }
+        };
+        context.working();
+        let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+        let permits = u32::try_from(context.role.charge(size))
+            .unwrap_or(u32::MAX)
+            .clamp(1, memory.max_record());
+        let message = match bp.polled(message, permits) {
+            Polled::Take(message) => message,
+            Polled::Held(change) => {
+                fetching(change);
+                continue;
+            }
+        };
+        let permit = match memory.try_take(permits) {
+            Some(permit) => Some(permit),
+            None if !bp.may_wait_for_memory() => None,
+            None => {
+                // Hand over what is gathered first (its memory must be able to
+                // come back), then wait a moment for memory.
+                if context.hand_over_within(runtime, SHORT_WAIT) == Handed::Gone {
+                    break;
+                }
+                runtime.block_on(memory.take_within(permits, SHORT_WAIT))
+            }
+        };
+        match permit {
+            Some(permit) => context
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((message, permit)),
+            None => {
+                if let Some(change) = bp.no_memory(message, permits) {
+                    fetching(change);
+                }
+            }
+        }
+    }
+}
+
+/// Pauses or resumes fetching of every assigned partition.
+fn set_paused(consumer: &BaseConsumer<Context>, topic: &str, pause: bool) {
+    let context = consumer.context();
+    let assignment = match consumer.assignment() {
+        Ok(assignment) => assignment,
+        Err(e) => {
+            context.error("pause", "cannot read the assignment to pause or resume it", &e, true);
+            return;
+        }
+    };
+    let result = if pause {
+        tracing::debug!(topic, "memory budget spent or the writer behind: fetching paused");
+        consumer.pause(&assignment)
+    } else {
+        tracing::debug!(topic, "fetching resumed");
+        consumer.resume(&assignment)
+    };
+    if let Err(e) = result {
+        let what = if pause {
+            "cannot pause fetching"
+        } else {
+            "cannot resume fetching"
+        };
+        context.error("pause", what, &e, true);
+    }
+}

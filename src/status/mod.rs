@@ -1,0 +1,8 @@
+//! Where everything stands: the [`report`] behind `dwh-helper status` and
+//! `GET /status`, and the [`lag`] loop behind the lag gauges. Both read the
+//! sources of truth (the offsets stored in the DWH, the broker's watermarks) and
+//! what the running roles report; they sit above the roles and below the CLI and
+//! the API.
+
+pub mod lag;
+pub mod report;

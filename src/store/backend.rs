@@ -1,0 +1,140 @@
+//! What both backends share, written once: the bookkeeping statements that read
+//! the same on PostgreSQL and SQLite (a reject inserted, a fenced offset read
+//! back) as one [`Bookkeeping`] implementation for every sqlx database that can
+//! run them, and the writing of a batch's rows that isolates the rows the
+//! database refuses ([`write_isolating`]) over a [`RowWriter`] each backend
+//! gives.
+
+use std::ops::Range;
+
+use sqlx::{Database, Encode, Executor, IntoArguments, Type};
+
+use super::{Batch, OffsetAdvance, RejectedRecord, StoreError, WriteOutcome};
+use crate::catalogue::Row;
+
+/// Binds: table, topic, partition, offset, key, payload, reason.
+const INSERT_REJECT: &str = "INSERT INTO dwh_rejected_records \
+     (table_name, topic, partition, \"offset\", record_key, payload, reason) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+
+/// Binds: group, topic, partition.
+pub(super) const SELECT_OFFSET: &str =
+    "SELECT next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3";
+
+/// The bookkeeping statements, on a connection of the database (inside the
+/// batch's transaction).
+#[async_trait::async_trait]
+pub(super) trait Bookkeeping: Database {
+    /// Keeps a rejected record (once: a record rejected again is left as it is).
+    async fn insert_reject(conn: &mut Self::Connection, reject: &RejectedRecord) -> Result<(), StoreError>;
+
+    /// The error for an advance that did not move: the offset stored now, read
+    /// in the same transaction, names how it was fenced.
+    async fn fenced(conn: &mut Self::Connection, advance: &OffsetAdvance) -> StoreError;
+}
+
+#[async_trait::async_trait]
+impl<DB> Bookkeeping for DB
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<&'q [u8]>: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'q> i32: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB> + sqlx::Decode<'q, DB>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    async fn insert_reject(conn: &mut DB::Connection, r: &RejectedRecord) -> Result<(), StoreError> {
+        let reason = super::storable_text(&r.reason);
+        sqlx::query::<DB>(INSERT_REJECT)
+            .bind(r.table.name())
+            .bind(r.topic.as_str())
+            .bind(r.partition)
+            .bind(r.offset)
+            .bind(r.key.as_deref())
+            .bind(r.payload.as_slice())
+            .bind(reason.as_ref())
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn fenced(conn: &mut DB::Connection, a: &OffsetAdvance) -> StoreError {
+        let stored = sqlx::query_scalar::<DB, i64>(SELECT_OFFSET)
+            .bind(a.group_id.as_str())
+            .bind(a.topic.as_str())
+            .bind(a.partition)
+            .fetch_optional(&mut *conn)
+            .await;
+        match stored {
+            Ok(stored) => a.fenced(stored),
+            Err(e) => e.into(),
+        }
+    }
+}
+
+/// How a backend writes rows: one chunk of them on a connection of its
+/// database, adding what happened to `outcome`.
+#[async_trait::async_trait]
+pub(super) trait RowWriter<DB: Bookkeeping>: Sync {
+    async fn write_rows(
+        &self,
+        conn: &mut DB::Connection,
+        rows: &[Row],
+        outcome: &mut WriteOutcome,
+    ) -> Result<(), StoreError>;
+}
+
+/// Writes a batch's rows, chunk by chunk, inside the open transaction on
+/// `conn`, the same way on both backends. With origins, each chunk runs under a
+/// savepoint; when the database refuses the data of a row in it, the part is
+/// rolled back and tried again as two halves, each under a savepoint of its
+/// own, down to single rows: the refused rows become rejects (in the same
+/// transaction), the rest lands, in order. One refused row among n costs about
+/// 2·log2(n) more statements. Any other error fails the batch.
+pub(super) async fn write_isolating<DB: Bookkeeping, W: RowWriter<DB>>(
+    conn: &mut DB::Connection,
+    writer: &W,
+    batch: &Batch<'_>,
+    chunks: &[Range<usize>],
+    outcome: &mut WriteOutcome,
+) -> Result<(), StoreError> {
+    for range in chunks {
+        let Some(origins) = batch.origins else {
+            writer.write_rows(conn, &batch.rows[range.clone()], outcome).await?;
+            continue;
+        };
+        // Parts still to write, the next on top.
+        let mut parts = vec![range.clone()];
+        while let Some(part) = parts.pop() {
+            let rows = &batch.rows[part.clone()];
+            let mut savepoint = sqlx::Connection::begin(&mut *conn).await?;
+            let mut written = WriteOutcome::default();
+            match writer.write_rows(&mut savepoint, rows, &mut written).await {
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    outcome.absorb(written);
+                }
+                Err(e) if e.is_refused() => {
+                    savepoint.rollback().await?;
+                    if let [row] = rows {
+                        let origin = origins.rows[part.start];
+                        let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
+                        DB::insert_reject(conn, &reject).await?;
+                        outcome.refused.push(reject);
+                    } else {
+                        let middle = part.start + part.len() / 2;
+                        parts.push(middle..part.end);
+                        parts.push(part.start..middle);
+                        outcome.statements += 2;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    outcome.skipped = (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted - outcome.updated;
+    Ok(())
+}
