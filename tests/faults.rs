@@ -786,12 +786,19 @@ async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothi
     // The two members met on a partition: one of them (the zombie's late write,
     // or the new owner's write behind the zombie's lock) was fenced.
     let mut fenced = 0.0;
+    let mut restarts = 0.0;
     for member in [&zombie, &other] {
         fenced += member
             .table_metric("dwh_helper_batches_fenced_total", table)
             .await
             .expect("scrape");
+        restarts += member
+            .table_metric("dwh_helper_consumer_restarts_total", table)
+            .await
+            .expect("scrape");
     }
     assert!(fenced >= 1.0, "no write was fenced: the zombie never met the new owner");
+    // The fenced member rebuilt its consumer, and said so.
+    assert!(restarts >= 1.0, "a fence restarts the consumer: {restarts}");
     drop((zombie, other));
 }

@@ -150,7 +150,6 @@ impl Stored {
 
 impl Archiver {
     async fn supervise(self, first: Subscription) {
-        let label = format!("archive {}", self.table);
         let build = || {
             consumer::subscribe(
                 &self.config.kafka,
@@ -168,7 +167,7 @@ impl Archiver {
             poller.close().await;
             Ok(exit)
         };
-        consumer::supervise(&label, first, &self.shutdown, build, run).await;
+        consumer::supervise(Role::Archive, self.table, first, &self.shutdown, build, run).await;
     }
 
     async fn serve(

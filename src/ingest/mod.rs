@@ -1,7 +1,8 @@
 //! The ingest role: one consumer per table topic, all in `KAFKA_GROUP_ID`, each
 //! writing its batches to the DWH exactly once.
 //!
-//! Guarantees: see [`worker`] (fenced batches, retries, rejects), [`start`] (where
+//! Guarantees: see [`worker`] (the select loop, rejects), [`sink`] (fenced
+//! batches, retries), [`lanes`] (batches in order per partition), [`start`] (where
 //! partitions start) and [`crate::kafka::consumer`] (rebalances pass through the
 //! owning task; fetching pauses, never blocks). Each table holds its own share of
 //! `KAFKA_MAX_IN_FLIGHT_BYTES`. On shutdown every worker writes what it buffered,
@@ -213,9 +214,9 @@ impl Shared {
 
     /// Runs `table`'s consumer, rebuilding it after a fence or a failure, until shutdown.
     async fn supervise(self, table: Table, first: Subscription) {
-        let label = format!("ingest {table}");
         consumer::supervise(
-            &label,
+            consumer::Role::Ingest,
+            table,
             first,
             &self.shutdown,
             || self.build(table),

@@ -75,16 +75,45 @@ where
     }
 }
 
-/// How a backend writes rows: one chunk of them on a connection of its
-/// database, adding what happened to `outcome`.
+/// How a backend writes a batch: its fenced offset advances, and one chunk of
+/// rows at a time, adding what happened to `outcome`; on a connection of its
+/// database, inside the batch's transaction.
 #[async_trait::async_trait]
 pub(super) trait RowWriter<DB: Bookkeeping>: Sync {
+    /// Moves every offset of the batch from its start, or fails with
+    /// [`StoreError::Fenced`].
+    async fn advance_offsets(&self, conn: &mut DB::Connection, advances: &[OffsetAdvance]) -> Result<(), StoreError>;
+
     async fn write_rows(
         &self,
         conn: &mut DB::Connection,
         rows: &[Row],
         outcome: &mut WriteOutcome,
     ) -> Result<(), StoreError>;
+}
+
+/// Writes a batch in one transaction: the offsets first (a fenced batch fails
+/// before any row work, and the offset row lock serialises two writers of the
+/// same partition), then the catalogue's rejects, then the rows
+/// ([`write_isolating`]).
+pub(super) async fn write_batch<DB: Bookkeeping, W: RowWriter<DB>>(
+    pool: &sqlx::Pool<DB>,
+    writer: &W,
+    batch: Batch<'_>,
+    chunks: &[Range<usize>],
+) -> Result<WriteOutcome, StoreError> {
+    let mut tx = pool.begin().await?;
+    writer.advance_offsets(&mut tx, batch.offsets).await?;
+    for reject in batch.rejects {
+        DB::insert_reject(&mut tx, reject).await?;
+    }
+    let mut outcome = WriteOutcome {
+        statements: chunks.len(),
+        ..WriteOutcome::default()
+    };
+    write_isolating::<DB, W>(&mut tx, writer, &batch, chunks, &mut outcome).await?;
+    tx.commit().await?;
+    Ok(outcome)
 }
 
 /// Writes a batch's rows, chunk by chunk, inside the open transaction on

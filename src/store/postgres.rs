@@ -55,28 +55,14 @@ pub fn pool(config: &DwhConfig) -> Result<PgPool, StoreError> {
 }
 
 pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> Result<WriteOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
-    // Offsets first: a fenced batch fails before any row work, and the offset row
-    // lock serialises two writers of the same partition.
-    advance_offsets(&mut tx, batch.offsets).await?;
-    for reject in batch.rejects {
-        Postgres::insert_reject(&mut tx, reject).await?;
-    }
-    let spec = batch.table.spec();
-    let mut outcome = WriteOutcome {
-        statements: chunks.len(),
-        ..WriteOutcome::default()
-    };
     let target = Target {
-        spec,
+        spec: batch.table.spec(),
         ids: match batch.wants_ids() {
             true => Ids::Taken,
             false => Ids::Unwanted,
         },
     };
-    backend::write_isolating::<Postgres, _>(&mut tx, &target, &batch, chunks, &mut outcome).await?;
-    tx.commit().await?;
-    Ok(outcome)
+    backend::write_batch(pool, &target, batch, chunks).await
 }
 
 /// Writes rows of the API (ids wanted) into the open transaction, a statement
@@ -156,6 +142,10 @@ async fn advance_offsets(conn: &mut PgConnection, advances: &[OffsetAdvance]) ->
 
 #[async_trait::async_trait]
 impl RowWriter<Postgres> for Target<'_> {
+    async fn advance_offsets(&self, conn: &mut PgConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
+        advance_offsets(conn, advances).await
+    }
+
     async fn write_rows(
         &self,
         conn: &mut PgConnection,

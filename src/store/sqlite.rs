@@ -68,21 +68,8 @@ fn bind<'q>(q: Query<'q>, value: &Value) -> Query<'q> {
 }
 
 pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>]) -> Result<WriteOutcome, StoreError> {
-    let mut tx = pool.begin().await?;
-    for advance in batch.offsets {
-        advance_offset(&mut tx, advance).await?;
-    }
-    for reject in batch.rejects {
-        Sqlite::insert_reject(&mut tx, reject).await?;
-    }
-    let mut outcome = WriteOutcome {
-        statements: chunks.len(),
-        ..WriteOutcome::default()
-    };
     let statements = Statements::of(batch.table.spec());
-    backend::write_isolating::<Sqlite, _>(&mut tx, &statements, &batch, chunks, &mut outcome).await?;
-    tx.commit().await?;
-    Ok(outcome)
+    backend::write_batch(pool, &statements, batch, chunks).await
 }
 
 /// Writes rows of the API into the open transaction, chunk by chunk; see
@@ -160,6 +147,13 @@ async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Resul
 
 #[async_trait::async_trait]
 impl RowWriter<Sqlite> for Statements {
+    async fn advance_offsets(&self, conn: &mut SqliteConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
+        for advance in advances {
+            advance_offset(conn, advance).await?;
+        }
+        Ok(())
+    }
+
     async fn write_rows(
         &self,
         conn: &mut SqliteConnection,

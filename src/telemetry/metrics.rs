@@ -54,6 +54,7 @@ pub struct Metrics {
     pub batches_fenced: Counters,
     pub batches_aborted: Counters,
     pub offset_read_retries: Counters,
+    pub consumer_restarts: Counters,
     pub rebalances: Counters,
     pub partitions_assigned: Gauges,
     pub offsets_moved: Counters,
@@ -162,6 +163,7 @@ impl Metrics {
             batches_fenced: Counters::default(),
             batches_aborted: Counters::default(),
             offset_read_retries: Counters::default(),
+            consumer_restarts: Counters::default(),
             rebalances: Counters::default(),
             partitions_assigned: Gauges::default(),
             offsets_moved: Counters::default(),
@@ -271,6 +273,11 @@ impl Metrics {
             "offset_read_retries",
             "Failed reads of the DWH's stored offsets for an assignment, each retried",
             m.offset_read_retries.clone(),
+        );
+        r.register(
+            "consumer_restarts",
+            "Consumers rebuilt after a fence, a failure or a fetch out of range, by table and role",
+            m.consumer_restarts.clone(),
         );
         r.register(
             "rebalances",

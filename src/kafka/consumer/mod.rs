@@ -34,7 +34,7 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::memory::{Held, MemoryShare, TableMemory};
 use crate::kafka::{self, KafkaSetupError};
-use crate::telemetry::events::KafkaError as KafkaErrorEvent;
+use crate::telemetry::events::{ConsumerRestart, KafkaError as KafkaErrorEvent, Restart, Shown};
 use crate::telemetry::Event as _;
 
 /// A token cancelled `grace` after `shutdown`: when retries stop and a write in
@@ -94,21 +94,36 @@ pub enum Exit {
 
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
-/// Keeps one consumer running until shutdown: runs it with `run`, and after a
-/// failure or a restart request waits a second and rebuilds it with `build`.
-/// Ingest and archive share it.
-pub async fn supervise<B, R, F>(label: &str, first: Subscription, shutdown: &CancellationToken, build: B, mut run: R)
-where
+/// Keeps `role`'s consumer of `table` running until shutdown: runs it with
+/// `run`, and after a failure or a restart request waits a second and rebuilds
+/// it with `build`. Each restart is an event, counted. Ingest and archive share it.
+pub async fn supervise<B, R, F>(
+    role: Role,
+    table: Table,
+    first: Subscription,
+    shutdown: &CancellationToken,
+    build: B,
+    mut run: R,
+) where
     B: Fn() -> Result<Subscription, ConsumerError>,
     R: FnMut(Subscription) -> F,
     F: std::future::Future<Output = Result<Exit, ConsumerError>>,
 {
+    let restart = |reason: &dyn Shown, after: Restart| {
+        ConsumerRestart {
+            table,
+            role: role.name(),
+            reason,
+            after,
+        }
+        .emit()
+    };
     let mut next = Some(first);
     loop {
         let subscription = match next.take().map_or_else(&build, Ok) {
             Ok(subscription) => subscription,
             Err(e) => {
-                tracing::error!(consumer = label, error = %e, "cannot build the consumer");
+                restart(&e, Restart::Unbuildable);
                 if pause(shutdown).await {
                     return;
                 }
@@ -118,11 +133,11 @@ where
         match run(subscription).await {
             Ok(Exit::Shutdown) => return,
             Ok(Exit::Stopped(why)) => {
-                tracing::error!(consumer = label, reason = %why, "consumer stopped until an operator acts");
+                restart(&why, Restart::Stopped);
                 return;
             }
-            Ok(Exit::Restart(why)) => tracing::warn!(consumer = label, reason = %why, "restarting the consumer"),
-            Err(e) => tracing::error!(consumer = label, error = %e, "consumer failed; restarting it"),
+            Ok(Exit::Restart(why)) => restart(&why, Restart::Asked),
+            Err(e) => restart(&e, Restart::Failed),
         }
         if pause(shutdown).await {
             return;

@@ -145,3 +145,52 @@ impl Event for FetchOutOfRange<'_> {
         tracing::warn!(target: INGEST, topic = %self.topic, cause = %self.cause, "a fetch fell outside the log; checking the stored offsets");
     }
 }
+
+/// Why a consumer is being rebuilt, or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// The task asked for it (a fence, a fetch out of range, the poll thread gone).
+    Asked,
+    /// The consumer failed.
+    Failed,
+    /// The consumer could not be built (retried).
+    Unbuildable,
+    /// The table stopped until an operator acts: not rebuilt.
+    Stopped,
+}
+
+/// A table's consumer ended other than by shutdown: rebuilt a second later, or
+/// (for [`Restart::Stopped`]) left down. Counted in
+/// `dwh_helper_consumer_restarts_total{table,role}` (a stop is not a restart:
+/// readiness, `status` and the stopped gauge tell of it).
+#[derive(Debug)]
+pub struct ConsumerRestart<'a> {
+    pub table: Table,
+    /// `ingest` or `archive`.
+    pub role: &'static str,
+    pub reason: &'a dyn Shown,
+    pub after: Restart,
+}
+
+impl Event for ConsumerRestart<'_> {
+    fn emit(&self) {
+        let (table, role, reason) = (self.table.name(), self.role, self.reason);
+        match self.after {
+            Restart::Asked => tracing::warn!(target: KAFKA, table, role, reason = %reason, "restarting the consumer"),
+            Restart::Failed => {
+                tracing::error!(target: KAFKA, table, role, error = %reason, "consumer failed; restarting it")
+            }
+            Restart::Unbuildable => {
+                tracing::error!(target: KAFKA, table, role, error = %reason, "cannot build the consumer")
+            }
+            Restart::Stopped => {
+                tracing::error!(target: KAFKA, table, role, reason = %reason, "consumer stopped until an operator acts");
+                return;
+            }
+        }
+        metrics()
+            .consumer_restarts
+            .get_or_create(&vec![("table", table.to_owned()), ("role", role.to_owned())])
+            .inc();
+    }
+}

@@ -16,6 +16,6 @@ pub use ingest::{
     PartitionStarted, Rebalanced, RecordRejected, RecordSkipped, RecordsConsumed, ShutdownForced,
     StoredOffsetsUnreadable, TableStopped, WriteFailed, WritesRecovered,
 };
-pub use kafka::{FetchOutOfRange, KafkaError, KafkaFailing, KafkaRecovered, PollFailed};
+pub use kafka::{ConsumerRestart, FetchOutOfRange, KafkaError, KafkaFailing, KafkaRecovered, PollFailed, Restart};
 
 pub use super::event::{Event, Shown};
