@@ -265,9 +265,19 @@ impl Worker {
         today: chrono::NaiveDate,
     ) -> Result<Vec<Delivered>, Exit> {
         let (table, limit, window) = (self.writer.table, self.max_record_bytes, &self.events_window);
-        let rows = admit::in_parallel(&records, MIN_RECORDS_PER_DECODER, |_, (message, _)| {
-            admit::admit(table, message.payload().unwrap_or_default(), limit, window, today)
-        })
+        let decode = || {
+            admit::in_parallel(&records, MIN_RECORDS_PER_DECODER, |_, (message, _)| {
+                admit::admit(table, message.payload().unwrap_or_default(), limit, window, today)
+            })
+        };
+        // The decoding blocks this runtime thread: on a multi-threaded runtime,
+        // its other tasks (the writes in flight) move to another thread meanwhile.
+        let multi = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        let rows = if multi {
+            tokio::task::block_in_place(decode)
+        } else {
+            decode()
+        }
         .map_err(|e| Exit::Restart(format!("a decoding thread failed: {e}")))?;
         Ok(records
             .into_iter()
