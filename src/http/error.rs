@@ -15,6 +15,13 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// The answer of every route behind the bearer token to a request without it
+/// (for the OpenAPI document; [`super::auth`] answers it).
+#[derive(utoipa::IntoResponses)]
+#[response(status = 401, description = "No or wrong bearer token")]
+#[allow(dead_code)] // a description of a response, never built
+pub struct Unauthorized(ErrorBody);
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,

@@ -11,7 +11,7 @@ use axum::Json;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
 use utoipa_axum::routes;
 
-use super::error::ErrorBody;
+use super::error::Unauthorized;
 use super::AppState;
 use crate::status::report::{self, State as Verdict};
 use crate::telemetry::events::HttpRequestServed;
@@ -28,7 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        Unauthorized,
     ),
     security(("bearer" = [])))]
 async fn scrape() -> Response {
@@ -43,7 +43,7 @@ async fn scrape() -> Response {
 #[utoipa::path(get, path = "/status", tag = "operations",
     responses(
         (status = 200, description = "Caught up or lagging: where every table and partition stands", body = report::Report),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        Unauthorized,
         (status = 503, description = "Failing: the same report, its verdict says why", body = report::Report),
     ),
     security(("bearer" = [])))]

@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
 use utoipa_axum::routes;
 
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ErrorBody, Unauthorized};
 use super::{validate, AppState};
 use crate::catalogue::{value, Row, Table};
 use crate::store::ReadQuery;
@@ -94,7 +94,7 @@ struct Page {
     responses(
         (status = 200, description = "A page of rows", body = Rows),
         (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        Unauthorized,
         (status = 404, description = "No such table", body = ErrorBody),
         (status = 503, description = "The database cannot be reached", body = ErrorBody),
     ),
@@ -194,7 +194,7 @@ pub struct Inserted {
     responses(
         (status = 200, description = "Written", body = Inserted),
         (status = 400, description = "The body is not JSON, or holds no record", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        Unauthorized,
         (status = 404, description = "No such table", body = ErrorBody),
         (status = 413, description = "The body (decompressed) is over HTTP_TABLES_MAX_BODY_BYTES, or holds over HTTP_TABLES_MAX_RECORDS records", body = ErrorBody),
         (status = 415, description = "The body is not application/json, or its Content-Encoding is not gzip", body = ErrorBody),

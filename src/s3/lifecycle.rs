@@ -123,25 +123,17 @@ impl S3 {
 
     async fn write_lifecycle(&self, rules: Vec<LifecycleRule>) -> Result<(), S3Error> {
         if rules.is_empty() {
-            self.client
-                .delete_bucket_lifecycle()
-                .bucket(&self.bucket)
-                .send()
-                .await
-                .map_err(|e| classify(e, &self.bucket, ""))?;
+            self.sent("", self.client.delete_bucket_lifecycle().bucket(&self.bucket).send())
+                .await?;
             return Ok(());
         }
         let configuration = BucketLifecycleConfiguration::builder()
             .set_rules(Some(rules))
             .build()
             .map_err(|e| S3Error::BadRequest { detail: e.to_string() })?;
-        self.client
-            .put_bucket_lifecycle_configuration()
-            .bucket(&self.bucket)
-            .lifecycle_configuration(configuration)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, ""))?;
+        let request = self.client.put_bucket_lifecycle_configuration().bucket(&self.bucket);
+        self.sent("", request.lifecycle_configuration(configuration).send())
+            .await?;
         Ok(())
     }
 }

@@ -119,7 +119,7 @@ impl S3 {
         let mut entries = 0;
         let mut token: Option<String> = None;
         loop {
-            let response = self
+            let request = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
@@ -128,10 +128,8 @@ impl S3 {
                 .max_keys(i32::try_from(limit.max(1)).unwrap_or(i32::MAX))
                 .set_start_after(start_after.clone().filter(|_| token.is_none()))
                 .set_continuation_token(token.take())
-                .encoding_type(aws_sdk_s3::types::EncodingType::Url)
-                .send()
-                .await
-                .map_err(|e| classify(e, &self.bucket, prefix))?;
+                .encoding_type(aws_sdk_s3::types::EncodingType::Url);
+            let response = self.sent(prefix, request.send()).await?;
             let mut objects = response.contents().iter().filter_map(summary).peekable();
             let mut folders = response
                 .common_prefixes()
@@ -190,13 +188,15 @@ impl S3 {
     /// (their parts are stored, and billed, until then).
     pub async fn unfinished_uploads(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
         let response = self
-            .client
-            .list_multipart_uploads()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, prefix))?;
+            .sent(
+                prefix,
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .send(),
+            )
+            .await?;
         Ok(response
             .uploads()
             .iter()

@@ -26,6 +26,8 @@ use chrono::{DateTime, Utc};
 use futures_util::Stream;
 use serde::Serialize;
 
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use error::classify;
 pub use error::S3Error;
 pub use lifecycle::{ExpirationRule, MANAGED_RULE_PREFIX};
@@ -177,14 +179,23 @@ impl S3 {
         self.multipart_threshold
     }
 
+    /// Awaits a request of the bucket about `key` (a key, a prefix, or "" for
+    /// the bucket itself), its failure classified.
+    async fn sent<T, E>(
+        &self,
+        key: &str,
+        request: impl std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<T, S3Error>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        request.await.map_err(|e| classify(e, &self.bucket, key))
+    }
+
     /// Checks that the bucket exists and is reachable.
     pub async fn check(&self) -> Result<(), S3Error> {
-        self.client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, ""))?;
+        self.sent("", self.client.head_bucket().bucket(&self.bucket).send())
+            .await?;
         Ok(())
     }
 

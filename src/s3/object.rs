@@ -28,25 +28,42 @@ pub(super) fn conflict_on_precondition(e: S3Error, key: &str) -> S3Error {
     }
 }
 
+impl ObjectInfo {
+    /// What a HEAD or a GET answered of `key` (the SDK's two outputs have the
+    /// same fields, in two types).
+    fn of(
+        key: &str,
+        size: Option<i64>,
+        content_type: Option<&str>,
+        last_modified: Option<&aws_sdk_s3::primitives::DateTime>,
+        etag: Option<&str>,
+        metadata: Option<&std::collections::HashMap<String, String>>,
+    ) -> Self {
+        ObjectInfo {
+            key: key.to_owned(),
+            size: size.unwrap_or(0).max(0) as u64,
+            content_type: content_type.map(str::to_owned),
+            last_modified: last_modified.and_then(to_chrono),
+            etag: etag.map(str::to_owned),
+            metadata: metadata.cloned().unwrap_or_default().into_iter().collect(),
+        }
+    }
+}
+
 impl S3 {
     /// Size, content type, last modification, ETag and metadata of `key`.
     pub async fn object_info(&self, key: &str) -> Result<ObjectInfo, S3Error> {
-        let head = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, key))?;
-        Ok(ObjectInfo {
-            key: key.to_owned(),
-            size: head.content_length().unwrap_or(0).max(0) as u64,
-            content_type: head.content_type().map(str::to_owned),
-            last_modified: head.last_modified().and_then(to_chrono),
-            etag: head.e_tag().map(str::to_owned),
-            metadata: head.metadata().cloned().unwrap_or_default().into_iter().collect(),
-        })
+        let h = self
+            .sent(key, self.client.head_object().bucket(&self.bucket).key(key).send())
+            .await?;
+        Ok(ObjectInfo::of(
+            key,
+            h.content_length(),
+            h.content_type(),
+            h.last_modified(),
+            h.e_tag(),
+            h.metadata(),
+        ))
     }
 
     pub async fn object_exists(&self, key: &str) -> Result<bool, S3Error> {
@@ -64,21 +81,17 @@ impl S3 {
     /// Streams `key`.
     pub async fn get_object(&self, key: &str) -> Result<Download, S3Error> {
         let response = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, key))?;
-        let info = ObjectInfo {
-            key: key.to_owned(),
-            size: response.content_length().unwrap_or(0).max(0) as u64,
-            content_type: response.content_type().map(str::to_owned),
-            last_modified: response.last_modified().and_then(to_chrono),
-            etag: response.e_tag().map(str::to_owned),
-            metadata: response.metadata().cloned().unwrap_or_default().into_iter().collect(),
-        };
+            .sent(key, self.client.get_object().bucket(&self.bucket).key(key).send())
+            .await?;
+        let r = &response;
+        let info = ObjectInfo::of(
+            key,
+            r.content_length(),
+            r.content_type(),
+            r.last_modified(),
+            r.e_tag(),
+            r.metadata(),
+        );
         Ok(Download {
             info,
             body: Box::pin(byte_stream(response.body)),
@@ -99,16 +112,9 @@ impl S3 {
     /// Bytes `start..end` of `key`, only if its ETag is still `etag`.
     pub(super) async fn get_range(&self, key: &str, start: u64, end: u64, etag: &str) -> Result<Bytes, S3Error> {
         debug_assert!(start < end);
-        let response = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={start}-{}", end - 1))
-            .if_match(etag)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, key))?;
+        let request = self.client.get_object().bucket(&self.bucket).key(key);
+        let request = request.range(format!("bytes={start}-{}", end - 1)).if_match(etag);
+        let response = self.sent(key, request.send()).await?;
         let data = response
             .body
             .collect()
@@ -264,13 +270,8 @@ impl S3 {
         if !self.object_exists(key).await? {
             return Err(S3Error::NotFound { key: key.to_owned() });
         }
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify(e, &self.bucket, key))?;
+        self.sent(key, self.client.delete_object().bucket(&self.bucket).key(key).send())
+            .await?;
         Ok(())
     }
 }

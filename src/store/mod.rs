@@ -9,22 +9,8 @@
 //! costs the database more than its rows do.
 //! A fenced offset aborts the whole transaction with [`StoreError::Fenced`].
 
-/// Runs `$body` with `$pool` bound to the backend's pool (for SQLite, its `read`
-/// or `write` pool): one query text, written once, for both backends (a macro:
-/// their pool types differ).
-macro_rules! on_pool {
-    ($dwh:expr, $side:ident, |$pool:ident| $body:expr) => {
-        match &$dwh.pool {
-            Pool::Postgres($pool) => $body,
-            Pool::Sqlite(pools) => {
-                let $pool = &pools.$side;
-                $body
-            }
-        }
-    };
-}
-
 mod backend;
+mod bookkeeping;
 mod chunk;
 mod error;
 mod members;
@@ -53,6 +39,8 @@ pub use progress::{RejectCounts, StoredOffset};
 pub use rejects::{RejectFilter, StoredReject};
 pub use replays::{PlannedOffset, ReplayRecord};
 pub use windows::WindowRecord;
+
+use bookkeeping::{Pools, Queries};
 
 use crate::catalogue::{Column, Row, Table};
 use crate::config::{Backend, DwhConfig};
@@ -296,8 +284,8 @@ async fn write_part(
     let work = async {
         match conn {
             Conn::Postgres(tx, reserved) => {
-                if let (Table::EventsPart, Pool::Postgres(pool)) = (table, &dwh.pool) {
-                    dwh.ensure_partitions(pool, rows).await?;
+                if let (Table::EventsPart, Pool::Postgres(pools)) = (table, &dwh.pool) {
+                    dwh.ensure_partitions(&pools.write, rows).await?;
                 }
                 postgres::write_parts(tx, table.spec(), rows, &chunks, reserved, &mut part).await
             }
@@ -361,8 +349,8 @@ impl ReadPage {
 
 #[derive(Debug, Clone)]
 enum Pool {
-    Postgres(sqlx::PgPool),
-    Sqlite(sqlite::Pools),
+    Postgres(Pools<sqlx::Postgres>),
+    Sqlite(Pools<sqlx::Sqlite>),
 }
 
 /// A handle to the DWH; cheap to clone.
@@ -383,7 +371,13 @@ impl Dwh {
     /// database is down; [`Dwh::ping`] tells whether it is reachable.
     pub fn connect(config: &DwhConfig) -> Result<Self, StoreError> {
         let pool = match config.database_url.backend() {
-            Backend::Postgres => Pool::Postgres(postgres::pool(config)?),
+            Backend::Postgres => {
+                let pool = postgres::pool(config)?;
+                Pool::Postgres(Pools {
+                    read: pool.clone(),
+                    write: pool,
+                })
+            }
             Backend::Sqlite => Pool::Sqlite(sqlite::pools(config)?),
         };
         Ok(Dwh {
@@ -407,10 +401,18 @@ impl Dwh {
         (self.max_rows, self.max_bytes)
     }
 
+    /// The bookkeeping statements of this backend.
+    fn bookkeeping(&self) -> &dyn Queries {
+        match &self.pool {
+            Pool::Postgres(pools) => pools,
+            Pool::Sqlite(pools) => pools,
+        }
+    }
+
     /// Applies the migrations of this backend that are not applied yet.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match &self.pool {
-            Pool::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+            Pool::Postgres(pools) => sqlx::migrate!("./migrations/postgres").run(&pools.write).await?,
             Pool::Sqlite(pools) => sqlx::migrate!("./migrations/sqlite").run(&pools.write).await?,
         }
         Ok(())
@@ -418,14 +420,8 @@ impl Dwh {
 
     /// Checks that the database answers within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
-        let query = async {
-            match &self.pool {
-                Pool::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()),
-                Pool::Sqlite(pools) => sqlx::query("SELECT 1").execute(&pools.read).await.map(|_| ()),
-            }
-        };
-        match tokio::time::timeout(timeout, query).await {
-            Ok(result) => result.map_err(StoreError::from),
+        match tokio::time::timeout(timeout, self.bookkeeping().ping()).await {
+            Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
         }
     }
@@ -470,8 +466,8 @@ impl Dwh {
     /// gaps in the sequence, as a rolled-back write leaves.
     pub async fn begin_rows(&self, table: Table, rows: usize) -> Result<RowsWriter, StoreError> {
         let tx = match &self.pool {
-            Pool::Postgres(pool) => {
-                let mut tx = self.within(1, pool.begin()).await?;
+            Pool::Postgres(pools) => {
+                let mut tx = self.within(1, pools.write.begin()).await?;
                 let ids = self.within(1, postgres::take_ids(&mut tx, table.spec(), rows)).await?;
                 Tx::Postgres { tx, ids, used: 0 }
             }
@@ -491,11 +487,11 @@ impl Dwh {
         chunks: &[std::ops::Range<usize>],
     ) -> Result<WriteOutcome, StoreError> {
         match &self.pool {
-            Pool::Postgres(pool) => {
+            Pool::Postgres(pools) => {
                 if batch.table == Table::EventsPart {
-                    self.ensure_partitions(pool, batch.rows).await?;
+                    self.ensure_partitions(&pools.write, batch.rows).await?;
                 }
-                postgres::write(pool, batch, chunks).await
+                postgres::write(&pools.write, batch, chunks).await
             }
             Pool::Sqlite(pools) => sqlite::write(&pools.write, batch, chunks).await,
         }
@@ -504,33 +500,14 @@ impl Dwh {
     /// Reads rows as JSON objects, `id` first, in `id` order.
     pub async fn read(&self, table: Table, query: &ReadQuery) -> Result<ReadPage, StoreError> {
         match &self.pool {
-            Pool::Postgres(pool) => postgres::read(pool, table, query).await,
+            Pool::Postgres(pools) => postgres::read(&pools.read, table, query).await,
             Pool::Sqlite(pools) => sqlite::read(&pools.read, table, query).await,
         }
     }
 
     /// The stored `next_offset` of a consumer group's partition, if any.
     pub async fn stored_offset(&self, group_id: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let sql = backend::SELECT_OFFSET;
-        let offset = match &self.pool {
-            Pool::Postgres(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(group_id)
-                    .bind(topic)
-                    .bind(partition)
-                    .fetch_optional(pool)
-                    .await?
-            }
-            Pool::Sqlite(pools) => {
-                sqlx::query_scalar(sql)
-                    .bind(group_id)
-                    .bind(topic)
-                    .bind(partition)
-                    .fetch_optional(&pools.read)
-                    .await?
-            }
-        };
-        Ok(offset)
+        self.bookkeeping().stored_offset(group_id, topic, partition).await
     }
 
     /// Number of rows in one of the seven tables or a `dwh_` bookkeeping table.
@@ -543,12 +520,7 @@ impl Dwh {
                 StoreError::Database(sqlx::Error::Protocol(format!("count_rows: unknown table {table:?}")))
             })?,
         };
-        let sql = format!("SELECT count(*) FROM {name}");
-        let count = match &self.pool {
-            Pool::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await?,
-            Pool::Sqlite(pools) => sqlx::query_scalar(&sql).fetch_one(&pools.read).await?,
-        };
-        Ok(count)
+        self.bookkeeping().count(name).await
     }
 
     /// Creates the month partitions of `events_part` these rows need, before the

@@ -4,7 +4,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Dwh, Pool, StoreError};
+use super::bookkeeping::Replay;
+use super::{Dwh, StoreError};
 
 /// One partition of a replay plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -29,22 +30,6 @@ pub struct ReplayRecord {
     pub plan: Vec<PlannedOffset>,
 }
 
-const UPSERT_OFFSET_PG: &str =
-    "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset, updated_at) \
-     VALUES ($1, $2, $3, $4, now()) ON CONFLICT (group_id, topic, partition) \
-     DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at";
-
-const UPSERT_OFFSET_SQLITE: &str =
-    "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset, updated_at) \
-     VALUES ($1, $2, $3, $4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) ON CONFLICT (group_id, topic, partition) \
-     DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at";
-
-const INSERT_REPLAY: &str =
-    "INSERT INTO dwh_replays (group_id, executed_by, scenario, plan) VALUES ($1, $2, $3, $4) RETURNING id";
-
-const SELECT_REPLAYS: &str = "SELECT id, group_id, executed_by, executed_at, scenario, plan FROM dwh_replays \
-     WHERE group_id = $1 ORDER BY id DESC LIMIT $2";
-
 impl Dwh {
     /// Sets the stored offsets of `plan` and records the replay, in one
     /// transaction; returns the record's id.
@@ -55,57 +40,17 @@ impl Dwh {
         scenario: &str,
         plan: &[PlannedOffset],
     ) -> Result<i64, StoreError> {
-        let text = serde_json::to_string(plan).expect("a plan serializes");
-        let upsert = match self.pool {
-            Pool::Postgres(_) => UPSERT_OFFSET_PG,
-            Pool::Sqlite(_) => UPSERT_OFFSET_SQLITE,
+        let replay = Replay {
+            group: group_id,
+            by: executed_by,
+            scenario,
+            plan,
         };
-        on_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
-            for p in plan {
-                sqlx::query(upsert)
-                    .bind(group_id)
-                    .bind(&p.topic)
-                    .bind(p.partition)
-                    .bind(p.new)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let (id,): (i64,) = sqlx::query_as(INSERT_REPLAY)
-                .bind(group_id)
-                .bind(executed_by)
-                .bind(scenario)
-                .bind(&text)
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(id)
-        })
+        self.bookkeeping().execute_replay(replay).await
     }
 
     /// The last `limit` replays of `group_id`, newest first.
     pub async fn replays(&self, group_id: &str, limit: i64) -> Result<Vec<ReplayRecord>, StoreError> {
-        type Row = (i64, String, String, DateTime<Utc>, String, String);
-        let rows: Vec<Row> = on_pool!(self, read, |pool| {
-            sqlx::query_as(SELECT_REPLAYS)
-                .bind(group_id)
-                .bind(limit)
-                .fetch_all(pool)
-                .await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, group_id, executed_by, executed_at, scenario, plan)| ReplayRecord {
-                    id,
-                    group_id,
-                    executed_by,
-                    executed_at,
-                    scenario,
-                    // Written by `execute_replay` only; an unreadable plan shows empty.
-                    plan: serde_json::from_str(&plan).unwrap_or_default(),
-                },
-            )
-            .collect())
+        self.bookkeeping().replays(group_id, limit).await
     }
 }

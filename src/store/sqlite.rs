@@ -13,20 +13,14 @@ use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqliteJournalMode, Sql
 use sqlx::{ConnectOptions as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
 
 use super::backend::{self, Bookkeeping as _, RowWriter};
+use super::bookkeeping::Pools;
 use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
-/// The pools of one SQLite database: SQLite takes one writer at a time, so all
-/// writes share one connection (they queue in the pool, not on SQLite's lock),
-/// and reads run beside them (WAL).
-#[derive(Debug, Clone)]
-pub struct Pools {
-    pub read: SqlitePool,
-    pub write: SqlitePool,
-}
-
-pub fn pools(config: &DwhConfig) -> Result<Pools, StoreError> {
+/// SQLite's pools: all writes share one connection (SQLite takes one writer
+/// at a time), reads run beside them (WAL).
+pub(super) fn pools(config: &DwhConfig) -> Result<Pools<Sqlite>, StoreError> {
     let url = config.database_url.expose();
     let options = SqliteConnectOptions::from_str(url)
         .map_err(StoreError::Database)?

@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::catalogue::Table;
 
@@ -127,6 +127,39 @@ fn window_buckets() -> Histogram {
     Histogram::new(bounds(WINDOW_DURATION))
 }
 
+const FAILING_HELP: &str =
+    "1 while the table fails: its DWH writes, or its consumer's Kafka access (the cause is logged and in status)";
+const KAFKA_ERRORS_HELP: &str = "Kafka failures a person must act on, by table, role and kind (authentication, tls, authorization, unreadable records)";
+
+/// The registry, each instrument registered as it is made: its name, help
+/// and unit stand beside it. Counters get `_total` from the registry; units
+/// are spelled in the name.
+struct Builder(Registry);
+
+impl Builder {
+    fn add<M: Metric + Clone + Default>(&mut self, name: &str, unit: Option<Unit>, help: &str) -> M {
+        self.register(name, unit, help, M::default())
+    }
+
+    /// A histogram of seconds, with its buckets.
+    fn histogram(&mut self, name: &str, help: &str, buckets: fn() -> Histogram) -> Histograms {
+        self.register(
+            name,
+            Some(Unit::Seconds),
+            help,
+            Histograms::new_with_constructor(buckets),
+        )
+    }
+
+    fn register<M: Metric + Clone>(&mut self, name: &str, unit: Option<Unit>, help: &str, metric: M) -> M {
+        match unit {
+            Some(unit) => self.0.register_with_unit(name, help, unit, metric.clone()),
+            None => self.0.register(name, help, metric.clone()),
+        }
+        metric
+    }
+}
+
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
 static PARTITION_LABELS: AtomicU64 = AtomicU64::new(1);
 
@@ -143,305 +176,177 @@ pub fn metrics() -> &'static Metrics {
 
 impl Metrics {
     fn new(partition_labels: bool) -> Self {
-        let mut registry = Registry::with_prefix("dwh_helper");
-        let m = Metrics {
+        let r = &mut Builder(Registry::with_prefix("dwh_helper"));
+        let mut m = Metrics {
             registry: Registry::default(),
             partition_labels,
             started: Instant::now(),
-            records_consumed: Counters::default(),
-            rows_inserted: Counters::default(),
-            rows_updated: Counters::default(),
-            rows_skipped: Counters::default(),
-            rejects: Counters::default(),
-            ingested_bytes: Counters::default(),
-            batches: Counters::default(),
-            flush_duration: Histograms::new_with_constructor(flush_buckets),
-            buffered_records: Gauges::default(),
-            memory_held: Gauges::default(),
-            memory_budget: Gauges::default(),
-            write_retries: Counters::default(),
-            batches_fenced: Counters::default(),
-            batches_aborted: Counters::default(),
-            offset_read_retries: Counters::default(),
-            consumer_restarts: Counters::default(),
-            rebalances: Counters::default(),
-            partitions_assigned: Gauges::default(),
-            offsets_moved: Counters::default(),
-            fetch_pauses: Counters::default(),
-            failing: Gauges::default(),
-            kafka_errors: Counters::default(),
-            table_stopped: Gauges::default(),
-            consumer_lag: Gauges::default(),
-            consumer_lag_seconds: FloatGauges::default(),
-            buffer_lag: Gauges::default(),
-            archive_lag: Gauges::default(),
-            lag_probe_failures: Counters::default(),
-            dwh_up: Gauges::default(),
-            kafka_up: Gauges::default(),
-            archive_objects: Counters::default(),
-            archive_bytes: Counters::default(),
-            archive_upload_duration: Histograms::new_with_constructor(upload_buckets),
-            archive_failures: Counters::default(),
-            archive_kept: Counters::default(),
-            otlp_failures: Counters::default(),
-            appmetrica_windows: Gauges::default(),
-            appmetrica_rows_fetched: Counters::default(),
-            appmetrica_rows_published: Counters::default(),
-            appmetrica_responses: Counters::default(),
-            appmetrica_polls: Counters::default(),
-            appmetrica_window_duration: Histograms::new_with_constructor(window_buckets),
-            http_requests: Counters::default(),
-            http_duration: Histograms::new_with_constructor(http_buckets),
-            http_in_flight: Gauge::default(),
-            resident_memory: Gauge::default(),
-            open_fds: Gauge::default(),
-            uptime: Gauge::default(),
+            records_consumed: r.add(
+                "records_consumed",
+                None,
+                "Records read from the table's topic into batches",
+            ),
+            rows_inserted: r.add("rows_inserted", None, "Rows whose key was new"),
+            rows_updated: r.add("rows_updated", None, "Rows that replaced an older stored version"),
+            rows_skipped: r.add(
+                "rows_skipped",
+                None,
+                "Rows stored already (a replay or a redelivery): nothing changed",
+            ),
+            rejects: r.add(
+                "rejects",
+                None,
+                "Records stored in dwh_rejected_records, by reason class",
+            ),
+            ingested_bytes: r.add("ingested", Some(Unit::Bytes), "Record bytes of landed batches"),
+            batches: r.add("batches", None, "Batches committed to the DWH with their offsets"),
+            flush_duration: r.histogram(
+                "batch_flush_duration",
+                "Time to write one batch, retries included",
+                flush_buckets,
+            ),
+            buffered_records: r.add(
+                "buffered_records",
+                None,
+                "Records fetched and not yet committed to the DWH",
+            ),
+            memory_held: r.add(
+                "memory_held",
+                Some(Unit::Bytes),
+                "Record bytes held in memory (charged twice their size)",
+            ),
+            memory_budget: r.add(
+                "memory_budget",
+                Some(Unit::Bytes),
+                "The table's share of KAFKA_MAX_IN_FLIGHT_BYTES",
+            ),
+            write_retries: r.add(
+                "write_retries",
+                None,
+                "Failed DWH writes, each retried as the same batch",
+            ),
+            batches_fenced: r.add(
+                "batches_fenced",
+                None,
+                "Batches dropped because another member moved the offset",
+            ),
+            batches_aborted: r.add(
+                "batches_aborted",
+                None,
+                "Batches whose write the shutdown grace period cancelled (read again by the next owner)",
+            ),
+            offset_read_retries: r.add(
+                "offset_read_retries",
+                None,
+                "Failed reads of the DWH's stored offsets for an assignment, each retried",
+            ),
+            consumer_restarts: r.add(
+                "consumer_restarts",
+                None,
+                "Consumers rebuilt after a fence, a failure or a fetch out of range, by table and role",
+            ),
+            rebalances: r.add("rebalances", None, "Partition assignments and revocations"),
+            partitions_assigned: r.add("partitions_assigned", None, "Partitions this process consumes"),
+            offsets_moved: r.add(
+                "offsets_moved",
+                None,
+                "Stored offsets outside the log moved as KAFKA_ON_OFFSET_OUT_OF_RANGE asks",
+            ),
+            fetch_pauses: r.add(
+                "fetch_pauses",
+                None,
+                "Times fetching paused: memory budget spent or the writer behind",
+            ),
+            failing: r.add("failing", None, FAILING_HELP),
+            kafka_errors: r.add("kafka_errors", None, KAFKA_ERRORS_HELP),
+            table_stopped: r.add(
+                "table_stopped",
+                None,
+                "1 when a stored offset does not fit the log and the table waits for an operator",
+            ),
+            consumer_lag: r.add(
+                "consumer_lag",
+                Some(Unit::Other("records".into())),
+                "High watermark minus the offset stored in the DWH",
+            ),
+            consumer_lag_seconds: r.add(
+                "consumer_lag",
+                Some(Unit::Seconds),
+                "Now minus the Kafka timestamp of the last written record, 0 when caught up",
+            ),
+            buffer_lag: r.add(
+                "buffer_lag",
+                Some(Unit::Other("records".into())),
+                "Records fetched into memory but not yet committed in the DWH",
+            ),
+            archive_lag: r.add(
+                "archive_lag",
+                Some(Unit::Other("records".into())),
+                "High watermark minus the archive group's committed offset",
+            ),
+            lag_probe_failures: r.add(
+                "lag_probe_failures",
+                None,
+                "Lag measurements that could not reach the DWH or the broker",
+            ),
+            dwh_up: r.add("dwh_up", None, "1 when the DWH answered the last probe"),
+            kafka_up: r.add("kafka_up", None, "1 when the broker answered the last probe"),
+            archive_objects: r.add("archive_objects", None, "Archive objects stored in S3"),
+            archive_bytes: r.add(
+                "archive",
+                Some(Unit::Bytes),
+                "Compressed bytes of archive objects stored",
+            ),
+            archive_upload_duration: r.histogram(
+                "archive_upload_duration",
+                "Time to store one archive object",
+                upload_buckets,
+            ),
+            archive_failures: r.add("archive_failures", None, "Failed archive uploads (each retried)"),
+            archive_kept: r.add(
+                "archive_objects_kept",
+                None,
+                "Objects found stored under their key already (kept; the archive goes on after them)",
+            ),
+            otlp_failures: r.add(
+                "otlp_export_failures",
+                None,
+                "OTLP exports that failed (the data is dropped)",
+            ),
+            appmetrica_windows: r.add(
+                "appmetrica_windows",
+                None,
+                "AppMetrica export windows recorded, by state",
+            ),
+            appmetrica_rows_fetched: r.add("appmetrica_rows_fetched", None, "Rows read from AppMetrica exports"),
+            appmetrica_rows_published: r.add(
+                "appmetrica_rows_published",
+                None,
+                "Rows published onto the topics from AppMetrica exports",
+            ),
+            appmetrica_responses: r.add("appmetrica_responses", None, "Logs API responses by status class"),
+            appmetrica_polls: r.add("appmetrica_polls", None, "Logs API requests made (202 polls included)"),
+            appmetrica_window_duration: r.histogram(
+                "appmetrica_window_duration",
+                "Time to fetch and publish one window",
+                window_buckets,
+            ),
+            http_requests: r.add(
+                "http_requests",
+                None,
+                "HTTP requests by route template, method and status",
+            ),
+            http_duration: r.histogram(
+                "http_request_duration",
+                "HTTP request duration by route template and method",
+                http_buckets,
+            ),
+            http_in_flight: r.add("http_requests_in_flight", None, "HTTP requests being served"),
+            resident_memory: r.add("process_resident_memory", Some(Unit::Bytes), "Resident set size"),
+            open_fds: r.add("process_open_fds", None, "Open file descriptors"),
+            uptime: r.add("uptime", Some(Unit::Seconds), "Time since the process started"),
         };
-        let r = &mut registry;
-        // Counters get `_total` from the registry; units are spelled in the name.
-        r.register(
-            "records_consumed",
-            "Records read from the table's topic into batches",
-            m.records_consumed.clone(),
-        );
-        r.register("rows_inserted", "Rows whose key was new", m.rows_inserted.clone());
-        r.register(
-            "rows_updated",
-            "Rows that replaced an older stored version",
-            m.rows_updated.clone(),
-        );
-        r.register(
-            "rows_skipped",
-            "Rows stored already (a replay or a redelivery): nothing changed",
-            m.rows_skipped.clone(),
-        );
-        r.register(
-            "rejects",
-            "Records stored in dwh_rejected_records, by reason class",
-            m.rejects.clone(),
-        );
-        r.register_with_unit(
-            "ingested",
-            "Record bytes of landed batches",
-            Unit::Bytes,
-            m.ingested_bytes.clone(),
-        );
-        r.register(
-            "batches",
-            "Batches committed to the DWH with their offsets",
-            m.batches.clone(),
-        );
-        r.register_with_unit(
-            "batch_flush_duration",
-            "Time to write one batch, retries included",
-            Unit::Seconds,
-            m.flush_duration.clone(),
-        );
-        r.register(
-            "buffered_records",
-            "Records fetched and not yet committed to the DWH",
-            m.buffered_records.clone(),
-        );
-        r.register_with_unit(
-            "memory_held",
-            "Record bytes held in memory (charged twice their size)",
-            Unit::Bytes,
-            m.memory_held.clone(),
-        );
-        r.register_with_unit(
-            "memory_budget",
-            "The table's share of KAFKA_MAX_IN_FLIGHT_BYTES",
-            Unit::Bytes,
-            m.memory_budget.clone(),
-        );
-        r.register(
-            "write_retries",
-            "Failed DWH writes, each retried as the same batch",
-            m.write_retries.clone(),
-        );
-        r.register(
-            "batches_fenced",
-            "Batches dropped because another member moved the offset",
-            m.batches_fenced.clone(),
-        );
-        r.register(
-            "batches_aborted",
-            "Batches whose write the shutdown grace period cancelled (read again by the next owner)",
-            m.batches_aborted.clone(),
-        );
-        r.register(
-            "offset_read_retries",
-            "Failed reads of the DWH's stored offsets for an assignment, each retried",
-            m.offset_read_retries.clone(),
-        );
-        r.register(
-            "consumer_restarts",
-            "Consumers rebuilt after a fence, a failure or a fetch out of range, by table and role",
-            m.consumer_restarts.clone(),
-        );
-        r.register(
-            "rebalances",
-            "Partition assignments and revocations",
-            m.rebalances.clone(),
-        );
-        r.register(
-            "partitions_assigned",
-            "Partitions this process consumes",
-            m.partitions_assigned.clone(),
-        );
-        r.register(
-            "offsets_moved",
-            "Stored offsets outside the log moved as KAFKA_ON_OFFSET_OUT_OF_RANGE asks",
-            m.offsets_moved.clone(),
-        );
-        r.register(
-            "fetch_pauses",
-            "Times fetching paused: memory budget spent or the writer behind",
-            m.fetch_pauses.clone(),
-        );
-        r.register(
-            "failing",
-            "1 while the table fails: its DWH writes, or its consumer's Kafka access (the cause is logged and in status)",
-            m.failing.clone(),
-        );
-        r.register(
-            "kafka_errors",
-            "Kafka failures a person must act on, by table, role and kind (authentication, tls, authorization, unreadable records)",
-            m.kafka_errors.clone(),
-        );
-        r.register(
-            "table_stopped",
-            "1 when a stored offset does not fit the log and the table waits for an operator",
-            m.table_stopped.clone(),
-        );
-        r.register_with_unit(
-            "consumer_lag",
-            "High watermark minus the offset stored in the DWH",
-            Unit::Other("records".into()),
-            m.consumer_lag.clone(),
-        );
-        r.register_with_unit(
-            "consumer_lag",
-            "Now minus the Kafka timestamp of the last written record, 0 when caught up",
-            Unit::Seconds,
-            m.consumer_lag_seconds.clone(),
-        );
-        r.register_with_unit(
-            "buffer_lag",
-            "Records fetched into memory but not yet committed in the DWH",
-            Unit::Other("records".into()),
-            m.buffer_lag.clone(),
-        );
-        r.register_with_unit(
-            "archive_lag",
-            "High watermark minus the archive group's committed offset",
-            Unit::Other("records".into()),
-            m.archive_lag.clone(),
-        );
-        r.register(
-            "lag_probe_failures",
-            "Lag measurements that could not reach the DWH or the broker",
-            m.lag_probe_failures.clone(),
-        );
-        r.register("dwh_up", "1 when the DWH answered the last probe", m.dwh_up.clone());
-        r.register(
-            "kafka_up",
-            "1 when the broker answered the last probe",
-            m.kafka_up.clone(),
-        );
-        r.register(
-            "archive_objects",
-            "Archive objects stored in S3",
-            m.archive_objects.clone(),
-        );
-        r.register_with_unit(
-            "archive",
-            "Compressed bytes of archive objects stored",
-            Unit::Bytes,
-            m.archive_bytes.clone(),
-        );
-        r.register_with_unit(
-            "archive_upload_duration",
-            "Time to store one archive object",
-            Unit::Seconds,
-            m.archive_upload_duration.clone(),
-        );
-        r.register(
-            "archive_failures",
-            "Failed archive uploads (each retried)",
-            m.archive_failures.clone(),
-        );
-        r.register(
-            "otlp_export_failures",
-            "OTLP exports that failed (the data is dropped)",
-            m.otlp_failures.clone(),
-        );
-        r.register(
-            "archive_objects_kept",
-            "Objects found stored under their key already (kept; the archive goes on after them)",
-            m.archive_kept.clone(),
-        );
-        r.register(
-            "appmetrica_windows",
-            "AppMetrica export windows recorded, by state",
-            m.appmetrica_windows.clone(),
-        );
-        r.register(
-            "appmetrica_rows_fetched",
-            "Rows read from AppMetrica exports",
-            m.appmetrica_rows_fetched.clone(),
-        );
-        r.register(
-            "appmetrica_rows_published",
-            "Rows published onto the topics from AppMetrica exports",
-            m.appmetrica_rows_published.clone(),
-        );
-        r.register(
-            "appmetrica_responses",
-            "Logs API responses by status class",
-            m.appmetrica_responses.clone(),
-        );
-        r.register(
-            "appmetrica_polls",
-            "Logs API requests made (202 polls included)",
-            m.appmetrica_polls.clone(),
-        );
-        r.register_with_unit(
-            "appmetrica_window_duration",
-            "Time to fetch and publish one window",
-            Unit::Seconds,
-            m.appmetrica_window_duration.clone(),
-        );
-        r.register(
-            "http_requests",
-            "HTTP requests by route template, method and status",
-            m.http_requests.clone(),
-        );
-        r.register_with_unit(
-            "http_request_duration",
-            "HTTP request duration by route template and method",
-            Unit::Seconds,
-            m.http_duration.clone(),
-        );
-        r.register(
-            "http_requests_in_flight",
-            "HTTP requests being served",
-            m.http_in_flight.clone(),
-        );
-        r.register_with_unit(
-            "process_resident_memory",
-            "Resident set size",
-            Unit::Bytes,
-            m.resident_memory.clone(),
-        );
-        r.register("process_open_fds", "Open file descriptors", m.open_fds.clone());
-        r.register_with_unit(
-            "uptime",
-            "Time since the process started",
-            Unit::Seconds,
-            m.uptime.clone(),
-        );
-        r.register(
+        r.0.register(
             "build",
             "The running build",
             Info::new(vec![
@@ -449,7 +354,8 @@ impl Metrics {
                 ("commit", env!("DWH_HELPER_GIT_COMMIT").to_owned()),
             ]),
         );
-        Metrics { registry, ..m }
+        m.registry = std::mem::take(&mut r.0);
+        m
     }
 
     /// Labels of one table.

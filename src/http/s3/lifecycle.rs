@@ -8,15 +8,14 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::super::error::ErrorBody;
 use super::super::{ApiError, AppState};
-use super::{archive_refusal, confined, store, Params, Rules, RulesRemoved};
+use super::{archive_refusal, confined, store, Params, Rules, RulesRemoved, StoreFailures, Unauthorized};
 use crate::s3::{xml_char, ExpirationRule, MANAGED_RULE_PREFIX, MAX_KEY_BYTES};
 
 #[utoipa::path(get, path = "/s3/lifecycle", tag = "s3",
     responses(
         (status = 200, description = "The bucket's expiration rules", body = Rules),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn lifecycle(State(state): State<AppState>) -> Result<Json<Rules>, ApiError> {
@@ -47,13 +46,12 @@ pub(super) struct RuleRequest {
     responses(
         (status = 200, description = "The rules after the change", body = Rules),
         (status = 400, description = "The rule is invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The prefix is empty, touches the archive (S3_ARCHIVE_PREFIX) or is outside S3_API_PREFIX", body = ErrorBody),
         (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
         (status = 415, description = "The body is not application/json", body = ErrorBody),
         (status = 422, description = "The body is not such a rule", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn set_lifecycle(
@@ -136,11 +134,10 @@ pub(super) struct PrefixParam {
     responses(
         (status = 200, description = "Removed", body = RulesRemoved),
         (status = 400, description = "The prefix is missing", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The prefix is outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No rule for that prefix", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn delete_lifecycle(

@@ -8,7 +8,7 @@ use utoipa::IntoParams;
 
 use super::super::error::ErrorBody;
 use super::super::{ApiError, AppState};
-use super::{confined, store, ObjectPage, Order, Params, DEFAULT_LIMIT, MAX_LIMIT};
+use super::{confined, store, ObjectPage, Order, Params, StoreFailures, Unauthorized, DEFAULT_LIMIT, MAX_LIMIT};
 
 /// `GET /s3/objects?prefix=&limit=&cursor=&order=`: the objects directly under
 /// the prefix, a page at a time: newest first (from a bounded scan), or by key.
@@ -35,10 +35,9 @@ pub(super) struct ListParams {
     responses(
         (status = 200, description = "A page of the objects under the prefix", body = ObjectPage),
         (status = 400, description = "A parameter is invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The prefix is outside S3_API_PREFIX", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn list(

@@ -17,11 +17,36 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt as _};
 use utoipa_axum::routes;
 
+use super::error::{ErrorBody, Unauthorized};
 use super::{ApiError, AppState};
 use crate::s3::{ExpirationRule, S3Error, MAX_KEY_BYTES, S3};
 
 const DEFAULT_LIMIT: usize = 1000;
 const MAX_LIMIT: usize = 10_000;
+
+/// The answers every bucket route may give besides its own and
+/// [`Unauthorized`] (for the OpenAPI document; the handlers answer with
+/// [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description of responses, never built
+enum StoreFailures {
+    #[response(status = 502, description = "The object store refused")]
+    Refused(ErrorBody),
+    #[response(status = 503, description = "No object store configured, or it cannot be reached")]
+    Unavailable(ErrorBody),
+}
+
+/// The answers of a route that reads one object, besides [`StoreFailures`].
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description of responses, never built
+enum ReadFailures {
+    #[response(status = 400, description = "The key is missing or invalid")]
+    BadKey(ErrorBody),
+    #[response(status = 403, description = "The key is outside S3_API_PREFIX")]
+    Outside(ErrorBody),
+    #[response(status = 404, description = "No such object")]
+    Missing(ErrorBody),
+}
 
 pub fn router() -> OpenApiRouter<AppState> {
     // Uploads stream to the store: no body limit. Patches are held in memory and

@@ -8,18 +8,15 @@ use axum::Json;
 
 use super::super::error::ErrorBody;
 use super::super::{ApiError, AppState};
-use super::{readable_key, store, writable_key, Deleted, KeyParam, Params};
+use super::{readable_key, store, writable_key, Deleted, KeyParam, Params, ReadFailures, StoreFailures, Unauthorized};
 use crate::s3::ObjectInfo;
 
 #[utoipa::path(get, path = "/s3/object-info", tag = "s3", params(KeyParam),
     responses(
         (status = 200, description = "The object's size, type, time, ETag and metadata", body = ObjectInfo),
-        (status = 400, description = "The key is missing or invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The key is outside S3_API_PREFIX", body = ErrorBody),
-        (status = 404, description = "No such object", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        ReadFailures,
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn info(
@@ -33,12 +30,9 @@ pub(super) async fn info(
 #[utoipa::path(get, path = "/s3/download", tag = "s3", params(KeyParam),
     responses(
         (status = 200, description = "The object's bytes, streamed, with the content type it was stored with", content_type = "*/*", body = String),
-        (status = 400, description = "The key is missing or invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 403, description = "The key is outside S3_API_PREFIX", body = ErrorBody),
-        (status = 404, description = "No such object", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        ReadFailures,
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn download(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
@@ -103,11 +97,10 @@ fn attachment(key: &str) -> header::HeaderValue {
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn delete_object(

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::super::error::ErrorBody;
 use super::super::{ApiError, AppState};
-use super::{content_length, store, writable_key, KeyParam, Params, Written};
+use super::{content_length, store, writable_key, KeyParam, Params, StoreFailures, Unauthorized, Written};
 use crate::s3::{ObjectInfo, S3};
 
 /// The upload form: one field, `file`.
@@ -35,10 +35,9 @@ pub(super) struct UploadForm {
         (status = 201, description = "Stored (a file of any size streams to the store)", body = Written),
         (status = 413, description = "The file is over S3_MAX_UPLOAD_BYTES, or the form holds over 64 KiB before it; nothing is stored", body = ErrorBody),
         (status = 400, description = "The key is invalid, or the form is not one field \"file\"; nothing is stored", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn upload(
@@ -247,11 +246,10 @@ fn file_then_end(
         (status = 200, description = "Replaced", body = Written),
         (status = 413, description = "The body is over S3_MAX_UPLOAD_BYTES; nothing is stored", body = ErrorBody),
         (status = 400, description = "The key is missing or invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object: upload creates one", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn update(
@@ -302,14 +300,13 @@ pub(super) struct PatchParams {
     responses(
         (status = 200, description = "Patched; the object as it is now", body = ObjectInfo),
         (status = 400, description = "The key or offset is missing or invalid", body = ErrorBody),
-        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 403, description = "The key is under the archive prefix (S3_ARCHIVE_PREFIX) or outside S3_API_PREFIX", body = ErrorBody),
         (status = 404, description = "No such object", body = ErrorBody),
         (status = 409, description = "The object changed during the patch, or offset is past its end", body = ErrorBody),
         (status = 412, description = "The ETag is not the If-Match one", body = ErrorBody),
         (status = 413, description = "The body is over HTTP_MAX_BODY_BYTES", body = ErrorBody),
-        (status = 502, description = "The object store refused", body = ErrorBody),
-        (status = 503, description = "No object store configured, or it cannot be reached", body = ErrorBody),
+        Unauthorized,
+        StoreFailures,
     ),
     security(("bearer" = [])))]
 pub(super) async fn patch_object(
