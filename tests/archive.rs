@@ -532,9 +532,11 @@ async fn archive_restore_refuses_planted_objects_and_bounds_what_it_reads() {
         ("records", "1".to_owned()),
     ];
     let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(bomb))]);
-    s3.put_object(&key_at(0), stream, None, &metadata, None)
-        .await
-        .expect("stored");
+    let put = dwh_helper::s3::Put {
+        metadata: &metadata,
+        ..Default::default()
+    };
+    s3.put_object(&key_at(0), stream, put).await.expect("stored");
     let (ok, output) = restore(&env);
     assert!(!ok, "{output}");
     assert!(output.contains("not an archive"), "{output}");

@@ -648,7 +648,8 @@ async fn a_topic_created_after_the_start_is_warned_about_once_then_consumed() {
     // Topics under this prefix do not exist when the ingest starts.
     let (broker, prefix) = broker_with(&[]).await;
     let url = fresh_pg_url().await;
-    let env = ingest_env(&broker, &prefix, &url);
+    let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "LOG_FORMAT", "json");
     let config = config_from(&env, &[]);
     migrated(&config).await;
     let table = Table::UserLocations;
@@ -660,12 +661,9 @@ async fn a_topic_created_after_the_start_is_warned_about_once_then_consumed() {
         (child.scrape().await?.series("dwh_helper_failing", &[]) == 7).then_some(())
     })
     .await;
-    let warnings = child
-        .log_text()
-        .lines()
-        .filter(|l| l.contains(&topic) && l.contains("topic does not exist"))
-        .count();
-    assert_eq!(warnings, 1, "one clear warning:\n{}", child.log_text());
+    let warnings = child.events("topic_missing");
+    let of_topic = warnings.iter().filter(|e| e["topic"] == topic.as_str()).count();
+    assert_eq!(of_topic, 1, "one clear warning:\n{}", child.log_text());
     // Producing creates the topic (auto.create.topics.enable, Kafka's default).
     publish(&config, &topic, &keyed(table, sample::records(table, 100, 10))).await;
     wait_for(Duration::from_secs(90), "rows from the late topic", || async {

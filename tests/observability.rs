@@ -554,11 +554,7 @@ async fn otlp_receives_flush_spans_and_the_rows_metric_and_log_lines_carry_the_t
         .map(|s| s.trace_id.iter().map(|b| format!("{b:02x}")).collect())
         .collect();
     let log = child.log_text();
-    let committed: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["message"] == "batch committed")
-        .collect();
+    let committed = child.events("batch_committed");
     assert!(!committed.is_empty(), "batch committed is logged at debug");
     for event in &committed {
         let trace = event["span"]["trace_id"].as_str().unwrap_or_default();
@@ -576,6 +572,7 @@ async fn a_collector_that_is_down_costs_the_ingest_nothing_and_is_warned_about_o
     let (broker, prefix) = broker(1).await;
     let url = fresh_pg_url().await;
     let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "LOG_FORMAT", "json");
     // Nothing listens there: every export fails at once.
     let endpoint = format!("http://127.0.0.1:{}", free_port());
     env.extend(
@@ -603,7 +600,7 @@ async fn a_collector_that_is_down_costs_the_ingest_nothing_and_is_warned_about_o
         (rows == 40.0 && failures >= 3.0).then_some(())
     })
     .await;
-    let warnings = child.log_text().matches("OTLP export failed").count();
+    let warnings = child.events("otlp_export_failed").len();
     assert_eq!(warnings, 1, "one warning a minute, however many exports fail");
 
     // Only OTLP/HTTP protobuf is spoken: another protocol is a configuration error.

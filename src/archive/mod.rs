@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::telemetry::events::{
-    ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed, KafkaError, KafkaFailing, KafkaRecovered, PollFailed, Shown,
+    ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed, Consumer, KafkaError, KafkaFailing, KafkaRecovered,
+    PollFailed, Shown,
 };
 use crate::telemetry::Event as _;
 
@@ -39,7 +40,7 @@ use crate::catalogue::Table;
 use crate::config::Config;
 use crate::kafka::consumer::{self, ConsumerError, Event, Exit, Role, Subscription};
 use crate::kafka::memory::{Held, MemoryShare, TableMemory};
-use crate::s3::{Condition, S3};
+use crate::s3::{Condition, Put, S3};
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -55,18 +56,22 @@ fn on_kafka(config: &Config, table: Table) -> consumer::OnKafka {
     let topic = crate::kafka::topic_name(&config.kafka.topic_prefix, table);
     Arc::new(move |condition| match condition {
         consumer::KafkaCondition::Failing { kind, reason } => KafkaFailing {
-            table,
-            topic: &topic,
-            role: "archive",
+            consumer: Consumer {
+                table,
+                topic: &topic,
+                role: "archive",
+            },
             kind,
             reason,
             first: true,
         }
         .emit(),
         consumer::KafkaCondition::Recovered => KafkaRecovered {
-            table,
-            topic: &topic,
-            role: "archive",
+            consumer: Consumer {
+                table,
+                topic: &topic,
+                role: "archive",
+            },
             cleared: true,
             still_failing: false,
         }
@@ -239,7 +244,12 @@ impl Archiver {
                     Some(Event::OutOfRange(_)) => {}
                     Some(Event::PollFailed(why)) => {
                         let topic = &consumer.context().topic;
-                        PollFailed { table: self.table, topic, role: "archive", reason: &why }.emit();
+                        let consumer = Consumer {
+                            table: self.table,
+                            topic,
+                            role: "archive",
+                        };
+                        PollFailed { consumer, reason: &why }.emit();
                         return Exit::Restart(format!("the poll thread failed: {why}"));
                     }
                     Some(Event::Revoked { partitions, reply }) => {
@@ -335,9 +345,11 @@ impl Archiver {
         let mut list = TopicPartitionList::new();
         let failed = |what: &str, error: &dyn Shown| {
             KafkaError {
-                table: self.table,
-                topic: &topic,
-                role: "archive",
+                consumer: Consumer {
+                    table: self.table,
+                    topic: &topic,
+                    role: "archive",
+                },
                 kind: "commit",
                 what,
                 error,
@@ -439,16 +451,13 @@ async fn put(
     condition: Condition<'_>,
 ) -> Result<(), crate::s3::S3Error> {
     let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(body.clone())]);
-    s3.put_object_if(
-        key,
-        stream,
-        Some("application/gzip"),
+    let put = Put {
+        content_type: Some("application/gzip"),
         metadata,
-        Some(body.len() as u64),
+        size_hint: Some(body.len() as u64),
         condition,
-    )
-    .await
-    .map(|_| ())
+    };
+    s3.put_object(key, stream, put).await.map(|_| ())
 }
 
 /// Adds a record to its partition's open object.

@@ -94,6 +94,10 @@ impl TableSpec {
     }
 }
 
+/// The key of an event's rows (in events_part and tmp_event_properties): its
+/// application, day, hash and place among events of the same hash.
+const EVENT_KEY: &[&str] = &["application_id", "event_date", "event_hash", "dup_seq"];
+
 pub static EVENTS_PART: TableSpec = TableSpec {
     name: "events_part",
     columns: &[
@@ -132,7 +136,7 @@ pub static EVENTS_PART: TableSpec = TableSpec {
         col("app_build_number", Int),
         col("app_package_name", Text),
     ],
-    key: &["application_id", "event_date", "event_hash", "dup_seq"],
+    key: EVENT_KEY,
     policy: ConflictPolicy::InsertOnly,
 };
 
@@ -246,7 +250,7 @@ pub static TMP_EVENT_PROPERTIES: TableSpec = TableSpec {
         col("raw_properties", Text),
         req("source", Text),
     ],
-    key: &["application_id", "event_date", "event_hash", "dup_seq"],
+    key: EVENT_KEY,
     policy: ConflictPolicy::InsertOnly,
 };
 

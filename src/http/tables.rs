@@ -88,6 +88,19 @@ struct Page {
     after_id: Option<i64>,
 }
 
+/// The answer of a table route to a name that is none of the seven (for the
+/// OpenAPI document).
+#[derive(utoipa::IntoResponses)]
+#[response(status = 404, description = "No such table")]
+#[allow(dead_code)] // a description of a response, never built
+struct NoSuchTable(ErrorBody);
+
+/// The answer of a read when the database does not answer.
+#[derive(utoipa::IntoResponses)]
+#[response(status = 503, description = "The database cannot be reached")]
+#[allow(dead_code)] // a description of a response, never built
+struct DatabaseUnreachable(ErrorBody);
+
 /// Reads rows in id order; the table's key columns filter by equality.
 #[utoipa::path(get, path = "/dwh/{table}", tag = "tables",
     params(("table" = String, Path, description = "One of the seven tables"), Page),
@@ -95,8 +108,8 @@ struct Page {
         (status = 200, description = "A page of rows", body = Rows),
         (status = 400, description = "A parameter is invalid or unknown", body = ErrorBody),
         Unauthorized,
-        (status = 404, description = "No such table", body = ErrorBody),
-        (status = 503, description = "The database cannot be reached", body = ErrorBody),
+        NoSuchTable,
+        DatabaseUnreachable,
     ),
     security(("bearer" = [])))]
 async fn list(
@@ -195,7 +208,7 @@ pub struct Inserted {
         (status = 200, description = "Written", body = Inserted),
         (status = 400, description = "The body is not JSON, or holds no record", body = ErrorBody),
         Unauthorized,
-        (status = 404, description = "No such table", body = ErrorBody),
+        NoSuchTable,
         (status = 413, description = "The body (decompressed) is over HTTP_TABLES_MAX_BODY_BYTES, or holds over HTTP_TABLES_MAX_RECORDS records", body = ErrorBody),
         (status = 415, description = "The body is not application/json, or its Content-Encoding is not gzip", body = ErrorBody),
         (status = 422, description = "A record is invalid (its index and field are named) or refused by the database", body = ErrorBody),

@@ -30,7 +30,10 @@ use crate::kafka::consumer::{self, Exit, Subscription};
 use crate::kafka::memory::{MemoryShare, TableMemory};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
-use crate::telemetry::events::{FetchPaused, IngestStarted, KafkaFailing, KafkaRecovered};
+use crate::telemetry::events::{
+    Consumer, FetchPaused, IngestStarted, KafkaFailing, KafkaRecovered, MemberUnrecorded, Shown, TopicMissing,
+    TopicsCreated, TopicsUnlisted,
+};
 use crate::telemetry::Event as _;
 use batcher::BatchLimits;
 use sink::Writer;
@@ -87,7 +90,11 @@ pub async fn run(
     done.cancel();
     let _ = announcer.await;
     if let Err(e) = dwh.leave_member(&config.kafka.group_id, &member).await {
-        tracing::debug!(target: "dwh_helper::ingest", error = %e, "cannot remove this instance from dwh_ingest_members");
+        MemberUnrecorded {
+            error: &e,
+            leaving: true,
+        }
+        .emit();
     }
     Ok(())
 }
@@ -110,7 +117,11 @@ fn member_name(config: &Config) -> String {
 async fn announce(dwh: Dwh, group: String, tables: Vec<Table>, member: String, done: CancellationToken) {
     loop {
         if let Err(e) = dwh.announce_member(&group, &tables, &member).await {
-            tracing::debug!(target: "dwh_helper::ingest", error = %e, "cannot announce this instance in dwh_ingest_members");
+            MemberUnrecorded {
+                error: &e,
+                leaving: false,
+            }
+            .emit();
         }
         tokio::select! {
             () = done.cancelled() => return,
@@ -139,12 +150,11 @@ async fn prepare_topics(config: &Config) -> Result<(), IngestError> {
         Ok(Ok(Ok(existing))) => names.into_iter().filter(|name| !existing.contains(name)).collect(),
         Ok(Err(setup)) => return Err(setup.into()),
         Ok(Ok(Err(e))) => {
-            // The consumers retry on their own; this check only serves the warning.
-            tracing::warn!(error = %e, "cannot list the topics; is Kafka reachable?");
+            TopicsUnlisted { error: &e }.emit();
             Vec::new()
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot check which topics exist");
+            TopicsUnlisted { error: &e }.emit();
             Vec::new()
         }
     };
@@ -152,18 +162,16 @@ async fn prepare_topics(config: &Config) -> Result<(), IngestError> {
         return Ok(());
     }
     if kafka.create_topics {
-        match topics::create(&kafka, &missing, kafka.topic_partitions).await {
-            Ok(()) => tracing::info!(topics = ?missing, partitions = kafka.topic_partitions, "topics created"),
-            Err(e) => {
-                tracing::warn!(topics = ?missing, error = %e, "cannot create topics; they are consumed once they appear")
-            }
+        let created = topics::create(&kafka, &missing, kafka.topic_partitions).await;
+        TopicsCreated {
+            topics: &missing,
+            partitions: kafka.topic_partitions,
+            error: created.as_ref().err().map(|e| e as &dyn Shown),
         }
+        .emit();
     } else {
         for topic in &missing {
-            tracing::warn!(
-                topic,
-                "topic does not exist; it is consumed once it appears (KAFKA_CREATE_TOPICS=true creates it)"
-            );
+            TopicMissing { topic }.emit();
         }
     }
     Ok(())
@@ -188,9 +196,11 @@ impl Shared {
             consumer::KafkaCondition::Failing { kind, reason } => {
                 let first = status.set_kafka_failing(&topic, Some(format!("kafka {kind}: {reason}")));
                 KafkaFailing {
-                    table,
-                    topic: &topic,
-                    role: "ingest",
+                    consumer: Consumer {
+                        table,
+                        topic: &topic,
+                        role: "ingest",
+                    },
                     kind,
                     reason,
                     first,
@@ -200,9 +210,11 @@ impl Shared {
             consumer::KafkaCondition::Recovered => {
                 let cleared = status.set_kafka_failing(&topic, None);
                 KafkaRecovered {
-                    table,
-                    topic: &topic,
-                    role: "ingest",
+                    consumer: Consumer {
+                        table,
+                        topic: &topic,
+                        role: "ingest",
+                    },
                     cleared,
                     still_failing: status.is_failing(&topic),
                 }

@@ -15,7 +15,7 @@ use super::start::Range;
 use crate::catalogue::Table;
 use crate::kafka::consumer::Context;
 use crate::store::OffsetAdvance;
-use crate::telemetry::events::{KafkaError, Shown};
+use crate::telemetry::events::{Consumer, KafkaError, Shown};
 use crate::telemetry::Event as _;
 
 /// How long a watermark or committed-offset query may take on assignment.
@@ -123,9 +123,11 @@ impl Source {
 
     fn error(&self, kind: &'static str, what: &str, error: &dyn Shown, warn: bool) {
         KafkaError {
-            table: self.table,
-            topic: &self.topic,
-            role: "ingest",
+            consumer: Consumer {
+                table: self.table,
+                topic: &self.topic,
+                role: "ingest",
+            },
             kind,
             what,
             error,

@@ -39,7 +39,7 @@ use crate::kafka::consumer::{Event, Exit};
 use crate::kafka::memory::{Held, TableMemory};
 use crate::store::RejectedRecord;
 use crate::telemetry::events::{
-    BufferLevel, ConsumerEnded, PartitionStarted, PollFailed, Rebalanced, RecordRejected, RecordSkipped,
+    BufferLevel, Consumer, ConsumerEnded, PartitionStarted, PollFailed, Rebalanced, RecordRejected, RecordSkipped,
     RecordsConsumed, StoredOffsetsUnreadable, TableStopped,
 };
 use crate::telemetry::Event as _;
@@ -198,7 +198,12 @@ impl Worker {
                         }
                     }
                     Some(Event::PollFailed(why)) => {
-                        PollFailed { table, topic, role: "ingest", reason: &why }.emit();
+                        let consumer = Consumer {
+                            table,
+                            topic,
+                            role: "ingest",
+                        };
+                        PollFailed { consumer, reason: &why }.emit();
                         return Exit::Restart(format!("the poll thread failed: {why}"));
                     }
                     Some(Event::OutOfRange(cause)) => {

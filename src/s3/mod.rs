@@ -61,10 +61,22 @@ pub struct ObjectInfo {
     pub metadata: std::collections::BTreeMap<String, String>,
 }
 
+/// How [`S3::put_object`] stores an object.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Put<'a> {
+    pub content_type: Option<&'a str>,
+    /// User metadata (`x-amz-meta-*`).
+    pub metadata: &'a [(&'a str, String)],
+    /// The size announced (a Content-Length), to choose multipart at once.
+    pub size_hint: Option<u64>,
+    pub condition: Condition<'a>,
+}
+
 /// When a write may replace what is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Condition<'a> {
     /// Always.
+    #[default]
     Any,
     /// Only when nothing is stored at the key (`If-None-Match: *`).
     Absent,

@@ -7,7 +7,7 @@ use futures_util::{Stream, StreamExt as _};
 
 use super::error::classify;
 use super::multipart::Multipart;
-use super::{to_chrono, Condition, Download, ObjectInfo, S3Error, Stored, MIN_PART, S3};
+use super::{to_chrono, Condition, Download, ObjectInfo, Put, S3Error, Stored, MIN_PART, S3};
 
 /// A `ByteStream` as a stream of chunks.
 fn byte_stream(body: ByteStream) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
@@ -123,44 +123,26 @@ impl S3 {
         Ok(data.into_bytes())
     }
 
-    /// Stores `body` at `key`. Bodies up to the multipart threshold go up in one
-    /// request; larger ones as a multipart upload of 5 MiB parts (the smallest S3
-    /// allows, to keep memory low), aborted if
-    /// anything fails. `size_hint` (a Content-Length) over the threshold goes
-    /// straight to multipart, so memory stays around one part whatever the size.
-    pub async fn put_object<S, E>(
-        &self,
-        key: &str,
-        body: S,
-        content_type: Option<&str>,
-        metadata: &[(&str, String)],
-        size_hint: Option<u64>,
-    ) -> Result<Stored, S3Error>
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send,
-        E: std::fmt::Display,
-    {
-        self.put_object_if(key, body, content_type, metadata, size_hint, Condition::Any)
-            .await
-    }
-
-    /// [`S3::put_object`], stored only while `condition` holds when the upload
+    /// Stores `body` at `key`, as `put` says. Bodies up to the multipart
+    /// threshold go up in one request; larger ones as a multipart upload of
+    /// 5 MiB parts (the smallest S3 allows, to keep memory low), aborted if
+    /// anything fails. A size hint over the threshold goes straight to
+    /// multipart, so memory stays around one part whatever the size. Under a
+    /// condition, the object is stored only while it holds when the upload
     /// completes; otherwise [`S3Error::PreconditionFailed`] (or
     /// [`S3Error::Conflict`] for a concurrent conditional write), and nothing
     /// changed.
-    pub async fn put_object_if<S, E>(
-        &self,
-        key: &str,
-        body: S,
-        content_type: Option<&str>,
-        metadata: &[(&str, String)],
-        size_hint: Option<u64>,
-        condition: Condition<'_>,
-    ) -> Result<Stored, S3Error>
+    pub async fn put_object<S, E>(&self, key: &str, body: S, put: Put<'_>) -> Result<Stored, S3Error>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: std::fmt::Display,
     {
+        let Put {
+            content_type,
+            metadata,
+            size_hint,
+            condition,
+        } = put;
         let mut body = std::pin::pin!(body);
         let read_error = |e: E| S3Error::BadRequest {
             detail: format!("reading the upload failed: {e}"),

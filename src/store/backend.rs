@@ -7,10 +7,11 @@
 
 use std::ops::Range;
 
-use sqlx::{Database, Encode, Executor, IntoArguments, Type};
+use serde_json::{Map, Value as Json};
+use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Type};
 
 use super::{Batch, OffsetAdvance, RejectedRecord, StoreError, WriteOutcome};
-use crate::catalogue::Row;
+use crate::catalogue::{ColumnType, Row, TableSpec, Value};
 
 /// Binds: table, topic, partition, offset, key, payload, reason.
 const INSERT_REJECT: &str = "INSERT INTO dwh_rejected_records \
@@ -166,4 +167,37 @@ pub(super) async fn write_isolating<DB: Bookkeeping, W: RowWriter<DB>>(
     }
     outcome.skipped = (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted - outcome.updated;
     Ok(())
+}
+
+/// A row read back as a JSON object, `id` first and `ingested_at` last.
+/// Numbers and booleans read the same on both backends; `other` reads a
+/// column of any other type, and `ingested` the load time, as the backend
+/// keeps them.
+pub(super) fn row_json<R>(
+    spec: &TableSpec,
+    row: &R,
+    other: impl Fn(&R, ColumnType, &'static str) -> Result<Option<Value>, StoreError>,
+    ingested: impl Fn(&R) -> Result<Value, StoreError>,
+) -> Result<Map<String, Json>, StoreError>
+where
+    R: sqlx::Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> f64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let mut out = Map::new();
+    out.insert("id".into(), Json::from(row.try_get::<i64, _>("id")?));
+    for column in spec.columns {
+        let name = column.name;
+        let value = match column.ty {
+            ColumnType::BigInt | ColumnType::Int => row.try_get::<Option<i64>, _>(name)?.map(Value::Int),
+            ColumnType::Double => row.try_get::<Option<f64>, _>(name)?.map(Value::Float),
+            ColumnType::Bool => row.try_get::<Option<bool>, _>(name)?.map(Value::Bool),
+            ty => other(row, ty, name)?,
+        };
+        out.insert(name.into(), value.unwrap_or(Value::Null).to_json());
+    }
+    out.insert("ingested_at".into(), ingested(row)?.to_json());
+    Ok(out)
 }

@@ -393,31 +393,26 @@ pub async fn read(pool: &PgPool, table: Table, query: &ReadQuery) -> Result<Read
 }
 
 fn to_json(spec: &TableSpec, row: &PgRow) -> Result<Map<String, Json>, StoreError> {
-    let mut out = Map::new();
-    out.insert("id".into(), Json::from(row.try_get::<i64, _>("id")?));
-    for column in spec.columns {
-        let name = column.name;
-        let value = match column.ty {
-            ColumnType::BigInt | ColumnType::Int => row.try_get::<Option<i64>, _>(name)?.map(Value::Int),
-            ColumnType::Double => row.try_get::<Option<f64>, _>(name)?.map(Value::Float),
-            ColumnType::Bool => row.try_get::<Option<bool>, _>(name)?.map(Value::Bool),
-            ColumnType::Date => row.try_get::<Option<NaiveDate>, _>(name)?.map(Value::Date),
-            ColumnType::Timestamp => row.try_get::<Option<NaiveDateTime>, _>(name)?.map(Value::Timestamp),
-            ColumnType::TimestampTz => row.try_get::<Option<DateTime<Utc>>, _>(name)?.map(Value::TimestampTz),
-            ColumnType::Text | ColumnType::Numeric20 | ColumnType::Uuid => {
-                row.try_get::<Option<&str>, _>(name)?.map(|t| Value::Text(t.into()))
-            }
-            ColumnType::Json => row
-                .try_get::<Option<String>, _>(name)?
-                .map(|text| serde_json::from_str(&text).map(Value::Json))
-                .transpose()
-                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
-        };
-        out.insert(name.into(), value.unwrap_or(Value::Null).to_json());
-    }
-    let ingested: DateTime<Utc> = row.try_get("ingested_at")?;
-    out.insert("ingested_at".into(), Value::TimestampTz(ingested).to_json());
-    Ok(out)
+    backend::row_json(spec, row, other_value, |row| {
+        Ok(Value::TimestampTz(row.try_get("ingested_at")?))
+    })
+}
+
+/// A column of a type other than a number or a boolean, as PostgreSQL keeps it.
+fn other_value(row: &PgRow, ty: ColumnType, name: &str) -> Result<Option<Value>, StoreError> {
+    Ok(match ty {
+        ColumnType::Date => row.try_get::<Option<NaiveDate>, _>(name)?.map(Value::Date),
+        ColumnType::Timestamp => row.try_get::<Option<NaiveDateTime>, _>(name)?.map(Value::Timestamp),
+        ColumnType::TimestampTz => row.try_get::<Option<DateTime<Utc>>, _>(name)?.map(Value::TimestampTz),
+        ColumnType::Json => row
+            .try_get::<Option<String>, _>(name)?
+            .map(|text| serde_json::from_str(&text).map(Value::Json))
+            .transpose()
+            .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+        // Text, numeric(20) and UUIDs are read as text (the numbers and booleans
+        // are read before).
+        _ => row.try_get::<Option<&str>, _>(name)?.map(|t| Value::Text(t.into())),
+    })
 }
 
 #[cfg(test)]

@@ -186,25 +186,13 @@ fn decode_error(column: &str, text: &str) -> StoreError {
 }
 
 fn to_json(spec: &TableSpec, row: &SqliteRow) -> Result<Map<String, Json>, StoreError> {
-    let mut out = Map::new();
-    out.insert("id".into(), Json::from(row.try_get::<i64, _>("id")?));
-    for column in spec.columns {
-        let name = column.name;
-        let value = match column.ty {
-            ColumnType::BigInt | ColumnType::Int => row.try_get::<Option<i64>, _>(name)?.map(Value::Int),
-            ColumnType::Double => row.try_get::<Option<f64>, _>(name)?.map(Value::Float),
-            ColumnType::Bool => row.try_get::<Option<bool>, _>(name)?.map(Value::Bool),
-            ty => match row.try_get::<Option<String>, _>(name)? {
-                None => None,
-                Some(text) => Some(parse_text(ty, &text).ok_or_else(|| decode_error(name, &text))?),
-            },
-        };
-        out.insert(name.into(), value.unwrap_or(Value::Null).to_json());
-    }
-    let ingested: String = row.try_get("ingested_at")?;
-    let value = parse_text(ColumnType::TimestampTz, &ingested).ok_or_else(|| decode_error("ingested_at", &ingested))?;
-    out.insert("ingested_at".into(), value.to_json());
-    Ok(out)
+    let text = |row: &SqliteRow, ty: ColumnType, name: &str| match row.try_get::<Option<String>, _>(name)? {
+        None => Ok(None),
+        Some(text) => Ok(Some(parse_text(ty, &text).ok_or_else(|| decode_error(name, &text))?)),
+    };
+    backend::row_json(spec, row, text, |row| {
+        Ok(text(row, ColumnType::TimestampTz, "ingested_at")?.unwrap_or(Value::Null))
+    })
 }
 
 /// The inverse of the canonical text written by [`bind`].

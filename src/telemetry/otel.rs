@@ -172,6 +172,7 @@ fn export_failed(endpoint: &str, why: &str) {
             .is_ok()
     {
         tracing::warn!(
+            event = "otlp_export_failed",
             endpoint,
             error = why,
             "OTLP export failed; the data is dropped (warned at most once a minute, counted in dwh_helper_otlp_export_failures_total)"

@@ -777,7 +777,7 @@ pub async fn s3_bucket(extra: &[(&str, &str)]) -> (dwh_helper::s3::S3, Config) {
 /// Stores `data` at `key`.
 pub async fn put_bytes(s3: &dwh_helper::s3::S3, key: &str, data: Vec<u8>) {
     let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(data))]);
-    s3.put_object(key, stream, None, &[], None)
+    s3.put_object(key, stream, dwh_helper::s3::Put::default())
         .await
         .expect("object stored");
 }

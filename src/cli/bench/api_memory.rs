@@ -113,14 +113,7 @@ async fn measure(base: &str, pid: u32, load: &Load) -> anyhow::Result<(f64, Vec<
             .header("content-type", "application/json")
             .body(reqwest::Body::wrap_stream(records_body(load.post_mib * MIB, i as u64)))
     };
-    let posts = phase(
-        pid,
-        format!("POST /dwh/events_part, {} MiB", load.post_mib),
-        load.clients,
-        load.post_mib,
-        post,
-    )
-    .await;
+    let posts = phase(pid, load.clients, "POST /dwh/events_part", load.post_mib, post).await;
 
     let upload = |i: usize| {
         let (length, body) = form_body(load.upload_mib * MIB);
@@ -130,14 +123,7 @@ async fn measure(base: &str, pid: u32, load: &Load) -> anyhow::Result<(f64, Vec<
             .header("content-length", length)
             .body(reqwest::Body::wrap_stream(body))
     };
-    let uploads = phase(
-        pid,
-        format!("POST /s3/upload, {} MiB", load.upload_mib),
-        load.clients,
-        load.upload_mib,
-        upload,
-    )
-    .await;
+    let uploads = phase(pid, load.clients, "POST /s3/upload", load.upload_mib, upload).await;
     for i in 0..load.clients {
         let _ = client
             .delete(format!("{base}/s3/delete?key=bench/api-memory-{i}.bin"))
@@ -147,16 +133,18 @@ async fn measure(base: &str, pid: u32, load: &Load) -> anyhow::Result<(f64, Vec<
     Ok((idle, vec![posts?, uploads?]))
 }
 
-/// Sends `clients` requests at once and records the answers and the peak RSS.
+/// Sends `clients` requests at once, `mib_each` MiB each, and records the
+/// answers and the peak RSS.
 async fn phase(
     pid: u32,
-    what: String,
     clients: usize,
+    request_line: &str,
     mib_each: u64,
     request: impl Fn(usize) -> reqwest::RequestBuilder,
 ) -> anyhow::Result<Phase> {
     // Linux: writing 5 to clear_refs resets the peak (VmHWM) to the current RSS.
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").context("cannot reset the API's peak RSS")?;
+    let what = format!("{request_line}, {mib_each} MiB");
     eprintln!("bench: {clients} × {what}");
     let started = Instant::now();
     let answers = futures_util::future::join_all((0..clients).map(|i| {

@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::super::error::ErrorBody;
 use super::super::{ApiError, AppState};
 use super::{content_length, store, writable_key, KeyParam, Params, StoreFailures, Unauthorized, Written};
-use crate::s3::{ObjectInfo, S3};
+use crate::s3::{ObjectInfo, Put, S3};
 
 /// The upload form: one field, `file`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -86,7 +86,15 @@ where
 {
     // The request's length bounds the body's: a large one goes multipart at once.
     let stored = s3
-        .put_object(&key, body, content_type.as_deref(), &[], content_length(headers))
+        .put_object(
+            &key,
+            body,
+            Put {
+                content_type: content_type.as_deref(),
+                size_hint: content_length(headers),
+                ..Put::default()
+            },
+        )
         .await
         .map_err(|e| meter.verdict(e.into()))?;
     let info = stored_as_sent(s3, &key, &stored).await?;

@@ -20,7 +20,7 @@ use super::profile::Role;
 use super::{failure_kind, Event, KafkaCondition, OnKafka};
 use crate::catalogue::Table;
 use crate::kafka::memory::Held;
-use crate::telemetry::events::{KafkaError as KafkaErrorEvent, Shown};
+use crate::telemetry::events::{ClientLog, Consumer, KafkaError as KafkaErrorEvent, PartitionsMoved, Shown};
 use crate::telemetry::Event as _;
 
 /// The rdkafka context: forwards logs to `tracing` and rebalances to the task.
@@ -160,15 +160,22 @@ impl Context {
     /// An error the client goes through on its own: counted and logged.
     pub(super) fn error(&self, kind: &'static str, what: &str, error: &dyn Shown, warn: bool) {
         KafkaErrorEvent {
-            table: self.table,
-            topic: &self.topic,
-            role: self.role.name(),
+            consumer: self.consumer(),
             kind,
             what,
             error,
             warn,
         }
         .emit();
+    }
+
+    /// This consumer, as its events name it.
+    pub(super) fn consumer(&self) -> Consumer<'_> {
+        Consumer {
+            table: self.table,
+            topic: &self.topic,
+            role: self.role.name(),
+        }
     }
 
     /// The client did its work (a record, an assignment): a failure is over.
@@ -196,27 +203,21 @@ fn answer_by<T>(mut answer: oneshot::Receiver<T>, deadline: Option<Instant>) -> 
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        // A failed Kafka commit loses nothing: the DWH holds the offsets and the
-        // commit only mirrors them for lag tools; one fails whenever a rebalance
-        // is in progress. Not a warning for ops.
-        if facility == "COMMITFAIL" {
-            tracing::debug!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}");
-            return;
-        }
-        match level {
+        let level = match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
+                tracing::Level::ERROR
             }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", topic = %self.topic, facility, "librdkafka: {message}")
-            }
+            RDKafkaLogLevel::Warning => tracing::Level::WARN,
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::Level::INFO,
+            RDKafkaLogLevel::Debug => tracing::Level::DEBUG,
+        };
+        ClientLog {
+            consumer: self.consumer(),
+            level,
+            facility,
+            message,
         }
+        .emit();
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -311,7 +312,13 @@ impl ConsumerContext for Context {
                         self.error("rebalance", &what, &e, true);
                     }
                 }
-                tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                PartitionsMoved {
+                    consumer: self.consumer(),
+                    partitions: &partitions,
+                    assigned: true,
+                    late: None,
+                }
+                .emit();
                 if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -326,13 +333,16 @@ impl ConsumerContext for Context {
                 };
                 let sent = self.send_by(event, deadline);
                 let answered = sent == Sent::Yes && answer_by(answer, deadline).is_some();
-                if !answered && sent != Sent::Gone {
-                    // The task is stuck writing (or gone). Leaving now keeps this
-                    // member in the group; a write of these partitions that lands
-                    // later is fenced if the next owner wrote first.
-                    tracing::warn!(topic = %self.topic, ?partitions, wait_ms = self.revoke_wait.as_millis() as u64, "revoking before the buffered records were written");
+                // When the task is stuck writing, leaving now keeps this member
+                // in the group; a write of these partitions that lands later is
+                // fenced if the next owner wrote first.
+                PartitionsMoved {
+                    consumer: self.consumer(),
+                    partitions: &partitions,
+                    assigned: false,
+                    late: (!answered && sent != Sent::Gone).then_some(self.revoke_wait),
                 }
-                tracing::info!(topic = %self.topic, ?partitions, "partitions revoked");
+                .emit();
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {

@@ -34,7 +34,9 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::memory::{Held, MemoryShare, TableMemory};
 use crate::kafka::{self, KafkaSetupError};
-use crate::telemetry::events::{ConsumerRestart, KafkaError as KafkaErrorEvent, Restart, Shown};
+use crate::telemetry::events::{
+    Consumer, ConsumerRestart, KafkaError as KafkaErrorEvent, Restart, RoleStopped, Shown, TableTaskFailed,
+};
 use crate::telemetry::Event as _;
 
 /// A token cancelled `grace` after `shutdown`: when retries stop and a write in
@@ -51,13 +53,13 @@ pub fn grace_deadline(shutdown: &CancellationToken, grace: Duration) -> Cancella
 }
 
 /// Waits for every table's task of a role; a task that failed is logged.
-pub async fn join_tables(role: &str, mut tasks: tokio::task::JoinSet<()>) {
+pub async fn join_tables(role: &'static str, mut tasks: tokio::task::JoinSet<()>) {
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
-            tracing::error!(role, error = %e, "a table task failed");
+            TableTaskFailed { role, error: &e }.emit();
         }
     }
-    tracing::info!(role, "stopped");
+    RoleStopped { role }.emit();
 }
 
 /// Batches of records buffered between a poll thread and its task (memory is
@@ -338,9 +340,11 @@ impl Poller {
         .await;
         if let Err(e) = closed {
             KafkaErrorEvent {
-                table,
-                topic: &topic,
-                role: role.name(),
+                consumer: Consumer {
+                    table,
+                    topic: &topic,
+                    role: role.name(),
+                },
                 kind: "close",
                 what: "closing a consumer failed",
                 error: &e,

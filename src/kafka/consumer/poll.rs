@@ -15,6 +15,8 @@ use super::backpressure::{Backpressure, Fetching, Polled, SHORT_WAIT};
 use super::context::{Context, Handed, Sent};
 use super::{Event, OnPause};
 use crate::kafka::memory::TableMemory;
+use crate::telemetry::events::{FetchSwitched, TopicUnavailable};
+use crate::telemetry::Event as _;
 
 /// Polls `consumer` until `stop` is cancelled or the task goes away. Records are
 /// handed over in batches: when [`HANDOVER_RECORDS`] are gathered, when nothing
@@ -31,13 +33,12 @@ pub(super) fn poll_loop(
 ) {
     let context = consumer.context();
     let runtime = &context.runtime;
-    let topic = context.topic.clone();
     let mut bp = Backpressure::default();
     let fetching = |change: Fetching| {
         if change == Fetching::Pause {
             on_pause();
         }
-        set_paused(&consumer, &topic, change != Fetching::Resume);
+        set_paused(&consumer, change != Fetching::Resume);
     };
     // Offers what is pending (waiting as long as the state allows); false when
     // the task is gone.
@@ -50,11 +51,13 @@ pub(super) fn poll_loop(
     };
     while !stop.is_cancelled() {
         let released = bp.release(|permits| memory.try_take(permits));
-        context
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(released);
+        if !released.is_empty() {
+            context
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(released);
+        }
         if bp.offer_now(context.pending()) && !offer(&mut bp) {
             break;
         }
@@ -73,7 +76,10 @@ pub(super) fn poll_loop(
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)))
             | Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopic))) => {
                 // The start already warned about a missing topic, once.
-                tracing::debug!(topic = %topic, "topic not available yet");
+                TopicUnavailable {
+                    consumer: context.consumer(),
+                }
+                .emit();
                 continue;
             }
             Some(Err(KafkaError::MessageConsumption(
@@ -135,7 +141,7 @@ pub(super) fn poll_loop(
 }
 
 /// Pauses or resumes fetching of every assigned partition.
-fn set_paused(consumer: &BaseConsumer<Context>, topic: &str, pause: bool) {
+fn set_paused(consumer: &BaseConsumer<Context>, pause: bool) {
     let context = consumer.context();
     let assignment = match consumer.assignment() {
         Ok(assignment) => assignment,
@@ -144,11 +150,14 @@ fn set_paused(consumer: &BaseConsumer<Context>, topic: &str, pause: bool) {
             return;
         }
     };
+    FetchSwitched {
+        consumer: context.consumer(),
+        paused: pause,
+    }
+    .emit();
     let result = if pause {
-        tracing::debug!(topic, "memory budget spent or the writer behind: fetching paused");
         consumer.pause(&assignment)
     } else {
-        tracing::debug!(topic, "fetching resumed");
         consumer.resume(&assignment)
     };
     if let Err(e) = result {

@@ -100,6 +100,7 @@ impl Event for BatchCommitted<'_> {
         otel::record(FLUSH_DURATION.0, &labels, self.took.as_secs_f64());
         tracing::debug!(
             target: INGEST,
+            event = "batch_committed",
             topic = %self.topic,
             inserted,
             updated = self.updated,
@@ -377,5 +378,24 @@ impl Event for StoredOffsetsUnreadable<'_> {
             .offset_read_retries
             .get_or_create(&Metrics::table(self.table))
             .inc();
+    }
+}
+
+/// This instance could not record in `dwh_ingest_members` that it reads its
+/// tables (announcing, every few seconds; `replay --execute` may then not see
+/// it) or that it stopped (`leaving`; the announcement ages out).
+#[derive(Debug)]
+pub struct MemberUnrecorded<'a> {
+    pub error: &'a dyn Shown,
+    pub leaving: bool,
+}
+
+impl Event for MemberUnrecorded<'_> {
+    fn emit(&self) {
+        if self.leaving {
+            tracing::debug!(target: INGEST, error = %self.error, "cannot remove this instance from dwh_ingest_members");
+        } else {
+            tracing::debug!(target: INGEST, error = %self.error, "cannot announce this instance in dwh_ingest_members");
+        }
     }
 }

@@ -12,10 +12,14 @@ pub use appmetrica::{AppMetricaResponse, AppMetricaWindowDone};
 pub use archive::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed};
 pub use http::HttpRequestServed;
 pub use ingest::{
-    BatchAborted, BatchCommitted, BufferLevel, ConsumerEnded, FetchPaused, IngestStarted, OffsetFenced, OffsetMoved,
-    PartitionStarted, Rebalanced, RecordRejected, RecordSkipped, RecordsConsumed, ShutdownForced,
-    StoredOffsetsUnreadable, TableStopped, WriteFailed, WritesRecovered,
+    BatchAborted, BatchCommitted, BufferLevel, ConsumerEnded, FetchPaused, IngestStarted, MemberUnrecorded,
+    OffsetFenced, OffsetMoved, PartitionStarted, Rebalanced, RecordRejected, RecordSkipped, RecordsConsumed,
+    ShutdownForced, StoredOffsetsUnreadable, TableStopped, WriteFailed, WritesRecovered,
 };
-pub use kafka::{ConsumerRestart, FetchOutOfRange, KafkaError, KafkaFailing, KafkaRecovered, PollFailed, Restart};
+pub use kafka::{
+    ClientLog, Consumer, ConsumerRestart, FetchOutOfRange, FetchSwitched, KafkaError, KafkaFailing, KafkaRecovered,
+    PartitionsMoved, PollFailed, Restart, RoleStopped, TableTaskFailed, TopicMissing, TopicUnavailable, TopicsCreated,
+    TopicsUnlisted,
+};
 
 pub use super::event::{Event, Shown};
