@@ -94,19 +94,44 @@ impl TableSpec {
     }
 }
 
+/// The columns that name an event, first in events_part and
+/// tmp_event_properties: its key ([`EVENT_KEY`]), its name and its time.
+const EVENT_COLUMNS: [Column; 6] = [
+    req("application_id", BigInt),
+    req("event_date", Date),
+    req("event_hash", Text),
+    req("dup_seq", Int),
+    req("event_name", Text),
+    req("event_timestamp", BigInt),
+];
+
+/// [`EVENT_COLUMNS`], then `rest`: the columns of a table of events. `N`, the
+/// count of both, is checked when the crate compiles.
+const fn event_and<const R: usize, const N: usize>(rest: [Column; R]) -> [Column; N] {
+    assert!(
+        EVENT_COLUMNS.len() + R == N,
+        "N counts the event's columns and the rest"
+    );
+    let mut columns = [EVENT_COLUMNS[0]; N];
+    let mut i = 0;
+    while i < N {
+        columns[i] = if i < EVENT_COLUMNS.len() {
+            EVENT_COLUMNS[i]
+        } else {
+            rest[i - EVENT_COLUMNS.len()]
+        };
+        i += 1;
+    }
+    columns
+}
+
 /// The key of an event's rows (in events_part and tmp_event_properties): its
 /// application, day, hash and place among events of the same hash.
 const EVENT_KEY: &[&str] = &["application_id", "event_date", "event_hash", "dup_seq"];
 
 pub static EVENTS_PART: TableSpec = TableSpec {
     name: "events_part",
-    columns: &[
-        req("application_id", BigInt),
-        req("event_date", Date),
-        req("event_hash", Text),
-        req("dup_seq", Int),
-        req("event_name", Text),
-        req("event_timestamp", BigInt),
+    columns: &event_and::<_, 34>([
         col("event_datetime", Timestamp),
         col("event_receive_timestamp", BigInt),
         col("event_receive_datetime", Timestamp),
@@ -135,7 +160,7 @@ pub static EVENTS_PART: TableSpec = TableSpec {
         col("app_version_name", Text),
         col("app_build_number", Int),
         col("app_package_name", Text),
-    ],
+    ]),
     key: EVENT_KEY,
     policy: ConflictPolicy::InsertOnly,
 };
@@ -238,18 +263,12 @@ pub static TECHNICAL_DATA: TableSpec = TableSpec {
 
 pub static TMP_EVENT_PROPERTIES: TableSpec = TableSpec {
     name: "tmp_event_properties",
-    columns: &[
-        req("application_id", BigInt),
-        req("event_date", Date),
-        req("event_hash", Text),
-        req("dup_seq", Int),
-        req("event_name", Text),
-        req("event_timestamp", BigInt),
+    columns: &event_and::<_, 10>([
         col("appmetrica_device_id", Numeric20),
         checked(req("properties", Json), Check::Object),
         col("raw_properties", Text),
         req("source", Text),
-    ],
+    ]),
     key: EVENT_KEY,
     policy: ConflictPolicy::InsertOnly,
 };
