@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Postgres, Sqlite, Type};
 
-use super::{PlannedOffset, Reader, RejectFilter, ReplayRecord, StoreError, StoredOffset, StoredReject, WindowRecord};
+use super::replays::Replay;
+use super::{Reader, RejectFilter, ReplayRecord, StoreError, StoredOffset, StoredReject, WindowRecord};
 use crate::catalogue::Table;
 
 /// Where a backend's statements go: reads beside writes. SQLite takes one
@@ -80,16 +81,6 @@ impl Dialect for Sqlite {
     fn rows_affected(result: &Self::QueryResult) -> u64 {
         result.rows_affected()
     }
-}
-
-/// A replay to execute: the group whose offsets move, who asks, the scenario
-/// and the plan.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Replay<'a> {
-    pub group: &'a str,
-    pub by: &'a str,
-    pub scenario: &'a str,
-    pub plan: &'a [PlannedOffset],
 }
 
 /// The bookkeeping of either backend, behind one type.

@@ -4,7 +4,6 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::bookkeeping::Replay;
 use super::{Dwh, StoreError};
 
 /// One partition of a replay plan.
@@ -28,6 +27,16 @@ pub struct ReplayRecord {
     pub executed_at: DateTime<Utc>,
     pub scenario: String,
     pub plan: Vec<PlannedOffset>,
+}
+
+/// A replay to execute: the group whose offsets move, who asks, the scenario
+/// and the plan.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Replay<'a> {
+    pub group: &'a str,
+    pub by: &'a str,
+    pub scenario: &'a str,
+    pub plan: &'a [PlannedOffset],
 }
 
 impl Dwh {
