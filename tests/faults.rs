@@ -359,6 +359,84 @@ async fn commit_in_kafka(config: &dwh_helper::config::Config, topic: &str, offse
     .expect("commit thread");
 }
 
+/// Issue 24: the watchdog is the net under a stall nobody named. Here, Kafka
+/// offsets adopted from an old group lie past the end of the log: the ingest goes
+/// round fetches out of range and consumer restarts, nothing lands, and nothing
+/// but the lag said so. The watchdog names the table stalled in readiness, in
+/// `status` (exit 1), in the state gauge and in an event with the last error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_whose_records_wait_while_nothing_lands_is_stalled_in_readiness_status_and_metrics() {
+    let table = Table::UserLocations;
+    let (broker, prefix) = broker_with(&[(table, 1)]).await;
+    let topic = topic(&prefix, table);
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    for (name, value) in [
+        ("KAFKA_INGEST_TABLES", "user_locations"),
+        ("KAFKA_ADOPT_COMMITTED_OFFSETS", "true"),
+        ("KAFKA_STALL_AFTER_SECONDS", "3"),
+        ("METRICS_LAG_INTERVAL_SECONDS", "1"),
+        ("LOG_FORMAT", "json"),
+    ] {
+        set_env(&mut env, name, value);
+    }
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    publish(&config, &topic, &keyed(table, locations(40))).await;
+    commit_in_kafka(&config, &topic, 1_000_000).await;
+    let child = Child::observed(&env, "ingest");
+
+    // The fault: the consumer is rebuilt again and again, and nothing lands.
+    wait_for(Duration::from_secs(60), "the consumer to go round restarts", || async {
+        let restarts = child.table_metric("dwh_helper_consumer_restarts_total", table).await?;
+        (restarts >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 0);
+
+    // The watchdog: a few seconds later the table is stalled, everywhere.
+    let state = |m: &Scrape, state: &str| m.sum("dwh_helper_table_state", &[("table", table.name()), ("state", state)]);
+    let body = wait_for(Duration::from_secs(60), "the table to be stalled", || async {
+        let m = child.scrape().await?;
+        let (code, body) = child.ready().await?;
+        (state(&m, "stalled") == 1.0 && code == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains(&format!("{topic} (stalled)")), "{body}");
+    let m = child.scrape().await.expect("a scrape");
+    assert_eq!(state(&m, "ok"), 0.0, "one state at a time");
+    let stalled = child.events("table_stalled");
+    let first = stalled.first().expect("a table_stalled event");
+    let reason = first["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("partition 0: 40 records wait from offset 0"),
+        "{first}"
+    );
+    assert!(reason.ends_with("nothing ever landed"), "{first}");
+    let last_error = first["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("fetch out of range"),
+        "the likely cause is named: {first}"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 0);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+        .arg("status")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("stalled: user_locations partition 0: 40 records wait from offset 0"),
+        "{text}"
+    );
+    assert!(text.contains("STALLED: 40 records wait"), "{text}");
+    drop(child);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_the_dwh_has_no_offset_for_starts_from_the_reset_policy_not_from_kafka() {
     let (broker, prefix) = broker(1).await;

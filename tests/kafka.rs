@@ -187,14 +187,6 @@ async fn an_instance_on_sasl_ssl_with_scram_ingests_and_archives() {
     assert!(status.success());
 }
 
-/// What `/health/ready` answers.
-async fn ready(child: &Child) -> Option<(u16, String)> {
-    let base = child.base().expect("an observed child");
-    let response = reqwest::get(format!("{base}/health/ready")).await.ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.text().await.ok()?))
-}
-
 /// Starts `env`'s ingest and waits (at most 60 s) for the table to fail with
 /// `kind`: the errors counter, the failing gauge and readiness all say so.
 async fn fails_with(env: &[(String, String)], table: Table, kind: &str) -> Child {
@@ -209,12 +201,12 @@ async fn fails_with(env: &[(String, String)], table: Table, kind: &str) -> Child
                 &[("table", table.name()), ("kind", kind)],
             );
             let failing = m.sum("dwh_helper_failing", &[("table", table.name())]);
-            let (code, body) = ready(&child).await?;
+            let (code, body) = child.ready().await?;
             (errors > 0.0 && failing == 1.0 && code == 503).then_some(body)
         },
     )
     .await;
-    let (_, body) = ready(&child).await.expect("readiness answers");
+    let (_, body) = child.ready().await.expect("readiness answers");
     assert!(body.contains(&format!("(kafka {kind})")), "{body}");
     assert!(body.contains(&topic_of(env, table)), "{body}");
     child
@@ -261,7 +253,7 @@ async fn a_wrong_password_an_unknown_ca_and_a_missing_acl_each_fail_the_table_by
     acl(true, "Describe", "topic", &prefix);
     wait_for(Duration::from_secs(90), "the table to recover once granted", || async {
         let rows = pg_count(&url, "SELECT count(*) FROM user_locations").await?;
-        let (code, _) = ready(&child).await?;
+        let (code, _) = child.ready().await?;
         let failing = child
             .scrape()
             .await?

@@ -74,7 +74,9 @@ pub async fn demo(base: Config, args: DemoArgs) -> anyhow::Result<()> {
     let lag = {
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         let interval = config.metrics.lag_interval;
-        tokio::spawn(crate::status::lag::run(config, dwh, status, false, interval, shutdown))
+        tokio::spawn(crate::status::lag::run(
+            config, dwh, status, true, false, interval, shutdown,
+        ))
     };
     wait_caught_up(&config, &dwh, &shutdown).await?;
     let ingest_seconds = ingest_started.elapsed().as_secs_f64();

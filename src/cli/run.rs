@@ -117,9 +117,10 @@ async fn serve_roles(
         // it goes on while a consumer is stuck (and an API-only instance shows it).
         let (config, dwh, status, shutdown) = (config.clone(), dwh.clone(), status.clone(), shutdown.clone());
         let archive = roles.contains(&Role::Archive);
+        let watch = roles.contains(&Role::Ingest);
         let interval = config.metrics.lag_interval;
         tasks.spawn(async move {
-            crate::status::lag::run(config, dwh, status, archive, interval, shutdown).await;
+            crate::status::lag::run(config, dwh, status, watch, archive, interval, shutdown).await;
             Ok(())
         });
     }

@@ -17,7 +17,8 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// Prints the report; exit code 1 when the verdict is `failing`.
+/// Prints the report; exit code 1 when the verdict is `failing` or `stalled`
+/// (a person must act).
 pub async fn status(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let dwh = Dwh::connect(&config.dwh)?;
     let report = report::gather(&config, &dwh, None).await;
@@ -26,7 +27,7 @@ pub async fn status(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode
     } else {
         print!("{}", report.render());
     }
-    Ok(if report.verdict.state == State::Failing {
+    Ok(if matches!(report.verdict.state, State::Failing | State::Stalled) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -41,6 +41,10 @@ pub struct KafkaConfig {
     /// The tables this instance archives (`KAFKA_ARCHIVE_TABLES`; all by default).
     pub archive_tables: Vec<Table>,
     pub shutdown_grace: Duration,
+    /// The watchdog's window (`KAFKA_STALL_AFTER_SECONDS`): a table is stalled
+    /// when records older than this wait for it and nothing of it landed in
+    /// this time.
+    pub stall_after: Duration,
     /// `KAFKA_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`.
     pub librdkafka: Vec<(String, Secret)>,
 }
@@ -114,6 +118,7 @@ pub(super) struct RawKafka {
     ingest_tables: Option<String>,
     archive_tables: Option<String>,
     shutdown_grace_seconds: Option<String>,
+    stall_after_seconds: Option<String>,
 }
 
 pub(super) fn kafka(
@@ -178,6 +183,15 @@ pub(super) fn kafka(
         ingest_tables: tables("KAFKA_INGEST_TABLES", raw.ingest_tables)?,
         archive_tables: tables("KAFKA_ARCHIVE_TABLES", raw.archive_tables)?,
         shutdown_grace: seconds("KAFKA_SHUTDOWN_GRACE_SECONDS", raw.shutdown_grace_seconds, 30)?,
+        stall_after: match seconds("KAFKA_STALL_AFTER_SECONDS", raw.stall_after_seconds, 300)? {
+            zero if zero.is_zero() => {
+                return Err(ConfigError::new(
+                    "KAFKA_STALL_AFTER_SECONDS",
+                    "expected at least 1 second, got 0",
+                ))
+            }
+            window => window,
+        },
         librdkafka: librdkafka_properties(passthrough)?,
     })
 }

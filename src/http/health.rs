@@ -29,14 +29,15 @@ async fn live() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The DWH answers, and no table of this instance is failing: its DWH writes, or
-/// its consumer's Kafka access (credentials, TLS, a permission). No token needed.
+/// The DWH answers, and no table of this instance is failing (its DWH writes, or
+/// its consumer's Kafka access: credentials, TLS, a permission) or stalled (the
+/// watchdog: records wait and nothing lands). No token needed.
 /// The reason names the tables and the kind of failure only, as anyone may read
 /// it: the cause is logged, and in `/status` behind the token.
 #[utoipa::path(get, path = "/health/ready", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Not ready: \"database unavailable\" or \"tables failing: …\" (each with its kind: DWH writes, stopped, kafka authentication, kafka tls, kafka authorization, kafka unreadable records)", body = ErrorBody),
+        (status = 503, description = "Not ready: \"database unavailable\" or \"tables failing: …\" (each with its kind: DWH writes, stopped, stalled, kafka authentication, kafka tls, kafka authorization, kafka unreadable records)", body = ErrorBody),
     ))]
 async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if let Some(ingest) = state.ingest.as_ref() {

@@ -38,7 +38,7 @@ use crate::telemetry::Event as _;
 use batcher::BatchLimits;
 use sink::Writer;
 use source::Source;
-pub use status::{Counters, IngestStatus};
+pub use status::{Counters, IngestStatus, TableState};
 use worker::Worker;
 
 pub use crate::kafka::consumer::ConsumerError as IngestError;

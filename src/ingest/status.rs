@@ -35,8 +35,39 @@ pub struct IngestStatus {
     /// permission, a codec), per topic: kept apart from the write failures, so
     /// that a write landing does not hide it.
     kafka_failing: Mutex<Vec<(String, String)>>,
+    /// Why a topic is stalled right now (the watchdog's verdict, see
+    /// `status::stall`), per topic.
+    stalled: Mutex<Vec<(String, String)>>,
+    /// The last error each topic met (a write, its consumer, a fetch), kept
+    /// after it clears: what a stall names as its likely cause.
+    last_error: Mutex<HashMap<String, String>>,
     /// What this process knows of each partition it consumes.
     progress: Mutex<BTreeMap<(Table, i32), Progress>>,
+}
+
+/// Where a table stands, for `dwh_helper_table_state{table,state}`: one state
+/// at a time, the most serious first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableState {
+    Ok,
+    /// Records wait that nothing moves (the watchdog).
+    Stalled,
+    /// Its DWH writes or its consumer fail.
+    Failing,
+    /// A stored offset does not fit the log: it waits for an operator.
+    Stopped,
+}
+
+impl TableState {
+    /// As `dwh_helper_table_state` names it (one of `TABLE_STATES`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TableState::Ok => "ok",
+            TableState::Stalled => "stalled",
+            TableState::Failing => "failing",
+            TableState::Stopped => "stopped",
+        }
+    }
 }
 
 /// What this process knows of a partition it consumes.
@@ -98,6 +129,9 @@ impl IngestStatus {
 
     /// Sets or clears why `topic`'s writes fail; true when a failure was cleared.
     pub(crate) fn set_failing(&self, topic: &str, cause: Option<String>) -> bool {
+        if let Some(cause) = &cause {
+            self.saw_error(topic, cause);
+        }
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         let before = failing.len();
         failing.retain(|(t, _)| t != topic);
@@ -111,6 +145,9 @@ impl IngestStatus {
     /// Sets or clears why `topic`'s consumer cannot work; true when that changed
     /// whether it fails.
     pub(crate) fn set_kafka_failing(&self, topic: &str, cause: Option<String>) -> bool {
+        if let Some(cause) = &cause {
+            self.saw_error(topic, cause);
+        }
         let mut failing = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner());
         let was = failing.iter().any(|(t, _)| t == topic);
         failing.retain(|(t, _)| t != topic);
@@ -119,6 +156,52 @@ impl IngestStatus {
             failing.push((topic.to_owned(), cause));
         }
         was != now
+    }
+
+    /// Keeps `error` as the last one `topic` met.
+    pub(crate) fn saw_error(&self, topic: &str, error: &str) {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned(), error.to_owned());
+    }
+
+    /// The last error `topic` met, if any.
+    pub fn last_error(&self, topic: &str) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .cloned()
+    }
+
+    /// Sets or clears why `topic` is stalled; true when whether it is changed.
+    pub fn set_stalled(&self, topic: &str, cause: Option<String>) -> bool {
+        let mut stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        let was = stalled.iter().any(|(t, _)| t == topic);
+        stalled.retain(|(t, _)| t != topic);
+        let now = cause.is_some();
+        if let Some(cause) = cause {
+            stalled.push((topic.to_owned(), cause));
+        }
+        was != now
+    }
+
+    /// Where `topic`'s table stands: the most serious of its states.
+    pub fn state(&self, topic: &str) -> TableState {
+        let writes = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let write_cause = writes.iter().find(|(t, _)| t == topic).map(|(_, c)| c.as_str());
+        if write_cause.is_some_and(|c| c.starts_with("stopped:")) {
+            return TableState::Stopped;
+        }
+        if self.is_failing(topic) {
+            return TableState::Failing;
+        }
+        let stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        if stalled.iter().any(|(t, _)| t == topic) {
+            return TableState::Stalled;
+        }
+        TableState::Ok
     }
 
     /// Whether `topic` fails for any reason, its writes or its consumer.
@@ -226,6 +309,7 @@ impl IngestStatus {
     pub fn failing_brief(&self) -> Option<String> {
         let kafka = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let writes = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut brief: Vec<String> = kafka
             .iter()
             .map(|(topic, cause)| {
@@ -241,14 +325,22 @@ impl IngestStatus {
                 };
                 format!("{topic} ({kind})")
             }))
+            .chain(stalled.iter().map(|(topic, _)| format!("{topic} (stalled)")))
             .collect();
         brief.sort();
         (!brief.is_empty()).then(|| brief.join(", "))
     }
 
-    /// Why tables fail right now (`topic: cause`, by topic), or `None` when none does.
+    /// Why tables fail or stall right now (`topic: cause`, by topic), or `None`
+    /// when none does.
     pub fn failing(&self) -> Option<String> {
         let mut failing: Vec<(String, String)> = self.failing_topics().into_iter().collect();
+        let stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        failing.extend(
+            stalled
+                .into_iter()
+                .map(|(topic, cause)| (topic, format!("stalled: {cause}"))),
+        );
         failing.sort();
         (!failing.is_empty()).then(|| {
             failing
@@ -336,5 +428,31 @@ mod tests {
         assert!(!s.is_failing("dwh.b"));
         s.table_stopped("dwh.c", "offset above the high watermark");
         assert!(s.failing_brief().expect("failing").ends_with("dwh.c (stopped)"));
+        assert_eq!(s.state("dwh.c"), TableState::Stopped);
+        assert_eq!(s.state("dwh.a"), TableState::Failing);
+    }
+
+    #[test]
+    fn a_stall_is_reported_beside_failures_and_names_the_last_error() {
+        let s = IngestStatus::default();
+        assert_eq!(s.state("dwh.a"), TableState::Ok);
+        s.set_failing("dwh.a", Some("database unreachable".into()));
+        s.set_failing("dwh.a", None);
+        assert_eq!(
+            s.last_error("dwh.a").as_deref(),
+            Some("database unreachable"),
+            "kept after it cleared"
+        );
+        assert!(s.set_stalled("dwh.a", Some("10 records wait".into())));
+        assert!(!s.set_stalled("dwh.a", Some("11 records wait".into())), "still stalled");
+        assert_eq!(s.state("dwh.a"), TableState::Stalled);
+        assert!(!s.is_failing("dwh.a"), "a stall is not a failure of writes or Kafka");
+        assert_eq!(s.failing_brief().as_deref(), Some("dwh.a (stalled)"));
+        assert_eq!(s.failing().as_deref(), Some("dwh.a: stalled: 11 records wait"));
+        // A failure outranks the stall in the state gauge.
+        s.set_kafka_failing("dwh.a", Some("kafka authorization: denied".into()));
+        assert_eq!(s.state("dwh.a"), TableState::Failing);
+        assert!(s.set_stalled("dwh.a", None));
+        assert!(!s.set_stalled("dwh.a", None));
     }
 }

@@ -203,12 +203,14 @@ impl Worker {
                             topic,
                             role: "ingest",
                         };
+                        self.writer.status.saw_error(topic, &format!("the poll thread failed: {why}"));
                         PollFailed { consumer, reason: &why }.emit();
                         return Exit::Restart(format!("the poll thread failed: {why}"));
                     }
                     Some(Event::OutOfRange(cause)) => {
                         // Write what is buffered, then decide again from the DWH's
                         // offsets and the watermarks, as on an assignment.
+                        self.writer.status.saw_error(topic, &format!("fetch out of range: {cause}"));
                         crate::telemetry::events::FetchOutOfRange { table, topic, cause: &cause }.emit();
                         return match self.drain(state).await {
                             Ok(()) => Exit::Restart(format!("fetch out of range: {cause}")),

@@ -24,14 +24,19 @@ use crate::config::Config;
 use crate::ingest::IngestStatus;
 use crate::kafka;
 use crate::store::{Dwh, StoredOffset};
+use crate::telemetry::events::{StallCleared, TableStalled, TableStateSeen};
 use crate::telemetry::metrics::metrics;
+use crate::telemetry::Event as _;
 
 /// Runs the loop until `shutdown`; `ingest` is this process's ingest role, whose
-/// progress feeds the buffer and seconds gauges.
+/// progress feeds the buffer and seconds gauges. With `watch` (the process runs
+/// the ingest role), each reading also runs the watchdog over the tables it
+/// ingests.
 pub async fn run(
     config: Config,
     dwh: Dwh,
     ingest: Arc<IngestStatus>,
+    watch: bool,
     archive: bool,
     interval: Duration,
     shutdown: CancellationToken,
@@ -74,11 +79,58 @@ pub async fn run(
         }
         if let (Some(stored), Some(broker)) = (&stored, &broker) {
             publish(&config, &ingest, stored, broker, archive_group.is_some());
+            if watch {
+                watchdog(&config, &ingest, stored, broker);
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// The watchdog: marks each table this process ingests stalled, or no longer,
+/// by [`super::stall`]'s rule over every partition of its topic (whichever
+/// instance of the group holds it: a stalled table is the group's), and sets
+/// the state gauge of each. A stalled table is not ready (`/health/ready`);
+/// its records landing clear it.
+fn watchdog(config: &Config, ingest: &IngestStatus, stored: &[StoredOffset], broker: &BrokerView) {
+    for &table in &config.kafka.ingest_tables {
+        let topic = kafka::topic_name(&config.kafka.topic_prefix, table);
+        let marks = broker.watermarks.get(&topic).map(Vec::as_slice).unwrap_or_default();
+        let stalls: Vec<String> = marks
+            .iter()
+            .filter_map(|&(partition, range)| {
+                let record = stored.iter().find(|o| o.topic == topic && o.partition == partition);
+                let fresh = broker.fresh_from.get(&(topic.clone(), partition));
+                let why = report::stalled(record, range, fresh, config)?;
+                Some(format!("partition {partition}: {why}"))
+            })
+            .collect();
+        let reason = (!stalls.is_empty()).then(|| stalls.join("; "));
+        let last_error = ingest.last_error(&topic);
+        let cause = reason.as_ref().map(|r| match &last_error {
+            Some(e) => format!("{r}; last error: {e}"),
+            None => r.clone(),
+        });
+        if ingest.set_stalled(&topic, cause) {
+            match &reason {
+                Some(reason) => TableStalled {
+                    table,
+                    topic: &topic,
+                    reason,
+                    last_error: last_error.as_deref(),
+                }
+                .emit(),
+                None => StallCleared { table, topic: &topic }.emit(),
+            }
+        }
+        TableStateSeen {
+            table,
+            state: ingest.state(&topic).name(),
+        }
+        .emit();
     }
 }
 

@@ -4,8 +4,11 @@
 //! `GET /status` and the lag loop of [`super::lag`].
 //!
 //! Verdict: `failing` when the DWH or the broker does not answer, a table's
-//! writes fail, or a stored offset does not fit the log; else `lagging` when any
-//! partition has records not yet in the DWH; else `caught_up`.
+//! writes fail, or a stored offset does not fit the log; else `stalled` when a
+//! partition is stalled ([`super::stall`]: records older than
+//! `KAFKA_STALL_AFTER_SECONDS` wait, and nothing landed in that time); else
+//! `lagging` when any partition has records not yet in the DWH; else
+//! `caught_up`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -27,6 +30,10 @@ pub type Range = (i64, i64);
 pub struct BrokerView {
     /// Watermarks by topic, then partition (a missing topic has none).
     pub watermarks: HashMap<String, Vec<(i32, Range)>>,
+    /// The first offset of each partition whose record is at most
+    /// `KAFKA_STALL_AFTER_SECONDS` old (`None`: every record is older), for
+    /// the partitions that hold records.
+    pub fresh_from: HashMap<(String, i32), Option<i64>>,
     /// The archive group's committed offsets, when asked for.
     pub archived: HashMap<(String, i32), i64>,
 }
@@ -50,6 +57,24 @@ pub fn read_broker(config: &Config, archive_group: Option<&str>) -> Result<Broke
             .collect(),
         ..BrokerView::default()
     };
+    let window = chrono::Duration::from_std(kafka.stall_after).unwrap_or(chrono::Duration::MAX);
+    let since = (Utc::now() - window).timestamp_millis();
+    for (topic, marks) in &view.watermarks {
+        let holding: Vec<i32> = marks.iter().filter(|(_, (l, h))| h > l).map(|(p, _)| *p).collect();
+        if holding.is_empty() {
+            continue;
+        }
+        let answer = metadata
+            .offsets_at(topic, &holding, since)
+            .map_err(|e| format!("broker unreachable: {e}"))?;
+        for (partition, offset) in answer {
+            let fresh = match offset {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            view.fresh_from.insert((topic.clone(), partition), fresh);
+        }
+    }
     if let Some(group) = archive_group {
         let partitions: Vec<(String, Vec<i32>)> = view
             .watermarks
@@ -65,6 +90,24 @@ pub fn read_broker(config: &Config, archive_group: Option<&str>) -> Result<Broke
 /// (from the first record held when nothing is stored) to the high watermark.
 pub fn lag(stored: Option<i64>, (low, high): Range) -> i64 {
     (high - stored.unwrap_or(low).max(low)).max(0)
+}
+
+/// Why one partition is stalled ([`super::stall`]), if it is.
+pub fn stalled(
+    stored: Option<&StoredOffset>,
+    range: Range,
+    fresh_from: Option<&Option<i64>>,
+    config: &Config,
+) -> Option<String> {
+    // Without the broker's answer by time (a partition with no record), there
+    // is nothing waiting to be old.
+    let fresh_from = *fresh_from?;
+    let partition = super::stall::Partition {
+        stored: stored.map(|o| (o.next_offset, o.updated_at)),
+        range,
+        fresh_from,
+    };
+    super::stall::stalled(&partition, Utc::now(), config.kafka.stall_after.as_secs())
 }
 
 /// Why a stored offset cannot be read from, if it cannot.
@@ -83,6 +126,8 @@ fn misfit(stored: Option<i64>, (low, high): Range) -> Option<String> {
 pub enum State {
     CaughtUp,
     Lagging,
+    /// Records wait that nothing moves ([`super::stall`]).
+    Stalled,
     Failing,
 }
 
@@ -102,6 +147,8 @@ pub struct PartitionReport {
     pub high: i64,
     pub lag: i64,
     pub problem: Option<String>,
+    /// Why the partition is stalled, if it is.
+    pub stalled: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -257,7 +304,9 @@ fn assemble(
         let partitions: Vec<PartitionReport> = marks
             .iter()
             .map(|&(partition, range)| {
-                let at = stored.get(&partition).map(|o| o.next_offset);
+                let record = stored.get(&partition).copied();
+                let at = record.map(|o| o.next_offset);
+                let fresh = broker_view.fresh_from.get(&(topic.clone(), partition));
                 PartitionReport {
                     partition,
                     stored: at,
@@ -265,6 +314,7 @@ fn assemble(
                     high: range.1,
                     lag: lag(at, range),
                     problem: misfit(at, range),
+                    stalled: stalled(record, range, fresh, config),
                 }
             })
             .collect();
@@ -337,6 +387,25 @@ fn verdict(tables: &[TableReport], dwh_error: Option<&str>, kafka_error: Option<
             summary: format!("failing: {}", why.join("; ")),
         };
     }
+    let stalls: Vec<String> = tables
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().filter_map(move |p| {
+                Some(format!(
+                    "{} partition {}: {}",
+                    t.table,
+                    p.partition,
+                    p.stalled.as_ref()?
+                ))
+            })
+        })
+        .collect();
+    if !stalls.is_empty() {
+        return Verdict {
+            state: State::Stalled,
+            summary: format!("stalled: {}", stalls.join("; ")),
+        };
+    }
     let total: i64 = tables.iter().map(|t| t.lag).sum();
     if total == 0 {
         return Verdict {
@@ -402,6 +471,7 @@ impl Report {
                     p.problem
                         .as_deref()
                         .map(|x| format!("  PROBLEM: {x}"))
+                        .or_else(|| p.stalled.as_deref().map(|x| format!("  STALLED: {x}")))
                         .unwrap_or_default(),
                 );
             }

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub fetch_pauses: Counters,
     pub failing: Gauges,
     pub table_stopped: Gauges,
+    pub table_state: Gauges,
     pub kafka_errors: Counters,
 
     // Lag, per partition (or per table with partition labels off).
@@ -259,6 +260,11 @@ impl Metrics {
             ),
             failing: r.add("failing", None, FAILING_HELP),
             kafka_errors: r.add("kafka_errors", None, KAFKA_ERRORS_HELP),
+            table_state: r.add(
+                "table_state",
+                None,
+                "1 for the state each ingested table is in (ok, stalled, failing, stopped), 0 for the others",
+            ),
             table_stopped: r.add(
                 "table_stopped",
                 None,

@@ -447,6 +447,15 @@ impl Child {
         Scrape::get(base, token).await
     }
 
+    /// What its `/health/ready` answers (started with [`Child::observed`]):
+    /// the status code and the body; `None` while it does not answer.
+    pub async fn ready(&self) -> Option<(u16, String)> {
+        let base = self.base().expect("a child started with Child::observed");
+        let response = reqwest::get(format!("{base}/health/ready")).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
     /// The value of `name{table=...}` in a scrape, 0 when absent.
     pub async fn table_metric(&self, name: &str, table: dwh_helper::catalogue::Table) -> Option<f64> {
         Some(self.scrape().await?.sum(name, &[("table", table.name())]))

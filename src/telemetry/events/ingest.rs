@@ -399,3 +399,67 @@ impl Event for MemberUnrecorded<'_> {
         }
     }
 }
+
+/// The watchdog found records waiting for `table` that nothing moves (see
+/// `status::stall`): the table is `stalled` (readiness 503, the state gauge)
+/// until its records land again. Logged at error with `event = "table_stalled"`
+/// inside a span of its own, so that traces show it as a span event.
+#[derive(Debug)]
+pub struct TableStalled<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+    /// Which partitions, and how long.
+    pub reason: &'a str,
+    /// The last error the table met, its likely cause.
+    pub last_error: Option<&'a str>,
+}
+
+impl Event for TableStalled<'_> {
+    fn emit(&self) {
+        let span = tracing::error_span!(target: INGEST, "table_stalled", table = self.table.name());
+        let _inside = span.enter();
+        tracing::error!(
+            target: INGEST,
+            event = "table_stalled",
+            topic = %self.topic,
+            reason = %self.reason,
+            last_error = self.last_error.unwrap_or("none seen"),
+            "table stalled: records wait and nothing lands"
+        );
+    }
+}
+
+/// A stalled table's records land again.
+#[derive(Debug)]
+pub struct StallCleared<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+}
+
+impl Event for StallCleared<'_> {
+    fn emit(&self) {
+        tracing::info!(target: INGEST, event = "stall_cleared", table = self.table.name(), topic = %self.topic, "table no longer stalled");
+    }
+}
+
+/// The states of `dwh_helper_table_state{table,state}`, the least serious first.
+pub const TABLE_STATES: [&str; 4] = ["ok", "stalled", "failing", "stopped"];
+
+/// Where a table stands now, as the watchdog saw it (one of [`TABLE_STATES`]):
+/// `dwh_helper_table_state{table,state}` is 1 for its state, 0 for the others.
+#[derive(Debug)]
+pub struct TableStateSeen {
+    pub table: Table,
+    pub state: &'static str,
+}
+
+impl Event for TableStateSeen {
+    fn emit(&self) {
+        for state in TABLE_STATES {
+            metrics()
+                .table_state
+                .get_or_create(&Metrics::table_and(self.table, "state", state))
+                .set(i64::from(state == self.state));
+        }
+    }
+}

@@ -14,7 +14,8 @@ pub use http::HttpRequestServed;
 pub use ingest::{
     BatchAborted, BatchCommitted, BufferLevel, ConsumerEnded, FetchPaused, IngestStarted, MemberUnrecorded,
     OffsetFenced, OffsetMoved, PartitionStarted, Rebalanced, RecordRejected, RecordSkipped, RecordsConsumed,
-    ShutdownForced, StoredOffsetsUnreadable, TableStopped, WriteFailed, WritesRecovered,
+    ShutdownForced, StallCleared, StoredOffsetsUnreadable, TableStalled, TableStateSeen, TableStopped, WriteFailed,
+    WritesRecovered, TABLE_STATES,
 };
 pub use kafka::{
     ClientLog, Consumer, ConsumerRestart, FetchOutOfRange, FetchSwitched, KafkaError, KafkaFailing, KafkaRecovered,
