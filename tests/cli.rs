@@ -126,6 +126,80 @@ async fn migrate_applies_the_schema_once_and_is_idempotent() {
     );
 }
 
+/// Issue 24: a rollback (or an old replica during a rollout) meets a migration
+/// of a newer release. Before, the start failed with "previously applied but is
+/// missing", a crash loop. Additive migrations are accepted with a warning that
+/// names them; one marked breaking stops the start, before anything is applied.
+#[tokio::test]
+async fn an_older_release_starts_on_a_newer_additive_schema_and_refuses_a_breaking_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let sqlite = format!("sqlite://{}/dwh.db", dir.path().display());
+    for url in [common::fresh_pg_url().await, sqlite] {
+        let vars = [("DWH_DATABASE_URL", url.as_str()), ("LOG_FORMAT", "json")];
+        let out = run_to_end(dir.path(), &["migrate"], &vars);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // What a newer release would have recorded: a migration this one lacks.
+        let newer = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                     VALUES (9001, 'add a column of a newer release', TRUE, X'00', 0)";
+        execute(&url, &newer.replace("X'00'", checksum_literal(&url))).await;
+        let out = run_to_end(dir.path(), &["migrate"], &vars);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{url}: {stderr}");
+        let ahead: Vec<serde_json::Value> = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "migrations_ahead")
+            .collect();
+        assert_eq!(ahead.len(), 1, "{url}: {stderr}");
+        assert!(
+            ahead[0]["migrations"]
+                .to_string()
+                .contains("9001 add a column of a newer release"),
+            "{url}: {}",
+            ahead[0]
+        );
+        // A breaking one: the start stops and names it.
+        let breaking = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                        VALUES (9002, 'breaking: drop a column', TRUE, X'00', 0)";
+        execute(&url, &breaking.replace("X'00'", checksum_literal(&url))).await;
+        let out = run_to_end(dir.path(), &["migrate"], &vars);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(
+            stderr.contains("migration 9002 (breaking: drop a column) from a newer release, marked breaking"),
+            "{url}: {stderr}"
+        );
+    }
+}
+
+/// A one-byte checksum in the backend's literal form.
+fn checksum_literal(url: &str) -> &'static str {
+    if url.starts_with("sqlite") {
+        "X'00'"
+    } else {
+        "'\\x00'::bytea"
+    }
+}
+
+/// Runs one statement on PostgreSQL or SQLite.
+async fn execute(url: &str, sql: &str) {
+    if url.starts_with("sqlite") {
+        let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(url).await.expect("connect");
+        sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        pool.close().await;
+    }
+}
+
 #[test]
 fn migrate_reports_an_unreachable_database_without_its_password() {
     let dir = tempfile::tempdir().expect("dir");

@@ -412,7 +412,7 @@ async fn a_table_whose_records_wait_while_nothing_lands_is_stalled_in_readiness_
         reason.starts_with("partition 0: 40 records wait from offset 0"),
         "{first}"
     );
-    assert!(reason.ends_with("nothing ever landed"), "{first}");
+    assert!(reason.contains("nothing landed for"), "{first}");
     let last_error = first["last_error"].as_str().unwrap_or_default();
     assert!(
         last_error.contains("fetch out of range"),

@@ -416,6 +416,82 @@ async fn rejects_are_requeued_once_after_the_cause_is_fixed() {
     );
 }
 
+/// Issue 24: `rejects requeue` used to stop at the first record the producer
+/// refused, after sending part of a chunk without marking it, so every run sent
+/// those again and stopped at the same place. A refused record is now marked
+/// with why and passed; nothing is sent twice, in one run or the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reject_the_producer_refuses_is_marked_and_passed_and_nothing_is_sent_twice() {
+    let (broker, prefix) = broker_with(&[(TABLE, 1)]).await;
+    let url = fresh_pg_url().await;
+    let env = ingest_env(&broker, &prefix, &url);
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let topic = topic(&prefix, TABLE);
+    // Five rejects; the third is 2 MB, over the producer's message.max.bytes.
+    let records = keyed(TABLE, locations(5));
+    let huge = serde_json::json!({"city": "x".repeat(2_000_000)})
+        .to_string()
+        .into_bytes();
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    for (i, (key, payload)) in records.iter().enumerate() {
+        let payload = if i == 2 { huge.clone() } else { payload.clone() };
+        sqlx::query(
+            "INSERT INTO dwh_rejected_records (table_name, topic, partition, \"offset\", record_key, payload, reason) \
+             VALUES ('user_locations', $1, 0, $2, $3, $4, 'a test reject')",
+        )
+        .bind(&topic)
+        .bind(i as i64)
+        .bind(key.as_bytes())
+        .bind(payload)
+        .execute(&pool)
+        .await
+        .expect("insert a reject");
+    }
+    let high = |marks: Vec<dwh_helper::kafka::topics::Watermarks>| marks.iter().map(|w| w.high).collect::<Vec<_>>();
+    let before = high(watermarks(&config, &topic).await);
+
+    let (out, _) = ok(&env, &words("rejects requeue --table user_locations"));
+    assert!(out.contains("requeued 4 reject(s) of user_locations"), "{out}");
+    assert!(out.contains("4 marked requeued; 1 refused by the producer"), "{out}");
+    let refusals: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT \"offset\", requeue_error FROM dwh_rejected_records WHERE requeued_at IS NULL")
+            .fetch_all(&pool)
+            .await
+            .expect("refusals");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0].0, 2, "the huge one");
+    let why = refusals[0].1.clone().unwrap_or_default();
+    assert!(why.contains("MessageSizeTooLarge"), "the reason is kept: {why}");
+    let after = high(watermarks(&config, &topic).await);
+    let mut resent = read_topic(&config, &topic, &before, &after).await;
+    let mut expected: Vec<(Option<Vec<u8>>, Vec<u8>)> = records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, (k, p))| (Some(k.clone().into_bytes()), p.clone()))
+        .collect();
+    resent.sort();
+    expected.sort();
+    assert_eq!(resent, expected, "the four others, once each");
+
+    // The next run sends nothing: the refused one is not tried again unasked.
+    let (again, _) = ok(&env, &words("rejects requeue --table user_locations"));
+    assert!(again.contains("nothing to requeue"), "{again}");
+    // Asked, it is tried again, refused again, and nothing else is sent.
+    let (retry, _) = ok(&env, &words("rejects requeue --table user_locations --retry-refused"));
+    assert!(
+        retry.contains("requeued 0 reject(s)") && retry.contains("1 refused by the producer"),
+        "{retry}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(high(watermarks(&config, &topic).await), after, "nothing was sent twice");
+    let (list, _) = ok(&env, &words("rejects list --table user_locations --pending"));
+    assert!(list.contains("0 reject(s)"), "{list}");
+    let (all, _) = ok(&env, &words("rejects list --table user_locations"));
+    assert!(all.contains("refused by producer"), "{all}");
+}
+
 /// The first offset of each partition whose records came after `at`, from the
 /// records published before and after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

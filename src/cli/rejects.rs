@@ -15,6 +15,8 @@ use crate::catalogue::Table;
 use crate::config::Config;
 use crate::kafka::{self, Publisher};
 use crate::store::{Dwh, RejectFilter, StoredReject};
+use crate::telemetry::events::{RejectsRequeued, RequeueRefused};
+use crate::telemetry::Event as _;
 
 /// Rejects requeued per round: published, acknowledged, then marked.
 const REQUEUE_CHUNK: i64 = 1000;
@@ -78,6 +80,10 @@ pub struct RequeueArgs {
     /// Count and list what would be sent; send nothing
     #[arg(long)]
     dry_run: bool,
+    /// Send again those the producer refused on an earlier requeue (too large
+    /// for the topic, say), once the cause is fixed
+    #[arg(long)]
+    retry_refused: bool,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +144,7 @@ async fn requeue(config: &Config, dwh: &Dwh, args: RequeueArgs) -> anyhow::Resul
     let table = args.which.table;
     let mut filter = args.which.filter()?;
     filter.pending_only = true;
+    filter.retry_refused = args.retry_refused;
     filter.limit = Some(REQUEUE_CHUNK);
     // Records rejected again while this runs get new ids: they are not taken.
     filter.max_id = Some(dwh.last_reject_id().await?);
@@ -160,26 +167,62 @@ async fn requeue(config: &Config, dwh: &Dwh, args: RequeueArgs) -> anyhow::Resul
     }
     let topic = kafka::topic_name(&config.kafka.topic_prefix, table);
     let publisher = Publisher::new(&config.kafka)?;
-    let (mut sent, mut marked) = (0u64, 0u64);
+    let (mut sent, mut marked, mut refused) = (0u64, 0u64, 0u64);
     let mut chunk = first;
     loop {
         let mut batch = publisher.batch();
+        let mut failure = None;
         for r in &chunk {
-            batch.send_record(&topic, r.key.as_deref(), &r.payload).await?;
+            if let Err(e) = batch.send_tagged(r.id, &topic, r.key.as_deref(), &r.payload).await {
+                failure = Some(e);
+                break;
+            }
         }
-        sent += batch.finish().await?;
+        let settled = match batch.finish_tagged().await {
+            Ok(settled) => settled,
+            Err((settled, e)) => {
+                failure.get_or_insert(e);
+                settled
+            }
+        };
         // Marked once the broker acknowledged them: a crash in between sends
         // them again next time, which natural keys make harmless.
-        let ids: Vec<i64> = chunk.iter().map(|r| r.id).collect();
-        marked += dwh.mark_requeued(&ids).await?;
-        filter.after_id = *ids.last().expect("chunks are not empty");
+        sent += settled.acknowledged.len() as u64;
+        marked += dwh.mark_requeued(&settled.acknowledged).await?;
+        // A record refused for what it is (too large for the topic, say) is
+        // marked with why and passed: never sent again by this run, nor by the
+        // next unless --retry-refused.
+        for (id, why) in &settled.refused {
+            dwh.mark_requeue_refused(*id, &why.to_string()).await?;
+            RequeueRefused {
+                table,
+                id: *id,
+                reason: why,
+            }
+            .emit();
+            refused += 1;
+        }
+        if let Some(e) = failure {
+            anyhow::bail!(
+                "requeue of {table} stopped: {e}; {sent} sent and marked, {refused} refused; \
+                 run it again to send the rest"
+            );
+        }
+        filter.after_id = chunk.last().expect("chunks are not empty").id;
         chunk = dwh.rejects(table, &filter).await?;
         if chunk.is_empty() {
             break;
         }
     }
-    tracing::info!(target: "dwh_helper::ingest", %table, topic, sent, marked, "rejects requeued");
-    println!("requeued {sent} reject(s) of {table} onto {topic}; {marked} marked requeued");
+    RejectsRequeued {
+        table,
+        topic: &topic,
+        sent,
+        marked,
+        refused,
+    }
+    .emit();
+    println!("requeued {sent} reject(s) of {table} onto {topic}; {marked} marked requeued; {refused} refused by the producer");
     Ok(())
 }
 
@@ -203,8 +246,12 @@ fn render(rejects: &[StoredReject]) -> String {
             r.partition,
             r.offset,
             r.rejected_at.format("%Y-%m-%d %H:%M:%S"),
-            r.requeued_at
-                .map_or_else(|| "-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
+            match (&r.requeued_at, &r.requeue_error) {
+                (Some(t), _) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+                // Why is in --json (`requeue_error`).
+                (None, Some(_)) => "refused by producer".into(),
+                (None, None) => "-".into(),
+            },
             shorten(&r.reason, 40),
             shorten(&String::from_utf8_lossy(&r.payload), 60),
         );

@@ -42,8 +42,8 @@ pub struct KafkaConfig {
     pub archive_tables: Vec<Table>,
     pub shutdown_grace: Duration,
     /// The watchdog's window (`KAFKA_STALL_AFTER_SECONDS`): a table is stalled
-    /// when records older than this wait for it and nothing of it landed in
-    /// this time.
+    /// when records have waited for it this long and nothing of it landed
+    /// meanwhile.
     pub stall_after: Duration,
     /// `KAFKA_LIBRDKAFKA_SECURITY_PROTOCOL=SASL_SSL` → `security.protocol`.
     pub librdkafka: Vec<(String, Secret)>,

@@ -64,6 +64,8 @@ impl Publisher {
             publisher: self,
             pending: FuturesUnordered::new(),
             acknowledged: 0,
+            acknowledged_tags: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -79,29 +81,66 @@ pub struct Batch<'p> {
     publisher: &'p Publisher,
     pending: FuturesUnordered<Pending>,
     acknowledged: u64,
+    /// The tags of the tagged records acknowledged.
+    acknowledged_tags: Vec<i64>,
+    /// Tagged records the broker or the producer refused for what they are
+    /// ([`PublishError::refuses_the_record`]), with why.
+    refused: Vec<(i64, PublishError)>,
 }
 
 struct Pending {
     topic: String,
     delivery: DeliveryFuture,
+    /// What names the record in [`Batch::finish_tagged`], if it was tagged.
+    tag: Option<i64>,
 }
 
 impl std::future::Future for Pending {
-    type Output = Result<(), PublishError>;
+    type Output = (Option<i64>, Result<(), PublishError>);
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.get_mut();
-        std::pin::Pin::new(&mut this.delivery)
-            .poll(cx)
-            .map(|result| match result {
+        let tag = this.tag;
+        std::pin::Pin::new(&mut this.delivery).poll(cx).map(|result| {
+            let result = match result {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err((cause, _))) => Err(PublishError::Delivery {
                     topic: std::mem::take(&mut this.topic),
                     cause,
                 }),
                 Err(_) => Err(PublishError::Canceled),
-            })
+            };
+            (tag, result)
+        })
     }
+}
+
+impl PublishError {
+    /// Whether the error is the record's own (too large, malformed): sending
+    /// it again fails the same way, whatever the broker's state.
+    pub fn refuses_the_record(&self) -> bool {
+        let PublishError::Delivery { cause, .. } = self else {
+            return false;
+        };
+        matches!(
+            cause.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::MessageSizeTooLarge
+                    | RDKafkaErrorCode::InvalidMessageSize
+                    | RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::InvalidRecord
+            )
+        )
+    }
+}
+
+/// What became of the tagged records of a batch ([`Batch::finish_tagged`]).
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// The tags of the records the broker acknowledged.
+    pub acknowledged: Vec<i64>,
+    /// The tags of the records refused for what they are, with why.
+    pub refused: Vec<(i64, PublishError)>,
 }
 
 impl Batch<'_> {
@@ -113,6 +152,29 @@ impl Batch<'_> {
 
     /// Like [`Batch::send`], for a record that may have no key.
     pub async fn send_record(&mut self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Result<(), PublishError> {
+        self.send_as(None, topic, key, payload).await
+    }
+
+    /// Like [`Batch::send_record`], the record named by `tag` in
+    /// [`Batch::finish_tagged`]: a record refused for what it is (too large,
+    /// at once or by the broker) is counted there, not returned as an error.
+    pub async fn send_tagged(
+        &mut self,
+        tag: i64,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
+        self.send_as(Some(tag), topic, key, payload).await
+    }
+
+    async fn send_as(
+        &mut self,
+        tag: Option<i64>,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<(), PublishError> {
         loop {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
             if let Some(key) = key {
@@ -123,6 +185,7 @@ impl Batch<'_> {
                     self.pending.push(Pending {
                         topic: topic.to_owned(),
                         delivery,
+                        tag,
                     });
                     break;
                 }
@@ -132,10 +195,17 @@ impl Batch<'_> {
                     }
                 }
                 Err((source, _)) => {
-                    return Err(PublishError::Delivery {
+                    let error = PublishError::Delivery {
                         topic: topic.to_owned(),
                         cause: source,
-                    })
+                    };
+                    match tag {
+                        Some(tag) if error.refuses_the_record() => {
+                            self.refused.push((tag, error));
+                            break;
+                        }
+                        _ => return Err(error),
+                    }
                 }
             }
         }
@@ -152,9 +222,8 @@ impl Batch<'_> {
 
     /// Collects acknowledgements that already arrived, without waiting.
     pub async fn collect_ready(&mut self) -> Result<u64, PublishError> {
-        while let Some(Some(result)) = futures_util::FutureExt::now_or_never(self.pending.next()) {
-            result?;
-            self.acknowledged += 1;
+        while let Some(Some(settled)) = futures_util::FutureExt::now_or_never(self.pending.next()) {
+            self.settled(settled)?;
         }
         Ok(self.acknowledged)
     }
@@ -165,14 +234,50 @@ impl Batch<'_> {
         Ok(self.acknowledged)
     }
 
+    /// Waits for every record sent, and tells which tagged ones were
+    /// acknowledged and which refused for what they are. Any other failure
+    /// (the broker away, a permission) is returned as the error, with what was
+    /// acknowledged before it.
+    pub async fn finish_tagged(mut self) -> Result<Settled, (Settled, PublishError)> {
+        let mut failure = None;
+        while let Some(settled) = self.pending.next().await {
+            if let Err(e) = self.settled(settled) {
+                failure.get_or_insert(e);
+            }
+        }
+        let settled = Settled {
+            acknowledged: std::mem::take(&mut self.acknowledged_tags),
+            refused: std::mem::take(&mut self.refused),
+        };
+        match failure {
+            None => Ok(settled),
+            Some(e) => Err((settled, e)),
+        }
+    }
+
     async fn settle_one(&mut self) -> Result<bool, PublishError> {
         match self.pending.next().await {
-            Some(result) => {
-                result?;
-                self.acknowledged += 1;
+            Some(settled) => {
+                self.settled(settled)?;
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// Counts one record's outcome.
+    fn settled(&mut self, (tag, result): (Option<i64>, Result<(), PublishError>)) -> Result<(), PublishError> {
+        match (tag, result) {
+            (tag, Ok(())) => {
+                self.acknowledged += 1;
+                self.acknowledged_tags.extend(tag);
+                Ok(())
+            }
+            (Some(tag), Err(e)) if e.refuses_the_record() => {
+                self.refused.push((tag, e));
+                Ok(())
+            }
+            (_, Err(e)) => Err(e),
         }
     }
 }

@@ -210,15 +210,17 @@ pub fn committed(
     if list.count() == 0 {
         return Ok(Default::default());
     }
-    Ok(client
-        .committed_offsets(list, METADATA_TIMEOUT)?
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
-            _ => None,
-        })
-        .collect())
+    // A group's coordinator may be moving or loading (NotCoordinator): ask again.
+    Ok(
+        past_transients(|| client.committed_offsets(list.clone(), METADATA_TIMEOUT))?
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 /// Creates `topics` with `partitions` partitions each (replication 1 on a single

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::report::{self, BrokerView};
+use super::stall::Watch;
 use crate::catalogue::Table;
 use crate::config::Config;
 use crate::ingest::IngestStatus;
@@ -44,6 +45,7 @@ pub async fn run(
     let archive_group = archive.then(|| crate::archive::group_id(&config));
     let mut stored: Option<Vec<StoredOffset>> = None;
     let mut broker: Option<BrokerView> = None;
+    let mut stalls = Watch::default();
     loop {
         let m = metrics();
         match dwh.stored_offsets(&config.kafka.group_id).await {
@@ -80,7 +82,7 @@ pub async fn run(
         if let (Some(stored), Some(broker)) = (&stored, &broker) {
             publish(&config, &ingest, stored, broker, archive_group.is_some());
             if watch {
-                watchdog(&config, &ingest, stored, broker);
+                watchdog(&config, &ingest, &mut stalls, stored, broker);
             }
         }
         tokio::select! {
@@ -91,20 +93,23 @@ pub async fn run(
 }
 
 /// The watchdog: marks each table this process ingests stalled, or no longer,
-/// by [`super::stall`]'s rule over every partition of its topic (whichever
-/// instance of the group holds it: a stalled table is the group's), and sets
-/// the state gauge of each. A stalled table is not ready (`/health/ready`);
-/// its records landing clear it.
-fn watchdog(config: &Config, ingest: &IngestStatus, stored: &[StoredOffset], broker: &BrokerView) {
+/// by [`Watch`] over every partition of its topic (whichever instance of the
+/// group holds it: a stalled table is the group's), and sets the state gauge of
+/// each. A stalled table is not ready (`/health/ready`); its records landing
+/// clear it.
+fn watchdog(config: &Config, ingest: &IngestStatus, watch: &mut Watch, stored: &[StoredOffset], broker: &BrokerView) {
+    let now = std::time::Instant::now();
     for &table in &config.kafka.ingest_tables {
         let topic = kafka::topic_name(&config.kafka.topic_prefix, table);
         let marks = broker.watermarks.get(&topic).map(Vec::as_slice).unwrap_or_default();
         let stalls: Vec<String> = marks
             .iter()
             .filter_map(|&(partition, range)| {
-                let record = stored.iter().find(|o| o.topic == topic && o.partition == partition);
-                let fresh = broker.fresh_from.get(&(topic.clone(), partition));
-                let why = report::stalled(record, range, fresh, config)?;
+                let at = stored
+                    .iter()
+                    .find(|o| o.topic == topic && o.partition == partition)
+                    .map(|o| o.next_offset);
+                let why = watch.observe((&topic, partition), at, range, now, config.kafka.stall_after)?;
                 Some(format!("partition {partition}: {why}"))
             })
             .collect();

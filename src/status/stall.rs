@@ -1,10 +1,15 @@
-//! The watchdog's rule: when a partition is stalled. From the sources of truth
-//! alone (the DWH's stored offset and when it last moved, the broker's
-//! watermarks and its offsets by time), so that it holds whatever stopped the
-//! table, including a cause nobody has met yet, and whichever instance holds
-//! the partition.
+//! When a partition is stalled: records wait for it and nothing moves them,
+//! whatever stopped it, including a cause nobody has met yet, and whichever
+//! instance of the group holds it. Two readings of one rule:
 //!
-//! A partition is stalled when all of these hold:
+//! - [`Watch`], the running instance's watchdog: records have waited past the
+//!   DWH's stored offset, and the offset has not moved, for the whole window
+//!   by the instance's own clock (a record's Kafka timestamp is the producer's
+//!   to set, and a backfill sets old ones; and a start has to see its first
+//!   batch land before it can say anything);
+//! - [`stalled`], for `dwh-helper status`, which runs once and remembers
+//!   nothing: from the sources of truth alone. A partition is stalled when all
+//!   of these hold:
 //! - the broker has records past the DWH's stored offset (from the first
 //!   record held, when nothing is stored);
 //! - the oldest of them is older than the window (`KAFKA_STALL_AFTER_SECONDS`):
@@ -12,7 +17,49 @@
 //! - nothing landed within the window: the stored offset last moved before it,
 //!   or never. A backlog being worked through is not a stall: its batches land.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
+
+/// The running instance's watchdog: since when each partition has had records
+/// waiting while its stored offset stayed where it is.
+#[derive(Debug, Default)]
+pub struct Watch {
+    waiting: HashMap<(String, i32), (Option<i64>, Instant)>,
+}
+
+impl Watch {
+    /// One reading of a partition at `now`: why it is stalled, if records have
+    /// waited past its stored offset for `window` while the offset stood still.
+    pub fn observe(
+        &mut self,
+        (topic, partition): (&str, i32),
+        stored: Option<i64>,
+        (low, high): (i64, i64),
+        now: Instant,
+        window: Duration,
+    ) -> Option<String> {
+        let begin = stored.unwrap_or(low).max(low);
+        let waiting = high - begin;
+        let key = (topic.to_owned(), partition);
+        if waiting <= 0 {
+            self.waiting.remove(&key);
+            return None;
+        }
+        let since = self.waiting.entry(key).or_insert((stored, now));
+        if since.0 != stored {
+            *since = (stored, now);
+        }
+        let waited = now.saturating_duration_since(since.1);
+        (waited >= window).then(|| {
+            format!(
+                "{waiting} records wait from offset {begin}; nothing landed for {} s",
+                waited.as_secs()
+            )
+        })
+    }
+}
 
 /// What the sources of truth say of one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +99,30 @@ pub fn stalled(p: &Partition, now: DateTime<Utc>, window_secs: u64) -> Option<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_stalls_a_partition_whose_offset_stands_while_records_wait() {
+        let mut watch = Watch::default();
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let window = Duration::from_secs(60);
+        let p = ("dwh.t", 0);
+        // A start (or a backfill of old records): not stalled until a window passed.
+        assert_eq!(watch.observe(p, None, (0, 100), at(0), window), None);
+        assert_eq!(watch.observe(p, None, (0, 150), at(59), window), None);
+        let why = watch.observe(p, None, (0, 150), at(60), window).expect("stalled");
+        assert_eq!(why, "150 records wait from offset 0; nothing landed for 60 s");
+        // A batch lands: the offset moved, the wait starts again.
+        assert_eq!(watch.observe(p, Some(100), (0, 150), at(61), window), None);
+        assert_eq!(watch.observe(p, Some(100), (0, 150), at(120), window), None);
+        assert!(watch.observe(p, Some(100), (0, 150), at(121), window).is_some());
+        // Caught up: forgotten; records that come later wait from then.
+        assert_eq!(watch.observe(p, Some(150), (0, 150), at(200), window), None);
+        assert_eq!(watch.observe(p, Some(150), (0, 160), at(300), window), None);
+        assert!(watch.observe(p, Some(150), (0, 160), at(360), window).is_some());
+        // Partitions are watched apart.
+        assert_eq!(watch.observe(("dwh.t", 1), Some(150), (0, 160), at(360), window), None);
+    }
 
     fn at(secs_ago: i64, now: DateTime<Utc>) -> DateTime<Utc> {
         now - chrono::Duration::seconds(secs_ago)

@@ -87,6 +87,8 @@ impl Dialect for Sqlite {
 #[async_trait::async_trait]
 pub(super) trait Queries: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The migrations applied to the database (`version`, `description`).
+    async fn applied_migrations(&self) -> Result<Vec<(i64, String)>, StoreError>;
     async fn stored_offset(&self, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError>;
     async fn stored_offsets(&self, group: &str) -> Result<Vec<StoredOffset>, StoreError>;
     async fn topic_offsets(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError>;
@@ -102,6 +104,7 @@ pub(super) trait Queries: Send + Sync {
     async fn rejects(&self, table: Table, filter: &RejectFilter) -> Result<Vec<StoredReject>, StoreError>;
     async fn last_reject_id(&self) -> Result<i64, StoreError>;
     async fn mark_requeued(&self, ids: &[i64]) -> Result<u64, StoreError>;
+    async fn mark_requeue_refused(&self, id: i64, reason: &str) -> Result<(), StoreError>;
     async fn purge_rejects(&self, table: Table, before: DateTime<Utc>) -> Result<u64, StoreError>;
     /// Sets the stored offsets of the plan and records the replay, in one transaction.
     async fn execute_replay(&self, replay: Replay<'_>) -> Result<i64, StoreError>;
@@ -163,8 +166,8 @@ fn upsert_offset<DB: Dialect>() -> String {
 /// The filter's query; binds: table, reason text, since, limit, after id, max id.
 fn select_rejects<DB: Dialect>(filter: &RejectFilter) -> String {
     let mut sql = String::from(
-        "SELECT id, table_name, topic, partition, \"offset\", record_key, payload, reason, rejected_at, requeued_at \
-         FROM dwh_rejected_records WHERE table_name = $1",
+        "SELECT id, table_name, topic, partition, \"offset\", record_key, payload, reason, rejected_at, requeued_at, \
+         requeue_error FROM dwh_rejected_records WHERE table_name = $1",
     );
     sql.push_str(&format!(
         " AND ($2 IS NULL OR {}(lower(reason), lower($2)) > 0)",
@@ -173,6 +176,9 @@ fn select_rejects<DB: Dialect>(filter: &RejectFilter) -> String {
     sql.push_str(" AND ($3 IS NULL OR rejected_at >= $3) AND id > $5 AND ($6 IS NULL OR id <= $6)");
     if filter.pending_only {
         sql.push_str(" AND requeued_at IS NULL");
+        if !filter.retry_refused {
+            sql.push_str(" AND requeue_error IS NULL");
+        }
     }
     sql.push_str(" ORDER BY id LIMIT $4");
     sql
@@ -189,6 +195,7 @@ type RejectRow = (
     String,
     DateTime<Utc>,
     Option<DateTime<Utc>>,
+    Option<String>,
 );
 
 type WindowRow = (
@@ -225,6 +232,11 @@ where
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query::<DB>("SELECT 1").execute(&self.read).await?;
         Ok(())
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        const APPLIED: &str = "SELECT version, description FROM _sqlx_migrations ORDER BY version";
+        Ok(sqlx::query_as(APPLIED).fetch_all(&self.read).await?)
     }
 
     async fn stored_offset(&self, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
@@ -363,7 +375,7 @@ where
         Ok(rows
             .into_iter()
             .map(
-                |(id, table, topic, partition, offset, key, payload, reason, rejected_at, requeued_at)| StoredReject {
+                |(
                     id,
                     table,
                     topic,
@@ -374,6 +386,19 @@ where
                     reason,
                     rejected_at,
                     requeued_at,
+                    requeue_error,
+                )| StoredReject {
+                    id,
+                    table,
+                    topic,
+                    partition,
+                    offset,
+                    key,
+                    payload,
+                    reason,
+                    rejected_at,
+                    requeued_at,
+                    requeue_error,
                 },
             )
             .collect())
@@ -389,13 +414,25 @@ where
         for chunk in ids.chunks(500) {
             let list = chunk.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
             let sql = format!(
-                "UPDATE dwh_rejected_records SET requeued_at = {} WHERE id IN ({list}) AND requeued_at IS NULL",
+                "UPDATE dwh_rejected_records SET requeued_at = {}, requeue_error = NULL \
+                 WHERE id IN ({list}) AND requeued_at IS NULL",
                 DB::NOW
             );
             let done = sqlx::query::<DB>(&sql).execute(&self.write).await?;
             marked += DB::rows_affected(&done);
         }
         Ok(marked)
+    }
+
+    async fn mark_requeue_refused(&self, id: i64, reason: &str) -> Result<(), StoreError> {
+        const MARK: &str = "UPDATE dwh_rejected_records SET requeue_error = $1 WHERE id = $2";
+        let reason = super::storable_text(reason);
+        sqlx::query::<DB>(MARK)
+            .bind(reason.as_ref())
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
     }
 
     async fn purge_rejects(&self, table: Table, before: DateTime<Utc>) -> Result<u64, StoreError> {

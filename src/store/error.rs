@@ -27,6 +27,13 @@ pub enum StoreError {
     Oversized(#[from] Oversized),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database holds a migration a newer release applied and marked
+    /// breaking: this release cannot work on that schema.
+    #[error(
+        "the database has migration {version} ({description}) from a newer release, marked breaking: \
+         this release cannot work on its schema; run a release that has it"
+    )]
+    BreakingMigrationAhead { version: i64, description: String },
     /// The database refused the data of a row: a value it cannot store or a
     /// constraint it violates. Retrying the same rows fails the same way.
     #[error("the database refused the data: {0}")]

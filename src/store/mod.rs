@@ -44,6 +44,7 @@ use bookkeeping::{Pools, Queries};
 
 use crate::catalogue::{Column, Row, Table};
 use crate::config::{Backend, DwhConfig};
+use crate::telemetry::Event as _;
 
 /// Where a row of a batch came from, so that a row the database refuses can be
 /// rejected with its place in the log.
@@ -409,13 +410,38 @@ impl Dwh {
         }
     }
 
-    /// Applies the migrations of this backend that are not applied yet.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        match &self.pool {
-            Pool::Postgres(pools) => sqlx::migrate!("./migrations/postgres").run(&pools.write).await?,
-            Pool::Sqlite(pools) => sqlx::migrate!("./migrations/sqlite").run(&pools.write).await?,
+    /// Applies the migrations of this backend that are not applied yet, and
+    /// returns those a newer release applied that this one does not know
+    /// (`version`, `description`). Migrations are additive (see "Schema" in
+    /// docs/operations.md), so this release works on their schema, as a
+    /// rollback or an old replica during a rollout needs; one whose
+    /// description says `breaking` fails the start instead
+    /// ([`StoreError::BreakingMigrationAhead`]), before anything is applied.
+    pub async fn migrate(&self) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut migrator = match &self.pool {
+            Pool::Postgres(_) => sqlx::migrate!("./migrations/postgres"),
+            Pool::Sqlite(_) => sqlx::migrate!("./migrations/sqlite"),
+        };
+        let known: HashSet<i64> = migrator.iter().map(|m| m.version).collect();
+        // A database never migrated has no table of migrations yet: none ahead.
+        let applied = self.bookkeeping().applied_migrations().await.unwrap_or_default();
+        let ahead: Vec<(i64, String)> = applied.into_iter().filter(|(v, _)| !known.contains(v)).collect();
+        if let Some((version, description)) = ahead.iter().find(|(_, d)| d.to_lowercase().contains("breaking")) {
+            return Err(StoreError::BreakingMigrationAhead {
+                version: *version,
+                description: description.clone(),
+            });
         }
-        Ok(())
+        migrator.set_ignore_missing(true);
+        match &self.pool {
+            Pool::Postgres(pools) => migrator.run(&pools.write).await?,
+            Pool::Sqlite(pools) => migrator.run(&pools.write).await?,
+        }
+        if !ahead.is_empty() {
+            let named: Vec<String> = ahead.iter().map(|(v, d)| format!("{v} {d}")).collect();
+            crate::telemetry::events::MigrationsAhead { migrations: &named }.emit();
+        }
+        Ok(ahead)
     }
 
     /// Checks that the database answers within `timeout`.

@@ -16,8 +16,11 @@ pub struct RejectFilter {
     pub reason: Option<String>,
     /// Rejected at or after.
     pub since: Option<DateTime<Utc>>,
-    /// Only those not requeued yet.
+    /// Only those not requeued yet, nor refused by the producer when they were
+    /// (unless `retry_refused`).
     pub pending_only: bool,
+    /// With `pending_only`: those the producer refused too.
+    pub retry_refused: bool,
     /// Only ids above this one (a cursor: results come in id order).
     pub after_id: i64,
     /// Only ids up to this one (what existed when a requeue began).
@@ -40,6 +43,8 @@ pub struct StoredReject {
     pub reason: String,
     pub rejected_at: DateTime<Utc>,
     pub requeued_at: Option<DateTime<Utc>>,
+    /// Why the producer refused to send it again, if it did.
+    pub requeue_error: Option<String>,
 }
 
 impl Dwh {
@@ -56,6 +61,11 @@ impl Dwh {
     /// Marks the rejects `ids` requeued now; returns how many were not marked yet.
     pub async fn mark_requeued(&self, ids: &[i64]) -> Result<u64, StoreError> {
         self.bookkeeping().mark_requeued(ids).await
+    }
+
+    /// Keeps why the producer refused to send reject `id` again.
+    pub async fn mark_requeue_refused(&self, id: i64, reason: &str) -> Result<(), StoreError> {
+        self.bookkeeping().mark_requeue_refused(id, reason).await
     }
 
     /// Deletes the rejects of `table` rejected before `before`; returns how many.

@@ -463,3 +463,37 @@ impl Event for TableStateSeen {
         }
     }
 }
+
+/// `rejects requeue` could not send a reject again: the producer refused it
+/// for what it is (too large for the topic, say). It is marked with why
+/// (`requeue_error`) and passed (`event = "requeue_refused"`).
+#[derive(Debug)]
+pub struct RequeueRefused<'a> {
+    pub table: Table,
+    /// The reject's id in `dwh_rejected_records`.
+    pub id: i64,
+    pub reason: &'a dyn Shown,
+}
+
+impl Event for RequeueRefused<'_> {
+    fn emit(&self) {
+        tracing::warn!(target: INGEST, event = "requeue_refused", table = self.table.name(), id = self.id, reason = %self.reason, "the producer refused a reject; marked and passed");
+    }
+}
+
+/// `rejects requeue` finished a table.
+#[derive(Debug)]
+pub struct RejectsRequeued<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+    pub sent: u64,
+    pub marked: u64,
+    pub refused: u64,
+}
+
+impl Event for RejectsRequeued<'_> {
+    fn emit(&self) {
+        let (table, topic) = (self.table.name(), self.topic);
+        tracing::info!(target: INGEST, event = "rejects_requeued", table, topic, sent = self.sent, marked = self.marked, refused = self.refused, "rejects requeued");
+    }
+}

@@ -1,21 +1,23 @@
 //! Every event, by area: [`ingest`] (batches, failures and state of the tables),
-//! [`kafka`] (what the Kafka clients of every role meet), [`archive`],
-//! [`appmetrica`] and [`http`].
+//! [`kafka`] (what the Kafka clients of every role meet), [`dwh`] (the schema),
+//! [`archive`], [`appmetrica`] and [`http`].
 
 pub mod appmetrica;
 pub mod archive;
+pub mod dwh;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
 
 pub use appmetrica::{AppMetricaResponse, AppMetricaWindowDone};
 pub use archive::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed};
+pub use dwh::MigrationsAhead;
 pub use http::HttpRequestServed;
 pub use ingest::{
     BatchAborted, BatchCommitted, BufferLevel, ConsumerEnded, FetchPaused, IngestStarted, MemberUnrecorded,
     OffsetFenced, OffsetMoved, PartitionStarted, Rebalanced, RecordRejected, RecordSkipped, RecordsConsumed,
-    ShutdownForced, StallCleared, StoredOffsetsUnreadable, TableStalled, TableStateSeen, TableStopped, WriteFailed,
-    WritesRecovered, TABLE_STATES,
+    RejectsRequeued, RequeueRefused, ShutdownForced, StallCleared, StoredOffsetsUnreadable, TableStalled,
+    TableStateSeen, TableStopped, WriteFailed, WritesRecovered, TABLE_STATES,
 };
 pub use kafka::{
     ClientLog, Consumer, ConsumerRestart, FetchOutOfRange, FetchSwitched, KafkaError, KafkaFailing, KafkaRecovered,
