@@ -270,6 +270,79 @@ async fn a_wrong_password_an_unknown_ca_and_a_missing_acl_each_fail_the_table_by
     assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(50));
 }
 
+/// Issue 24: Read taken away from the ingest's user on a busy topic, while it
+/// runs (an ACL removed, a service account changed). The table fails by name at
+/// once (readiness 503, the failing gauge, the authorization count), nothing
+/// lands meanwhile; Read given back, it resumes by itself and every record
+/// lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_taken_away_while_running_fails_the_table_and_every_record_lands_once_when_given_back() {
+    let table = Table::UserLocations;
+    let (broker, prefix) = broker_with(&[(table, 1)]).await;
+    let url = fresh_pg_url().await;
+    let mut env = with_token(ingest_env(&broker, &prefix, &url));
+    set_env(&mut env, "KAFKA_INGEST_TABLES", "user_locations");
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(300));
+    publish(&config, &topic, &records[..100]).await;
+    grant_reading(&prefix);
+    let secure = sasl_ssl_env(&env, &kafka_user().1, &kafka_var("DWH_TEST_KAFKA_CA"));
+    let child = Child::observed(&secure, "ingest");
+    wait_for(Duration::from_secs(60), "the first records to land", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 100).then_some(())
+    })
+    .await;
+
+    // Read taken away; the producer goes on.
+    acl(false, "Read", "topic", &prefix);
+    publish(&config, &topic, &records[100..200]).await;
+    let taken = std::time::Instant::now();
+    let body = wait_for(Duration::from_secs(60), "the table to fail by name", || async {
+        let m = child.scrape().await?;
+        let denied = m.sum(
+            "dwh_helper_kafka_errors_total",
+            &[("table", table.name()), ("kind", "authorization")],
+        );
+        let failing = m.sum("dwh_helper_failing", &[("table", table.name())]);
+        let (code, body) = child.ready().await?;
+        (denied > 0.0 && failing == 1.0 && code == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        taken.elapsed() < Duration::from_secs(30),
+        "failed within 30 s: {:?}",
+        taken.elapsed()
+    );
+    assert!(body.contains(&format!("{topic} (kafka authorization)")), "{body}");
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM user_locations").await,
+        Some(100),
+        "nothing is read without Read"
+    );
+
+    // Given back: it resumes by itself, and every record lands once.
+    acl(true, "Read", "topic", &prefix);
+    publish(&config, &topic, &records[200..]).await;
+    wait_for(Duration::from_secs(90), "every record once Read is back", || async {
+        let rows = pg_count(&url, "SELECT count(*) FROM user_locations").await?;
+        let (code, _) = child.ready().await?;
+        let failing = child.table_metric("dwh_helper_failing", table).await?;
+        (rows == 300 && code == 200 && failing == 0.0).then_some(())
+    })
+    .await;
+    let m = child.scrape().await.expect("a scrape");
+    assert_eq!(
+        m.sum("dwh_helper_rows_inserted_total", &[("table", table.name())]),
+        300.0,
+        "each record written once"
+    );
+    assert_eq!(m.sum("dwh_helper_rows_skipped_total", &[("table", table.name())]), 0.0);
+    let status = child.terminate(Duration::from_secs(30)).expect("stops");
+    assert!(status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mechanism_this_build_lacks_stops_the_start_naming_it() {
     let (broker, prefix) = broker_with(&[]).await;

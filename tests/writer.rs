@@ -772,6 +772,20 @@ async fn a_reason_with_nul_is_stored_escaped() {
         .await
         .expect("a NUL in a reason does not stall the table");
         assert_eq!(count_rejects(&dwh).await, 1, "{db:?}");
+        // The store escapes it (storable_text); the catalogue's own reasons come
+        // escaped already (the faults test), a database's message may not.
+        let stored = dwh
+            .rejects(Table::UserLocations, &dwh_helper::store::RejectFilter::default())
+            .await
+            .expect("rejects");
+        assert_eq!(
+            stored[0].reason, "field \"uuid\": expected UUID, got \"\\u0000abc\"",
+            "{db:?}"
+        );
+        assert_eq!(
+            stored[0].payload, reject.payload,
+            "the payload is kept byte for byte: {db:?}"
+        );
     }
 }
 
