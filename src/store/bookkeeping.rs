@@ -374,33 +374,19 @@ where
             .await?;
         Ok(rows
             .into_iter()
-            .map(
-                |(
-                    id,
-                    table,
-                    topic,
-                    partition,
-                    offset,
-                    key,
-                    payload,
-                    reason,
-                    rejected_at,
-                    requeued_at,
-                    requeue_error,
-                )| StoredReject {
-                    id,
-                    table,
-                    topic,
-                    partition,
-                    offset,
-                    key,
-                    payload,
-                    reason,
-                    rejected_at,
-                    requeued_at,
-                    requeue_error,
-                },
-            )
+            .map(|r| StoredReject {
+                id: r.0,
+                table: r.1,
+                topic: r.2,
+                partition: r.3,
+                offset: r.4,
+                key: r.5,
+                payload: r.6,
+                reason: r.7,
+                rejected_at: r.8,
+                requeued_at: r.9,
+                requeue_error: r.10,
+            })
             .collect())
     }
 
