@@ -221,15 +221,29 @@ fn topic_of(env: &[(String, String)], table: Table) -> String {
     topic(&prefix, table)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wrong_password_an_unknown_ca_and_a_missing_acl_each_fail_the_table_by_name() {
-    let table = Table::UserLocations;
-    let (broker, prefix) = broker_with(&[(table, 1)]).await;
+/// A broker topic of user_locations under a prefix of its own, a migrated
+/// database, and an ingest of that table only (with an API token, to be
+/// observed).
+async fn user_locations_only() -> (
+    TestBroker,
+    String,
+    String,
+    Vec<(String, String)>,
+    dwh_helper::config::Config,
+) {
+    let (broker, prefix) = broker_with(&[(Table::UserLocations, 1)]).await;
     let url = fresh_pg_url().await;
     let mut env = with_token(ingest_env(&broker, &prefix, &url));
     set_env(&mut env, "KAFKA_INGEST_TABLES", "user_locations");
     let config = config_from(&env, &[]);
     migrated(&config).await;
+    (broker, prefix, url, env, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_password_an_unknown_ca_and_a_missing_acl_each_fail_the_table_by_name() {
+    let table = Table::UserLocations;
+    let (_broker, prefix, url, env, config) = user_locations_only().await;
     publish(&config, &topic(&prefix, table), &keyed(table, locations(50))).await;
     let ca = kafka_var("DWH_TEST_KAFKA_CA");
 
@@ -278,12 +292,7 @@ async fn a_wrong_password_an_unknown_ca_and_a_missing_acl_each_fail_the_table_by
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_taken_away_while_running_fails_the_table_and_every_record_lands_once_when_given_back() {
     let table = Table::UserLocations;
-    let (broker, prefix) = broker_with(&[(table, 1)]).await;
-    let url = fresh_pg_url().await;
-    let mut env = with_token(ingest_env(&broker, &prefix, &url));
-    set_env(&mut env, "KAFKA_INGEST_TABLES", "user_locations");
-    let config = config_from(&env, &[]);
-    migrated(&config).await;
+    let (_broker, prefix, url, env, config) = user_locations_only().await;
     let topic = topic(&prefix, table);
     let records = keyed(table, locations(300));
     publish(&config, &topic, &records[..100]).await;

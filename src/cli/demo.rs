@@ -189,9 +189,11 @@ async fn publish_samples(config: &Config, rows: u64) -> anyhow::Result<(u64, u64
 async fn wait_caught_up(config: &Config, dwh: &Dwh, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let broker = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || crate::status::report::read_broker(&config, None))
-            .await?
-            .map_err(anyhow::Error::msg)?
+        tokio::task::spawn_blocking(move || {
+            crate::status::report::read_broker(&config, None, crate::status::report::Stalls::Skip)
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?
     };
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

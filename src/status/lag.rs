@@ -62,7 +62,8 @@ pub async fn run(
             }
         }
         let (c, group) = (config.clone(), archive_group.clone());
-        match tokio::task::spawn_blocking(move || report::read_broker(&c, group.as_deref())).await {
+        match tokio::task::spawn_blocking(move || report::read_broker(&c, group.as_deref(), report::Stalls::Skip)).await
+        {
             Ok(Ok(view)) => {
                 broker = Some(view);
                 m.kafka_up.get_or_create(&Vec::new()).set(1);

@@ -32,15 +32,25 @@ pub struct BrokerView {
     pub watermarks: HashMap<String, Vec<(i32, Range)>>,
     /// The first offset of each partition whose record is at most
     /// `KAFKA_STALL_AFTER_SECONDS` old (`None`: every record is older), for
-    /// the partitions that hold records.
+    /// the partitions that hold records; read only when asked ([`Stalls`]).
     pub fresh_from: HashMap<(String, i32), Option<i64>>,
     /// The archive group's committed offsets, when asked for.
     pub archived: HashMap<(String, i32), i64>,
 }
 
-/// Reads the watermarks of the seven topics and, with `archive_group`, that
-/// group's committed offsets. Blocking: call from `spawn_blocking`.
-pub fn read_broker(config: &Config, archive_group: Option<&str>) -> Result<BrokerView, String> {
+/// Whether [`read_broker`] also asks the broker for its offsets by time, which
+/// `status`'s reading of a stall needs (one more request per topic); the lag
+/// loop's watchdog keeps its own clock and does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stalls {
+    Read,
+    Skip,
+}
+
+/// Reads the watermarks of the seven topics, with `stalls` the offsets by
+/// time, and with `archive_group` that group's committed offsets. Blocking:
+/// call from `spawn_blocking`.
+pub fn read_broker(config: &Config, archive_group: Option<&str>, stalls: Stalls) -> Result<BrokerView, String> {
     let kafka = &config.kafka;
     let metadata = topics::Metadata::connect(kafka).map_err(|e| e.to_string())?;
     let names: Vec<String> = Table::ALL
@@ -59,7 +69,7 @@ pub fn read_broker(config: &Config, archive_group: Option<&str>) -> Result<Broke
     };
     let window = chrono::Duration::from_std(kafka.stall_after).unwrap_or(chrono::Duration::MAX);
     let since = (Utc::now() - window).timestamp_millis();
-    for (topic, marks) in &view.watermarks {
+    for (topic, marks) in view.watermarks.iter().filter(|_| stalls == Stalls::Read) {
         let holding: Vec<i32> = marks.iter().filter(|(_, (l, h))| h > l).map(|(p, _)| *p).collect();
         if holding.is_empty() {
             continue;
@@ -265,7 +275,7 @@ pub async fn gather(config: &Config, dwh: &Dwh, ingest: Option<&IngestStatus>) -
         None => Err("KAFKA_BOOTSTRAP_SERVERS is not set".to_owned()),
         Some(_) => {
             let (config, group) = (config.clone(), archive_group.clone());
-            tokio::task::spawn_blocking(move || read_broker(&config, group.as_deref()))
+            tokio::task::spawn_blocking(move || read_broker(&config, group.as_deref(), Stalls::Read))
                 .await
                 .unwrap_or_else(|e| Err(format!("the broker query failed: {e}")))
         }
