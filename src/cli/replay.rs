@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
@@ -135,7 +136,7 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
     // Kafka's committed offsets only mirror the DWH, for Kafka's own lag tools.
     let mirror: Vec<_> = planned.iter().map(|p| (p.topic.clone(), p.partition, p.new)).collect();
     refuse_while_ingested(&dwh, &group, &steps).await?;
-    if let Some(state) = describe(&config, &group).await? {
+    if let Some(state) = settled(&config, &group).await? {
         refuse_while_read(&state, &steps)?;
     }
     let by = executed_by();
@@ -161,6 +162,34 @@ async fn describe(config: &Config, group: &str) -> anyhow::Result<Option<groups:
     tokio::task::spawn_blocking(move || groups::describe(&kafka_config, &name))
         .await?
         .with_context(|| format!("cannot describe consumer group {group}"))
+}
+
+/// How long a group in the middle of a rebalance is given to settle: a member
+/// that closed while it was rejoining is only dropped at the end of its session
+/// (librdkafka's default `session.timeout.ms` is 45 s).
+const SETTLE_WAIT: Duration = Duration::from_secs(60);
+
+/// The group once it is not rebalancing, or as it stands after [`SETTLE_WAIT`]:
+/// members of instances that were just stopped leave, or are dropped, while it
+/// rebalances; members that still read rejoin and are refused by the caller.
+async fn settled(config: &Config, group: &str) -> anyhow::Result<Option<groups::GroupState>> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    let mut told = false;
+    loop {
+        let state = describe(config, group).await?;
+        let rebalancing = state.as_ref().is_some_and(|s| s.rebalancing() && !s.members.is_empty());
+        if !rebalancing || tokio::time::Instant::now() >= deadline {
+            return Ok(state);
+        }
+        if !told {
+            told = true;
+            eprintln!(
+                "consumer group {group} is rebalancing: waiting up to {} s for it to settle",
+                SETTLE_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 async fn commit(config: &Config, group: &str, offsets: Vec<(String, i32, i64)>) -> anyhow::Result<()> {

@@ -22,6 +22,13 @@ pub struct GroupState {
     pub members: Vec<Member>,
 }
 
+impl GroupState {
+    /// Members are joining or leaving: who reads what is not settled yet.
+    pub fn rebalancing(&self) -> bool {
+        matches!(self.state.as_str(), "PreparingRebalance" | "CompletingRebalance")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub client_id: String,
