@@ -113,6 +113,68 @@ async fn a_missing_permission_is_retried_as_the_same_batch_and_never_turns_rows_
     ingest.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schema_change_that_refuses_every_row_fails_the_table_and_turns_no_row_into_a_reject() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(&ingest_env(&broker, &prefix, &url), &[]);
+    migrated(&config).await;
+    // A constraint added by hand while ingest runs, which no record meets.
+    exec(
+        &url,
+        "ALTER TABLE user_locations ADD CONSTRAINT locations_from_mars CHECK (latitude > 1000)",
+    )
+    .await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    publish(&config, &topic, &keyed(table, locations(200))).await;
+    let ingest = InProcessIngest::start(config.clone(), Dwh::connect(&config.dwh).expect("pool"));
+
+    // The fault: the database refuses the rows, and the table fails by name.
+    let cause = wait_for(
+        Duration::from_secs(60),
+        "the table to fail on the constraint",
+        || async {
+            ingest
+                .status
+                .failing()
+                .filter(|cause| cause.contains("locations_from_mars") && ingest.status.counters().retries >= 2)
+        },
+    )
+    .await;
+    assert!(
+        cause.starts_with(&topic) && cause.contains("SQLSTATE 23514, constraint locations_from_mars"),
+        "{cause}"
+    );
+    assert_eq!(ingest.status.state(&topic), dwh_helper::ingest::TableState::Failing);
+    assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 0);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
+        0,
+        "a table that refuses every row is not the rows' fault"
+    );
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM dwh_consumer_offsets").await,
+        0,
+        "the offsets stay"
+    );
+
+    // The change is undone: the same batches land, every record once.
+    exec(&url, "ALTER TABLE user_locations DROP CONSTRAINT locations_from_mars").await;
+    wait_for(Duration::from_secs(60), "the retried batches to land", || async {
+        (count(&url, "SELECT count(*) FROM user_locations").await == 200).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(10), "readiness to clear", || async {
+        ingest.status.failing().is_none().then_some(())
+    })
+    .await;
+    assert_eq!(count(&url, "SELECT count(*) FROM dwh_rejected_records").await, 0);
+    let counters = ingest.status.counters();
+    assert_eq!((counters.inserted, counters.skipped, counters.rejects), (200, 0, 0));
+    ingest.stop().await;
+}
+
 /// `{"uuid":"\u0000abc",…}`: the reason quotes the value, and PostgreSQL refuses
 /// NUL in text; the reject must still land, and the table go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1025,3 +1025,161 @@ async fn every_column_type_round_trips_through_the_binary_copy() {
         ]
     );
 }
+
+/// `n` user_locations rows as the ingest writes them, at offsets from 0 of
+/// partition 0, with the offset advance past them.
+async fn write_locations(dwh: &Dwh, records: &[Value]) -> Result<dwh_helper::store::WriteOutcome, StoreError> {
+    let batch_rows = rows(Table::UserLocations, records);
+    let origins: Vec<Origin> = (0..records.len() as i64)
+        .map(|offset| Origin { partition: 0, offset })
+        .collect();
+    dwh.write(Batch {
+        table: Table::UserLocations,
+        rows: &batch_rows,
+        rejects: &[],
+        offsets: &[location_advance(0, records.len() as i64)],
+        origins: Some(Origins {
+            topic: "dwh.user_locations",
+            rows: &origins,
+        }),
+    })
+    .await
+}
+
+/// Nothing of a batch is stored: no row, no reject, no offset.
+async fn nothing_stored(dwh: &Dwh, db: Db) {
+    assert_eq!(dwh.count_rows("user_locations").await.expect("count"), 0, "{db:?}");
+    assert_eq!(count_rejects(dwh).await, 0, "{db:?}: no row became a reject");
+    assert_eq!(
+        dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
+        None,
+        "{db:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_table_that_refuses_every_row_for_one_reason_fails_the_batch_and_rejects_nothing() {
+    for db in BOTH {
+        let (dwh, config, _guard) = dwh(db, &[]).await;
+        let records = common::locations(6);
+        // A constraint no row of the batch meets: the table's doing, not the rows'.
+        exec(
+            &config,
+            match db {
+                Db::Postgres => "ALTER TABLE user_locations ADD CONSTRAINT latitude_above_1000 CHECK (latitude > 1000)",
+                Db::Sqlite => {
+                    "CREATE TRIGGER latitude_above_1000 BEFORE INSERT ON user_locations WHEN NEW.latitude <= 1000 \
+                     BEGIN SELECT RAISE(ABORT, 'latitude_above_1000 violated'); END"
+                }
+            },
+        )
+        .await;
+        let err = write_locations(&dwh, &records).await.expect_err("every row refused");
+        assert!(matches!(err, StoreError::TableRefuses { .. }), "{db:?}: {err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("every row of the batch (6) refused") && text.contains("latitude_above_1000"),
+            "{db:?}: {text}"
+        );
+        if db == Db::Postgres {
+            assert!(
+                text.contains("SQLSTATE 23514, constraint latitude_above_1000"),
+                "{text}"
+            );
+        }
+        assert!(
+            !err.is_refused() && !err.is_transient(),
+            "{db:?}: retried, not rejected"
+        );
+        nothing_stored(&dwh, db).await;
+
+        // A batch of one row that a constraint refuses fails the same way.
+        let err = write_locations(&dwh, &records[..1]).await.expect_err("refused");
+        assert!(matches!(err, StoreError::TableRefuses { .. }), "{db:?}: {err:?}");
+        assert!(
+            err.to_string().contains("every row of the batch (1) refused"),
+            "{db:?}: {err}"
+        );
+        nothing_stored(&dwh, db).await;
+
+        // Once the table takes rows again the same batch lands whole.
+        exec(
+            &config,
+            match db {
+                Db::Postgres => "ALTER TABLE user_locations DROP CONSTRAINT latitude_above_1000",
+                Db::Sqlite => "DROP TRIGGER latitude_above_1000",
+            },
+        )
+        .await;
+        let outcome = write_locations(&dwh, &records).await.expect("lands");
+        assert_eq!((outcome.inserted, outcome.refused.len()), (6, 0), "{db:?}");
+        assert_eq!(count_rejects(&dwh).await, 0, "{db:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_not_null_column_this_release_does_not_write_fails_even_a_single_row_batch() {
+    // SQLite cannot add a NOT NULL column without a default to a table.
+    let (dwh, config, _guard) = dwh(Db::Postgres, &[]).await;
+    exec(
+        &config,
+        "ALTER TABLE user_locations ADD COLUMN added_later text NOT NULL",
+    )
+    .await;
+    let records = common::locations(3);
+    for batch in [&records[..], &records[..1]] {
+        let err = write_locations(&dwh, batch).await.expect_err("no row can land");
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::TableRefuses { .. }), "{err:?}");
+        assert!(
+            text.contains("column added_later, which this release does not write, is NOT NULL")
+                && text.contains("not-null constraint"),
+            "{text}"
+        );
+        nothing_stored(&dwh, Db::Postgres).await;
+    }
+    exec(
+        &config,
+        "ALTER TABLE user_locations ALTER COLUMN added_later DROP NOT NULL",
+    )
+    .await;
+    let outcome = write_locations(&dwh, &records).await.expect("lands");
+    assert_eq!((outcome.inserted, outcome.refused.len()), (3, 0));
+}
+
+#[tokio::test]
+async fn the_write_deadline_grows_with_the_statements_the_halving_adds() {
+    // Each insert into the table takes 0.4 s; the statement timeout is 1 s, so the
+    // batch's planned deadline (9 statements: 9 s) is passed by the halving alone.
+    let (dwh, config, _guard) = dwh(Db::Postgres, &[("DWH_STATEMENT_TIMEOUT_SECONDS", "1")]).await;
+    exec(
+        &config,
+        "ALTER TABLE user_locations ADD CONSTRAINT latitude_below_80 CHECK (latitude < 80); \
+         CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_insert BEFORE INSERT ON user_locations \
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_insert()",
+    )
+    .await;
+    let mut records = common::locations(64);
+    records[5]["latitude"] = json!(85.0);
+    records[40]["latitude"] = json!(86.0);
+    let started = std::time::Instant::now();
+    let outcome = write_locations(&dwh, &records)
+        .await
+        .expect("lands past its planned deadline");
+    let took = started.elapsed();
+    // The fault: the write took longer than its planned deadline.
+    assert!(
+        took > std::time::Duration::from_secs(9),
+        "took {took:?}, {} statements",
+        outcome.statements
+    );
+    assert_eq!(outcome.inserted, 62);
+    let refused: Vec<i64> = outcome.refused.iter().map(|r| r.offset).collect();
+    assert_eq!(refused, [5, 40]);
+    assert_eq!(
+        dwh.stored_offset("g", "dwh.user_locations", 0).await.expect("read"),
+        Some(64)
+    );
+}

@@ -11,7 +11,9 @@
 //! - rejected with a reason when the record itself is wrong: the catalogue refuses
 //!   it ([`crate::catalogue::admit`]), or the database refuses its row for its
 //!   data (SQLSTATE classes 22/23), found row by row under savepoints inside the
-//!   batch's own fenced transaction;
+//!   batch's own fenced transaction; but when the database refuses every row
+//!   of a batch for the one same reason, or a NOT NULL column this release does
+//!   not write, the table is at fault, and the batch is retried instead;
 //! - stopped loudly when a stored offset does not fit the log ([`super::start`]).
 //!
 //! A fenced write drops the batch and restarts the consumer, which then resumes

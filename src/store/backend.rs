@@ -10,7 +10,8 @@ use std::ops::Range;
 use serde_json::{Map, Value as Json};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Type};
 
-use super::{Batch, OffsetAdvance, RejectedRecord, StoreError, WriteOutcome};
+use super::error::Refusal;
+use super::{Batch, Budget, OffsetAdvance, RejectedRecord, StoreError, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, TableSpec, Value};
 
 /// Binds: table, topic, partition, offset, key, payload, reason.
@@ -102,6 +103,7 @@ pub(super) async fn write_batch<DB: Bookkeeping, W: RowWriter<DB>>(
     writer: &W,
     batch: Batch<'_>,
     chunks: &[Range<usize>],
+    budget: &Budget,
 ) -> Result<WriteOutcome, StoreError> {
     let mut tx = pool.begin().await?;
     writer.advance_offsets(&mut tx, batch.offsets).await?;
@@ -112,7 +114,7 @@ pub(super) async fn write_batch<DB: Bookkeeping, W: RowWriter<DB>>(
         statements: chunks.len(),
         ..WriteOutcome::default()
     };
-    write_isolating::<DB, W>(&mut tx, writer, &batch, chunks, &mut outcome).await?;
+    write_isolating::<DB, W>(&mut tx, writer, &batch, chunks, &mut outcome, budget).await?;
     tx.commit().await?;
     Ok(outcome)
 }
@@ -130,7 +132,12 @@ pub(super) async fn write_isolating<DB: Bookkeeping, W: RowWriter<DB>>(
     batch: &Batch<'_>,
     chunks: &[Range<usize>],
     outcome: &mut WriteOutcome,
+    budget: &Budget,
 ) -> Result<(), StoreError> {
+    let spec = batch.table.spec();
+    let columns: Vec<&str> = spec.columns.iter().map(|c| c.name).collect();
+    // The reason of the first row refused, and whether every refusal so far shares it.
+    let mut reasons: Option<(Refusal, String, bool)> = None;
     for range in chunks {
         let Some(origins) = batch.origins else {
             writer.write_rows(conn, &batch.rows[range.clone()], outcome).await?;
@@ -149,9 +156,22 @@ pub(super) async fn write_isolating<DB: Bookkeeping, W: RowWriter<DB>>(
                 }
                 Err(e) if e.is_refused() => {
                     savepoint.rollback().await?;
+                    let refusal = Refusal::of(&e);
+                    if let Some(column) = refusal.as_ref().and_then(|r| r.foreign_not_null(&columns)) {
+                        return Err(StoreError::TableRefuses {
+                            why: format!("column {column}, which this release does not write, is NOT NULL"),
+                            message: e.to_string(),
+                        });
+                    }
                     if let [row] = rows {
+                        match (&mut reasons, refusal) {
+                            (None, Some(refusal)) => reasons = Some((refusal, e.to_string(), true)),
+                            (Some((first, _, same)), refusal) => *same &= refusal.as_ref() == Some(&*first),
+                            (None, None) => {}
+                        }
                         let origin = origins.rows[part.start];
                         let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
+                        budget.add(1);
                         DB::insert_reject(conn, &reject).await?;
                         outcome.refused.push(reject);
                     } else {
@@ -159,10 +179,26 @@ pub(super) async fn write_isolating<DB: Bookkeeping, W: RowWriter<DB>>(
                         parts.push(middle..part.end);
                         parts.push(part.start..middle);
                         outcome.statements += 2;
+                        // Each half: its savepoint, its rows, its release or rollback.
+                        budget.add(2 * 3);
                     }
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+    // Every row refused for the one same reason: the table's, not the rows'. A
+    // row alone refused for its value (not a constraint) stays the row's.
+    if !batch.rows.is_empty() && outcome.refused.len() == batch.rows.len() {
+        if let Some((refusal, message, true)) = reasons.filter(|(r, _, _)| batch.rows.len() >= 2 || r.is_constraint()) {
+            return Err(StoreError::TableRefuses {
+                why: format!(
+                    "every row of the batch ({}) refused with {}",
+                    batch.rows.len(),
+                    refusal.describe()
+                ),
+                message,
+            });
         }
     }
     outcome.skipped = (batch.rows.len() - outcome.refused.len()) as u64 - outcome.inserted - outcome.updated;

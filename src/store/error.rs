@@ -38,6 +38,16 @@ pub enum StoreError {
     /// constraint it violates. Retrying the same rows fails the same way.
     #[error("the database refused the data: {0}")]
     Refused(#[source] sqlx::Error),
+    /// The database refuses the rows of a batch for a reason of the table's, not
+    /// of the rows': a column added NOT NULL without a default, or every row of
+    /// the batch refused for the one same reason (a new constraint, a column's
+    /// type changed). Nothing is rejected: the batch is retried until the table
+    /// accepts it.
+    #[error(
+        "the table refuses the rows, for a reason of the table's and not of the data ({why}): {message}; \
+         nothing was rejected, the batch is retried until the table accepts it"
+    )]
+    TableRefuses { why: String, message: String },
     /// Any other database error: a missing permission, a read-only or full
     /// database, a timeout, a schema out of step with this release. Nothing in the
     /// data is wrong; the same batch may land once the cause is fixed.
@@ -57,6 +67,83 @@ impl StoreError {
         matches!(self, StoreError::Refused(_))
     }
 }
+
+/// What a refusal is about, to tell one reason from another: the SQLSTATE (or
+/// SQLite's code and message, which names no value) and the objects the
+/// database names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Refusal {
+    code: String,
+    constraint: Option<String>,
+    column: Option<String>,
+    /// SQLite names the column only in its message.
+    message: Option<String>,
+}
+
+impl Refusal {
+    /// The reason of a [`StoreError::Refused`] from the database; `None` for any
+    /// other error.
+    pub(super) fn of(e: &StoreError) -> Option<Refusal> {
+        let StoreError::Refused(sqlx::Error::Database(db)) = e else {
+            return None;
+        };
+        let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+        if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            return Some(Refusal {
+                code,
+                constraint: None,
+                column: None,
+                message: Some(db.message().to_owned()),
+            });
+        }
+        let column = db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .and_then(|pg| pg.column())
+            .map(str::to_owned);
+        Some(Refusal {
+            code,
+            constraint: db.constraint().map(str::to_owned),
+            column,
+            message: None,
+        })
+    }
+
+    /// The column a NOT NULL refusal names, when it is not one of `columns`:
+    /// a column this release does not write, so no row of it can ever land.
+    pub(super) fn foreign_not_null(&self, columns: &[&str]) -> Option<&str> {
+        let column = match (&self.column, &self.message) {
+            (Some(column), _) if self.code == NOT_NULL_VIOLATION => column.as_str(),
+            // SQLITE_CONSTRAINT_NOTNULL: "NOT NULL constraint failed: table.column".
+            (None, Some(message)) if self.code == "1299" => message.rsplit('.').next()?,
+            _ => return None,
+        };
+        (!columns.contains(&column)).then_some(column)
+    }
+
+    /// Whether a constraint refused the row (SQLSTATE class 23, SQLite's
+    /// CONSTRAINT codes), not its value alone.
+    pub(super) fn is_constraint(&self) -> bool {
+        match self.message {
+            Some(_) => self.code.parse::<u32>().is_ok_and(|c| c & 0xff == 19),
+            None => self.code.starts_with("23"),
+        }
+    }
+
+    /// How the reason reads in an error: its code and the objects named.
+    pub(super) fn describe(&self) -> String {
+        let mut out = format!("SQLSTATE {}", self.code);
+        if let Some(constraint) = &self.constraint {
+            out.push_str(&format!(", constraint {constraint}"));
+        }
+        if let Some(column) = &self.column {
+            out.push_str(&format!(", column {column}"));
+        }
+        out
+    }
+}
+
+/// PostgreSQL SQLSTATE of a NOT NULL violation.
+const NOT_NULL_VIOLATION: &str = "23502";
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {

@@ -132,6 +132,34 @@ const ADVANCE_OFFSET: &str = "INSERT INTO dwh_consumer_offsets (group_id, topic,
      SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
      WHERE dwh_consumer_offsets.next_offset = $5 RETURNING next_offset";
 
+/// The statements a write may take, each given the statement timeout: planned
+/// from its chunks, and grown by the halving of parts the database refuses.
+#[derive(Debug)]
+pub(super) struct Budget(std::sync::atomic::AtomicU32);
+
+impl Budget {
+    fn new(planned: u32) -> Self {
+        Budget(std::sync::atomic::AtomicU32::new(planned))
+    }
+
+    /// Allows `more` statements.
+    pub(super) fn add(&self, more: u32) {
+        self.0.fetch_add(more, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn allowed(&self) -> u32 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The error of a write whose connection gave no answer within `limit`.
+fn no_answer(limit: Duration) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer from the database within {} s", limit.as_secs()),
+    )))
+}
+
 /// Everything one flush writes, in one transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
@@ -455,7 +483,8 @@ impl Dwh {
     /// Writes one batch in one transaction; see the module guarantees. A write
     /// whose connection hangs (no answer, not even the server's statement timeout)
     /// is given up after the statement timeout per statement, plus one, and fails
-    /// as [`StoreError::Unavailable`]: dropping it rolls the transaction back.
+    /// as [`StoreError::Unavailable`]: dropping it rolls the transaction back. The
+    /// statements the halving of refused parts adds extend the deadline as they come.
     pub async fn write(&self, batch: Batch<'_>) -> Result<WriteOutcome, StoreError> {
         let max_rows = match batch.origins {
             Some(_) => usize::MAX,
@@ -463,8 +492,25 @@ impl Dwh {
         };
         let chunks = chunk::plan(batch.rows.iter().map(Row::approx_bytes), max_rows, self.max_bytes)?;
         // Offsets, rejects, ids and merges: a few statements per chunk at most.
-        let statements = 4 * chunks.len() as u32 + batch.offsets.len() as u32 + batch.rejects.len() as u32 + 4;
-        self.within(statements, self.write_within(batch, &chunks)).await
+        let budget = Budget::new(4 * chunks.len() as u32 + batch.offsets.len() as u32 + batch.rejects.len() as u32 + 4);
+        let work = self.write_within(batch, &chunks, &budget);
+        let mut work = std::pin::pin!(work);
+        // The deadline grows with the statements the halving of refused parts adds.
+        let mut allowed = budget.allowed();
+        let mut deadline = tokio::time::Instant::now() + self.statement_timeout.saturating_mul(allowed);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = budget.allowed();
+                    if now == allowed {
+                        return Err(no_answer(self.statement_timeout.saturating_mul(allowed)));
+                    }
+                    deadline += self.statement_timeout.saturating_mul(now - allowed);
+                    allowed = now;
+                }
+            }
+        }
     }
 
     /// Runs `work`, giving it up after the statement timeout per statement:
@@ -477,10 +523,7 @@ impl Dwh {
         let limit = self.statement_timeout.saturating_mul(statements);
         match tokio::time::timeout(limit, work).await {
             Ok(done) => done.map_err(Into::into),
-            Err(_) => Err(StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from the database within {} s", limit.as_secs()),
-            )))),
+            Err(_) => Err(no_answer(limit)),
         }
     }
 
@@ -511,15 +554,16 @@ impl Dwh {
         &self,
         batch: Batch<'_>,
         chunks: &[std::ops::Range<usize>],
+        budget: &Budget,
     ) -> Result<WriteOutcome, StoreError> {
         match &self.pool {
             Pool::Postgres(pools) => {
                 if batch.table == Table::EventsPart {
                     self.ensure_partitions(&pools.write, batch.rows).await?;
                 }
-                postgres::write(&pools.write, batch, chunks).await
+                postgres::write(&pools.write, batch, chunks, budget).await
             }
-            Pool::Sqlite(pools) => sqlite::write(&pools.write, batch, chunks).await,
+            Pool::Sqlite(pools) => sqlite::write(&pools.write, batch, chunks, budget).await,
         }
     }
 

@@ -54,7 +54,12 @@ pub fn pool(config: &DwhConfig) -> Result<PgPool, StoreError> {
         .connect_lazy_with(options))
 }
 
-pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> Result<WriteOutcome, StoreError> {
+pub async fn write(
+    pool: &PgPool,
+    batch: Batch<'_>,
+    chunks: &[Range<usize>],
+    budget: &super::Budget,
+) -> Result<WriteOutcome, StoreError> {
     let target = Target {
         spec: batch.table.spec(),
         ids: match batch.wants_ids() {
@@ -62,7 +67,7 @@ pub async fn write(pool: &PgPool, batch: Batch<'_>, chunks: &[Range<usize>]) -> 
             false => Ids::Unwanted,
         },
     };
-    backend::write_batch(pool, &target, batch, chunks).await
+    backend::write_batch(pool, &target, batch, chunks, budget).await
 }
 
 /// Writes rows of the API (ids wanted) into the open transaction, a statement

@@ -61,9 +61,14 @@ fn bind<'q>(q: Query<'q>, value: &Value) -> Query<'q> {
     }
 }
 
-pub async fn write(pool: &SqlitePool, batch: Batch<'_>, chunks: &[Range<usize>]) -> Result<WriteOutcome, StoreError> {
+pub async fn write(
+    pool: &SqlitePool,
+    batch: Batch<'_>,
+    chunks: &[Range<usize>],
+    budget: &super::Budget,
+) -> Result<WriteOutcome, StoreError> {
     let statements = Statements::of(batch.table.spec());
-    backend::write_batch(pool, &statements, batch, chunks).await
+    backend::write_batch(pool, &statements, batch, chunks, budget).await
 }
 
 /// Writes rows of the API into the open transaction, chunk by chunk; see
