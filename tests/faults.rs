@@ -175,6 +175,89 @@ async fn a_schema_change_that_refuses_every_row_fails_the_table_and_turns_no_row
     ingest.stop().await;
 }
 
+/// Partition `partition` of `topic` stands, in the DWH, at the broker's end.
+async fn partition_caught_up(config: &dwh_helper::config::Config, url: &str, prefix: &str, partition: i32) -> bool {
+    let topic = topic(prefix, Table::UserLocations);
+    let high = watermarks(config, &topic)
+        .await
+        .iter()
+        .find(|w| w.partition == partition)
+        .map(|w| w.high);
+    let stored = stored_offsets(url, &group(prefix), &topic)
+        .await
+        .into_iter()
+        .find(|(p, _)| *p == partition)
+        .map(|(_, next)| next);
+    high.is_some() && stored == high
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_that_fails_stays_failing_while_another_lane_of_the_table_writes() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &url),
+        &[("DWH_STATEMENT_TIMEOUT_SECONDS", "1"), ("KAFKA_WRITE_LANES", "2")],
+    );
+    migrated(&config).await;
+    count_writes(&url).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(300));
+    publish(&config, &topic, &records[..100]).await;
+    let ingest = InProcessIngest::start(config.clone(), Dwh::connect(&config.dwh).expect("pool"));
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+
+    // Partition 0's offset row is locked: lane 0's writes wait on it until the
+    // statement timeout; lane 1 (partition 1) is not held up.
+    let mut lock = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM dwh_consumer_offsets WHERE topic = '{topic}' AND partition = 0 FOR UPDATE"
+    ))
+    .execute(&mut lock)
+    .await
+    .expect("lock");
+    publish(&config, &topic, &records[100..200]).await;
+    // The fault: lane 0 fails, retried.
+    wait_for(
+        Duration::from_secs(60),
+        "lane 0 to fail on the statement timeout",
+        || async {
+            let failing = ingest.status.failing().unwrap_or_default();
+            (failing.contains("statement timeout") && ingest.status.counters().retries >= 3).then_some(())
+        },
+    )
+    .await;
+    // Lane 1 writes meanwhile (again after the failure is established): the
+    // table still fails, by lane 0's cause.
+    publish(&config, &topic, &records[200..]).await;
+    wait_for(Duration::from_secs(30), "partition 1 to land", || async {
+        partition_caught_up(&config, &url, &prefix, 1).await.then_some(())
+    })
+    .await;
+    assert!(
+        !partition_caught_up(&config, &url, &prefix, 0).await,
+        "partition 0 is held"
+    );
+    let failing = ingest.status.failing();
+    assert!(
+        failing.as_deref().is_some_and(|f| f.contains("statement timeout")),
+        "lane 1's write cleared lane 0's failure: {failing:?}"
+    );
+    assert_eq!(ingest.status.state(&topic), dwh_helper::ingest::TableState::Failing);
+
+    // The lock goes: lane 0's batch lands, the failure clears, every record once.
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("unlock");
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+    wait_for(Duration::from_secs(10), "readiness to clear", || async {
+        ingest.status.failing().is_none().then_some(())
+    })
+    .await;
+    assert_written_once(&url, 300).await;
+    assert_eq!(count(&url, "SELECT count(*) FROM dwh_rejected_records").await, 0);
+    ingest.stop().await;
+}
+
 /// `{"uuid":"\u0000abc",…}`: the reason quotes the value, and PostgreSQL refuses
 /// NUL in text; the reject must still land, and the table go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

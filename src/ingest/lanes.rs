@@ -127,6 +127,14 @@ impl<M: Permit> Lanes<M> {
         }
     }
 
+    /// The lanes that hold an assigned partition, ascending.
+    pub fn held(&self) -> Vec<usize> {
+        let mut held: Vec<usize> = self.positions.keys().map(|&p| self.lane_of(p)).collect();
+        held.sort_unstable();
+        held.dedup();
+        held
+    }
+
     /// How many partitions are assigned.
     pub fn assigned(&self) -> usize {
         self.positions.len()

@@ -94,6 +94,7 @@ impl Writer {
     /// then counts it and tells Kafka. `_memory` is released when this returns.
     pub async fn land(
         self: Arc<Self>,
+        lane: usize,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
         memory: Option<Held>,
@@ -111,7 +112,10 @@ impl Writer {
             outcome = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         ));
-        let landed = self.land_within(closed, offsets, memory).instrument(span.clone()).await;
+        let landed = self
+            .land_within(lane, closed, offsets, memory)
+            .instrument(span.clone())
+            .await;
         let outcome = match &landed {
             Ok(()) => "committed",
             Err(FlushError::Fenced(_)) => "fenced",
@@ -123,12 +127,13 @@ impl Writer {
 
     async fn land_within(
         &self,
+        lane: usize,
         closed: Closed,
         offsets: Vec<OffsetAdvance>,
         _memory: Option<Held>,
     ) -> Result<(), FlushError> {
         let started = Instant::now();
-        let outcome = match self.write(&closed, &offsets).await {
+        let outcome = match self.write(lane, &closed, &offsets).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 if matches!(e, FlushError::Aborted) {
@@ -171,7 +176,7 @@ impl Writer {
 
     /// Writes the batch, retrying every error but a fence as the same batch until
     /// it lands or the grace period ends (which also cancels a write in progress).
-    async fn write(&self, closed: &Closed, offsets: &[OffsetAdvance]) -> Result<WriteOutcome, FlushError> {
+    async fn write(&self, lane: usize, closed: &Closed, offsets: &[OffsetAdvance]) -> Result<WriteOutcome, FlushError> {
         let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
         // An attempt failed: its commit may have landed even so.
         let mut ambiguous = false;
@@ -193,18 +198,19 @@ impl Writer {
             };
             let error = match result {
                 Ok(outcome) => {
-                    self.recovered(false);
+                    self.recovered(lane, false);
                     return Ok(outcome);
                 }
                 Err(e) => e,
             };
             if matches!(error, StoreError::Fenced { .. }) {
                 if ambiguous && self.landed_already(offsets).await {
-                    self.recovered(true);
+                    self.recovered(lane, true);
                     return Ok(WriteOutcome::default());
                 }
                 // Whoever owns the partition now writes it; this consumer rejoins.
-                self.status.set_failing(&self.topic, None);
+                // A failure of the lane stays until one of its writes lands, or the
+                // lane holds no partition any more.
                 OffsetFenced {
                     table: self.table,
                     topic: &self.topic,
@@ -213,7 +219,7 @@ impl Writer {
                 .emit();
                 return Err(FlushError::Fenced(error));
             }
-            self.status.set_failing(&self.topic, Some(error.to_string()));
+            self.status.set_failing(&self.topic, lane, Some(error.to_string()));
             self.status.retried();
             WriteFailed {
                 table: self.table,
@@ -229,9 +235,9 @@ impl Writer {
         }
     }
 
-    /// Clears the failing state after a write succeeded.
-    fn recovered(&self, landed_earlier: bool) {
-        let cleared = self.status.set_failing(&self.topic, None);
+    /// Clears the lane's failing state after one of its writes succeeded.
+    fn recovered(&self, lane: usize, landed_earlier: bool) {
+        let cleared = self.status.set_failing(&self.topic, lane, None);
         WritesRecovered {
             table: self.table,
             topic: &self.topic,

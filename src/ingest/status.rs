@@ -29,8 +29,9 @@ pub struct IngestStatus {
     batches: AtomicU64,
     /// Flush latencies in microseconds, the most recent [`LATENCY_SAMPLES`].
     latencies: Mutex<Vec<u64>>,
-    /// Why writes are failing right now, per topic.
-    failing: Mutex<Vec<(String, String)>>,
+    /// Why writes are failing right now, per topic and lane (`None`: the whole
+    /// table, stopped).
+    failing: Mutex<Vec<WriteFailure>>,
     /// Why a topic's consumer cannot work right now (credentials, TLS, a
     /// permission, a codec), per topic: kept apart from the write failures, so
     /// that a write landing does not hide it.
@@ -43,6 +44,14 @@ pub struct IngestStatus {
     last_error: Mutex<HashMap<String, String>>,
     /// What this process knows of each partition it consumes.
     progress: Mutex<BTreeMap<(Table, i32), Progress>>,
+}
+
+/// Why one lane of a topic (or the whole table, `lane: None`) cannot write.
+#[derive(Debug, Clone)]
+struct WriteFailure {
+    topic: String,
+    lane: Option<usize>,
+    cause: String,
 }
 
 /// Where a table stands, for `dwh_helper_table_state{table,state}`: one state
@@ -127,19 +136,51 @@ impl IngestStatus {
         latencies.push(took.as_micros() as u64);
     }
 
-    /// Sets or clears why `topic`'s writes fail; true when a failure was cleared.
-    pub(crate) fn set_failing(&self, topic: &str, cause: Option<String>) -> bool {
+    /// Sets or clears why `lane` of `topic` cannot write; true when a failure of
+    /// that lane was cleared. Only the lane's own writes clear its failure.
+    pub(crate) fn set_failing(&self, topic: &str, lane: usize, cause: Option<String>) -> bool {
+        self.set_write_failure(topic, Some(lane), cause)
+    }
+
+    fn set_write_failure(&self, topic: &str, lane: Option<usize>, cause: Option<String>) -> bool {
         if let Some(cause) = &cause {
             self.saw_error(topic, cause);
         }
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         let before = failing.len();
-        failing.retain(|(t, _)| t != topic);
+        failing.retain(|f| !(f.topic == topic && f.lane == lane));
         let cleared = failing.len() < before;
         if let Some(cause) = cause {
-            failing.push((topic.to_owned(), cause));
+            failing.push(WriteFailure {
+                topic: topic.to_owned(),
+                lane,
+                cause,
+            });
         }
         cleared
+    }
+
+    /// The lanes of `topic` that hold partitions now are `held`: a failure of
+    /// any other lane is over (its partitions went to another member, which
+    /// reports its own). Called after each assignment and revocation.
+    pub(crate) fn lanes_held(&self, topic: &str, held: &[usize]) {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|f| f.topic != topic || f.lane.is_none_or(|lane| held.contains(&lane)));
+    }
+
+    /// Why `topic`'s writes fail, each cause once (lanes that fail alike
+    /// read as one).
+    fn write_causes(&self) -> Vec<(String, String)> {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut causes: Vec<(String, String)> = Vec::new();
+        for f in failing.iter() {
+            if !causes.iter().any(|(t, c)| *t == f.topic && *c == f.cause) {
+                causes.push((f.topic.clone(), f.cause.clone()));
+            }
+        }
+        causes
     }
 
     /// Sets or clears why `topic`'s consumer cannot work; true when that changed
@@ -189,9 +230,13 @@ impl IngestStatus {
 
     /// Where `topic`'s table stands: the most serious of its states.
     pub fn state(&self, topic: &str) -> TableState {
-        let writes = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let write_cause = writes.iter().find(|(t, _)| t == topic).map(|(_, c)| c.as_str());
-        if write_cause.is_some_and(|c| c.starts_with("stopped:")) {
+        let stopped = self
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|f| f.topic == topic && f.lane.is_none());
+        if stopped {
             return TableState::Stopped;
         }
         if self.is_failing(topic) {
@@ -228,7 +273,7 @@ impl IngestStatus {
     /// `topic` stopped until an operator acts: readiness reports `reason`.
     pub(crate) fn table_stopped(&self, topic: &str, reason: &str) {
         self.tables_stopped.fetch_add(1, Ordering::Relaxed);
-        self.set_failing(topic, Some(format!("stopped: {reason}")));
+        self.set_write_failure(topic, None, Some(format!("stopped: {reason}")));
     }
 
     fn progress_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Table, i32), Progress>> {
@@ -293,13 +338,12 @@ impl IngestStatus {
     /// its writes'.
     pub fn failing_topics(&self) -> HashMap<String, String> {
         let mut causes: HashMap<String, String> = HashMap::new();
-        for list in [&self.kafka_failing, &self.failing] {
-            for (topic, cause) in list.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                causes
-                    .entry(topic.clone())
-                    .and_modify(|c| *c = format!("{c}; {cause}"))
-                    .or_insert_with(|| cause.clone());
-            }
+        let kafka = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (topic, cause) in kafka.into_iter().chain(self.write_causes()) {
+            causes
+                .entry(topic)
+                .and_modify(|c| *c = format!("{c}; {cause}"))
+                .or_insert(cause);
         }
         causes
     }
@@ -308,7 +352,7 @@ impl IngestStatus {
     /// writes), dwh.c (stopped)`), with no detail: for readiness, which anyone may read.
     pub fn failing_brief(&self) -> Option<String> {
         let kafka = self.kafka_failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let writes = self.failing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let writes = self.write_causes();
         let stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut brief: Vec<String> = kafka
             .iter()
@@ -328,6 +372,8 @@ impl IngestStatus {
             .chain(stalled.iter().map(|(topic, _)| format!("{topic} (stalled)")))
             .collect();
         brief.sort();
+        // One entry a table and kind, however many of its lanes fail.
+        brief.dedup();
         (!brief.is_empty()).then(|| brief.join(", "))
     }
 
@@ -404,17 +450,17 @@ mod tests {
         );
         assert_eq!(s.flush_latency(0.99), Some(Duration::from_millis(7)));
         assert_eq!(s.failing(), None);
-        s.set_failing("dwh.a", Some("database unreachable: refused".into()));
-        s.set_failing("dwh.b", Some("x".into()));
-        assert!(s.set_failing("dwh.b", None), "a failure was cleared");
-        assert!(!s.set_failing("dwh.b", None), "nothing left to clear");
+        s.set_failing("dwh.a", 0, Some("database unreachable: refused".into()));
+        s.set_failing("dwh.b", 0, Some("x".into()));
+        assert!(s.set_failing("dwh.b", 0, None), "a failure was cleared");
+        assert!(!s.set_failing("dwh.b", 0, None), "nothing left to clear");
         assert_eq!(s.failing().as_deref(), Some("dwh.a: database unreachable: refused"));
         // A consumer's failure stays whatever the writes do.
         assert!(s.set_kafka_failing("dwh.b", Some("kafka authorization: denied".into())));
         assert!(!s.set_kafka_failing("dwh.b", Some("kafka authorization: denied again".into())));
-        s.set_failing("dwh.b", None);
+        s.set_failing("dwh.b", 0, None);
         assert!(s.is_failing("dwh.b"));
-        s.set_failing("dwh.a", Some("x".into()));
+        s.set_failing("dwh.a", 0, Some("x".into()));
         s.set_kafka_failing("dwh.a", Some("kafka tls: untrusted".into()));
         assert_eq!(
             s.failing().as_deref(),
@@ -433,11 +479,40 @@ mod tests {
     }
 
     #[test]
+    fn only_a_lanes_own_write_clears_its_failure() {
+        let s = IngestStatus::default();
+        s.set_failing("dwh.a", 0, Some("canceling statement due to statement timeout".into()));
+        assert!(!s.set_failing("dwh.a", 1, None), "lane 1 had nothing to clear");
+        assert_eq!(
+            s.failing().as_deref(),
+            Some("dwh.a: canceling statement due to statement timeout"),
+            "lane 1's write does not clear lane 0"
+        );
+        s.set_failing("dwh.a", 1, Some("canceling statement due to statement timeout".into()));
+        assert_eq!(
+            s.failing().as_deref(),
+            Some("dwh.a: canceling statement due to statement timeout"),
+            "two lanes failing alike read once"
+        );
+        assert_eq!(s.failing_brief().as_deref(), Some("dwh.a (DWH writes)"));
+        assert!(s.set_failing("dwh.a", 0, None));
+        assert!(s.is_failing("dwh.a"), "lane 1 still fails");
+        // Lane 1 lost its partitions: its failure is its new owner's to report.
+        s.lanes_held("dwh.a", &[0]);
+        assert!(!s.is_failing("dwh.a"));
+        // A stopped table is not a lane's: no lane's write or rebalance clears it.
+        s.table_stopped("dwh.a", "offset above the high watermark");
+        assert!(!s.set_failing("dwh.a", 0, None));
+        s.lanes_held("dwh.a", &[]);
+        assert_eq!(s.state("dwh.a"), TableState::Stopped);
+    }
+
+    #[test]
     fn a_stall_is_reported_beside_failures_and_names_the_last_error() {
         let s = IngestStatus::default();
         assert_eq!(s.state("dwh.a"), TableState::Ok);
-        s.set_failing("dwh.a", Some("database unreachable".into()));
-        s.set_failing("dwh.a", None);
+        s.set_failing("dwh.a", 0, Some("database unreachable".into()));
+        s.set_failing("dwh.a", 0, None);
         assert_eq!(
             s.last_error("dwh.a").as_deref(),
             Some("database unreachable"),

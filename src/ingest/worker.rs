@@ -190,6 +190,7 @@ impl Worker {
                             Ok(starts) => {
                                 let offsets = starts.iter().map(|(p, _, at)| (*p, *at)).collect();
                                 state.lanes.assign(starts.into_iter().map(|(p, stored, _)| (p, stored)));
+                                self.writer.status.lanes_held(topic, &state.lanes.held());
                                 let _ = reply.send(offsets);
                                 self.writer.status.rebalanced();
                                 Rebalanced { table, now: state.lanes.assigned() }.emit();
@@ -223,6 +224,7 @@ impl Worker {
                         // Write what is buffered while the partitions are still ours.
                         let drained = self.drain(state).await;
                         state.lanes.revoke(&partitions);
+                        self.writer.status.lanes_held(topic, &state.lanes.held());
                         for partition in &partitions {
                             self.writer.status.forget_partition(table, *partition);
                         }
@@ -403,7 +405,7 @@ impl Worker {
             offsets,
             memory,
         } = queued;
-        state.writes[lane] = Some(tokio::spawn(self.writer.clone().land(closed, offsets, memory)));
+        state.writes[lane] = Some(tokio::spawn(self.writer.clone().land(lane, closed, offsets, memory)));
     }
 
     /// After the lane's write ended (`joined`; `None`: there was none): what its
