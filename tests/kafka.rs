@@ -353,6 +353,56 @@ async fn read_taken_away_while_running_fails_the_table_and_every_record_lands_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_while_read_fails_the_table_by_name_and_its_return_is_checked_against_the_dwh() {
+    let table = Table::UserLocations;
+    let (broker, prefix) = broker_with(&[(table, 1)]).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "KAFKA_INGEST_TABLES", "user_locations");
+    let config = config_from(&env, &[]);
+    migrated(&config).await;
+    let topic = topic(&prefix, table);
+    publish(&config, &topic, &keyed(table, locations(50))).await;
+    let child = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(60), "the records to land", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 50).then_some(())
+    })
+    .await;
+
+    delete_topics(&config, std::slice::from_ref(&topic)).await;
+    // The fault: the broker no longer knows the topic.
+    assert!(
+        watermarks(&config, &topic).await.is_empty(),
+        "{topic} is still on the broker"
+    );
+    let body = wait_for(Duration::from_secs(60), "the table to fail by name", || async {
+        let m = child.scrape().await?;
+        let deleted = m.sum(
+            "dwh_helper_kafka_errors_total",
+            &[("table", table.name()), ("kind", "topic deleted")],
+        );
+        let failing = m.sum("dwh_helper_failing", &[("table", table.name())]);
+        let (code, body) = child.ready().await?;
+        (deleted > 0.0 && failing == 1.0 && code == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains(&format!("{topic} (kafka topic deleted)")), "{body}");
+
+    // Created again, empty: the DWH's offset (50) lies above the new log's end,
+    // and the table stops on that, by name, instead of reading from there.
+    create_topics(&kafka_bootstrap(), &prefix, &[(table, 1)]).await;
+    let body = wait_for(Duration::from_secs(60), "the table to stop on the new log", || async {
+        let (code, body) = child.ready().await?;
+        (code == 503 && body.contains(&format!("{topic} (stopped)")) && !body.contains("topic deleted")).then_some(body)
+    })
+    .await;
+    assert!(!body.contains("(kafka topic deleted)"), "{body}");
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(50));
+    let status = child.terminate(Duration::from_secs(30)).expect("stops");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mechanism_this_build_lacks_stops_the_start_naming_it() {
     let (broker, prefix) = broker_with(&[]).await;
     let url = fresh_pg_url().await;

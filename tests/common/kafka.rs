@@ -223,3 +223,18 @@ pub fn acl(add: bool, operation: &str, kind: &str, prefix: &str) {
     }
     kafka_tool("org.apache.kafka.tools.AclCommand", &args);
 }
+
+/// Deletes `topics` from the broker and waits for the answer.
+pub async fn delete_topics(config: &dwh_helper::config::Config, topics: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        dwh_helper::kafka::client_config(&config.kafka, &[])
+            .expect("client settings")
+            .create()
+            .expect("admin client");
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(&names, &options).await.expect("delete answered") {
+        result.unwrap_or_else(|(topic, code)| panic!("cannot delete {topic}: {code}"));
+    }
+}

@@ -41,6 +41,8 @@ pub struct Context {
     /// works again.
     on_kafka: OnKafka,
     failing: std::sync::atomic::AtomicBool,
+    /// The topic existed for this consumer: it was assigned partitions of it.
+    read: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Context {
@@ -93,6 +95,7 @@ impl Context {
             runtime: tokio::runtime::Handle::current(),
             on_kafka,
             failing: std::sync::atomic::AtomicBool::new(false),
+            read: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -154,6 +157,26 @@ impl Context {
         };
         self.failing.store(true, std::sync::atomic::Ordering::SeqCst);
         (self.on_kafka)(&KafkaCondition::Failing { kind, reason });
+        true
+    }
+
+    /// The broker does not know the topic: a failure once this consumer was
+    /// assigned partitions of it (the topic was deleted: kind `topic deleted`,
+    /// told to the role, true), else a topic not created yet (false: the start
+    /// warned of it once).
+    pub(super) fn topic_unknown(&self, error: &KafkaError) -> bool {
+        if !self.read.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let reason = format!(
+            "the topic was deleted: the broker no longer knows it ({error}); nothing can be read until it is \
+             created again"
+        );
+        self.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        (self.on_kafka)(&KafkaCondition::Failing {
+            kind: "topic deleted",
+            reason,
+        });
         true
     }
 
@@ -274,6 +297,7 @@ impl ConsumerContext for Context {
         }
         if !revoking {
             // Partitions of this topic assigned: the group and the topic answer.
+            self.read.store(true, std::sync::atomic::Ordering::SeqCst);
             self.working();
         }
         let deadline = revoking.then(|| Instant::now() + self.revoke_wait);

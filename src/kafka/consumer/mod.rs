@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub use context::Context;
 pub use profile::Role;
 
+use crate::backoff::Backoff;
 use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 use crate::kafka::memory::{Held, MemoryShare, TableMemory};
@@ -94,11 +95,17 @@ pub enum Exit {
     Stopped(String),
 }
 
+/// The first wait before a consumer is rebuilt; it doubles, up to
+/// [`MAX_RESTART_DELAY`], while the consumer keeps ending within [`STEADY_RUN`].
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+/// A consumer that ran this long before it ended starts the backoff over.
+const STEADY_RUN: Duration = Duration::from_secs(60);
 
 /// Keeps `role`'s consumer of `table` running until shutdown: runs it with
-/// `run`, and after a failure or a restart request waits a second and rebuilds
-/// it with `build`. Each restart is an event, counted. Ingest and archive share it.
+/// `run`, and after a failure or a restart request waits (1 s, doubling to
+/// 30 s while it keeps ending within a minute) and rebuilds it with `build`.
+/// Each restart is an event, counted. Ingest and archive share it.
 pub async fn supervise<B, R, F>(
     role: Role,
     table: Table,
@@ -111,12 +118,14 @@ pub async fn supervise<B, R, F>(
     R: FnMut(Subscription) -> F,
     F: std::future::Future<Output = Result<Exit, ConsumerError>>,
 {
-    let restart = |reason: &dyn Shown, after: Restart| {
+    let mut backoff = Backoff::new(RESTART_DELAY, MAX_RESTART_DELAY);
+    let restart = |reason: &dyn Shown, after: Restart, retry_in: Duration| {
         ConsumerRestart {
             table,
             role: role.name(),
             reason,
             after,
+            retry_in,
         }
         .emit()
     };
@@ -125,33 +134,30 @@ pub async fn supervise<B, R, F>(
         let subscription = match next.take().map_or_else(&build, Ok) {
             Ok(subscription) => subscription,
             Err(e) => {
-                restart(&e, Restart::Unbuildable);
-                if pause(shutdown).await {
+                restart(&e, Restart::Unbuildable, backoff.peek());
+                if !backoff.wait(shutdown).await {
                     return;
                 }
                 continue;
             }
         };
-        match run(subscription).await {
+        let started = std::time::Instant::now();
+        let ended = run(subscription).await;
+        if started.elapsed() >= STEADY_RUN {
+            backoff.reset();
+        }
+        match ended {
             Ok(Exit::Shutdown) => return,
             Ok(Exit::Stopped(why)) => {
-                restart(&why, Restart::Stopped);
+                restart(&why, Restart::Stopped, Duration::ZERO);
                 return;
             }
-            Ok(Exit::Restart(why)) => restart(&why, Restart::Asked),
-            Err(e) => restart(&e, Restart::Failed),
+            Ok(Exit::Restart(why)) => restart(&why, Restart::Asked, backoff.peek()),
+            Err(e) => restart(&e, Restart::Failed, backoff.peek()),
         }
-        if pause(shutdown).await {
+        if !backoff.wait(shutdown).await || shutdown.is_cancelled() {
             return;
         }
-    }
-}
-
-/// Waits before a restart; true when shutting down instead.
-async fn pause(shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(RESTART_DELAY) => shutdown.is_cancelled(),
-        () = shutdown.cancelled() => true,
     }
 }
 

@@ -73,13 +73,19 @@ pub(super) fn poll_loop(
             }
             Some(Ok(message)) => message.detach(),
             Some(Err(KafkaError::PartitionEOF(_))) => continue,
-            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)))
-            | Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopic))) => {
-                // The start already warned about a missing topic, once.
-                TopicUnavailable {
-                    consumer: context.consumer(),
+            Some(Err(
+                e @ KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+                ),
+            )) => {
+                // A topic read before is deleted: the table fails. One not
+                // created yet: the start already warned about it, once.
+                if !context.topic_unknown(&e) {
+                    TopicUnavailable {
+                        consumer: context.consumer(),
+                    }
+                    .emit();
                 }
-                .emit();
                 continue;
             }
             Some(Err(KafkaError::MessageConsumption(

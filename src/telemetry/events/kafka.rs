@@ -1,10 +1,11 @@
 //! Kafka events: what the clients of every role (ingest, archive) meet. Every
 //! error counts in `dwh_helper_kafka_errors_total{table,role,kind}`: the failures
 //! a person must act on (`authentication`, `tls`, `authorization`,
-//! `unreadable records`), which fail an ingest table, and the ones the client
-//! goes through on its own (`client`, `consume`, `commit`, `rebalance`,
-//! `pause`, `close`, `poll`, `out_of_range`, `watermarks`, `committed`, and
-//! `log` for a line librdkafka logs at error level).
+//! `unreadable records`, `topic deleted`), which fail an ingest table, and the
+//! ones the client goes through on its own (`unknown topic` for a topic not
+//! created yet, `client`, `consume`, `commit`, `rebalance`, `pause`, `close`,
+//! `poll`, `out_of_range`, `watermarks`, `committed`, and `log` for a line
+//! librdkafka logs at error level).
 
 use crate::catalogue::Table;
 use crate::telemetry::event::{Event, Shown, ARCHIVE, INGEST, KAFKA};
@@ -167,8 +168,9 @@ pub enum Restart {
     Stopped,
 }
 
-/// A table's consumer ended other than by shutdown: rebuilt a second later, or
-/// (for [`Restart::Stopped`]) left down. Counted in
+/// A table's consumer ended other than by shutdown: rebuilt after `retry_in`
+/// (1 s, doubling to 30 s while it keeps ending within a minute), or (for
+/// [`Restart::Stopped`]) left down. Counted in
 /// `dwh_helper_consumer_restarts_total{table,role}` (a stop is not a restart:
 /// readiness, `status` and the stopped gauge tell of it).
 #[derive(Debug)]
@@ -178,18 +180,22 @@ pub struct ConsumerRestart<'a> {
     pub role: &'static str,
     pub reason: &'a dyn Shown,
     pub after: Restart,
+    pub retry_in: std::time::Duration,
 }
 
 impl Event for ConsumerRestart<'_> {
     fn emit(&self) {
         let (table, role, reason) = (self.table.name(), self.role, self.reason);
+        let retry_in_ms = self.retry_in.as_millis() as u64;
         match self.after {
-            Restart::Asked => tracing::warn!(target: KAFKA, table, role, reason = %reason, "restarting the consumer"),
+            Restart::Asked => {
+                tracing::warn!(target: KAFKA, table, role, reason = %reason, retry_in_ms, "restarting the consumer")
+            }
             Restart::Failed => {
-                tracing::error!(target: KAFKA, table, role, error = %reason, "consumer failed; restarting it")
+                tracing::error!(target: KAFKA, table, role, error = %reason, retry_in_ms, "consumer failed; restarting it")
             }
             Restart::Unbuildable => {
-                tracing::error!(target: KAFKA, table, role, error = %reason, "cannot build the consumer")
+                tracing::error!(target: KAFKA, table, role, error = %reason, retry_in_ms, "cannot build the consumer")
             }
             Restart::Stopped => {
                 tracing::error!(target: KAFKA, table, role, reason = %reason, "consumer stopped until an operator acts");
@@ -279,6 +285,7 @@ pub struct TopicUnavailable<'a> {
 
 impl Event for TopicUnavailable<'_> {
     fn emit(&self) {
+        self.consumer.count("unknown topic");
         let Consumer { topic, role, .. } = self.consumer;
         tracing::debug!(target: KAFKA, event = "topic_unavailable", topic, role, "topic not available yet");
     }
