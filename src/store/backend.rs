@@ -92,6 +92,15 @@ pub(super) trait RowWriter<DB: Bookkeeping>: Sync {
         rows: &[Row],
         outcome: &mut WriteOutcome,
     ) -> Result<(), StoreError>;
+
+    /// Takes the table's write lock for the whole transaction, before the
+    /// savepoints: a lock first taken inside a savepoint that rolls back is
+    /// released with it, and a schema change could then land between two parts
+    /// of one batch (parts refused by a constraint that the next parts no longer
+    /// meet). A backend whose write lock is the whole database needs none.
+    async fn hold_table(&self, _conn: &mut DB::Connection) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Writes a batch in one transaction: the offsets first (a fenced batch fails
@@ -109,6 +118,9 @@ pub(super) async fn write_batch<DB: Bookkeeping, W: RowWriter<DB>>(
     writer.advance_offsets(&mut tx, batch.offsets).await?;
     for reject in batch.rejects {
         DB::insert_reject(&mut tx, reject).await?;
+    }
+    if batch.origins.is_some() && !batch.rows.is_empty() {
+        writer.hold_table(&mut tx).await?;
     }
     let mut outcome = WriteOutcome {
         statements: chunks.len(),

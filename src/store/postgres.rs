@@ -145,10 +145,22 @@ async fn advance_offsets(conn: &mut PgConnection, advances: &[OffsetAdvance]) ->
     Err(Postgres::fenced(conn, fenced).await)
 }
 
+/// Takes `table`'s write lock until the transaction ends: the lock every
+/// INSERT takes, which holds up no other writer, only DDL.
+async fn hold_table(conn: &mut PgConnection, table: &str) -> Result<(), StoreError> {
+    let statement = format!("LOCK TABLE {table} IN ROW EXCLUSIVE MODE");
+    sqlx::query(&statement).execute(&mut *conn).await?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl RowWriter<Postgres> for Target<'_> {
     async fn advance_offsets(&self, conn: &mut PgConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
         advance_offsets(conn, advances).await
+    }
+
+    async fn hold_table(&self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        hold_table(conn, self.spec.name).await
     }
 
     async fn write_rows(

@@ -151,6 +151,11 @@ impl<M> Backpressure<M> {
 
     /// Whether a record that found no memory at once may wait for it a moment
     /// (after handing over what is pending): not while paused.
+    /// Whether fetching is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
     pub fn may_wait_for_memory(&self) -> bool {
         !self.paused
     }

@@ -2,8 +2,9 @@
 //! librdkafka's logs and errors (a failure a person must act on goes to the
 //! role as a [`KafkaCondition`]), and passes rebalances to the owning task:
 //! records polled before a rebalance reach the task before it hears of it; an
-//! assignment waits for the task's start offsets, a revoke at most
-//! `revoke_wait` for it to write what it buffered.
+//! assignment waits a few seconds for the task's start offsets (then it is
+//! assigned paused and started when they come), a revoke at most `revoke_wait`
+//! for it to write what it buffered.
 
 use std::time::{Duration, Instant};
 
@@ -13,14 +14,16 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceP
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::OwnedMessage;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 
 use super::profile::Role;
 use super::{failure_kind, Event, KafkaCondition, OnKafka};
 use crate::catalogue::Table;
 use crate::kafka::memory::Held;
-use crate::telemetry::events::{ClientLog, Consumer, KafkaError as KafkaErrorEvent, PartitionsMoved, Shown};
+use crate::telemetry::events::{
+    AssignmentDeferred, AssignmentStarted, ClientLog, Consumer, KafkaError as KafkaErrorEvent, PartitionsMoved, Shown,
+};
 use crate::telemetry::Event as _;
 
 /// The rdkafka context: forwards logs to `tracing` and rebalances to the task.
@@ -43,6 +46,20 @@ pub struct Context {
     failing: std::sync::atomic::AtomicBool,
     /// The topic existed for this consumer: it was assigned partitions of it.
     read: std::sync::atomic::AtomicBool,
+    /// Assignments the task did not answer within the assignment's wait: their
+    /// partitions are assigned paused, and start once the answer comes
+    /// ([`Context::start_deferred`]).
+    deferred: std::sync::Mutex<Vec<Deferred>>,
+    /// Whether `deferred` holds anything: read at every poll.
+    deferring: std::sync::atomic::AtomicBool,
+}
+
+/// Partitions assigned paused until the task says where they start.
+struct Deferred {
+    partitions: Vec<i32>,
+    /// The assignment, when the channel had no room for it yet.
+    event: Option<Event>,
+    answer: oneshot::Receiver<Vec<(i32, Offset)>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -96,6 +113,8 @@ impl Context {
             on_kafka,
             failing: std::sync::atomic::AtomicBool::new(false),
             read: std::sync::atomic::AtomicBool::new(false),
+            deferred: std::sync::Mutex::new(Vec::new()),
+            deferring: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -140,6 +159,71 @@ impl Context {
         }
     }
 
+    /// Like [`Context::send_by`], but gives the event back when the deadline
+    /// passes first.
+    fn send_until(&self, mut event: Event, deadline: Instant) -> (Sent, Option<Event>) {
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) => return (Sent::Yes, None),
+                Err(mpsc::error::TrySendError::Closed(_)) => return (Sent::Gone, None),
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return (Sent::TimedOut, Some(back));
+                    }
+                    event = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    /// How long an assignment waits for the task's start offsets before its
+    /// partitions are assigned paused (a small part of `max.poll.interval.ms`).
+    fn assign_wait(&self) -> Duration {
+        (self.revoke_wait / 2).min(ASSIGN_WAIT)
+    }
+
+    /// Assigns `partitions` paused, to start once the task answers.
+    #[allow(clippy::too_many_arguments)]
+    fn defer(
+        &self,
+        consumer: &BaseConsumer<Context>,
+        tpl: &TopicPartitionList,
+        cooperative: bool,
+        partitions: Vec<i32>,
+        event: Option<Event>,
+        answer: oneshot::Receiver<Vec<(i32, Offset)>>,
+        waited: Duration,
+    ) {
+        {
+            let mut deferred = self.deferred();
+            deferred.push(Deferred {
+                partitions: partitions.clone(),
+                event,
+                answer,
+            });
+            self.deferring.store(true, std::sync::atomic::Ordering::Release);
+        }
+        let assigned = if cooperative {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
+        };
+        if let Err(e) = assigned {
+            self.error("rebalance", "cannot apply the rebalance", &e, true);
+            return;
+        }
+        if let Err(e) = consumer.pause(tpl) {
+            self.error("rebalance", "cannot pause partitions waiting for their start", &e, true);
+        }
+        AssignmentDeferred {
+            consumer: self.consumer(),
+            partitions: &partitions,
+            waited,
+        }
+        .emit();
+    }
+
     pub(super) fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -180,6 +264,112 @@ impl Context {
         true
     }
 
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Vec<Deferred>> {
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether some partitions wait for the task to say where they start.
+    pub(super) fn deferring(&self) -> bool {
+        self.deferring.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether `partition` waits for its start (its records are not handed on:
+    /// it is read again from its start).
+    pub(super) fn awaits(&self, partition: i32) -> bool {
+        self.deferred().iter().any(|d| d.partitions.contains(&partition))
+    }
+
+    /// The partitions waiting for their start.
+    pub(super) fn awaiting(&self) -> Vec<i32> {
+        self.deferred().iter().flat_map(|d| d.partitions.clone()).collect()
+    }
+
+    /// Drops `partitions` (revoked; all of them when `None`) from the deferred
+    /// assignments, and from an assignment not handed to the task yet.
+    fn forget_deferred(&self, partitions: Option<&[i32]>) {
+        let mut deferred = self.deferred();
+        for d in deferred.iter_mut() {
+            let gone = |p: &i32| partitions.is_none_or(|revoked| revoked.contains(p));
+            d.partitions.retain(|p| !gone(p));
+            if let Some(Event::Assigned { partitions, .. }) = d.event.as_mut() {
+                partitions.retain(|p| !gone(p));
+            }
+        }
+        deferred.retain(|d| !d.partitions.is_empty());
+        self.deferring
+            .store(!deferred.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// Hands the deferred assignments to the task as the channel has room, and
+    /// starts the partitions it answered for: seeks them to their start and,
+    /// unless fetching is paused (`paused`), resumes them. Called by the poll
+    /// loop while [`Context::deferring`].
+    pub(super) fn start_deferred(&self, consumer: &BaseConsumer<Context>, paused: bool) {
+        let mut ready: Vec<(i32, Offset)> = Vec::new();
+        {
+            let mut deferred = self.deferred();
+            deferred.retain_mut(|d| {
+                if let Some(event) = d.event.take() {
+                    match self.events.try_send(event) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(event)) => {
+                            d.event = Some(event);
+                            return true;
+                        }
+                        // The task is gone: the consumer closes.
+                        Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    }
+                }
+                match d.answer.try_recv() {
+                    Ok(offsets) => {
+                        ready.extend(offsets.into_iter().filter(|(p, _)| d.partitions.contains(p)));
+                        false
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => true,
+                    Err(oneshot::error::TryRecvError::Closed) => false,
+                }
+            });
+            self.deferring
+                .store(!deferred.is_empty(), std::sync::atomic::Ordering::Release);
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in &ready {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, *partition, *offset) {
+                self.error("rebalance", "cannot set a deferred start offset", &e, true);
+            }
+        }
+        let partitions: Vec<i32> = ready.iter().map(|(p, _)| *p).collect();
+        let sought = consumer.seek_partitions(tpl.clone(), Duration::from_secs(10));
+        let failed = match &sought {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .find_map(|e| e.error().err())
+                .map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failed {
+            // Where they would read from is unknown: rebuild the consumer.
+            let _ = self.events.try_send(Event::PollFailed(format!(
+                "cannot seek partitions {partitions:?} to their start: {why}"
+            )));
+            return;
+        }
+        if !paused {
+            if let Err(e) = consumer.resume(&tpl) {
+                self.error("rebalance", "cannot resume partitions after their start", &e, true);
+            }
+        }
+        AssignmentStarted {
+            consumer: self.consumer(),
+            partitions: &partitions,
+        }
+        .emit();
+    }
+
     /// An error the client goes through on its own: counted and logged.
     pub(super) fn error(&self, kind: &'static str, what: &str, error: &dyn Shown, warn: bool) {
         KafkaErrorEvent {
@@ -209,15 +399,23 @@ impl Context {
     }
 }
 
-/// Waits for a oneshot answer, at most until `deadline` when one is given.
-fn answer_by<T>(mut answer: oneshot::Receiver<T>, deadline: Option<Instant>) -> Option<T> {
-    let Some(deadline) = deadline else {
-        return answer.blocking_recv().ok();
-    };
+/// The longest an assignment waits for the task's start offsets.
+const ASSIGN_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits for the answer until `deadline`; takes it out of `answer` when it
+/// came or the task is gone, leaves it there when the deadline passed first.
+fn answer_within<T>(answer: &mut Option<oneshot::Receiver<T>>, deadline: Instant) -> Option<T> {
+    let receiver = answer.as_mut()?;
     loop {
-        match answer.try_recv() {
-            Ok(value) => return Some(value),
-            Err(oneshot::error::TryRecvError::Closed) => return None,
+        match receiver.try_recv() {
+            Ok(value) => {
+                *answer = None;
+                return Some(value);
+            }
+            Err(oneshot::error::TryRecvError::Closed) => {
+                *answer = None;
+                return None;
+            }
             Err(oneshot::error::TryRecvError::Empty) if Instant::now() >= deadline => return None,
             Err(oneshot::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(5)),
         }
@@ -300,12 +498,12 @@ impl ConsumerContext for Context {
             self.read.store(true, std::sync::atomic::Ordering::SeqCst);
             self.working();
         }
-        let deadline = revoking.then(|| Instant::now() + self.revoke_wait);
-        let wait = if revoking {
-            self.revoke_wait
-        } else {
-            Duration::from_secs(3600)
-        };
+        // A revoke waits at most `revoke_wait` for the task; an assignment at
+        // most `assign_wait`, then its partitions are assigned paused and start
+        // once the task answers: the poll thread never waits on a task that
+        // awaits a stalled write or the DWH, and the member stays in its group.
+        let wait = if revoking { self.revoke_wait } else { self.assign_wait() };
+        let deadline = Instant::now() + wait;
         self.hand_over_within(&self.runtime, wait);
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -314,9 +512,19 @@ impl ConsumerContext for Context {
                     partitions: partitions.clone(),
                     reply,
                 };
-                let offsets = (self.send_by(event, None) == Sent::Yes)
-                    .then(|| answer_by(answer, None))
-                    .flatten();
+                let (sent, unsent) = self.send_until(event, deadline);
+                let mut answer = Some(answer);
+                let offsets = match sent {
+                    Sent::Yes => answer_within(&mut answer, deadline),
+                    Sent::Gone => None,
+                    Sent::TimedOut => None,
+                };
+                if offsets.is_none() && sent != Sent::Gone {
+                    if let Some(answer) = answer {
+                        self.defer(consumer, tpl, cooperative, partitions, unsent, answer, wait);
+                        return;
+                    }
+                }
                 let Some(offsets) = offsets else {
                     // The task is gone (stopping): take nothing on.
                     let none = TopicPartitionList::new();
@@ -350,13 +558,16 @@ impl ConsumerContext for Context {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // A deferred start of these partitions is void; an assignment the
+                // task has not heard of yet loses them.
+                self.forget_deferred((cooperative).then_some(partitions.as_slice()));
                 let (reply, answer) = oneshot::channel();
                 let event = Event::Revoked {
                     partitions: partitions.clone(),
                     reply,
                 };
-                let sent = self.send_by(event, deadline);
-                let answered = sent == Sent::Yes && answer_by(answer, deadline).is_some();
+                let sent = self.send_by(event, Some(deadline));
+                let answered = sent == Sent::Yes && answer_within(&mut Some(answer), deadline).is_some();
                 // When the task is stuck writing, leaving now keeps this member
                 // in the group; a write of these partitions that lands later is
                 // fenced if the next owner wrote first.

@@ -6,7 +6,10 @@
 //! the records polled before them) and wait for its answer, so partitions are
 //! assigned at the offsets the task chose and revoked after it has written what it
 //! buffered for them (or after half of `max.poll.interval.ms`: the fence keeps a
-//! late write from landing twice). The poll thread never blocks on the task or on
+//! late write from landing twice). An assignment the task does not answer within
+//! a few seconds (it awaits a stalled write or the DWH) is assigned paused, and
+//! its partitions are sought to their start once the answer comes; a close that
+//! takes over 30 s is left to finish on its own thread. The poll thread never blocks on the task or on
 //! memory: when the budget is spent or the task is behind, it pauses its
 //! partitions and keeps polling, so the member stays in its group however long the
 //! database stalls. Partitions are assigned `cooperative-sticky` by default: a
@@ -328,10 +331,16 @@ pub struct Poller {
     consumer: Arc<BaseConsumer<Context>>,
 }
 
+/// How long closing a consumer (leaving its group) may take before it is left
+/// to finish on its own thread.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
 impl Poller {
-    /// Stops polling and closes the consumer (leaving the group). Call after the
-    /// task dropped its receiver, so rebalance callbacks during the close find
-    /// nobody to wait for.
+    /// Stops polling and closes the consumer (leaving the group), within
+    /// [`CLOSE_WAIT`]: a close that takes longer (a coordinator that does not
+    /// answer) is counted, logged and left to finish on its own thread, so that
+    /// the table's next consumer is not held up. Call after the task dropped its
+    /// receiver, so rebalance callbacks during the close find nobody to wait for.
     pub async fn close(self) {
         self.stop.cancel();
         let Poller { thread, consumer, .. } = self;
@@ -339,12 +348,28 @@ impl Poller {
             let context = consumer.context();
             (context.table, context.topic.clone(), context.role())
         };
-        let closed = tokio::task::spawn_blocking(move || {
-            let _ = thread.join();
-            drop(consumer);
-        })
-        .await;
-        if let Err(e) = closed {
+        let (closed, done) = oneshot::channel();
+        // A thread of its own, not the runtime's blocking pool: a shutdown does
+        // not wait for a close that hangs.
+        let closing = std::thread::Builder::new()
+            .name(format!("close-{topic}"))
+            .spawn(move || {
+                let joined = thread.join();
+                drop(consumer);
+                let _ = closed.send(joined.is_ok());
+            });
+        let failure: Option<(&str, String)> = match closing {
+            Err(e) => Some(("cannot start the thread that closes a consumer", e.to_string())),
+            Ok(_) => match tokio::time::timeout(CLOSE_WAIT, done).await {
+                Ok(Ok(true)) => None,
+                Ok(Ok(false)) | Ok(Err(_)) => Some(("closing a consumer failed", "its poll thread panicked".into())),
+                Err(_) => Some((
+                    "a consumer did not close in time; it is left to finish on its own",
+                    format!("no close within {} s", CLOSE_WAIT.as_secs()),
+                )),
+            },
+        };
+        if let Some((what, error)) = failure {
             KafkaErrorEvent {
                 consumer: Consumer {
                     table,
@@ -352,8 +377,8 @@ impl Poller {
                     role: role.name(),
                 },
                 kind: "close",
-                what: "closing a consumer failed",
-                error: &e,
+                what,
+                error: &error,
                 warn: true,
             }
             .emit();

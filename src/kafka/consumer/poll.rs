@@ -64,6 +64,9 @@ pub(super) fn poll_loop(
         if let Some(change) = bp.settle() {
             fetching(change);
         }
+        if context.deferring() {
+            context.start_deferred(&consumer, bp.is_paused());
+        }
         let message = match consumer.poll(bp.poll_timeout(context.pending())) {
             None => {
                 if context.pending() > 0 && !offer(&mut bp) {
@@ -107,6 +110,10 @@ pub(super) fn poll_loop(
                 continue;
             }
         };
+        if context.deferring() && context.awaits(message.partition()) {
+            // Fetched before the pause took: read again from its start.
+            continue;
+        }
         context.working();
         let size = message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         let permits = u32::try_from(context.role.charge(size))
@@ -149,13 +156,24 @@ pub(super) fn poll_loop(
 /// Pauses or resumes fetching of every assigned partition.
 fn set_paused(consumer: &BaseConsumer<Context>, pause: bool) {
     let context = consumer.context();
-    let assignment = match consumer.assignment() {
+    let mut assignment = match consumer.assignment() {
         Ok(assignment) => assignment,
         Err(e) => {
             context.error("pause", "cannot read the assignment to pause or resume it", &e, true);
             return;
         }
     };
+    if !pause && context.deferring() {
+        // Partitions waiting for their start stay paused until it comes.
+        let awaiting = context.awaiting();
+        let mut fetchable = rdkafka::TopicPartitionList::new();
+        for element in assignment.elements() {
+            if !(element.topic() == context.topic && awaiting.contains(&element.partition())) {
+                fetchable.add_partition(element.topic(), element.partition());
+            }
+        }
+        assignment = fetchable;
+    }
     FetchSwitched {
         consumer: context.consumer(),
         paused: pause,

@@ -276,6 +276,47 @@ impl Event for PartitionsMoved<'_> {
     }
 }
 
+/// The task did not say within `waited` where newly assigned partitions start
+/// (it awaits a stalled write or the DWH): they are assigned paused, so that the
+/// member stays in its group, and start once it answers ([`AssignmentStarted`]).
+#[derive(Debug)]
+pub struct AssignmentDeferred<'a> {
+    pub consumer: Consumer<'a>,
+    pub partitions: &'a [i32],
+    pub waited: std::time::Duration,
+}
+
+impl Event for AssignmentDeferred<'_> {
+    fn emit(&self) {
+        let Consumer { topic, role, .. } = self.consumer;
+        let (partitions, wait_ms) = (self.partitions, self.waited.as_millis() as u64);
+        tracing::warn!(
+            target: KAFKA,
+            event = "assignment_deferred",
+            topic,
+            role,
+            ?partitions,
+            wait_ms,
+            "partitions assigned paused: the table's task has not said where they start"
+        );
+    }
+}
+
+/// Deferred partitions were sought to the start the task chose, and fetch.
+#[derive(Debug)]
+pub struct AssignmentStarted<'a> {
+    pub consumer: Consumer<'a>,
+    pub partitions: &'a [i32],
+}
+
+impl Event for AssignmentStarted<'_> {
+    fn emit(&self) {
+        let Consumer { topic, role, .. } = self.consumer;
+        let partitions = self.partitions;
+        tracing::info!(target: KAFKA, event = "assignment_started", topic, role, ?partitions, "deferred partitions start");
+    }
+}
+
 /// A poll found the consumer's topic unknown to the broker (not created yet,
 /// or deleted); the start warned of a missing topic once ([`TopicMissing`]).
 #[derive(Debug)]

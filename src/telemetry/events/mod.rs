@@ -20,9 +20,9 @@ pub use ingest::{
     TableStateSeen, TableStopped, WriteFailed, WritesRecovered, TABLE_STATES,
 };
 pub use kafka::{
-    ClientLog, Consumer, ConsumerRestart, FetchOutOfRange, FetchSwitched, KafkaError, KafkaFailing, KafkaRecovered,
-    PartitionsMoved, PollFailed, Restart, RoleStopped, TableTaskFailed, TopicMissing, TopicUnavailable, TopicsCreated,
-    TopicsUnlisted,
+    AssignmentDeferred, AssignmentStarted, ClientLog, Consumer, ConsumerRestart, FetchOutOfRange, FetchSwitched,
+    KafkaError, KafkaFailing, KafkaRecovered, PartitionsMoved, PollFailed, Restart, RoleStopped, TableTaskFailed,
+    TopicMissing, TopicUnavailable, TopicsCreated, TopicsUnlisted,
 };
 
 pub use super::event::{Event, Shown};
