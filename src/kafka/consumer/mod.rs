@@ -297,18 +297,23 @@ impl Subscription {
                 .name(name)
                 .spawn(move || {
                     let events = consumer.context().events.clone();
+                    let stopped = stop.clone();
                     let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         poll::poll_loop(consumer, memory, on_pause, stop)
                     }));
-                    if let Err(panic) = polled {
-                        // Never leave the task waiting for records that cannot come.
-                        let why = panic
+                    // Never leave the task waiting for records that cannot come:
+                    // the context keeps a sender, so the channel never closes.
+                    let why = match polled {
+                        Err(panic) => panic
                             .downcast_ref::<&str>()
                             .map(|s| (*s).to_owned())
                             .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        let _ = events.blocking_send(Event::PollFailed(why));
-                    }
+                            .unwrap_or_default(),
+                        // Stopped, or the task is gone: nobody waits.
+                        Ok(()) if stopped.is_cancelled() || events.is_closed() => return,
+                        Ok(()) => "the poll loop ended: the task did not take an event within its wait".to_owned(),
+                    };
+                    let _ = events.blocking_send(Event::PollFailed(why));
                 })
                 .map_err(ConsumerError::Thread)?
         };
