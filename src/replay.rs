@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use rdkafka::Offset;
 
 use crate::catalogue::Table;
-use crate::store::PlannedOffset;
+use crate::store::{PlannedOffset, TopicIdentity};
 
 /// Where to move each partition in scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,9 @@ pub struct Position {
     pub current: Option<i64>,
     /// Where ingest starts with no stored offset (`KAFKA_AUTO_OFFSET_RESET`).
     pub start: i64,
+    /// The log the broker's topic is (its id and cluster), when it gives one:
+    /// the offsets of the plan count in it.
+    pub log: Option<TopicIdentity>,
 }
 
 impl Position {
@@ -69,6 +72,8 @@ impl Step {
             partition: self.position.partition,
             current: self.position.current,
             new: self.new,
+            topic_id: self.position.log.as_ref().map(|l| l.topic_id.clone()),
+            cluster_id: self.position.log.as_ref().and_then(|l| l.cluster_id.clone()),
         }
     }
 }
@@ -131,6 +136,46 @@ pub fn step(scenario: &Scenario, position: Position, by_time: Option<Offset>) ->
         new,
         warnings,
     }))
+}
+
+/// Whether `topic`'s stored offsets move to a new log. `stored`: the logs its
+/// offset rows were written for; `found`: the broker's. When they differ (the
+/// topic deleted and created again, or the cluster replaced) the offsets count
+/// nothing in the broker's log, so a replay is refused unless the operator
+/// adopts the new log (`adopt`); adopting answers true. Adopting a log the
+/// offsets already count, or that the DWH never counted in, changes nothing.
+pub fn adopts(
+    topic: &str,
+    stored: &[TopicIdentity],
+    found: Option<&TopicIdentity>,
+    adopt: bool,
+) -> Result<bool, String> {
+    let Some(found) = found else {
+        if adopt {
+            return Err(format!(
+                "--adopt-topic: the broker gives no topic id for {topic} (Kafka before 2.8?), so there is no \
+                 log to tell from another; move its offsets with a plain replay"
+            ));
+        }
+        return Ok(false);
+    };
+    let other: Vec<String> = stored
+        .iter()
+        .filter(|s| s.topic_id != found.topic_id)
+        .map(ToString::to_string)
+        .collect();
+    if other.is_empty() {
+        return Ok(false);
+    }
+    if !adopt {
+        return Err(format!(
+            "{topic}: the DWH's offsets count {}, but the broker's topic is {found}: the topic was deleted and \
+             created again, or the cluster replaced, and those offsets count nothing in it; add --adopt-topic to \
+             move the offsets to the new topic (with --to-earliest, to read it from its first record)",
+            other.join(", ")
+        ));
+    }
+    Ok(true)
 }
 
 /// Reads a plan file: `topic,partition,offset` per line, the format
@@ -224,7 +269,34 @@ mod tests {
             high: 100,
             current,
             start: 10,
+            log: None,
         }
+    }
+
+    fn log(id: &str) -> TopicIdentity {
+        TopicIdentity {
+            topic_id: id.into(),
+            cluster_id: Some("c1".into()),
+        }
+    }
+
+    #[test]
+    fn offsets_of_another_log_are_moved_only_when_the_operator_adopts_it() {
+        let (old, new) = (log("AAAA"), log("BBBB"));
+        // The same log, or one the DWH never counted in: nothing to adopt.
+        assert_eq!(adopts("t", std::slice::from_ref(&new), Some(&new), false), Ok(false));
+        assert_eq!(adopts("t", &[], Some(&new), true), Ok(false));
+        // Another log: refused, naming both, unless adopted.
+        let refused = adopts("t", std::slice::from_ref(&old), Some(&new), false).unwrap_err();
+        assert!(
+            refused.contains("count topic id AAAA (cluster c1), but the broker's topic is topic id BBBB")
+                && refused.contains("--adopt-topic"),
+            "{refused}"
+        );
+        assert_eq!(adopts("t", &[old.clone(), new.clone()], Some(&new), true), Ok(true));
+        // No topic id on the broker: nothing to tell logs by.
+        assert_eq!(adopts("t", std::slice::from_ref(&old), None, false), Ok(false));
+        assert!(adopts("t", &[old], None, true).unwrap_err().contains("no topic id"));
     }
 
     fn new_offset(scenario: &Scenario, current: Option<i64>, by_time: Option<Offset>) -> (i64, usize) {

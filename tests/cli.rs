@@ -113,6 +113,7 @@ async fn migrate_applies_the_schema_once_and_is_idempotent() {
             "dwh_appmetrica_windows",
             "dwh_consumer_offsets",
             "dwh_ingest_members",
+            "dwh_offset_gaps",
             "dwh_rejected_records",
             "dwh_replays",
             "events_part",

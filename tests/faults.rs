@@ -258,6 +258,86 @@ async fn a_lane_that_fails_stays_failing_while_another_lane_of_the_table_writes(
     ingest.stop().await;
 }
 
+/// A lane whose write waits on a lock holds up none of the table's other
+/// lanes: the table's task never awaits a write to take more records. Here
+/// partition 1's records, many batches of them (far more than one written and
+/// one queued), land while partition 0's write waits on a lock the whole time;
+/// once the lock goes, every record lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_whose_write_waits_on_a_lock_holds_up_none_of_the_other_lanes() {
+    let (broker, prefix) = broker(2).await;
+    let url = fresh_pg_url().await;
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &url),
+        &[("KAFKA_WRITE_LANES", "2"), ("KAFKA_BATCH_MAX_ROWS", "10")],
+    );
+    migrated(&config).await;
+    count_writes(&url).await;
+    let table = Table::UserLocations;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(400));
+    publish(&config, &topic, &records[..20]).await;
+    let ingest = InProcessIngest::start(config.clone(), Dwh::connect(&config.dwh).expect("pool"));
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+
+    let mut lock = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT 1 FROM dwh_consumer_offsets WHERE topic = '{topic}' AND partition = 0 FOR UPDATE"
+    ))
+    .execute(&mut lock)
+    .await
+    .expect("lock");
+    // In rounds, so that partition 1's records keep coming after partition 0's
+    // lane is full.
+    for round in records[20..].chunks(38) {
+        publish(&config, &topic, round).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The fault: a write of partition 0 waits on the lock.
+    let waiting =
+        "SELECT min(query_start) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()";
+    let since = wait_for(Duration::from_secs(30), "a write to wait on the lock", || async {
+        let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(waiting)
+            .fetch_one(&mut conn)
+            .await
+            .ok()?
+    })
+    .await;
+    let moved = |partition: i32| {
+        let (url, group, topic) = (url.clone(), group(&prefix), topic.clone());
+        async move {
+            stored_offsets(&url, &group, &topic)
+                .await
+                .into_iter()
+                .find(|(p, _)| *p == partition)
+                .map_or(0, |(_, next)| next)
+        }
+    };
+    let held_at = moved(0).await;
+    wait_for(Duration::from_secs(45), "partition 1 to land in full", || async {
+        partition_caught_up(&config, &url, &prefix, 1).await.then_some(())
+    })
+    .await;
+    let partition_1 = moved(1).await;
+    assert!(partition_1 >= 150, "many batches of partition 1 landed: {partition_1}");
+    // ... while the same write of partition 0 still waits.
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let still: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(waiting)
+        .fetch_one(&mut conn)
+        .await
+        .expect("activity");
+    assert_eq!(still, Some(since), "the one write of partition 0 waited the whole time");
+    assert_eq!(moved(0).await, held_at, "partition 0 is held");
+
+    // The lock goes: every record lands, once.
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("unlock");
+    caught_up(&config, &url, &prefix, table, Duration::from_secs(60)).await;
+    assert_written_once(&url, 400).await;
+    assert_eq!(count(&url, "SELECT count(*) FROM dwh_rejected_records").await, 0);
+    ingest.stop().await;
+}
+
 /// `{"uuid":"\u0000abc",…}`: the reason quotes the value, and PostgreSQL refuses
 /// NUL in text; the reject must still land, and the table go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -515,6 +595,7 @@ async fn a_table_whose_records_wait_while_nothing_lands_is_stalled_in_readiness_
     let (broker, prefix) = broker_with(&[(table, 1)]).await;
     let topic = topic(&prefix, table);
     let url = fresh_pg_url().await;
+    let (endpoint, received) = otlp::receiver().await;
     let mut env = ingest_env(&broker, &prefix, &url);
     for (name, value) in [
         ("KAFKA_INGEST_TABLES", "user_locations"),
@@ -522,6 +603,8 @@ async fn a_table_whose_records_wait_while_nothing_lands_is_stalled_in_readiness_
         ("KAFKA_STALL_AFTER_SECONDS", "3"),
         ("METRICS_LAG_INTERVAL_SECONDS", "1"),
         ("LOG_FORMAT", "json"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ] {
         set_env(&mut env, name, value);
     }
@@ -564,6 +647,31 @@ async fn a_table_whose_records_wait_while_nothing_lands_is_stalled_in_readiness_
         "the likely cause is named: {first}"
     );
     assert_eq!(count(&url, "SELECT count(*) FROM user_locations").await, 0);
+
+    // Traces show it too: a span of its own with the stall as its error event.
+    let event = wait_for(Duration::from_secs(30), "a table_stalled span over OTLP", || async {
+        let r = received.lock().expect("lock");
+        r.spans
+            .iter()
+            .filter(|s| s.name == "table_stalled" && otlp::attribute(s, "table").as_deref() == Some(table.name()))
+            .flat_map(|s| s.events.iter())
+            .map(|e| otlp::attributes(&e.attributes))
+            .find(|a| a.contains(&("event".to_owned(), "table_stalled".to_owned())))
+    })
+    .await;
+    let field = |key: &str| {
+        event
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        field("reason").starts_with("partition 0: 40 records wait from offset 0"),
+        "{event:?}"
+    );
+    assert!(field("last_error").contains("fetch out of range"), "{event:?}");
+    assert_eq!(field("level"), "ERROR", "{event:?}");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
         .arg("status")
@@ -769,6 +877,7 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
             ("KAFKA_INGEST_TABLES", "user_locations,events_part"),
             ("KAFKA_MAX_IN_FLIGHT_BYTES", "8MiB"),
             ("KAFKA_BATCH_MAX_ROWS", "1000"),
+            ("KAFKA_WRITE_LANES", "2"),
         ],
     );
     let share = dwh_helper::kafka::memory::MemoryShare::of(8 << 20, 2);
@@ -815,6 +924,9 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
     // task waits on the write: a newcomer takes one (the revoke waits half of
     // max.poll.interval.ms, then goes on), then leaves and gives it back (an
     // assignment the task cannot answer while it waits).
+    let deferred =
+        || Scrape::of_this_process().sum("dwh_helper_assignments_deferred_total", &[("table", stalled.name())]);
+    let deferred_before = deferred();
     let newcomer = Newcomer::join(&config, &topic(&prefix, stalled)).await;
     let mut landed = 100;
     for round in 0..4 {
@@ -834,13 +946,14 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
         (dwh.count_rows("events_part").await.ok()? == landed).then_some(())
     })
     .await;
-    // This test's database only: other tests wait on locks of their own. The same
-    // write has waited for over twice max.poll.interval.ms.
-    let waiting = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND wait_event_type = 'Lock' \
-         AND now() - query_start > interval '14 seconds'"
-    );
-    assert_eq!(count(&url, &waiting).await, 1, "still stalled, on the one write");
+    // This test's database only: other tests wait on locks of their own. Each
+    // lane's one write (the table's two partitions, one per lane) has waited
+    // for over twice max.poll.interval.ms, and no other.
+    let waiting =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND wait_event_type = 'Lock'");
+    let long = format!("{waiting} AND now() - query_start > interval '14 seconds'");
+    assert_eq!(count(&url, &long).await, 2, "still stalled, on each lane's one write");
+    assert_eq!(count(&url, &waiting).await, 2, "no other write waits");
     let during = ingest.status.counters();
     assert!(
         during.pauses > before.pauses,
@@ -855,6 +968,10 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
             .expect("the group described")
             .expect("a real broker describes groups")
     };
+    assert!(
+        deferred() > deferred_before,
+        "the partition given back was assigned paused, counted"
+    );
     let stalled_client = format!("dwh-helper-{}", stalled.name());
     assert!(
         group.state == "Stable" && group.members.iter().any(|m| m.client_id == stalled_client),
@@ -1037,4 +1154,55 @@ async fn a_zombie_thawed_after_its_group_moved_on_writes_nothing_twice_and_nothi
     // The fenced member rebuilt its consumer, and said so.
     assert!(restarts >= 1.0, "a fence restarts the consumer: {restarts}");
     drop((zombie, other));
+}
+
+/// A consumer's close that hangs is given up after 30 s, counted as kind
+/// `close`, and left to finish on its own thread, so that a table whose
+/// consumer is rebuilt (after a fence, a fetch out of range) is not held up by
+/// the old one. The hang here: the close's revoke waits for a task that holds
+/// its events and answers nothing (half of a 120 s `max.poll.interval.ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_close_that_hangs_is_given_up_after_30_s_and_counted() {
+    use dwh_helper::kafka::consumer::{subscribe, Event, Role};
+    use dwh_helper::kafka::memory::{MemoryShare, TableMemory};
+    let (broker, prefix) = broker(1).await;
+    let config = config_from(
+        &ingest_env(&broker, &prefix, &fresh_pg_url().await),
+        &[("KAFKA_LIBRDKAFKA_MAX_POLL_INTERVAL_MS", "120000")],
+    );
+    let (kafka, table) = (&config.kafka, Table::UserLocations);
+    let subscription =
+        subscribe(kafka, &kafka.group_id, table, Role::Ingest, std::sync::Arc::new(|_| {})).expect("a consumer");
+    let share = MemoryShare::of(kafka.max_in_flight_bytes, 1);
+    let memory = TableMemory::new(&share, share.pool(1));
+    let (poller, mut events) = subscription
+        .poll(memory, std::sync::Arc::new(|| {}))
+        .expect("a poll thread");
+    // It joins the group; the task's part (where the partition starts) is played here.
+    match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+        Ok(Some(Event::Assigned { partitions, reply })) => {
+            let starts = partitions.iter().map(|p| (*p, rdkafka::Offset::Beginning)).collect();
+            reply.send(starts).expect("the poll thread waits for the starts");
+        }
+        other => panic!("an assignment first: {other:?}"),
+    }
+
+    let closes = || {
+        Scrape::of_this_process().sum(
+            "dwh_helper_kafka_errors_total",
+            &[("table", table.name()), ("kind", "close")],
+        )
+    };
+    let before = closes();
+    let started = Instant::now();
+    poller.close().await;
+    let took = started.elapsed();
+    // The fault: the close's revoke was handed to the task, which never answered.
+    match events.try_recv() {
+        Ok(Event::Revoked { partitions, .. }) => assert_eq!(partitions, vec![0]),
+        other => panic!("the close revoked the partition: {other:?}"),
+    }
+    assert!(took >= Duration::from_secs(29), "the close returned after {took:?}");
+    assert!(took < Duration::from_secs(40), "given up after 30 s, not {took:?}");
+    assert_eq!(closes(), before + 1.0, "the hung close is counted");
 }

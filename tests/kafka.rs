@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use dwh_helper::catalogue::Table;
+use sqlx::Connection as _;
 
 const TOKEN: &str = "kafka-test-token-0123456789abcdef0123456789";
 
@@ -334,17 +335,24 @@ async fn read_taken_away_while_running_fails_the_table_and_every_record_lands_on
     // Given back: it resumes by itself, and every record lands once.
     acl(true, "Read", "topic", &prefix);
     publish(&config, &topic, &records[200..]).await;
-    wait_for(Duration::from_secs(90), "every record once Read is back", || async {
-        let rows = pg_count(&url, "SELECT count(*) FROM user_locations").await?;
+    recovered_once(child, &url, table, 300, "every record once Read is back").await;
+}
+
+/// Waits (at most 90 s) until `expected` rows of `table` (user_locations) are
+/// in the DWH, the child is ready and the table not failing; then checks that
+/// each was written once (inserted, none skipped) and stops the child.
+async fn recovered_once(child: Child, url: &str, table: Table, expected: i64, what: &str) {
+    wait_for(Duration::from_secs(90), what, || async {
+        let rows = pg_count(url, "SELECT count(*) FROM user_locations").await?;
         let (code, _) = child.ready().await?;
         let failing = child.table_metric("dwh_helper_failing", table).await?;
-        (rows == 300 && code == 200 && failing == 0.0).then_some(())
+        (rows == expected && code == 200 && failing == 0.0).then_some(())
     })
     .await;
     let m = child.scrape().await.expect("a scrape");
     assert_eq!(
         m.sum("dwh_helper_rows_inserted_total", &[("table", table.name())]),
-        300.0,
+        expected as f64,
         "each record written once"
     );
     assert_eq!(m.sum("dwh_helper_rows_skipped_total", &[("table", table.name())]), 0.0);
@@ -441,4 +449,506 @@ async fn librdkafka_debug_contexts_are_printed_at_the_default_log_level() {
     .await;
     // Only the tables asked for are warned about: six topics do not exist here.
     assert!(child.events("topic_missing").is_empty(), "{}", child.log_text());
+}
+
+/// The record batches of a partition's first log segment, as (position of the
+/// batch in the file, base offset), read from the broker's log directory.
+fn stored_batches(segment: &std::path::Path) -> Vec<(usize, i64)> {
+    let bytes = std::fs::read(segment).expect("the segment");
+    let mut batches = Vec::new();
+    let mut at = 0;
+    while at + 12 <= bytes.len() {
+        let base = i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let length = i32::from_be_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+        if length <= 0 {
+            break;
+        }
+        batches.push((at, base));
+        at += 12 + length as usize;
+    }
+    batches
+}
+
+/// Sets the compression codec of the stored batch at `at` (the low three bits
+/// of its attributes, byte 22 of a v2 batch) and returns the byte it replaced.
+fn set_stored_codec(segment: &std::path::Path, at: usize, byte: impl FnOnce(u8) -> u8) -> u8 {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(segment)
+        .expect("the segment, writable");
+    let mut old = [0u8; 1];
+    file.seek(std::io::SeekFrom::Start(at as u64 + 22)).expect("seek");
+    file.read_exact(&mut old).expect("read");
+    file.seek(std::io::SeekFrom::Start(at as u64 + 22)).expect("seek");
+    file.write_all(&[byte(old[0])]).expect("write");
+    file.sync_all().expect("sync");
+    old[0]
+}
+
+/// A record batch no client can decompress (its codec bits set, on the broker's
+/// disk, to a codec that does not exist): the table fails by name, kind
+/// `unreadable records`, with the records before it landed and none after;
+/// once the batch is readable again, the table resumes by itself and every
+/// record lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_no_client_can_decompress_fails_the_table_and_every_record_lands_once_when_readable() {
+    let table = Table::UserLocations;
+    let (_broker, prefix, url, env, config) = user_locations_only().await;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(90));
+    for part in records.chunks(30) {
+        publish(&config, &topic, part).await;
+    }
+    let segment = std::path::Path::new(&kafka_var("DWH_TEST_KAFKA_DATA"))
+        .join(format!("{topic}-0"))
+        .join("00000000000000000000.log");
+    let batches = stored_batches(&segment);
+    let &(at, _) = batches
+        .iter()
+        .find(|(_, base)| *base == 30)
+        .unwrap_or_else(|| panic!("a stored batch starting at offset 30: {batches:?}"));
+    let original = set_stored_codec(&segment, at, |b| (b & 0xf8) | 5);
+    // The fault: Kafka's own reader of the log cannot read it either.
+    let dump = kafka_java_output(
+        "kafka.tools.DumpLogSegments",
+        &["--files", &segment.display().to_string()],
+    );
+    let refused = String::from_utf8_lossy(&dump.stderr);
+    assert!(
+        !dump.status.success() && refused.contains("Unknown compression type id: 5"),
+        "{refused}"
+    );
+
+    let child = fails_with(&env, table, "unreadable records").await;
+    // The records before the batch land, none from it or after it.
+    wait_for(Duration::from_secs(30), "the records before the batch", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 30).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(30));
+    let (code, body) = child.ready().await.expect("readiness answers");
+    assert_eq!(code, 503, "still failing while the batch is unreadable: {body}");
+    assert_eq!(
+        pg_count(&url, "SELECT count(*) FROM dwh_rejected_records").await,
+        Some(0)
+    );
+
+    // Readable again: the table resumes by itself; every record lands once.
+    set_stored_codec(&segment, at, |_| original);
+    recovered_once(child, &url, table, 90, "every record once the batch is readable").await;
+}
+
+/// A partition added to a topic the DWH knows is read from its first record,
+/// even under `KAFKA_AUTO_OFFSET_RESET=latest`: the records produced to it
+/// before the consumer first sees it (its metadata is refreshed every 10 s)
+/// all land, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_added_to_a_known_topic_is_read_from_its_first_record_under_latest() {
+    let table = Table::UserLocations;
+    let (broker, prefix) = broker_with(&[(table, 1)]).await;
+    let url = fresh_pg_url().await;
+    let mut env = ingest_env(&broker, &prefix, &url);
+    set_env(&mut env, "KAFKA_INGEST_TABLES", "user_locations");
+    set_env(&mut env, "KAFKA_AUTO_OFFSET_RESET", "latest");
+    let config = config_from(&env, &[]);
+    let dwh = migrated(&config).await;
+    count_writes(&url).await;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(200));
+    let ingest = InProcessIngest::start(config.clone(), dwh.clone());
+    // A topic the DWH never read starts at its end: the records come after.
+    wait_for(Duration::from_secs(30), "the partition to be assigned", || async {
+        (ingest.status.counters().rebalances >= 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    publish(&config, &topic, &records[..50]).await;
+    wait_for(Duration::from_secs(30), "the first records", || async {
+        (dwh.count_rows("user_locations").await.ok()? == 50).then_some(())
+    })
+    .await;
+
+    add_partitions(&config, &topic, 2).await;
+    wait_for(Duration::from_secs(30), "the new partition to be led", || async {
+        (watermarks(&config, &topic).await.len() == 2).then_some(())
+    })
+    .await;
+    publish(&config, &topic, &records[50..]).await;
+    // The new partition holds records the consumer has not seen yet.
+    let new = watermarks(&config, &topic)
+        .await
+        .into_iter()
+        .find(|w| w.partition == 1)
+        .map_or(0, |w| w.high);
+    assert!(new > 0, "records went to the new partition");
+    wait_for(Duration::from_secs(60), "every record of both partitions", || async {
+        (dwh.count_rows("user_locations").await.ok()? == 200).then_some(())
+    })
+    .await;
+    assert_written_once(&url, 200).await;
+    assert_eq!(
+        stored_offsets(&url, &group(&prefix), &topic).await,
+        vec![(0, 200 - new), (1, new)],
+        "both partitions stored at their ends"
+    );
+    ingest.stop().await;
+}
+
+/// Records that expire before they are written: restarted as the stop message
+/// says (`KAFKA_ON_OFFSET_OUT_OF_RANGE=earliest`), the ingest goes on from the
+/// first record held, and the loss is counted by cause, kept in
+/// `dwh_offset_gaps` with the gap's offsets, and shown by `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_lost_to_retention_are_counted_kept_in_the_dwh_and_shown_by_status() {
+    let table = Table::UserLocations;
+    let (_broker, prefix, url, mut env, config) = user_locations_only().await;
+    set_env(&mut env, "LOG_FORMAT", "json");
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(50));
+    publish(&config, &topic, &records[..20]).await;
+    let child = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(60), "the first records", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 20).then_some(())
+    })
+    .await;
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
+
+    // The fault: while no ingest runs, records 20..35 expire unread.
+    publish(&config, &topic, &records[20..]).await;
+    assert_eq!(expire_records(&config, &topic, 0, 35).await, 35);
+    let marks = watermarks(&config, &topic).await;
+    assert_eq!((marks[0].low, marks[0].high), (35, 50), "{marks:?}");
+
+    set_env(&mut env, "KAFKA_ON_OFFSET_OUT_OF_RANGE", "earliest");
+    let child = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(60), "the records still held", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 35).then_some(())
+    })
+    .await;
+    let m = child.scrape().await.expect("a scrape");
+    assert_eq!(
+        m.sum(
+            "dwh_helper_records_lost_total",
+            &[("table", table.name()), ("cause", "retention")]
+        ),
+        15.0
+    );
+    assert_eq!(m.sum("dwh_helper_records_lost_total", &[("cause", "skipped")]), 0.0);
+    let gaps = child.events("offset_gap");
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(
+        (gaps[0]["from"].as_i64(), gaps[0]["to"].as_i64()),
+        (Some(20), Some(35)),
+        "{gaps:?}"
+    );
+    // On record next to the data.
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let kept: Vec<(String, String, i32, i64, i64, i64, String)> = sqlx::query_as(
+        "SELECT group_id, topic, partition, from_offset, to_offset, records, cause FROM dwh_offset_gaps",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("gaps");
+    assert_eq!(
+        kept,
+        vec![(group(&prefix), topic.clone(), 0, 20, 35, 15, "retention".to_owned())]
+    );
+    let status = run_cli(&env, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("gap: user_locations partition 0: records 20..35 (15) never written: lost to retention"),
+        "{text}"
+    );
+    assert_eq!(status.status.code(), Some(0), "caught up: {text}");
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
+}
+
+/// Two deployments on one DWH (two consumer groups reading the same topics)
+/// are seen: the second warns at its start, naming the first group and the
+/// table; the first warns once the second appears; `status` shows the other
+/// group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_group_ingesting_the_same_tables_is_warned_about_at_start_and_in_status() {
+    let (_broker, prefix, _url, mut env, _config) = user_locations_only().await;
+    set_env(&mut env, "LOG_FORMAT", "json");
+    let first_group = group(&prefix);
+    let second_group = format!("{first_group}-second");
+    let first = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(30), "the first deployment to start", || async {
+        (first.ready().await?.0 == 200).then_some(())
+    })
+    .await;
+    let mut second_env = env.clone();
+    set_env(&mut second_env, "KAFKA_GROUP_ID", &second_group);
+    let second = Child::observed(&second_env, "ingest");
+    let warned = |child: &Child, other: &str| {
+        child
+            .events("other_groups")
+            .into_iter()
+            .find(|e| e["level"] == "WARN" && e["others"] == format!("{other} (user_locations)"))
+    };
+    let at_start = wait_for(Duration::from_secs(30), "the second to warn at its start", || async {
+        warned(&second, &first_group)
+    })
+    .await;
+    assert_eq!(at_start["group"], second_group.as_str(), "{at_start}");
+    wait_for(Duration::from_secs(30), "the first to warn of the second", || async {
+        warned(&first, &second_group)
+    })
+    .await;
+    let status = run_cli(&env, &["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("a JSON report");
+    assert_eq!(
+        report["other_groups"],
+        serde_json::json!([{"group": second_group, "tables": ["user_locations"], "members": report["other_groups"][0]["members"]}]),
+        "{report}"
+    );
+    assert_eq!(report["other_groups"][0]["members"].as_array().map(Vec::len), Some(1));
+    let text = run_cli(&env, &["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "WARNING: group {second_group} also ingests into this DWH (user_locations; 1 instance(s))"
+        )),
+        "{text}"
+    );
+    assert!(second.terminate(Duration::from_secs(30)).expect("stops").success());
+    assert!(first.terminate(Duration::from_secs(30)).expect("stops").success());
+}
+
+/// The topic id of `topic`, as Kafka's own `kafka-topics --describe` prints it.
+fn topic_id_on_broker(topic: &str) -> String {
+    let described = kafka_tool("org.apache.kafka.tools.TopicCommand", &["--describe", "--topic", topic]);
+    described
+        .split_whitespace()
+        .skip_while(|word| *word != "TopicId:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a TopicId in {described}"))
+        .to_owned()
+}
+
+/// Runs `dwh-helper` with `args` in `env`, to its end.
+fn run_cli(env: &[(String, String)], args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dwh-helper"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().cloned())
+        .output()
+        .expect("dwh-helper runs")
+}
+
+/// Issue 25's first case: a topic deleted and created again, with more
+/// records than the DWH's stored offset. Before, the old offset (inside the new
+/// log's range) was read from, and the new log's first records were skipped in
+/// silence. Now the start stops the table, naming both topic ids and the
+/// command; the adoption (`replay --adopt-topic`, audited) reads the new topic
+/// from its beginning, and every new record lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_created_again_with_more_records_stops_the_table_until_adopted_and_then_every_record_lands() {
+    let table = Table::UserLocations;
+    let (_broker, prefix, url, mut env, config) = user_locations_only().await;
+    set_env(&mut env, "LOG_FORMAT", "json");
+    count_writes(&url).await;
+    let topic = topic(&prefix, table);
+    let records = keyed(table, locations(100));
+    publish(&config, &topic, &records[..40]).await;
+    let old_id = topic_id_on_broker(&topic);
+    let child = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(60), "the first log's records", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 40).then_some(())
+    })
+    .await;
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let kept = "SELECT partition, next_offset, topic_id FROM dwh_consumer_offsets WHERE topic = $1";
+    let rows: Vec<(i32, i64, Option<String>)> = sqlx::query_as(kept)
+        .bind(&topic)
+        .fetch_all(&mut conn)
+        .await
+        .expect("offsets");
+    assert_eq!(
+        rows,
+        vec![(0, 40, Some(old_id.clone()))],
+        "the offset keeps its topic's id"
+    );
+
+    // The fault: the topic is deleted and created again under the same name,
+    // and holds more records than the stored offset.
+    delete_topics(&config, std::slice::from_ref(&topic)).await;
+    wait_for(Duration::from_secs(30), "the topic to be gone", || async {
+        watermarks(&config, &topic).await.is_empty().then_some(())
+    })
+    .await;
+    create_topics(&kafka_bootstrap(), &prefix, &[(table, 1)]).await;
+    publish(&config, &topic, &records[40..]).await;
+    let new_id = topic_id_on_broker(&topic);
+    assert_ne!(new_id, old_id);
+    let marks = watermarks(&config, &topic).await;
+    assert_eq!(
+        (marks[0].low, marks[0].high),
+        (0, 60),
+        "the old offset 40 lies inside the new log"
+    );
+
+    let child = Child::observed(&env, "ingest");
+    let body = wait_for(Duration::from_secs(60), "the table to stop on the new log", || async {
+        let (code, body) = child.ready().await?;
+        let stopped = child.table_metric("dwh_helper_table_stopped", table).await?;
+        (code == 503 && stopped == 1.0 && body.contains(&format!("{topic} (stopped)"))).then_some(body)
+    })
+    .await;
+    let stops = child.events("table_stopped");
+    let reason = stops
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .find(|r| r.contains("the DWH's offsets count"))
+        .unwrap_or_else(|| panic!("a stop naming both logs: {stops:?} ({body})"))
+        .to_owned();
+    assert!(
+        reason.contains(&format!("topic id {old_id}"))
+            && reason.contains(&format!("the broker's topic is topic id {new_id}"))
+            && reason.contains("dwh-helper replay --table user_locations --adopt-topic --to-earliest --execute"),
+        "{reason}"
+    );
+    // Nothing of the new log is read from the old offset.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(40));
+    assert_eq!(stored_offsets(&url, &group(&prefix), &topic).await, vec![(0, 40)]);
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
+    // status reads the same from the sources of truth.
+    let status = run_cli(&env, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "user_locations partition 0: stored offset 40 counts in topic id {old_id}, but the broker's topic is \
+             topic id {new_id}"
+        )),
+        "{text}"
+    );
+
+    // A plain replay is refused: its offsets would count in the wrong log.
+    let refused = run_cli(
+        &env,
+        &["replay", "--table", "user_locations", "--to-earliest", "--execute"],
+    );
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("add --adopt-topic"),
+        "{said}"
+    );
+    // The adoption: planned, then executed and audited.
+    let plan = run_cli(
+        &env,
+        &["replay", "--table", "user_locations", "--adopt-topic", "--to-earliest"],
+    );
+    let shown = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.status.success(),
+        "{shown} {}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        shown.contains(&format!("{topic}: the offsets move to topic id {new_id}")) && shown.contains("nothing changed"),
+        "{shown}"
+    );
+    assert_eq!(
+        stored_offsets(&url, &group(&prefix), &topic).await,
+        vec![(0, 40)],
+        "a plan changes nothing"
+    );
+    let done = run_cli(
+        &env,
+        &[
+            "replay",
+            "--table",
+            "user_locations",
+            "--adopt-topic",
+            "--to-earliest",
+            "--execute",
+        ],
+    );
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let rows: Vec<(i32, i64, Option<String>)> = sqlx::query_as(kept)
+        .bind(&topic)
+        .fetch_all(&mut conn)
+        .await
+        .expect("offsets");
+    assert_eq!(rows, vec![(0, 0, Some(new_id.clone()))]);
+    let audited: String = sqlx::query_scalar("SELECT scenario FROM dwh_replays ORDER BY id DESC LIMIT 1")
+        .fetch_one(&mut conn)
+        .await
+        .expect("the replay recorded");
+    assert!(
+        audited.starts_with("--to-earliest --adopt-topic") && audited.contains(&new_id),
+        "{audited}"
+    );
+
+    // Started again: every record of the new log lands, once.
+    let child = Child::observed(&env, "ingest");
+    wait_for(Duration::from_secs(60), "every record of the new log", || async {
+        let rows = pg_count(&url, "SELECT count(*) FROM user_locations").await?;
+        let (code, _) = child.ready().await?;
+        (rows == 100 && code == 200).then_some(())
+    })
+    .await;
+    assert_written_once(&url, 100).await;
+    assert_eq!(stored_offsets(&url, &group(&prefix), &topic).await, vec![(0, 60)]);
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
+}
+
+/// An assignment the table's task cannot answer in time (here: the DWH's
+/// offsets table locked, so the start offsets cannot be read) is assigned
+/// paused, and started once the task answers. For a fresh group, with no
+/// Kafka committed offset, that pause must not end in a fetch out of range
+/// (`auto.offset.reset` is `error`) that rebuilds the consumer again and again:
+/// the partition waits, is counted as deferred, and every record lands once
+/// the lock goes, with no consumer restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deferred_assignment_of_a_fresh_group_waits_for_its_start_without_restarting_the_consumer() {
+    let table = Table::UserLocations;
+    let (_broker, prefix, url, env, config) = user_locations_only().await;
+    count_writes(&url).await;
+    let topic = topic(&prefix, table);
+    publish(&config, &topic, &keyed(table, locations(60))).await;
+    let mut lock = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE dwh_consumer_offsets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .expect("lock");
+    let child = Child::observed(&env, "ingest");
+    // The fault: the assignment waits past its 5 s and is deferred.
+    wait_for(Duration::from_secs(60), "the assignment to be deferred", || async {
+        (child
+            .table_metric("dwh_helper_assignments_deferred_total", table)
+            .await?
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let m = child.scrape().await.expect("a scrape");
+    assert_eq!(
+        m.sum("dwh_helper_consumer_restarts_total", &[("table", table.name())]),
+        0.0,
+        "the deferred partition did not fall out of range"
+    );
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM user_locations").await, Some(0));
+
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.expect("unlock");
+    wait_for(Duration::from_secs(60), "every record", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 60).then_some(())
+    })
+    .await;
+    assert_written_once(&url, 60).await;
+    let m = child.scrape().await.expect("a scrape");
+    assert_eq!(
+        m.sum("dwh_helper_consumer_restarts_total", &[("table", table.name())]),
+        0.0
+    );
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
 }

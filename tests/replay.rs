@@ -659,6 +659,8 @@ async fn replays_rejects_and_announcements_are_kept_on_both_backends() {
                 partition: 0,
                 current: None,
                 new: 7,
+                topic_id: None,
+                cluster_id: None,
             },
             PlannedOffset {
                 table: "user_locations".into(),
@@ -666,10 +668,12 @@ async fn replays_rejects_and_announcements_are_kept_on_both_backends() {
                 partition: 1,
                 current: Some(9),
                 new: 3,
+                topic_id: None,
+                cluster_id: None,
             },
         ];
         let id = dwh
-            .execute_replay("g", "ops@host", "--to-offset 3", &plan)
+            .execute_replay("g", "ops@host", "--to-offset 3", &plan, &[])
             .await
             .expect("replay");
         let offsets = dwh.topic_offsets("g", "dwh.user_locations").await.expect("offsets");
@@ -702,6 +706,8 @@ async fn replays_rejects_and_announcements_are_kept_on_both_backends() {
             rejects: &rejects,
             offsets: &[],
             origins: None,
+            gaps: &[],
+            identity: None,
         })
         .await
         .expect("rejects written");
@@ -770,5 +776,97 @@ async fn replays_rejects_and_announcements_are_kept_on_both_backends() {
                 .is_empty(),
             "{db:?}"
         );
+    }
+}
+
+/// Issue 25: each offset row keeps the log (topic id) it counts in, on both
+/// backends. A batch started in another log is fenced, even at the right
+/// offset; an adoption moves the topic's offsets to the new log and drops the
+/// rows of the old one, in the replay's transaction.
+#[tokio::test]
+async fn offsets_keep_their_log_a_batch_of_another_log_is_fenced_and_an_adoption_drops_the_old_rows() {
+    use dwh_helper::store::{Batch, OffsetAdvance, PlannedOffset, StoreError, TopicIdentity};
+    let log = |id: &str| TopicIdentity {
+        topic_id: id.into(),
+        cluster_id: Some("cluster-a".into()),
+    };
+    let (old, new) = (log("OLD-id"), log("NEW-id"));
+    let topic = "dwh.user_locations";
+    let advance = |partition: i32, from: i64, to: i64| OffsetAdvance {
+        group_id: "g".into(),
+        topic: topic.into(),
+        partition,
+        from,
+        to,
+    };
+    let batch = |offsets: &'static [OffsetAdvance], identity: Option<&'static TopicIdentity>| Batch {
+        table: TABLE,
+        rows: &[],
+        rejects: &[],
+        offsets,
+        origins: None,
+        gaps: &[],
+        identity,
+    };
+    let leak = |a: Vec<OffsetAdvance>| -> &'static [OffsetAdvance] { Box::leak(a.into_boxed_slice()) };
+    let (old, new): (&'static TopicIdentity, &'static TopicIdentity) =
+        (Box::leak(Box::new(old)), Box::leak(Box::new(new)));
+    for db in [Db::Postgres, Db::Sqlite] {
+        let (dwh, _, _guard) = dwh(db, &[]).await;
+        dwh.write(batch(leak(vec![advance(0, 0, 5), advance(1, 0, 8)]), Some(old)))
+            .await
+            .expect("the first log's batch");
+        // A row written without a known log keeps the one it has.
+        dwh.write(batch(leak(vec![advance(0, 5, 6)]), None))
+            .await
+            .expect("no log given");
+        assert_eq!(
+            dwh.topic_identities("g", topic).await.expect("logs"),
+            vec![old.clone()],
+            "{db:?}"
+        );
+        // A batch of another log, at the stored offset: fenced, nothing moves.
+        let fenced = dwh
+            .write(batch(leak(vec![advance(0, 6, 9)]), Some(new)))
+            .await
+            .expect_err("another log's batch");
+        assert!(matches!(fenced, StoreError::Fenced { .. }), "{db:?}: {fenced}");
+        let offsets = dwh.topic_offsets("g", topic).await.expect("offsets");
+        assert_eq!((offsets.get(&0), offsets.get(&1)), (Some(&6), Some(&8)), "{db:?}");
+
+        // The adoption: partition 0 of the new log from 0; partition 1 of the
+        // old log is not in the new topic, and goes.
+        let plan = vec![PlannedOffset {
+            table: TABLE.name().into(),
+            topic: topic.into(),
+            partition: 0,
+            current: None,
+            new: 0,
+            topic_id: Some(new.topic_id.clone()),
+            cluster_id: new.cluster_id.clone(),
+        }];
+        dwh.execute_replay(
+            "g",
+            "ops@host",
+            "--to-earliest --adopt-topic",
+            &plan,
+            &[(topic.to_owned(), new.clone())],
+        )
+        .await
+        .expect("adopted");
+        let offsets = dwh.topic_offsets("g", topic).await.expect("offsets");
+        assert_eq!(offsets.into_iter().collect::<Vec<_>>(), vec![(0, 0)], "{db:?}");
+        assert_eq!(
+            dwh.topic_identities("g", topic).await.expect("logs"),
+            vec![new.clone()],
+            "{db:?}"
+        );
+        assert_eq!(dwh.replays("g", 1).await.expect("replays")[0].plan, plan, "{db:?}");
+        // The new log's batches land; the old log's are fenced now.
+        dwh.write(batch(leak(vec![advance(0, 0, 4)]), Some(new)))
+            .await
+            .expect("the new log's batch");
+        let stale = dwh.write(batch(leak(vec![advance(0, 4, 7)]), Some(old))).await;
+        assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{db:?}: {stale:?}");
     }
 }

@@ -224,6 +224,8 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
                 rejects: &rejects,
                 offsets: &[advance(0, 0, 11)],
                 origins: None,
+                gaps: &[],
+                identity: None,
             })
             .await
             .expect("first batch");
@@ -243,6 +245,8 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
                 rejects: &stale_rejects,
                 offsets: &[advance(1, 0, 4), advance(0, 0, 6)],
                 origins: None,
+                gaps: &[],
+                identity: None,
             })
             .await
             .expect_err("fenced");
@@ -281,6 +285,8 @@ async fn a_fenced_offset_rolls_back_rows_and_rejects_too() {
             rejects: &[],
             offsets: &[advance(0, 11, 16)],
             origins: None,
+            gaps: &[],
+            identity: None,
         })
         .await
         .expect("owner continues");
@@ -344,6 +350,8 @@ fn ingest_batch<'a>(rows: &'a [Row], origins: &'a mut Vec<Origin>) -> Batch<'a> 
             topic: "dwh.events_part",
             rows: origins,
         }),
+        gaps: &[],
+        identity: None,
         ..Batch::rows(Table::EventsPart, rows)
     }
 }
@@ -639,6 +647,8 @@ async fn a_row_the_database_refuses_is_rejected_with_its_message_and_the_rest_la
                     topic: "dwh.user_locations",
                     rows: &origins,
                 }),
+                gaps: &[],
+                identity: None,
             })
             .await
             .expect("the batch lands without the refused rows");
@@ -733,6 +743,8 @@ async fn an_error_of_the_database_rather_than_the_data_fails_the_whole_batch_and
                     topic: "dwh.user_locations",
                     rows: &origins,
                 }),
+                gaps: &[],
+                identity: None,
             })
             .await
             .expect_err("read-only");
@@ -768,6 +780,8 @@ async fn a_reason_with_nul_is_stored_escaped() {
             rejects: std::slice::from_ref(&reject),
             offsets: &[location_advance(0, 1)],
             origins: None,
+            gaps: &[],
+            identity: None,
         })
         .await
         .expect("a NUL in a reason does not stall the table");
@@ -1042,6 +1056,8 @@ async fn write_locations(dwh: &Dwh, records: &[Value]) -> Result<dwh_helper::sto
             topic: "dwh.user_locations",
             rows: &origins,
         }),
+        gaps: &[],
+        identity: None,
     })
     .await
 }

@@ -16,7 +16,7 @@ use crate::catalogue::Table;
 use crate::config::{Config, OffsetReset};
 use crate::kafka::{self, groups, topics::Metadata};
 use crate::replay::{self, Position, Scenario, Step};
-use crate::store::Dwh;
+use crate::store::{Dwh, TopicIdentity};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("scenario").required(true).multiple(false)))]
@@ -54,6 +54,12 @@ pub struct ReplayArgs {
     /// To the offsets of a plan file (topic,partition,offset per line, as --export writes)
     #[arg(long, group = "scenario", value_name = "FILE")]
     from_file: Option<PathBuf>,
+    /// Move the offsets to the topic the broker has now, when it is another log
+    /// than the one the DWH's offsets count (deleted and created again, or the
+    /// cluster replaced): its old offsets are dropped; the plan counts from
+    /// the new log (every partition)
+    #[arg(long, conflicts_with = "partitions")]
+    adopt_topic: bool,
     /// Apply the plan (without it, only print it)
     #[arg(long)]
     execute: bool,
@@ -119,7 +125,23 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
         _ => args.table.clone(),
     };
     let dwh = Dwh::connect(&config.dwh)?;
-    let steps = plan(&config, &dwh, &group, &tables, &args.partitions, &scenario).await?;
+    let asked = Asked {
+        group: &group,
+        tables: &tables,
+        partitions: &args.partitions,
+        scenario: &scenario,
+        adopt: args.adopt_topic,
+    };
+    let (steps, adopt) = plan(&config, &dwh, asked).await?;
+    for (topic, log) in &adopt {
+        println!("{topic}: the offsets move to {log}; those of the old topic are dropped");
+    }
+    let described = if adopt.is_empty() {
+        described
+    } else {
+        let logs: Vec<String> = adopt.iter().map(|(topic, log)| format!("{topic}: {log}")).collect();
+        format!("{described} --adopt-topic ({})", logs.join("; "))
+    };
     for warning in steps.iter().flat_map(|s| &s.warnings) {
         eprintln!("warning: {warning}");
     }
@@ -140,7 +162,7 @@ pub async fn replay(config: Config, args: ReplayArgs) -> anyhow::Result<()> {
         refuse_while_read(&state, &steps)?;
     }
     let by = executed_by();
-    let id = dwh.execute_replay(&group, &by, &described, &planned).await?;
+    let id = dwh.execute_replay(&group, &by, &described, &planned, &adopt).await?;
     tracing::info!(target: "dwh_helper::replay", id, group, by, scenario = described, partitions = planned.len(), "replay executed");
     println!(
         "replay {id} executed: {} partition(s) of group {group} moved",
@@ -197,15 +219,32 @@ async fn commit(config: &Config, group: &str, offsets: Vec<(String, i32, i64)>) 
     Ok(tokio::task::spawn_blocking(move || groups::commit(&kafka_config, &name, &offsets)).await??)
 }
 
-/// The plan for `tables` (only `partitions`, when given).
+/// What the operator asked a plan of.
+#[derive(Debug, Clone, Copy)]
+struct Asked<'a> {
+    group: &'a str,
+    tables: &'a [Table],
+    /// Only these partitions, when given.
+    partitions: &'a [i32],
+    scenario: &'a Scenario,
+    /// `--adopt-topic`.
+    adopt: bool,
+}
+
+/// The plan for the tables asked, and the topics whose offsets move to a new
+/// log, with it.
 async fn plan(
     config: &Config,
     dwh: &Dwh,
-    group: &str,
-    tables: &[Table],
-    partitions: &[i32],
-    scenario: &Scenario,
-) -> anyhow::Result<Vec<Step>> {
+    asked: Asked<'_>,
+) -> anyhow::Result<(Vec<Step>, Vec<(String, TopicIdentity)>)> {
+    let Asked {
+        group,
+        tables,
+        partitions,
+        scenario,
+        adopt,
+    } = asked;
     let prefix = config.kafka.topic_prefix.clone();
     let topics: Vec<String> = tables.iter().map(|&t| kafka::topic_name(&prefix, t)).collect();
     let kafka_config = config.kafka.clone();
@@ -215,12 +254,22 @@ async fn plan(
     };
     let wanted = topics.clone();
     let partitions_wanted = partitions.to_vec();
-    // Watermarks, and for a time the broker's offsets by timestamp.
-    let (marks, by_time) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    // Watermarks, the topics' ids, and for a time the broker's offsets by timestamp.
+    let (marks, logs, by_time) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let metadata = Metadata::connect(&kafka_config)?;
         let marks = metadata
             .watermarks_of(&wanted)
             .context("cannot read the topics' watermarks")?;
+        let (ids, cluster_id) = metadata
+            .identities(&wanted)
+            .map_err(|e| anyhow::anyhow!("cannot read the topics' ids: {e}"))?;
+        let logs: HashMap<String, TopicIdentity> = ids
+            .into_iter()
+            .map(|(topic, topic_id)| {
+                let cluster_id = cluster_id.clone();
+                (topic, TopicIdentity { topic_id, cluster_id })
+            })
+            .collect();
         let mut by_time = HashMap::new();
         if let Some(millis) = at {
             for (topic, list) in &marks {
@@ -235,10 +284,11 @@ async fn plan(
                 by_time.insert(topic.clone(), answer);
             }
         }
-        Ok((marks, by_time))
+        Ok((marks, logs, by_time))
     })
     .await??;
     let mut steps = Vec::new();
+    let mut adopted = Vec::new();
     for (&table, topic) in tables.iter().zip(&topics) {
         let Some(list) = marks.get(topic) else {
             bail!("topic {topic} of table {table} does not exist on the broker");
@@ -248,7 +298,16 @@ async fn plan(
                 bail!("{topic} has no partition {p} (it has {})", list.len());
             }
         }
-        let stored = dwh.topic_offsets(group, topic).await?;
+        let log = logs.get(topic);
+        let stored_logs = dwh.topic_identities(group, topic).await?;
+        let adopting = replay::adopts(topic, &stored_logs, log, adopt).map_err(anyhow::Error::msg)?;
+        // The offsets of another log count nothing in this one.
+        let stored = if adopting {
+            adopted.push((topic.clone(), log.cloned().expect("adopting a log the broker named")));
+            HashMap::new()
+        } else {
+            dwh.topic_offsets(group, topic).await?
+        };
         for w in list {
             if !partitions.is_empty() && !partitions.contains(&w.partition) {
                 continue;
@@ -264,6 +323,7 @@ async fn plan(
                     OffsetReset::Earliest => w.low,
                     OffsetReset::Latest => w.high,
                 },
+                log: log.cloned(),
             };
             let answer = by_time.get(topic).and_then(|m| m.get(&w.partition)).copied();
             if let Some(step) = replay::step(scenario, position, answer).map_err(anyhow::Error::msg)? {
@@ -281,7 +341,7 @@ async fn plan(
             }
         }
     }
-    Ok(steps)
+    Ok((steps, adopted))
 }
 
 /// Refuses while an ingest instance announced, lately, that it reads a table of

@@ -48,8 +48,12 @@ struct Lane<M> {
 }
 
 impl<M> Lane<M> {
-    /// When the open batch is due (see [`Lanes::deadline`]).
+    /// When the open batch is due (see [`Lanes::deadline`]); never while the
+    /// lane's queue is taken, since it cannot close then.
     fn due(&self, drain: bool) -> Option<Instant> {
+        if self.queued.is_some() {
+            return None;
+        }
         let drained = self.batcher.drained_at().filter(|_| drain);
         self.batcher.deadline().into_iter().chain(drained).min()
     }

@@ -31,8 +31,8 @@ use crate::kafka::memory::{MemoryShare, TableMemory};
 use crate::kafka::{self, topics, KafkaSetupError};
 use crate::store::Dwh;
 use crate::telemetry::events::{
-    Consumer, FetchPaused, IngestStarted, KafkaFailing, KafkaRecovered, MemberUnrecorded, Shown, TopicMissing,
-    TopicsCreated, TopicsUnlisted,
+    Consumer, FetchPaused, IngestStarted, KafkaFailing, KafkaRecovered, MemberUnrecorded, OtherGroupsIngest, Shown,
+    TopicMissing, TopicsCreated, TopicsUnlisted,
 };
 use crate::telemetry::Event as _;
 use batcher::BatchLimits;
@@ -113,8 +113,12 @@ fn member_name(config: &Config) -> String {
     name
 }
 
-/// Announces `tables` every [`ANNOUNCE_INTERVAL`] until `done`.
+/// Announces `tables` every [`ANNOUNCE_INTERVAL`] until `done`, and warns
+/// (at the start, and whenever it changes) when other groups ingest any of
+/// them into the same DWH: another deployment, whose offsets and fence are its
+/// own, writes the same tables.
 async fn announce(dwh: Dwh, group: String, tables: Vec<Table>, member: String, done: CancellationToken) {
+    let mut seen: Vec<crate::store::OtherGroup> = Vec::new();
     loop {
         if let Err(e) = dwh.announce_member(&group, &tables, &member).await {
             MemberUnrecorded {
@@ -122,6 +126,24 @@ async fn announce(dwh: Dwh, group: String, tables: Vec<Table>, member: String, d
                 leaving: false,
             }
             .emit();
+        }
+        if let Ok(mut others) = dwh.other_groups(&group, ANNOUNCE_FRESH).await {
+            for other in &mut others {
+                other.tables.retain(|t| tables.iter().any(|ours| ours.name() == t));
+            }
+            others.retain(|o| !o.tables.is_empty());
+            if others != seen {
+                let named: Vec<String> = others
+                    .iter()
+                    .map(|o| format!("{} ({})", o.group, o.tables.join(", ")))
+                    .collect();
+                OtherGroupsIngest {
+                    group: &group,
+                    others: &named,
+                }
+                .emit();
+                seen = others;
+            }
         }
         tokio::select! {
             () = done.cancelled() => return,
@@ -209,16 +231,18 @@ impl Shared {
             }
             consumer::KafkaCondition::Recovered => {
                 let cleared = status.set_kafka_failing(&topic, None);
-                KafkaRecovered {
-                    consumer: Consumer {
-                        table,
-                        topic: &topic,
-                        role: "ingest",
-                    },
-                    cleared,
-                    still_failing: status.is_failing(&topic),
-                }
-                .emit()
+                status.publish_failing(&topic, |still_failing| {
+                    KafkaRecovered {
+                        consumer: Consumer {
+                            table,
+                            topic: &topic,
+                            role: "ingest",
+                        },
+                        cleared,
+                        still_failing,
+                    }
+                    .emit()
+                });
             }
         });
         consumer::subscribe(kafka, &kafka.group_id, table, consumer::Role::Ingest, on_kafka)
@@ -256,6 +280,7 @@ impl Shared {
             source: source.clone(),
             status: self.status.clone(),
             abort: self.abort.clone(),
+            log: std::sync::Mutex::new(None),
         });
         let worker = Worker {
             writer,

@@ -21,8 +21,10 @@ use super::status::IngestStatus;
 use crate::backoff::Backoff;
 use crate::catalogue::Table;
 use crate::kafka::memory::Held;
-use crate::store::{Batch, Dwh, OffsetAdvance, Origins, StoreError, WriteOutcome};
-use crate::telemetry::events::{BatchAborted, BatchCommitted, OffsetFenced, OffsetMoved, WriteFailed, WritesRecovered};
+use crate::store::{Batch, Dwh, OffsetAdvance, OffsetGap, Origins, StoreError, TopicIdentity, WriteOutcome};
+use crate::telemetry::events::{
+    BatchAborted, BatchCommitted, OffsetFenced, OffsetGapNoted, OffsetMoved, WriteFailed, WritesRecovered,
+};
 use crate::telemetry::Event as _;
 
 pub(super) const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -47,13 +49,30 @@ pub struct Writer {
     pub status: Arc<IngestStatus>,
     /// The grace period is over: cancel the write in progress, stop retrying.
     pub abort: CancellationToken,
+    /// The log the partitions were started in (checked against the DWH's
+    /// offsets then), kept with every offset written; `None`: not known.
+    pub log: std::sync::Mutex<Option<TopicIdentity>>,
+}
+
+/// What the DWH stores of a topic, for a start.
+#[derive(Debug)]
+pub struct Stored {
+    /// The stored next offset of each partition asked for.
+    pub offsets: Vec<(i32, Option<i64>)>,
+    /// Whether the DWH stores offsets of any partition of the topic (assigned here or not).
+    pub known: bool,
+    /// The logs the topic's offsets were written for.
+    pub logs: Vec<TopicIdentity>,
 }
 
 impl Writer {
-    /// Moves a stored offset that did not fit the log, as the operator asked:
-    /// logged and counted, fenced like any batch.
-    pub async fn move_offset(&self, partition: i32, stored: i64, to: i64) -> Result<(), String> {
+    /// Moves a stored offset that did not fit the log (`low..high`), as the
+    /// operator asked: logged and counted, fenced like any batch, with the gap
+    /// it leaves kept in the same transaction.
+    pub async fn move_offset(&self, partition: i32, stored: i64, to: i64, range: (i64, i64)) -> Result<(), String> {
         let writer = self;
+        let gaps = OffsetGap::of_move(&writer.group_id, &writer.topic, partition, stored, to, range);
+        let log = writer.log();
         let advance = OffsetAdvance {
             group_id: writer.group_id.clone(),
             topic: writer.topic.clone(),
@@ -67,6 +86,8 @@ impl Writer {
             rejects: &[],
             offsets: std::slice::from_ref(&advance),
             origins: None,
+            gaps: &gaps,
+            identity: log.as_ref(),
         };
         writer
             .dwh
@@ -74,6 +95,18 @@ impl Writer {
             .await
             .map_err(|e| format!("cannot move the offset out of range: {e}"))?;
         writer.status.offset_moved();
+        for gap in &gaps {
+            OffsetGapNoted {
+                table: writer.table,
+                topic: &gap.topic,
+                partition: gap.partition,
+                from: gap.from,
+                to: gap.to,
+                records: gap.records,
+                cause: gap.cause.name(),
+            }
+            .emit();
+        }
         OffsetMoved {
             table: writer.table,
             topic: &writer.topic,
@@ -85,9 +118,21 @@ impl Writer {
         Ok(())
     }
 
-    pub async fn stored_offsets(&self, partitions: &[i32]) -> Result<Vec<(i32, Option<i64>)>, StoreError> {
+    /// What the DWH stores of `partitions` and of the topic.
+    pub async fn stored_offsets(&self, partitions: &[i32]) -> Result<Stored, StoreError> {
         let stored = self.dwh.topic_offsets(&self.group_id, &self.topic).await?;
-        Ok(partitions.iter().map(|&p| (p, stored.get(&p).copied())).collect())
+        let offsets = partitions.iter().map(|&p| (p, stored.get(&p).copied())).collect();
+        let logs = self.dwh.topic_identities(&self.group_id, &self.topic).await?;
+        Ok(Stored {
+            offsets,
+            known: !stored.is_empty(),
+            logs,
+        })
+    }
+
+    /// The log the partitions started in, for the offsets written.
+    fn log(&self) -> Option<TopicIdentity> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Writes a closed batch until it lands, is fenced or the grace period ends;
@@ -180,6 +225,7 @@ impl Writer {
         let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
         // An attempt failed: its commit may have landed even so.
         let mut ambiguous = false;
+        let log = self.log();
         loop {
             let batch = Batch {
                 table: self.table,
@@ -190,6 +236,8 @@ impl Writer {
                     topic: &self.topic,
                     rows: &closed.origins,
                 }),
+                gaps: &[],
+                identity: log.as_ref(),
             };
             let attempt = tracing::info_span!(target: "dwh_helper::ingest", "dwh_write", retry = ambiguous);
             let result = tokio::select! {
@@ -238,14 +286,16 @@ impl Writer {
     /// Clears the lane's failing state after one of its writes succeeded.
     fn recovered(&self, lane: usize, landed_earlier: bool) {
         let cleared = self.status.set_failing(&self.topic, lane, None);
-        WritesRecovered {
-            table: self.table,
-            topic: &self.topic,
-            landed_earlier,
-            cleared,
-            still_failing: self.status.is_failing(&self.topic),
-        }
-        .emit();
+        self.status.publish_failing(&self.topic, |still_failing| {
+            WritesRecovered {
+                table: self.table,
+                topic: &self.topic,
+                landed_earlier,
+                cleared,
+                still_failing,
+            }
+            .emit();
+        });
     }
 
     /// Whether every partition of the batch already stands at the batch's end:
@@ -255,7 +305,7 @@ impl Writer {
         match self.stored_offsets(&partitions).await {
             Ok(stored) => offsets
                 .iter()
-                .zip(stored)
+                .zip(stored.offsets)
                 .all(|(advance, (_, stored))| stored == Some(advance.to)),
             Err(_) => false,
         }

@@ -14,7 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::start::Range;
 use crate::catalogue::Table;
 use crate::kafka::consumer::Context;
-use crate::store::OffsetAdvance;
+use crate::store::{OffsetAdvance, TopicIdentity};
 use crate::telemetry::events::{Consumer, KafkaError, Shown};
 use crate::telemetry::Event as _;
 
@@ -37,6 +37,9 @@ pub struct Offsets {
     pub ranges: HashMap<i32, Range>,
     /// The group's Kafka committed offsets, when asked for (those that have one).
     pub committed: HashMap<i32, i64>,
+    /// The topic's id and its cluster's: `None` when the broker gives no topic
+    /// id (before Kafka 2.8) or the query failed (counted, kind `describe`).
+    pub identity: Option<TopicIdentity>,
 }
 
 impl Source {
@@ -73,10 +76,33 @@ impl Source {
             } else {
                 HashMap::new()
             };
-            Offsets { ranges, committed }
+            let identity = source.identity();
+            Offsets {
+                ranges,
+                committed,
+                identity,
+            }
         })
         .await
         .map_err(|e| format!("the broker query task failed: {e}"))
+    }
+
+    /// The topic's identity (its id and its cluster's), when the broker gives
+    /// one. A failed query is counted and logged, and gives `None`. Blocking.
+    fn identity(&self) -> Option<TopicIdentity> {
+        let client = self.consumer.client();
+        let ids = crate::kafka::topic_ids(client, std::slice::from_ref(&self.topic), BROKER_QUERY_TIMEOUT);
+        match ids {
+            Ok(mut ids) => ids.remove(&self.topic).map(|topic_id| TopicIdentity {
+                topic_id,
+                cluster_id: client.fetch_cluster_id(BROKER_QUERY_TIMEOUT),
+            }),
+            Err(e) => {
+                let what = "cannot read the topic's id; its offsets are checked against the watermarks alone";
+                self.error("describe", what, &e, true);
+                None
+            }
+        }
     }
 
     /// The Kafka committed offsets of `partitions` (those that have one). Blocking.

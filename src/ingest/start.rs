@@ -6,12 +6,24 @@
 //! (records expired before they were read) is never skipped silently: the table
 //! stops with a [`Misfit`] naming both offsets, unless the operator asked for a
 //! reset with `KAFKA_ON_OFFSET_OUT_OF_RANGE`. With no stored offset the DWH holds
-//! nothing of the partition: it starts from `KAFKA_AUTO_OFFSET_RESET`, or from the
-//! Kafka committed offset only when `KAFKA_ADOPT_COMMITTED_OFFSETS` says so.
+//! nothing of the partition: it starts from the Kafka committed offset when
+//! `KAFKA_ADOPT_COMMITTED_OFFSETS` says so; else, when the DWH holds other
+//! partitions of the topic (a partition added since, or one that never had a
+//! record), from its first record, whatever `KAFKA_AUTO_OFFSET_RESET` says: that
+//! setting is for a topic the DWH has never read.
+//!
+//! Offsets count records in one log. Each offset row keeps the identity of the
+//! log it was written for (the topic id of KIP-516 and the cluster id); a topic
+//! whose id differs (deleted and created again, or the cluster replaced, under
+//! the same name) stops the table with a [`Misfit::OtherLog`] naming both, even
+//! when the old offsets fall inside the new log's range. Where the broker gives
+//! no topic id (before Kafka 2.8), or the rows predate this check, only the
+//! watermarks are checked.
 
 use std::collections::HashMap;
 
 use crate::config::{OffsetReset, OutOfRange};
+use crate::store::TopicIdentity;
 
 /// A partition's offsets on the broker: `low` is the first held, `high` one past
 /// the last written.
@@ -39,7 +51,11 @@ pub enum Source {
     Dwh,
     /// No DWH offset: the Kafka committed offset, adopted on request.
     KafkaCommitted,
-    /// No DWH offset (and none adopted): `KAFKA_AUTO_OFFSET_RESET`.
+    /// No DWH offset (and none adopted) for a partition of a topic the DWH
+    /// holds other partitions of: read from its first record, so that the
+    /// first records of a partition added to a known topic are not skipped.
+    Unseen,
+    /// No DWH offset of the topic at all (and none adopted): `KAFKA_AUTO_OFFSET_RESET`.
     Reset(OffsetReset),
     /// The stored offset did not fit the log and the operator asked to move it;
     /// the DWH offset must be moved from `stored` to the start before reading.
@@ -81,6 +97,40 @@ pub enum Misfit {
         low: i64,
         high: i64,
     },
+    #[error(
+        "{topic}: the DWH's offsets count {stored}, but the broker's topic is {found}: it was deleted and \
+         created again, or the cluster replaced, so those offsets count nothing in it and reading from them \
+         would skip or repeat records; nothing is read until an operator decides: stop the instances, run \
+         dwh-helper replay --table {table} --adopt-topic --to-earliest --execute (read the new topic from \
+         its first record; any other scenario picks another start), then start them again"
+    )]
+    OtherLog {
+        table: String,
+        topic: String,
+        stored: Box<TopicIdentity>,
+        found: Box<TopicIdentity>,
+    },
+}
+
+/// Checks that the offsets stored for `topic` (written for the logs
+/// `stored`) count in the broker's log `found`. No check when either is not
+/// known.
+pub fn check_log(
+    table: &str,
+    topic: &str,
+    stored: &[TopicIdentity],
+    found: Option<&TopicIdentity>,
+) -> Result<(), Misfit> {
+    let Some(found) = found else { return Ok(()) };
+    match stored.iter().find(|s| s.topic_id != found.topic_id) {
+        None => Ok(()),
+        Some(old) => Err(Misfit::OtherLog {
+            table: table.to_owned(),
+            topic: topic.to_owned(),
+            stored: Box::new(old.clone()),
+            found: Box::new(found.clone()),
+        }),
+    }
 }
 
 /// What the operator configured for starts.
@@ -93,13 +143,15 @@ pub struct Policy {
 
 /// Decides where `partition` starts. `range` is `None` when the watermarks could
 /// not be read: the stored offset is then trusted (a fetch out of range is caught
-/// later as a consume error and decided again).
+/// later as a consume error and decided again). `known`: the DWH stores offsets
+/// of other partitions of the topic.
 pub fn decide(
     topic: &str,
     partition: i32,
     stored: Option<i64>,
     committed: Option<i64>,
     range: Option<Range>,
+    known: bool,
     policy: Policy,
 ) -> Result<Start, Misfit> {
     let Policy {
@@ -112,6 +164,10 @@ pub fn decide(
             Some(offset) => Start {
                 at: StartAt::Offset(offset),
                 source: Source::KafkaCommitted,
+            },
+            None if known => Start {
+                at: StartAt::Beginning,
+                source: Source::Unseen,
             },
             None => Start {
                 at: match reset {
@@ -175,11 +231,13 @@ pub struct Planned {
 
 /// Decides where every assigned partition starts, from its stored offset, the
 /// Kafka committed offsets and the watermarks (a partition missing from `ranges`
-/// trusts its stored offset). A partition whose stored offset does not fit the
-/// log stops the table before any offset is moved.
+/// trusts its stored offset). `known`: the DWH stores offsets of some partition
+/// of the topic, assigned here or not. A partition whose stored offset does not
+/// fit the log stops the table before any offset is moved.
 pub fn plan(
     topic: &str,
     stored: &[(i32, Option<i64>)],
+    known: bool,
     committed: &HashMap<i32, i64>,
     ranges: &HashMap<i32, Range>,
     policy: Policy,
@@ -193,6 +251,7 @@ pub fn plan(
                 stored,
                 committed.get(&partition).copied(),
                 ranges.get(&partition).copied(),
+                known,
                 policy,
             )?;
             let (stored, moved) = match start.source {
@@ -230,6 +289,7 @@ mod tests {
             stored,
             committed,
             R,
+            false,
             policy(OffsetReset::Earliest, adopt, out),
         )
     }
@@ -264,6 +324,7 @@ mod tests {
                 None,
                 Some(50),
                 R,
+                false,
                 policy(OffsetReset::Latest, false, OutOfRange::Stop)
             )
             .unwrap()
@@ -278,6 +339,66 @@ mod tests {
             }
         );
         assert_eq!(d(None, None, true, OutOfRange::Stop).unwrap().at, StartAt::Beginning);
+    }
+
+    #[test]
+    fn a_partition_the_dwh_never_saw_of_a_topic_it_knows_starts_at_its_beginning_whatever_the_reset() {
+        for reset in [OffsetReset::Latest, OffsetReset::Earliest] {
+            let start = decide("t", 4, None, None, R, true, policy(reset, false, OutOfRange::Stop)).unwrap();
+            assert_eq!(
+                start,
+                Start {
+                    at: StartAt::Beginning,
+                    source: Source::Unseen
+                },
+                "{reset:?}"
+            );
+        }
+        // A topic the DWH never read follows the reset policy.
+        let fresh = decide(
+            "t",
+            4,
+            None,
+            None,
+            R,
+            false,
+            policy(OffsetReset::Latest, false, OutOfRange::Stop),
+        );
+        assert_eq!(fresh.unwrap().at, StartAt::End);
+        // An adopted Kafka offset is the operator's explicit choice, and wins.
+        let adopted = decide(
+            "t",
+            4,
+            None,
+            Some(7),
+            R,
+            true,
+            policy(OffsetReset::Latest, true, OutOfRange::Stop),
+        );
+        assert_eq!(adopted.unwrap().source, Source::KafkaCommitted);
+    }
+
+    #[test]
+    fn offsets_of_another_log_stop_the_table_naming_both_logs_and_the_command() {
+        let log = |id: &str| TopicIdentity {
+            topic_id: id.into(),
+            cluster_id: Some("cluster-1".into()),
+        };
+        let (old, new) = (log("q1Sh-9_ISia_zwGINzRvyQ"), log("Vb0rQEXVTqK0cS6ZWXq3jA"));
+        assert_eq!(check_log("t", "dwh.t", std::slice::from_ref(&new), Some(&new)), Ok(()));
+        // Rows of an older release, or a broker without topic ids: no check.
+        assert_eq!(check_log("t", "dwh.t", &[], Some(&new)), Ok(()));
+        assert_eq!(check_log("t", "dwh.t", std::slice::from_ref(&old), None), Ok(()));
+        let stop = check_log("user_locations", "dwh.user_locations", &[new.clone(), old], Some(&new))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            stop.starts_with(
+                "dwh.user_locations: the DWH's offsets count topic id q1Sh-9_ISia_zwGINzRvyQ (cluster cluster-1), \
+                 but the broker's topic is topic id Vb0rQEXVTqK0cS6ZWXq3jA (cluster cluster-1)"
+            ) && stop.contains("dwh-helper replay --table user_locations --adopt-topic --to-earliest --execute"),
+            "{stop}"
+        );
     }
 
     #[test]
@@ -328,6 +449,7 @@ mod tests {
                 Some(1_000),
                 None,
                 None,
+                false,
                 policy(OffsetReset::Earliest, false, OutOfRange::Stop)
             )
             .unwrap()
@@ -342,7 +464,7 @@ mod tests {
         let committed: HashMap<i32, i64> = [(2, 42)].into();
         let stored = [(0, Some(50)), (1, Some(5)), (2, None), (3, Some(7))];
         let moving = policy(OffsetReset::Latest, true, OutOfRange::Earliest);
-        let planned = plan("dwh.t", &stored, &committed, &ranges, moving).expect("a plan");
+        let planned = plan("dwh.t", &stored, true, &committed, &ranges, moving).expect("a plan");
         let summary: Vec<_> = planned
             .iter()
             .map(|p| (p.partition, p.stored, p.start.at, p.moved))
@@ -359,7 +481,7 @@ mod tests {
         );
         assert_eq!(planned[2].start.source, Source::KafkaCommitted);
         let stopping = policy(OffsetReset::Latest, true, OutOfRange::Stop);
-        let misfit = plan("dwh.t", &stored, &committed, &ranges, stopping).unwrap_err();
+        let misfit = plan("dwh.t", &stored, true, &committed, &ranges, stopping).unwrap_err();
         assert!(
             matches!(
                 misfit,

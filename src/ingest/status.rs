@@ -36,6 +36,8 @@ pub struct IngestStatus {
     /// permission, a codec), per topic: kept apart from the write failures, so
     /// that a write landing does not hide it.
     kafka_failing: Mutex<Vec<(String, String)>>,
+    /// Orders the publications of whether a table fails ([`Self::publish_failing`]).
+    publishing: Mutex<()>,
     /// Why a topic is stalled right now (the watchdog's verdict, see
     /// `status::stall`), per topic.
     stalled: Mutex<Vec<(String, String)>>,
@@ -160,14 +162,24 @@ impl IngestStatus {
         cleared
     }
 
+    /// Runs `publish` with whether `topic` fails now, one publication at a
+    /// time: lanes and the consumer change the state on their own tasks, and a
+    /// value read before another task's change must not be published after
+    /// that task's own, or the gauge would show a failure that is over.
+    pub(crate) fn publish_failing(&self, topic: &str, publish: impl FnOnce(bool)) {
+        let _order = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        publish(self.is_failing(topic));
+    }
+
     /// The lanes of `topic` that hold partitions now are `held`: a failure of
     /// any other lane is over (its partitions went to another member, which
     /// reports its own). Called after each assignment and revocation.
-    pub(crate) fn lanes_held(&self, topic: &str, held: &[usize]) {
-        self.failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|f| f.topic != topic || f.lane.is_none_or(|lane| held.contains(&lane)));
+    /// True when a failure ended so.
+    pub(crate) fn lanes_held(&self, topic: &str, held: &[usize]) -> bool {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let before = failing.len();
+        failing.retain(|f| f.topic != topic || f.lane.is_none_or(|lane| held.contains(&lane)));
+        failing.len() < before
     }
 
     /// Why `topic`'s writes fail, each cause once (lanes that fail alike
@@ -498,12 +510,13 @@ mod tests {
         assert!(s.set_failing("dwh.a", 0, None));
         assert!(s.is_failing("dwh.a"), "lane 1 still fails");
         // Lane 1 lost its partitions: its failure is its new owner's to report.
-        s.lanes_held("dwh.a", &[0]);
+        assert!(s.lanes_held("dwh.a", &[0]), "a failure ended");
         assert!(!s.is_failing("dwh.a"));
+        assert!(!s.lanes_held("dwh.a", &[0]), "none left to end");
         // A stopped table is not a lane's: no lane's write or rebalance clears it.
         s.table_stopped("dwh.a", "offset above the high watermark");
         assert!(!s.set_failing("dwh.a", 0, None));
-        s.lanes_held("dwh.a", &[]);
+        assert!(!s.lanes_held("dwh.a", &[]), "a stop is no lane's failure");
         assert_eq!(s.state("dwh.a"), TableState::Stopped);
     }
 

@@ -21,6 +21,7 @@
 //! shutdown everything buffered is written, and at the end of the grace period
 //! the writes in progress are cancelled (their offsets stay).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,8 +42,8 @@ use crate::kafka::consumer::{Event, Exit};
 use crate::kafka::memory::{Held, TableMemory};
 use crate::store::RejectedRecord;
 use crate::telemetry::events::{
-    BufferLevel, Consumer, ConsumerEnded, PartitionStarted, PollFailed, Rebalanced, RecordRejected, RecordSkipped,
-    RecordsConsumed, StoredOffsetsUnreadable, TableStopped,
+    BufferLevel, Consumer, ConsumerEnded, LaneFailuresEnded, PartitionStarted, PollFailed, Rebalanced, RecordRejected,
+    RecordSkipped, RecordsConsumed, StoredOffsetsUnreadable, TableStopped,
 };
 use crate::telemetry::Event as _;
 
@@ -71,15 +72,32 @@ pub struct Worker {
 
 type Joined = Result<Result<(), FlushError>, tokio::task::JoinError>;
 
-/// The lane scheduler and the write task of each lane that has one.
+/// The lane scheduler, the write task of each lane that has one, and the
+/// records each lane could not take yet.
 struct State {
     lanes: Lanes<Held>,
     writes: Vec<Option<JoinHandle<Result<(), FlushError>>>>,
+    /// Per lane: records delivered while the lane had no room (its batch full,
+    /// one written and one queued), in order, taken when a write of it lands.
+    /// Their memory stays held, so the table's budget bounds them.
+    held: Vec<VecDeque<Delivered>>,
+    /// Per lane: its open batch is full and waits for room in its queue.
+    full: Vec<bool>,
 }
 
 impl State {
     fn writing(&self) -> bool {
         self.writes.iter().any(Option::is_some)
+    }
+
+    /// Whether `lane` takes no record now: they wait, in order, behind its full batch.
+    fn blocked(&self, lane: usize) -> bool {
+        self.full[lane] || !self.held[lane].is_empty()
+    }
+
+    /// Records buffered, queued, being written or waiting for their lane.
+    fn records(&self) -> usize {
+        self.lanes.records() + self.held.iter().map(VecDeque::len).sum::<usize>()
     }
 }
 
@@ -113,6 +131,8 @@ impl Worker {
         let lanes = Lanes::new(self.limits, self.lanes);
         let mut state = State {
             writes: (0..lanes.len()).map(|_| None).collect(),
+            held: (0..lanes.len()).map(|_| VecDeque::new()).collect(),
+            full: vec![false; lanes.len()],
             lanes,
         };
         let exit = self.serve(&mut state, &mut events).await;
@@ -123,6 +143,9 @@ impl Worker {
             }
         }
         self.writer.status.forget(self.writer.table);
+        // Its lanes hold no partition now: their write failures end with them
+        // (the next consumer's writes report their own), as after a revoke.
+        self.lanes_held(&[]);
         ConsumerEnded {
             table: self.writer.table,
         }
@@ -152,13 +175,17 @@ impl Worker {
                     if let Err(exit) = self.next_write(state, lane, Some(joined)) {
                         return exit;
                     }
+                    // Room, perhaps, for the records that waited for it.
+                    if let Err(exit) = self.take_held(state, false).await {
+                        return exit;
+                    }
                     self.report_buffer(state);
                 }
                 () = linger, if deadline.is_some() => {
                     let now = Instant::now();
                     for lane in 0..state.lanes.len() {
                         if state.lanes.due(lane, drain, now) {
-                            if let Err(exit) = self.flush(state, lane).await {
+                            if let Err(exit) = self.close(state, lane, false).await {
                                 return exit;
                             }
                         }
@@ -174,10 +201,19 @@ impl Worker {
                             Ok(delivered) => delivered,
                             Err(exit) => return exit,
                         };
-                        for (message, permit, row) in delivered {
+                        // Never waits for a write: a lane without room keeps its
+                        // records until one of its writes lands; the others go on.
+                        for delivered in delivered {
+                            let lane = state.lanes.lane_of(delivered.0.partition());
+                            if state.blocked(lane) {
+                                state.held[lane].push_back(delivered);
+                                continue;
+                            }
+                            let (message, permit, row) = delivered;
                             if let Some(lane) = self.accept(state, &message, permit, row) {
-                                if let Err(exit) = self.flush(state, lane).await {
-                                    return exit;
+                                match self.close(state, lane, false).await {
+                                    Ok(closed) => state.full[lane] = !closed,
+                                    Err(exit) => return exit,
                                 }
                             }
                         }
@@ -190,7 +226,7 @@ impl Worker {
                             Ok(starts) => {
                                 let offsets = starts.iter().map(|(p, _, at)| (*p, *at)).collect();
                                 state.lanes.assign(starts.into_iter().map(|(p, stored, _)| (p, stored)));
-                                self.writer.status.lanes_held(topic, &state.lanes.held());
+                                self.lanes_held(&state.lanes.held());
                                 let _ = reply.send(offsets);
                                 self.writer.status.rebalanced();
                                 Rebalanced { table, now: state.lanes.assigned() }.emit();
@@ -224,7 +260,7 @@ impl Worker {
                         // Write what is buffered while the partitions are still ours.
                         let drained = self.drain(state).await;
                         state.lanes.revoke(&partitions);
-                        self.writer.status.lanes_held(topic, &state.lanes.held());
+                        self.lanes_held(&state.lanes.held());
                         for partition in &partitions {
                             self.writer.status.forget_partition(table, *partition);
                         }
@@ -240,11 +276,27 @@ impl Worker {
         }
     }
 
+    /// The lanes that hold partitions now are `held`: the write failures of the
+    /// others end (their partitions went to another member, which reports its own).
+    fn lanes_held(&self, held: &[usize]) {
+        let (table, topic) = (self.writer.table, self.writer.topic.as_str());
+        if self.writer.status.lanes_held(topic, held) {
+            self.writer.status.publish_failing(topic, |still_failing| {
+                LaneFailuresEnded {
+                    table,
+                    topic,
+                    still_failing,
+                }
+                .emit();
+            });
+        }
+    }
+
     /// Reports what the table holds in memory.
     fn report_buffer(&self, state: &State) {
         BufferLevel {
             table: self.writer.table,
-            records: state.lanes.records(),
+            records: state.records(),
             held_bytes: self.memory.held_bytes(),
             budget_bytes: self.memory.budget_bytes(),
         }
@@ -373,28 +425,53 @@ impl Worker {
 
     /// Closes a lane's open batch: written at once when the lane has no write in
     /// flight, else queued behind it (after the batch queued before it, if any,
-    /// has started).
-    async fn flush(&self, state: &mut State, lane: usize) -> Result<(), Exit> {
+    /// has started). When the lane's queue holds a batch already, `wait` waits
+    /// for room (a drain, for a revoke or a shutdown), else the batch stays open
+    /// and this answers false.
+    async fn close(&self, state: &mut State, lane: usize, wait: bool) -> Result<bool, Exit> {
         loop {
             match state.lanes.close(lane, &self.writer.group_id, &self.writer.topic) {
-                Closing::Empty | Closing::Queued => return Ok(()),
+                Closing::Empty | Closing::Queued => return Ok(true),
                 Closing::Write(queued) => {
                     self.dispatch(state, lane, queued);
-                    return Ok(());
+                    return Ok(true);
                 }
-                // The lane's queue holds one batch: wait for room. Any lane's
-                // write that lands meanwhile starts that lane's queued batch at
-                // once, so that a lane waiting here does not hold up the others.
                 Closing::Wait if state.writes[lane].is_none() => {
                     // A failed write left its queued batch behind: start it.
                     self.next_write(state, lane, None)?;
                 }
+                Closing::Wait if !wait => return Ok(false),
+                // Any lane's write that lands meanwhile starts that lane's
+                // queued batch at once, so that a lane waiting here does not
+                // hold up the others.
                 Closing::Wait => {
                     let (ended, joined) = landed(&mut state.writes).await;
                     self.next_write(state, ended, Some(joined))?;
                 }
             }
         }
+    }
+
+    /// Gives each blocked lane the records it holds, in order, as far as it has
+    /// room (`wait`: waiting for room, so that nothing stays held).
+    async fn take_held(&self, state: &mut State, wait: bool) -> Result<(), Exit> {
+        for lane in 0..state.lanes.len() {
+            if state.full[lane] {
+                if !self.close(state, lane, wait).await? {
+                    continue;
+                }
+                state.full[lane] = false;
+            }
+            while let Some((message, permit, row)) = state.held[lane].pop_front() {
+                if let Some(full) = self.accept(state, &message, permit, row) {
+                    if !self.close(state, full, wait).await? {
+                        state.full[full] = true;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Starts writing a batch the scheduler handed out for `lane`.
@@ -425,9 +502,9 @@ impl Worker {
     /// Writes everything buffered and waits until every lane's write landed;
     /// the first failure is the answer.
     async fn drain(&self, state: &mut State) -> Result<(), Exit> {
-        let mut outcome = Ok(());
+        let mut outcome = self.take_held(state, true).await;
         for lane in 0..state.lanes.len() {
-            let flushed = self.flush(state, lane).await;
+            let flushed = self.close(state, lane, true).await.map(|_| ());
             outcome = outcome.and(flushed);
         }
         for lane in 0..state.lanes.len() {
@@ -454,15 +531,35 @@ impl Worker {
     async fn starts(&self, partitions: &[i32]) -> Result<Vec<(i32, Option<i64>, Offset)>, NoStart> {
         let writer = &self.writer;
         let stored = self.stored_offsets(partitions).await.ok_or(NoStart::Shutdown)?;
-        let adopt = self.policy.adopt_committed && stored.iter().any(|(_, s)| s.is_none());
+        let adopt = self.policy.adopt_committed && stored.offsets.iter().any(|(_, s)| s.is_none());
         let broker = self.source.offsets(partitions, adopt).await.map_err(NoStart::Restart)?;
-        let plan = start::plan(&writer.topic, &stored, &broker.committed, &broker.ranges, self.policy)
-            .map_err(NoStart::Misfit)?;
+        start::check_log(
+            writer.table.name(),
+            &writer.topic,
+            &stored.logs,
+            broker.identity.as_ref(),
+        )
+        .map_err(NoStart::Misfit)?;
+        *writer.log.lock().unwrap_or_else(|e| e.into_inner()) = broker.identity.clone();
+        let plan = start::plan(
+            &writer.topic,
+            &stored.offsets,
+            stored.known,
+            &broker.committed,
+            &broker.ranges,
+            self.policy,
+        )
+        .map_err(NoStart::Misfit)?;
         let mut starts = Vec::with_capacity(plan.len());
         for planned in plan {
             if let Some((stored, to)) = planned.moved {
+                // A move is decided only against the partition's watermarks.
+                let range = broker
+                    .ranges
+                    .get(&planned.partition)
+                    .map_or((to, to), |r| (r.low, r.high));
                 writer
-                    .move_offset(planned.partition, stored, to)
+                    .move_offset(planned.partition, stored, to, range)
                     .await
                     .map_err(NoStart::Restart)?;
             }
@@ -483,8 +580,9 @@ impl Worker {
         Ok(starts)
     }
 
-    /// The stored next offset of each partition, retried while the DWH is away.
-    async fn stored_offsets(&self, partitions: &[i32]) -> Option<Vec<(i32, Option<i64>)>> {
+    /// What the DWH stores of the partitions and the topic, read again while
+    /// the DWH is away.
+    async fn stored_offsets(&self, partitions: &[i32]) -> Option<super::sink::Stored> {
         let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
         loop {
             match self.writer.stored_offsets(partitions).await {

@@ -1,6 +1,6 @@
 //! What rdkafka does not wrap: the mock-cluster controls (two settings and a
-//! broker's outage, down then up again, for outage tests) and the build's
-//! `builtin.features`.
+//! broker's outage, down then up again, for outage tests), the build's
+//! `builtin.features`, and the topic ids of KIP-516 (Admin DescribeTopics).
 //!
 //! `unsafe` is denied crate-wide; this module and `alloc.rs` are the exceptions. Each call
 //! passes a mock-cluster handle that librdkafka itself returned for a client that
@@ -8,7 +8,9 @@
 //! it keeps and takes the cluster's lock inside.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::time::Duration;
 
 use rdkafka::bindings as rdsys;
 use rdkafka::client::{Client, ClientContext};
@@ -86,5 +88,123 @@ pub fn builtin_features() -> String {
         }
         rdsys::rd_kafka_conf_destroy(conf);
         value
+    }
+}
+
+/// The topic id (KIP-516, base64 as Kafka's own tools print it) of each of
+/// `topics` that exists, by Admin DescribeTopics. A topic that does not exist,
+/// or a broker that assigns no ids (before Kafka 2.8: the all-zero id), gives
+/// no entry; so does a cluster whose metadata names a controller that is none
+/// of its brokers (librdkafka's mock cluster), which would leave the request
+/// waiting for it. Blocking, for at most about twice `timeout`.
+pub fn topic_ids<C: ClientContext>(
+    client: &Client<C>,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<HashMap<String, String>, String> {
+    let names: Vec<CString> = topics
+        .iter()
+        .map(|t| CString::new(t.as_str()).map_err(|_| format!("topic name {t:?} holds a NUL")))
+        .collect::<Result<_, _>>()?;
+    let mut pointers: Vec<*const std::ffi::c_char> = names.iter().map(|n| n.as_ptr()).collect();
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let rk = client.native_ptr();
+    let brokers = client
+        .fetch_metadata(None, timeout)
+        .map_err(|e| format!("cannot read the cluster's metadata: {e}"))?;
+    // SAFETY: `rk` is live while `client` is borrowed; the call reads metadata
+    // the fetch above brought.
+    let controller = unsafe { rdsys::rd_kafka_controllerid(rk, 0) };
+    if !brokers.brokers().iter().any(|b| b.id() == controller) {
+        return Ok(HashMap::new());
+    }
+    // SAFETY: `rk` is live while `client` is borrowed. The collection, options
+    // and queue are created, used and destroyed here; librdkafka copies the
+    // names into the collection. The event is destroyed after its results are
+    // read: the descriptions and their ids live as long as the event.
+    unsafe {
+        let collection = rdsys::rd_kafka_TopicCollection_of_topic_names(pointers.as_mut_ptr(), pointers.len());
+        let options =
+            rdsys::rd_kafka_AdminOptions_new(rk, rdsys::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS);
+        let mut errstr = [0 as std::ffi::c_char; 256];
+        rdsys::rd_kafka_AdminOptions_set_request_timeout(options, millis, errstr.as_mut_ptr(), errstr.len());
+        let queue = rdsys::rd_kafka_queue_new(rk);
+        rdsys::rd_kafka_DescribeTopics(rk, collection, options, queue);
+        // The request times out by itself; the poll waits a little longer.
+        let event = rdsys::rd_kafka_queue_poll(queue, millis.saturating_add(1_000));
+        let answer = if event.is_null() {
+            Err(format!("no answer to DescribeTopics within {} ms", millis))
+        } else if rdsys::rd_kafka_event_error(event) != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            let why = rdsys::rd_kafka_event_error_string(event);
+            Err(if why.is_null() {
+                "DescribeTopics failed".to_owned()
+            } else {
+                format!("DescribeTopics failed: {}", CStr::from_ptr(why).to_string_lossy())
+            })
+        } else {
+            let result = rdsys::rd_kafka_event_DescribeTopics_result(event);
+            let mut ids = HashMap::new();
+            if !result.is_null() {
+                let mut count = 0usize;
+                let described = rdsys::rd_kafka_DescribeTopics_result_topics(result, &mut count);
+                for i in 0..count {
+                    let topic = *described.add(i);
+                    if !rdsys::rd_kafka_TopicDescription_error(topic).is_null() {
+                        continue;
+                    }
+                    let id = rdsys::rd_kafka_TopicDescription_topic_id(topic);
+                    let name = rdsys::rd_kafka_TopicDescription_name(topic);
+                    if id.is_null()
+                        || name.is_null()
+                        || (rdsys::rd_kafka_Uuid_most_significant_bits(id) == 0
+                            && rdsys::rd_kafka_Uuid_least_significant_bits(id) == 0)
+                    {
+                        continue;
+                    }
+                    let text = rdsys::rd_kafka_Uuid_base64str(id);
+                    if text.is_null() {
+                        continue;
+                    }
+                    ids.insert(
+                        CStr::from_ptr(name).to_string_lossy().into_owned(),
+                        kafka_base64(&CStr::from_ptr(text).to_string_lossy()),
+                    );
+                }
+            }
+            Ok(ids)
+        };
+        if !event.is_null() {
+            rdsys::rd_kafka_event_destroy(event);
+        }
+        rdsys::rd_kafka_queue_destroy(queue);
+        rdsys::rd_kafka_AdminOptions_destroy(options);
+        rdsys::rd_kafka_TopicCollection_destroy(collection);
+        answer
+    }
+}
+
+/// librdkafka prints a topic id in standard base64; Kafka (`Uuid.toString`,
+/// `kafka-topics --describe`) in the URL-safe alphabet without padding.
+fn kafka_base64(standard: &str) -> String {
+    standard
+        .trim_end_matches('=')
+        .chars()
+        .map(|c| match c {
+            '+' => '-',
+            '/' => '_',
+            c => c,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn topic_ids_read_as_kafka_prints_them() {
+        assert_eq!(
+            super::kafka_base64("AfXxUojjQwuLUm+S33ji/g=="),
+            "AfXxUojjQwuLUm-S33ji_g"
+        );
+        assert_eq!(super::kafka_base64("q1Sh9ISia0zwGINzRvyQAA"), "q1Sh9ISia0zwGINzRvyQAA");
     }
 }

@@ -167,6 +167,13 @@ impl Metadata {
 }
 
 impl Metadata {
+    /// The topic id (KIP-516) of each of `topics` that exists and has one, and
+    /// the cluster's id (when the broker gives one). Blocking; two requests.
+    pub fn identities(&self, topics: &[String]) -> Result<(HashMap<String, String>, Option<String>), String> {
+        let ids = super::ffi::topic_ids(self.client.client(), topics, METADATA_TIMEOUT)?;
+        Ok((ids, self.client.client().fetch_cluster_id(METADATA_TIMEOUT)))
+    }
+
     /// For each of `partitions` of `topic`, the broker's answer to "the first
     /// offset whose timestamp is at or after `millis`" (ListOffsets by time):
     /// `Offset::Offset(o)`, or `Offset::End` when no record is that recent.

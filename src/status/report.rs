@@ -20,7 +20,7 @@ use crate::catalogue::Table;
 use crate::config::Config;
 use crate::ingest::IngestStatus;
 use crate::kafka::{self, topics};
-use crate::store::{Dwh, RejectCounts, ReplayRecord, StoredOffset};
+use crate::store::{Dwh, OtherGroup, RejectCounts, ReplayRecord, StoredGap, StoredOffset};
 
 /// One partition's range on the broker: `(low, high)`.
 pub type Range = (i64, i64);
@@ -36,6 +36,9 @@ pub struct BrokerView {
     pub fresh_from: HashMap<(String, i32), Option<i64>>,
     /// The archive group's committed offsets, when asked for.
     pub archived: HashMap<(String, i32), i64>,
+    /// Each topic's id (KIP-516), read with the offsets by time; a topic
+    /// without one, or a failed query, is missing (no check).
+    pub topic_ids: HashMap<String, String>,
 }
 
 /// Whether [`read_broker`] also asks the broker for its offsets by time, which
@@ -67,6 +70,10 @@ pub fn read_broker(config: &Config, archive_group: Option<&str>, stalls: Stalls)
             .collect(),
         ..BrokerView::default()
     };
+    if stalls == Stalls::Read {
+        // A failed query leaves the offsets to the watermarks' check alone.
+        view.topic_ids = metadata.identities(&names).map(|(ids, _)| ids).unwrap_or_default();
+    }
     let window = chrono::Duration::from_std(kafka.stall_after).unwrap_or(chrono::Duration::MAX);
     let since = (Utc::now() - window).timestamp_millis();
     for (topic, marks) in view.watermarks.iter().filter(|_| stalls == Stalls::Read) {
@@ -120,8 +127,19 @@ pub fn stalled(
     super::stall::stalled(&partition, Utc::now(), config.kafka.stall_after.as_secs())
 }
 
-/// Why a stored offset cannot be read from, if it cannot.
-fn misfit(stored: Option<i64>, (low, high): Range) -> Option<String> {
+/// Why a stored offset cannot be read from, if it cannot: it counts in
+/// another log than the broker's topic (`logs`: the stored and the broker's
+/// topic ids, when known), or it lies outside the log.
+fn misfit(stored: Option<i64>, (low, high): Range, logs: (Option<&str>, Option<&str>)) -> Option<String> {
+    if let (Some(kept), Some(found)) = logs {
+        if kept != found {
+            return Some(format!(
+                "stored offset {} counts in topic id {kept}, but the broker's topic is topic id {found} (created \
+                 again): adopt it with dwh-helper replay --adopt-topic",
+                stored.unwrap_or_default()
+            ));
+        }
+    }
     match stored {
         Some(s) if s > high => Some(format!("stored offset {s} is past the end of the log ({high})")),
         Some(s) if s < low => Some(format!(
@@ -215,10 +233,19 @@ pub struct Report {
     pub appmetrica: Option<AppMetricaReport>,
     /// The group's last executed replays, newest first.
     pub replays: Vec<ReplayRecord>,
+    /// The group's last gaps in its offsets (records moved past without being
+    /// written, offsets moved back), newest first, from `dwh_offset_gaps`.
+    pub gaps: Vec<StoredGap>,
+    /// Other consumer groups whose instances ingest into this DWH now: another
+    /// deployment, each writing every record of the tables both read.
+    pub other_groups: Vec<OtherGroup>,
 }
 
 /// Replays shown by `status`.
 const REPLAYS_SHOWN: i64 = 3;
+
+/// Offset gaps shown by `status`.
+const GAPS_SHOWN: i64 = 10;
 
 /// What the DWH says.
 #[derive(Debug, Default)]
@@ -228,6 +255,8 @@ struct DwhView {
     rows: HashMap<Table, i64>,
     appmetrica: Option<AppMetricaReport>,
     replays: Vec<ReplayRecord>,
+    gaps: Vec<StoredGap>,
+    other_groups: Vec<OtherGroup>,
 }
 
 async fn read_dwh(config: &Config, dwh: &Dwh) -> Result<DwhView, String> {
@@ -239,6 +268,14 @@ async fn read_dwh(config: &Config, dwh: &Dwh) -> Result<DwhView, String> {
         rejects: dwh.reject_counts().await.map_err(|e| e.to_string())?,
         replays: dwh
             .replays(&config.kafka.group_id, REPLAYS_SHOWN)
+            .await
+            .map_err(|e| e.to_string())?,
+        gaps: dwh
+            .offset_gaps(&config.kafka.group_id, GAPS_SHOWN)
+            .await
+            .map_err(|e| e.to_string())?,
+        other_groups: dwh
+            .other_groups(&config.kafka.group_id, crate::ingest::ANNOUNCE_FRESH)
             .await
             .map_err(|e| e.to_string())?,
         ..DwhView::default()
@@ -323,7 +360,14 @@ fn assemble(
                     low: range.0,
                     high: range.1,
                     lag: lag(at, range),
-                    problem: misfit(at, range),
+                    problem: misfit(
+                        at,
+                        range,
+                        (
+                            record.and_then(|o| o.topic_id.as_deref()),
+                            broker_view.topic_ids.get(&topic).map(String::as_str),
+                        ),
+                    ),
                     stalled: stalled(record, range, fresh, config),
                 }
             })
@@ -370,6 +414,8 @@ fn assemble(
         archive,
         appmetrica: dwh_view.appmetrica,
         replays: dwh_view.replays,
+        gaps: dwh_view.gaps,
+        other_groups: dwh_view.other_groups,
     }
 }
 
@@ -535,6 +581,47 @@ impl Report {
                 r.plan.len()
             );
         }
+        for other in &self.other_groups {
+            let _ = writeln!(
+                out,
+                "\nWARNING: group {} also ingests into this DWH ({}; {} instance(s)): each group writes every \
+                 record of the tables both read; a KAFKA_GROUP_ID change moves the offsets with replay",
+                other.group,
+                other.tables.join(", "),
+                other.members.len()
+            );
+        }
+        for (i, g) in self.gaps.iter().enumerate() {
+            let table = self
+                .tables
+                .iter()
+                .find(|t| t.topic == g.topic)
+                .map_or(g.topic.as_str(), |t| t.table.name());
+            let what = match g.cause.as_str() {
+                "log behind" => format!(
+                    "offset moved back from {} to {} (the log ended before it)",
+                    g.from_offset, g.to_offset
+                ),
+                cause => format!(
+                    "records {}..{} ({}) never written: {}",
+                    g.from_offset,
+                    g.to_offset,
+                    g.records,
+                    if cause == "retention" {
+                        "lost to retention"
+                    } else {
+                        "skipped as KAFKA_ON_OFFSET_OUT_OF_RANGE asked"
+                    }
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "{}gap: {table} partition {}: {what}, at {}",
+                if i == 0 { "\n" } else { "" },
+                g.partition,
+                g.noted_at.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        }
         let _ = writeln!(out, "\n{}", self.verdict.summary);
         out
     }
@@ -551,9 +638,23 @@ mod tests {
         assert_eq!(lag(None, (3, 15)), 12);
         assert_eq!(lag(Some(1), (5, 15)), 10, "records below low are gone, not lag");
         assert_eq!(lag(Some(20), (0, 15)), 0);
-        assert!(misfit(Some(20), (0, 15)).unwrap().contains("past the end"));
-        assert!(misfit(Some(1), (5, 15)).unwrap().contains("1..5 are gone"));
-        assert_eq!(misfit(Some(15), (0, 15)), None);
-        assert_eq!(misfit(None, (5, 15)), None);
+        let unknown = (None, None);
+        assert!(misfit(Some(20), (0, 15), unknown).unwrap().contains("past the end"));
+        assert!(misfit(Some(1), (5, 15), unknown).unwrap().contains("1..5 are gone"));
+        assert_eq!(misfit(Some(15), (0, 15), unknown), None);
+        assert_eq!(misfit(None, (5, 15), unknown), None);
+        // Inside the log, but of another one: the topic was created again.
+        let other = misfit(Some(10), (0, 15), (Some("OLD"), Some("NEW"))).unwrap();
+        assert!(
+            other.contains("counts in topic id OLD, but the broker's topic is topic id NEW")
+                && other.contains("--adopt-topic"),
+            "{other}"
+        );
+        assert_eq!(misfit(Some(10), (0, 15), (Some("NEW"), Some("NEW"))), None);
+        assert_eq!(
+            misfit(Some(10), (0, 15), (None, Some("NEW"))),
+            None,
+            "a row of an older release"
+        );
     }
 }

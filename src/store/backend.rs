@@ -11,13 +11,17 @@ use serde_json::{Map, Value as Json};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Type};
 
 use super::error::Refusal;
-use super::{Batch, Budget, OffsetAdvance, RejectedRecord, StoreError, WriteOutcome};
+use super::{Batch, Budget, OffsetAdvance, OffsetGap, RejectedRecord, StoreError, TopicIdentity, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, TableSpec, Value};
 
 /// Binds: table, topic, partition, offset, key, payload, reason.
 const INSERT_REJECT: &str = "INSERT INTO dwh_rejected_records \
      (table_name, topic, partition, \"offset\", record_key, payload, reason) \
      VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+
+/// Binds: group, topic, partition, from, to, records, cause.
+const INSERT_GAP: &str = "INSERT INTO dwh_offset_gaps \
+     (group_id, topic, partition, from_offset, to_offset, records, cause) VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 /// Binds: group, topic, partition.
 pub(super) const SELECT_OFFSET: &str =
@@ -29,6 +33,9 @@ pub(super) const SELECT_OFFSET: &str =
 pub(super) trait Bookkeeping: Database {
     /// Keeps a rejected record (once: a record rejected again is left as it is).
     async fn insert_reject(conn: &mut Self::Connection, reject: &RejectedRecord) -> Result<(), StoreError>;
+
+    /// Keeps a gap of the offsets moved in this transaction.
+    async fn insert_gap(conn: &mut Self::Connection, gap: &OffsetGap) -> Result<(), StoreError>;
 
     /// The error for an advance that did not move: the offset stored now, read
     /// in the same transaction, names how it was fenced.
@@ -63,6 +70,20 @@ where
         Ok(())
     }
 
+    async fn insert_gap(conn: &mut DB::Connection, g: &OffsetGap) -> Result<(), StoreError> {
+        sqlx::query::<DB>(INSERT_GAP)
+            .bind(g.group_id.as_str())
+            .bind(g.topic.as_str())
+            .bind(g.partition)
+            .bind(g.from)
+            .bind(g.to)
+            .bind(g.records)
+            .bind(g.cause.name())
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
     async fn fenced(conn: &mut DB::Connection, a: &OffsetAdvance) -> StoreError {
         let stored = sqlx::query_scalar::<DB, i64>(SELECT_OFFSET)
             .bind(a.group_id.as_str())
@@ -84,7 +105,12 @@ where
 pub(super) trait RowWriter<DB: Bookkeeping>: Sync {
     /// Moves every offset of the batch from its start, or fails with
     /// [`StoreError::Fenced`].
-    async fn advance_offsets(&self, conn: &mut DB::Connection, advances: &[OffsetAdvance]) -> Result<(), StoreError>;
+    async fn advance_offsets(
+        &self,
+        conn: &mut DB::Connection,
+        advances: &[OffsetAdvance],
+        identity: Option<&TopicIdentity>,
+    ) -> Result<(), StoreError>;
 
     async fn write_rows(
         &self,
@@ -115,7 +141,10 @@ pub(super) async fn write_batch<DB: Bookkeeping, W: RowWriter<DB>>(
     budget: &Budget,
 ) -> Result<WriteOutcome, StoreError> {
     let mut tx = pool.begin().await?;
-    writer.advance_offsets(&mut tx, batch.offsets).await?;
+    writer.advance_offsets(&mut tx, batch.offsets, batch.identity).await?;
+    for gap in batch.gaps {
+        DB::insert_gap(&mut tx, gap).await?;
+    }
     for reject in batch.rejects {
         DB::insert_reject(&mut tx, reject).await?;
     }

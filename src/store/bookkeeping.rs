@@ -14,7 +14,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Postgres, Sqlite, Type};
 
 use super::replays::Replay;
-use super::{Reader, RejectFilter, ReplayRecord, StoreError, StoredOffset, StoredReject, WindowRecord};
+use super::{
+    Reader, RejectFilter, ReplayRecord, StoreError, StoredGap, StoredOffset, StoredReject, TopicIdentity, WindowRecord,
+};
 use crate::catalogue::Table;
 
 /// Where a backend's statements go: reads beside writes. SQLite takes one
@@ -92,6 +94,10 @@ pub(super) trait Queries: Send + Sync {
     async fn stored_offset(&self, group: &str, topic: &str, partition: i32) -> Result<Option<i64>, StoreError>;
     async fn stored_offsets(&self, group: &str) -> Result<Vec<StoredOffset>, StoreError>;
     async fn topic_offsets(&self, group: &str, topic: &str) -> Result<HashMap<i32, i64>, StoreError>;
+    /// The identities `topic`'s offset rows were written for (none where unknown).
+    async fn topic_identities(&self, group: &str, topic: &str) -> Result<Vec<TopicIdentity>, StoreError>;
+    /// The group's last `limit` offset gaps, newest first.
+    async fn offset_gaps(&self, group: &str, limit: i64) -> Result<Vec<StoredGap>, StoreError>;
     /// Per table name: rejects in all, and since `since`.
     async fn reject_counts(&self, since: DateTime<Utc>) -> Result<Vec<(String, i64, i64)>, StoreError>;
     /// `SELECT count(*)` of a table whose name the caller checked.
@@ -101,6 +107,8 @@ pub(super) trait Queries: Send + Sync {
     async fn announce_member(&self, group: &str, tables: &[Table], member: &str) -> Result<(), StoreError>;
     async fn leave_member(&self, group: &str, member: &str) -> Result<(), StoreError>;
     async fn readers(&self, group: &str, since: DateTime<Utc>) -> Result<Vec<Reader>, StoreError>;
+    /// Instances of groups other than `group` seen since `since`, with their group.
+    async fn other_readers(&self, group: &str, since: DateTime<Utc>) -> Result<Vec<(String, Reader)>, StoreError>;
     async fn rejects(&self, table: Table, filter: &RejectFilter) -> Result<Vec<StoredReject>, StoreError>;
     async fn last_reject_id(&self) -> Result<i64, StoreError>;
     async fn mark_requeued(&self, ids: &[i64]) -> Result<u64, StoreError>;
@@ -112,7 +120,18 @@ pub(super) trait Queries: Send + Sync {
 }
 
 const SELECT_GROUP_OFFSETS: &str =
-    "SELECT topic, partition, next_offset, updated_at FROM dwh_consumer_offsets WHERE group_id = $1 ORDER BY topic, partition";
+    "SELECT topic, partition, next_offset, updated_at, topic_id FROM dwh_consumer_offsets WHERE group_id = $1 \
+     ORDER BY topic, partition";
+
+const SELECT_GAPS: &str = "SELECT topic, partition, from_offset, to_offset, records, cause, noted_at \
+     FROM dwh_offset_gaps WHERE group_id = $1 ORDER BY id DESC LIMIT $2";
+
+const SELECT_TOPIC_IDENTITIES: &str = "SELECT DISTINCT topic_id, cluster_id FROM dwh_consumer_offsets \
+     WHERE group_id = $1 AND topic = $2 AND topic_id IS NOT NULL ORDER BY topic_id";
+
+/// Binds: group, topic, the topic id adopted: the rows of the topic's other logs.
+const DELETE_OTHER_LOGS: &str = "DELETE FROM dwh_consumer_offsets \
+     WHERE group_id = $1 AND topic = $2 AND (topic_id IS NULL OR topic_id <> $3)";
 
 const SELECT_TOPIC_OFFSETS: &str =
     "SELECT partition, next_offset FROM dwh_consumer_offsets WHERE group_id = $1 AND topic = $2";
@@ -138,6 +157,9 @@ const DELETE_MEMBER: &str = "DELETE FROM dwh_ingest_members WHERE group_id = $1 
 const SELECT_MEMBERS: &str = "SELECT table_name, member, seen_at FROM dwh_ingest_members \
      WHERE group_id = $1 AND seen_at >= $2 ORDER BY table_name, member";
 
+const SELECT_OTHER_MEMBERS: &str = "SELECT group_id, table_name, member, seen_at FROM dwh_ingest_members \
+     WHERE group_id <> $1 AND seen_at >= $2 ORDER BY group_id, table_name, member";
+
 const SELECT_REPLAYS: &str = "SELECT id, group_id, executed_by, executed_at, scenario, plan FROM dwh_replays \
      WHERE group_id = $1 ORDER BY id DESC LIMIT $2";
 
@@ -153,12 +175,15 @@ fn upsert_member<DB: Dialect>() -> String {
     )
 }
 
-/// Binds: group, topic, partition, next offset.
+/// Binds: group, topic, partition, next offset, topic id, cluster id (each
+/// kept as it was when `NULL`).
 fn upsert_offset<DB: Dialect>() -> String {
     format!(
-        "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset, updated_at) \
-         VALUES ($1, $2, $3, $4, {}) ON CONFLICT (group_id, topic, partition) \
-         DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+        "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset, topic_id, cluster_id, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, {}) ON CONFLICT (group_id, topic, partition) \
+         DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at, \
+         topic_id = COALESCE(excluded.topic_id, dwh_consumer_offsets.topic_id), \
+         cluster_id = COALESCE(excluded.cluster_id, dwh_consumer_offsets.cluster_id)",
         DB::NOW
     )
 }
@@ -249,17 +274,18 @@ where
     }
 
     async fn stored_offsets(&self, group: &str) -> Result<Vec<StoredOffset>, StoreError> {
-        let rows: Vec<(String, i32, i64, DateTime<Utc>)> = sqlx::query_as(SELECT_GROUP_OFFSETS)
+        let rows: Vec<(String, i32, i64, DateTime<Utc>, Option<String>)> = sqlx::query_as(SELECT_GROUP_OFFSETS)
             .bind(group)
             .fetch_all(&self.read)
             .await?;
         Ok(rows
             .into_iter()
-            .map(|(topic, partition, next_offset, updated_at)| StoredOffset {
+            .map(|(topic, partition, next_offset, updated_at, topic_id)| StoredOffset {
                 topic,
                 partition,
                 next_offset,
                 updated_at,
+                topic_id,
             })
             .collect())
     }
@@ -271,6 +297,40 @@ where
             .fetch_all(&self.read)
             .await?;
         Ok(rows.into_iter().collect())
+    }
+
+    async fn topic_identities(&self, group: &str, topic: &str) -> Result<Vec<TopicIdentity>, StoreError> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(SELECT_TOPIC_IDENTITIES)
+            .bind(group)
+            .bind(topic)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(topic_id, cluster_id)| TopicIdentity { topic_id, cluster_id })
+            .collect())
+    }
+
+    async fn offset_gaps(&self, group: &str, limit: i64) -> Result<Vec<StoredGap>, StoreError> {
+        let rows: Vec<(String, i32, i64, i64, i64, String, DateTime<Utc>)> = sqlx::query_as(SELECT_GAPS)
+            .bind(group)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(topic, partition, from_offset, to_offset, records, cause, noted_at)| StoredGap {
+                    topic,
+                    partition,
+                    from_offset,
+                    to_offset,
+                    records,
+                    cause,
+                    noted_at,
+                },
+            )
+            .collect())
     }
 
     async fn reject_counts(&self, since: DateTime<Utc>) -> Result<Vec<(String, i64, i64)>, StoreError> {
@@ -361,6 +421,18 @@ where
             .collect())
     }
 
+    async fn other_readers(&self, group: &str, since: DateTime<Utc>) -> Result<Vec<(String, Reader)>, StoreError> {
+        let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(SELECT_OTHER_MEMBERS)
+            .bind(group)
+            .bind(DB::time(since))
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(group, table, member, seen_at)| (group, Reader { table, member, seen_at }))
+            .collect())
+    }
+
     async fn rejects(&self, table: Table, filter: &RejectFilter) -> Result<Vec<StoredReject>, StoreError> {
         let sql = select_rejects::<DB>(filter);
         let rows: Vec<RejectRow> = sqlx::query_as(&sql)
@@ -437,16 +509,28 @@ where
             by,
             scenario,
             plan,
+            adopt,
         } = replay;
         let text = serde_json::to_string(plan).expect("a plan serializes");
         let upsert = upsert_offset::<DB>();
         let mut tx = self.write.begin().await?;
+        // An adopted topic's offsets of other logs go: they count nothing there.
+        for (topic, identity) in adopt {
+            sqlx::query::<DB>(DELETE_OTHER_LOGS)
+                .bind(group)
+                .bind(topic.as_str())
+                .bind(identity.topic_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
         for p in plan {
             sqlx::query::<DB>(&upsert)
                 .bind(group)
                 .bind(p.topic.as_str())
                 .bind(p.partition)
                 .bind(p.new)
+                .bind(p.topic_id.as_deref())
+                .bind(p.cluster_id.as_deref())
                 .execute(&mut *tx)
                 .await?;
         }

@@ -17,6 +17,16 @@ pub struct Reader {
     pub seen_at: DateTime<Utc>,
 }
 
+/// Another consumer group whose instances ingest into this DWH.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct OtherGroup {
+    pub group: String,
+    /// The tables it reads, by name.
+    pub tables: Vec<String>,
+    /// Its instances, as they name themselves.
+    pub members: Vec<String>,
+}
+
 impl Dwh {
     /// Records that `member` reads `tables` for `group`, now.
     pub async fn announce_member(&self, group: &str, tables: &[Table], member: &str) -> Result<(), StoreError> {
@@ -26,6 +36,35 @@ impl Dwh {
     /// Forgets `member` (it stopped reading).
     pub async fn leave_member(&self, group: &str, member: &str) -> Result<(), StoreError> {
         self.bookkeeping().leave_member(group, member).await
+    }
+
+    /// The other groups whose instances announced tables within `fresh`: another
+    /// deployment writing the same DWH (its offsets and fence are its own), by
+    /// group, with the tables it reads and how many instances.
+    pub async fn other_groups(&self, group: &str, fresh: Duration) -> Result<Vec<OtherGroup>, StoreError> {
+        let since = Utc::now() - chrono::Duration::from_std(fresh).unwrap_or(chrono::Duration::MAX);
+        let mut groups: Vec<OtherGroup> = Vec::new();
+        for (name, reader) in self.bookkeeping().other_readers(group, since).await? {
+            let at = match groups.iter().position(|g| g.group == name) {
+                Some(at) => at,
+                None => {
+                    groups.push(OtherGroup {
+                        group: name,
+                        tables: Vec::new(),
+                        members: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            let other = &mut groups[at];
+            if !other.tables.contains(&reader.table) {
+                other.tables.push(reader.table);
+            }
+            if !other.members.contains(&reader.member) {
+                other.members.push(reader.member);
+            }
+        }
+        Ok(groups)
     }
 
     /// The instances of `group` that announced a table within `fresh`.

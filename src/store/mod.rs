@@ -13,6 +13,8 @@ mod backend;
 mod bookkeeping;
 mod chunk;
 mod error;
+mod gaps;
+mod identity;
 mod members;
 pub mod pgbinary;
 mod postgres;
@@ -34,7 +36,9 @@ use serde_json::{Map, Value as Json};
 pub use crate::catalogue::RejectedRecord;
 pub use chunk::{plan as plan_chunks, Oversized};
 pub use error::StoreError;
-pub use members::Reader;
+pub use gaps::{GapCause, OffsetGap, StoredGap};
+pub use identity::TopicIdentity;
+pub use members::{OtherGroup, Reader};
 pub use progress::{RejectCounts, StoredOffset};
 pub use rejects::{RejectFilter, StoredReject};
 pub use replays::{PlannedOffset, ReplayRecord};
@@ -125,12 +129,18 @@ impl OffsetAdvance {
 
 /// The fenced offset advance, one statement on both backends: inserts the row when
 /// absent, moves it when it stands at the batch's start, and otherwise returns
-/// nothing, which the caller turns into [`StoreError::Fenced`]. Binds: group, topic,
-/// partition, new offset, batch start.
-const ADVANCE_OFFSET: &str = "INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
-     VALUES ($1, $2, $3, $4) ON CONFLICT (group_id, topic, partition) DO UPDATE \
-     SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
-     WHERE dwh_consumer_offsets.next_offset = $5 RETURNING next_offset";
+/// nothing, which the caller turns into [`StoreError::Fenced`]; a row kept for
+/// another log (topic id) is fenced too. Binds: group, topic, partition, new
+/// offset, batch start, topic id, cluster id.
+const ADVANCE_OFFSET: &str = "INSERT INTO dwh_consumer_offsets \
+     (group_id, topic, partition, next_offset, topic_id, cluster_id) \
+     VALUES ($1, $2, $3, $4, $6, $7) ON CONFLICT (group_id, topic, partition) DO UPDATE \
+     SET next_offset = excluded.next_offset, updated_at = excluded.updated_at, \
+     topic_id = COALESCE(excluded.topic_id, dwh_consumer_offsets.topic_id), \
+     cluster_id = COALESCE(excluded.cluster_id, dwh_consumer_offsets.cluster_id) \
+     WHERE dwh_consumer_offsets.next_offset = $5 AND (excluded.topic_id IS NULL \
+     OR dwh_consumer_offsets.topic_id IS NULL OR dwh_consumer_offsets.topic_id = excluded.topic_id) \
+     RETURNING next_offset";
 
 /// The statements a write may take, each given the statement timeout: planned
 /// from its chunks, and grown by the halving of parts the database refuses.
@@ -172,6 +182,11 @@ pub struct Batch<'a> {
     /// own, and the rest lands; without it the whole batch fails with
     /// [`StoreError::Refused`]. Any other error fails the whole batch either way.
     pub origins: Option<Origins<'a>>,
+    /// Records the offsets move past without writing them, kept with the move.
+    pub gaps: &'a [OffsetGap],
+    /// The log the offsets count, kept with them; an offset row kept for
+    /// another log fences the batch. `None`: not known (no check).
+    pub identity: Option<&'a TopicIdentity>,
 }
 
 impl<'a> Batch<'a> {
@@ -189,6 +204,8 @@ impl<'a> Batch<'a> {
             rejects: &[],
             offsets: &[],
             origins: None,
+            gaps: &[],
+            identity: None,
         }
     }
 }

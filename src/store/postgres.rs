@@ -24,7 +24,7 @@ use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Postgres, Row 
 
 use super::backend::{self, Bookkeeping as _, RowWriter};
 use super::error::is_unique_violation;
-use super::{pgbinary, sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, WriteOutcome};
+use super::{pgbinary, sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, TopicIdentity, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -107,19 +107,29 @@ pub(super) async fn take_ids(conn: &mut PgConnection, spec: &TableSpec, n: usize
 
 /// Every partition's advance in one statement: rows inserted when absent, moved
 /// when they stand at the batch's start; the partitions it moved come back, and
-/// any other is fenced. Partitions are locked in order, as every writer does.
+/// any other is fenced, as is a row kept for another log (topic id). Partitions
+/// are locked in order, as every writer does. Binds: group, topic, partitions,
+/// new offsets, batch starts, topic id, cluster id.
 const ADVANCE_OFFSETS: &str = "WITH advance AS (\
        SELECT * FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS a(partition, next_offset, batch_start) \
        ORDER BY partition) \
-     INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset) \
-     SELECT $1, $2, partition, next_offset FROM advance \
+     INSERT INTO dwh_consumer_offsets (group_id, topic, partition, next_offset, topic_id, cluster_id) \
+     SELECT $1, $2, partition, next_offset, $6::text, $7::text FROM advance \
      ON CONFLICT (group_id, topic, partition) DO UPDATE \
-     SET next_offset = excluded.next_offset, updated_at = excluded.updated_at \
+     SET next_offset = excluded.next_offset, updated_at = excluded.updated_at, \
+     topic_id = COALESCE(excluded.topic_id, dwh_consumer_offsets.topic_id), \
+     cluster_id = COALESCE(excluded.cluster_id, dwh_consumer_offsets.cluster_id) \
      WHERE dwh_consumer_offsets.next_offset = \
        (SELECT batch_start FROM advance WHERE advance.partition = excluded.partition) \
+     AND (excluded.topic_id IS NULL OR dwh_consumer_offsets.topic_id IS NULL \
+       OR dwh_consumer_offsets.topic_id = excluded.topic_id) \
      RETURNING partition";
 
-async fn advance_offsets(conn: &mut PgConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
+async fn advance_offsets(
+    conn: &mut PgConnection,
+    advances: &[OffsetAdvance],
+    identity: Option<&TopicIdentity>,
+) -> Result<(), StoreError> {
     let Some(first) = advances.first() else {
         return Ok(());
     };
@@ -134,6 +144,8 @@ async fn advance_offsets(conn: &mut PgConnection, advances: &[OffsetAdvance]) ->
         .bind(&partitions)
         .bind(column(|a| a.to))
         .bind(column(|a| a.from))
+        .bind(identity.map(|i| i.topic_id.as_str()))
+        .bind(identity.and_then(|i| i.cluster_id.as_deref()))
         .fetch_all(&mut *conn)
         .await?;
     if moved.len() == advances.len() {
@@ -155,8 +167,13 @@ async fn hold_table(conn: &mut PgConnection, table: &str) -> Result<(), StoreErr
 
 #[async_trait::async_trait]
 impl RowWriter<Postgres> for Target<'_> {
-    async fn advance_offsets(&self, conn: &mut PgConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
-        advance_offsets(conn, advances).await
+    async fn advance_offsets(
+        &self,
+        conn: &mut PgConnection,
+        advances: &[OffsetAdvance],
+        identity: Option<&TopicIdentity>,
+    ) -> Result<(), StoreError> {
+        advance_offsets(conn, advances, identity).await
     }
 
     async fn hold_table(&self, conn: &mut PgConnection) -> Result<(), StoreError> {

@@ -16,6 +16,8 @@ pub struct StoredOffset {
     pub next_offset: i64,
     /// When the last batch moved it.
     pub updated_at: DateTime<Utc>,
+    /// The topic id of the log it counts in, when known.
+    pub topic_id: Option<String>,
 }
 
 /// Rejected records of a table.
@@ -29,6 +31,18 @@ impl Dwh {
     /// Every stored offset of `group_id`, by topic and partition.
     pub async fn stored_offsets(&self, group_id: &str) -> Result<Vec<StoredOffset>, StoreError> {
         self.bookkeeping().stored_offsets(group_id).await
+    }
+
+    /// The last `limit` gaps in `group_id`'s offsets (records moved past
+    /// without being written, or offsets moved back), newest first.
+    pub async fn offset_gaps(&self, group_id: &str, limit: i64) -> Result<Vec<super::StoredGap>, StoreError> {
+        self.bookkeeping().offset_gaps(group_id, limit).await
+    }
+
+    /// The identities of the logs `topic`'s stored offsets were written for
+    /// (one, unless an operator mixed them; none where unknown).
+    pub async fn topic_identities(&self, group_id: &str, topic: &str) -> Result<Vec<super::TopicIdentity>, StoreError> {
+        self.bookkeeping().topic_identities(group_id, topic).await
     }
 
     /// The stored next offset of every partition of `topic` that has one, in one query.

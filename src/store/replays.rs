@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Dwh, StoreError};
+use super::{Dwh, StoreError, TopicIdentity};
 
 /// One partition of a replay plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -16,6 +16,12 @@ pub struct PlannedOffset {
     pub current: Option<i64>,
     /// Where ingest reads next once the plan is executed.
     pub new: i64,
+    /// The topic id (KIP-516) of the log `new` counts in, when the broker gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_id: Option<String>,
+    /// The cluster's id, when the broker gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// An executed replay, as recorded.
@@ -37,23 +43,29 @@ pub(super) struct Replay<'a> {
     pub by: &'a str,
     pub scenario: &'a str,
     pub plan: &'a [PlannedOffset],
+    /// Topics whose offsets move to a new log (`--adopt-topic`): their rows of
+    /// any other log are deleted.
+    pub adopt: &'a [(String, TopicIdentity)],
 }
 
 impl Dwh {
     /// Sets the stored offsets of `plan` and records the replay, in one
-    /// transaction; returns the record's id.
+    /// transaction; returns the record's id. The offsets of the topics in
+    /// `adopt` move to the log named there: their rows of any other go.
     pub async fn execute_replay(
         &self,
         group_id: &str,
         executed_by: &str,
         scenario: &str,
         plan: &[PlannedOffset],
+        adopt: &[(String, TopicIdentity)],
     ) -> Result<i64, StoreError> {
         let replay = Replay {
             group: group_id,
             by: executed_by,
             scenario,
             plan,
+            adopt,
         };
         self.bookkeeping().execute_replay(replay).await
     }

@@ -14,7 +14,7 @@ use sqlx::{ConnectOptions as _, Row as _, Sqlite, SqliteConnection, SqlitePool};
 
 use super::backend::{self, Bookkeeping as _, RowWriter};
 use super::bookkeeping::Pools;
-use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, WriteOutcome};
+use super::{sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError, TopicIdentity, WriteOutcome};
 use crate::catalogue::{ColumnType, ConflictPolicy, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
@@ -129,13 +129,19 @@ async fn write_rows(
     Ok(())
 }
 
-async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Result<(), StoreError> {
+async fn advance_offset(
+    conn: &mut SqliteConnection,
+    a: &OffsetAdvance,
+    identity: Option<&TopicIdentity>,
+) -> Result<(), StoreError> {
     let moved: Option<i64> = sqlx::query_scalar(super::ADVANCE_OFFSET)
         .bind(&a.group_id)
         .bind(&a.topic)
         .bind(a.partition)
         .bind(a.to)
         .bind(a.from)
+        .bind(identity.map(|i| i.topic_id.as_str()))
+        .bind(identity.and_then(|i| i.cluster_id.as_deref()))
         .fetch_optional(&mut *conn)
         .await?;
     if moved.is_some() {
@@ -146,9 +152,14 @@ async fn advance_offset(conn: &mut SqliteConnection, a: &OffsetAdvance) -> Resul
 
 #[async_trait::async_trait]
 impl RowWriter<Sqlite> for Statements {
-    async fn advance_offsets(&self, conn: &mut SqliteConnection, advances: &[OffsetAdvance]) -> Result<(), StoreError> {
+    async fn advance_offsets(
+        &self,
+        conn: &mut SqliteConnection,
+        advances: &[OffsetAdvance],
+        identity: Option<&TopicIdentity>,
+    ) -> Result<(), StoreError> {
         for advance in advances {
-            advance_offset(conn, advance).await?;
+            advance_offset(conn, advance, identity).await?;
         }
         Ok(())
     }

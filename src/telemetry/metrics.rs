@@ -54,10 +54,12 @@ pub struct Metrics {
     pub batches_fenced: Counters,
     pub batches_aborted: Counters,
     pub offset_read_retries: Counters,
+    pub assignments_deferred: Counters,
     pub consumer_restarts: Counters,
     pub rebalances: Counters,
     pub partitions_assigned: Gauges,
     pub offsets_moved: Counters,
+    pub records_lost: Counters,
     pub fetch_pauses: Counters,
     pub failing: Gauges,
     pub table_stopped: Gauges,
@@ -130,7 +132,7 @@ fn window_buckets() -> Histogram {
 
 const FAILING_HELP: &str =
     "1 while the table fails: its DWH writes, or its consumer's Kafka access (the cause is logged and in status)";
-const KAFKA_ERRORS_HELP: &str = "Kafka failures a person must act on, by table, role and kind (authentication, tls, authorization, unreadable records)";
+const KAFKA_ERRORS_HELP: &str = "Kafka errors by table, role and kind: failures a person must act on (authentication, tls, authorization, unreadable records, topic deleted) fail an ingest table; the transient kinds are named by where they happened (client, consume, commit, rebalance, pause, close, poll, out_of_range, watermarks, committed, describe, log, unknown topic)";
 
 /// The registry, each instrument registered as it is made: its name, help
 /// and unit stand beside it. Counters get `_total` from the registry; units
@@ -240,6 +242,18 @@ impl Metrics {
                 "offset_read_retries",
                 None,
                 "Failed reads of the DWH's stored offsets for an assignment, each retried",
+            ),
+            assignments_deferred: r.add(
+                "assignments_deferred",
+                None,
+                "Assignments assigned paused because the table's task could not give their start offsets in time",
+            ),
+            records_lost: r.add(
+                "records_lost",
+                None,
+                "Records a stored offset was moved past without writing them, by table, partition and cause \
+                 (retention: expired before they were written; skipped: at the operator's ask); each is a row \
+                 of dwh_offset_gaps",
             ),
             consumer_restarts: r.add(
                 "consumer_restarts",

@@ -169,7 +169,18 @@ pub async fn mock_broker(partitions: i32) -> (TestBroker, String) {
 /// `kafka.tools.DumpLogSegments`) with `args`, and returns its standard output; a
 /// failure fails the test.
 pub fn kafka_java(class: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new("java")
+    let output = kafka_java_output(class, args);
+    assert!(
+        output.status.success(),
+        "{class} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs one of Kafka's own command-line tools and returns how it ended.
+pub fn kafka_java_output(class: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("java")
         .args([
             "-Xmx256m",
             "-XX:TieredStopAtLevel=1",
@@ -179,13 +190,7 @@ pub fn kafka_java(class: &str, args: &[&str]) -> String {
         ])
         .args(args)
         .output()
-        .expect("java runs");
-    assert!(
-        output.status.success(),
-        "{class} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+        .expect("java runs")
 }
 
 /// Runs one of Kafka's admin tools (e.g. `org.apache.kafka.tools.AclCommand`)
@@ -236,5 +241,50 @@ pub async fn delete_topics(config: &dwh_helper::config::Config, topics: &[String
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.delete_topics(&names, &options).await.expect("delete answered") {
         result.unwrap_or_else(|(topic, code)| panic!("cannot delete {topic}: {code}"));
+    }
+}
+
+/// Raises `topic`'s partition count to `total`, on the broker.
+pub async fn add_partitions(config: &dwh_helper::config::Config, topic: &str, total: usize) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        dwh_helper::kafka::client_config(&config.kafka, &[])
+            .expect("client settings")
+            .create()
+            .expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let raised = admin
+        .create_partitions(&[NewPartitions::new(topic, total)], &options)
+        .await
+        .expect("create partitions answered");
+    for result in raised {
+        result.unwrap_or_else(|(topic, code)| panic!("cannot add partitions to {topic}: {code}"));
+    }
+}
+
+/// Deletes the records of `topic`'s `partition` before `before`, as retention
+/// would; returns the partition's low watermark after.
+pub async fn expire_records(config: &dwh_helper::config::Config, topic: &str, partition: i32, before: i64) -> i64 {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        dwh_helper::kafka::client_config(&config.kafka, &[])
+            .expect("client settings")
+            .create()
+            .expect("admin client");
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))
+        .expect("an offset");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let done = admin
+        .delete_records(&list, &options)
+        .await
+        .expect("delete records answered");
+    let element = done.find_partition(topic, partition).expect("the partition answered");
+    element
+        .error()
+        .unwrap_or_else(|e| panic!("cannot delete records of {topic}: {e}"));
+    match element.offset() {
+        rdkafka::Offset::Offset(low) => low,
+        other => panic!("a low watermark, not {other:?}"),
     }
 }

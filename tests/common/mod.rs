@@ -220,6 +220,13 @@ impl Scrape {
         Some(Scrape(parsed.samples))
     }
 
+    /// The metrics of this test process (its in-process instances), as scraped.
+    pub fn of_this_process() -> Scrape {
+        let text = dwh_helper::telemetry::metrics::metrics().encode();
+        let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid exposition");
+        Scrape(parsed.samples)
+    }
+
     /// Samples named `name` whose labels include every pair of `labels`.
     pub fn find<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = f64> + 'a {
         self.0

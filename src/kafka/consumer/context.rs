@@ -144,17 +144,13 @@ impl Context {
     /// Sends `event`, waiting at most until `deadline` (`None`: for as long as
     /// the task lives).
     pub(super) fn send_by(&self, mut event: Event, deadline: Option<Instant>) -> Sent {
+        if let Some(deadline) = deadline {
+            return self.send_until(event, deadline).0;
+        }
         loop {
-            match self.events.try_send(event) {
-                Ok(()) => return Sent::Yes,
-                Err(mpsc::error::TrySendError::Closed(_)) => return Sent::Gone,
-                Err(mpsc::error::TrySendError::Full(back)) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Sent::TimedOut;
-                    }
-                    event = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+            match self.send_until(event, Instant::now() + Duration::from_secs(60)) {
+                (Sent::TimedOut, Some(back)) => event = back,
+                (sent, _) => return sent,
             }
         }
     }
@@ -183,37 +179,39 @@ impl Context {
         (self.revoke_wait / 2).min(ASSIGN_WAIT)
     }
 
-    /// Assigns `partitions` paused, to start once the task answers.
-    #[allow(clippy::too_many_arguments)]
+    /// Assigns `tpl` (the partitions of `deferred`) paused, to start once the
+    /// task answers.
     fn defer(
         &self,
         consumer: &BaseConsumer<Context>,
         tpl: &TopicPartitionList,
         cooperative: bool,
-        partitions: Vec<i32>,
-        event: Option<Event>,
-        answer: oneshot::Receiver<Vec<(i32, Offset)>>,
+        deferred: Deferred,
         waited: Duration,
     ) {
+        let partitions = deferred.partitions.clone();
         {
-            let mut deferred = self.deferred();
-            deferred.push(Deferred {
-                partitions: partitions.clone(),
-                event,
-                answer,
-            });
+            self.deferred().push(deferred);
             self.deferring.store(true, std::sync::atomic::Ordering::Release);
         }
+        // At the log's end, not at the group's committed offset: a partition
+        // with none would fail (auto.offset.reset is `error`) before the task
+        // says where it starts, and the fetch out of range would rebuild the
+        // consumer. The start seeks each partition to its offset.
+        let mut at_end = tpl.clone();
+        if let Err(e) = at_end.set_all_offsets(Offset::End) {
+            self.error("rebalance", "cannot place partitions waiting for their start", &e, true);
+        }
         let assigned = if cooperative {
-            consumer.incremental_assign(tpl)
+            consumer.incremental_assign(&at_end)
         } else {
-            consumer.assign(tpl)
+            consumer.assign(&at_end)
         };
         if let Err(e) = assigned {
             self.error("rebalance", "cannot apply the rebalance", &e, true);
             return;
         }
-        if let Err(e) = consumer.pause(tpl) {
+        if let Err(e) = consumer.pause(&at_end) {
             self.error("rebalance", "cannot pause partitions waiting for their start", &e, true);
         }
         AssignmentDeferred {
@@ -521,7 +519,12 @@ impl ConsumerContext for Context {
                 };
                 if offsets.is_none() && sent != Sent::Gone {
                     if let Some(answer) = answer {
-                        self.defer(consumer, tpl, cooperative, partitions, unsent, answer, wait);
+                        let deferred = Deferred {
+                            partitions,
+                            event: unsent,
+                            answer,
+                        };
+                        self.defer(consumer, tpl, cooperative, deferred, wait);
                         return;
                     }
                 }

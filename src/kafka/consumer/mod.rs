@@ -303,17 +303,11 @@ impl Subscription {
                     }));
                     // Never leave the task waiting for records that cannot come:
                     // the context keeps a sender, so the channel never closes.
-                    let why = match polled {
-                        Err(panic) => panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default(),
-                        // Stopped, or the task is gone: nobody waits.
-                        Ok(()) if stopped.is_cancelled() || events.is_closed() => return,
-                        Ok(()) => "the poll loop ended: the task did not take an event within its wait".to_owned(),
-                    };
-                    let _ = events.blocking_send(Event::PollFailed(why));
+                    // The task takes it once its current work ends (it never
+                    // waits for a write to take events, only to hand over).
+                    if let Some(why) = poll_ended(polled, stopped.is_cancelled() || events.is_closed()) {
+                        let _ = events.blocking_send(Event::PollFailed(why));
+                    }
                 })
                 .map_err(ConsumerError::Thread)?
         };
@@ -325,6 +319,22 @@ impl Subscription {
             },
             self.receiver,
         ))
+    }
+}
+
+/// What the task must be told when its poll loop ended (`polled`): why, or
+/// nothing when nobody waits for it (`unwaited`: stopped, or the task gone).
+fn poll_ended(polled: std::thread::Result<()>, unwaited: bool) -> Option<String> {
+    match polled {
+        Err(panic) => Some(
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default(),
+        ),
+        Ok(()) if unwaited => None,
+        Ok(()) => Some("the poll loop ended: the task did not take an event within its wait".to_owned()),
     }
 }
 
@@ -367,7 +377,11 @@ impl Poller {
             Err(e) => Some(("cannot start the thread that closes a consumer", e.to_string())),
             Ok(_) => match tokio::time::timeout(CLOSE_WAIT, done).await {
                 Ok(Ok(true)) => None,
-                Ok(Ok(false)) | Ok(Err(_)) => Some(("closing a consumer failed", "its poll thread panicked".into())),
+                Ok(Ok(false)) => Some(("closing a consumer failed", "its poll thread panicked".into())),
+                Ok(Err(_)) => Some((
+                    "closing a consumer failed",
+                    "the thread that closes it ended before the close did (a panic in librdkafka's close)".into(),
+                )),
                 Err(_) => Some((
                     "a consumer did not close in time; it is left to finish on its own",
                     format!("no close within {} s", CLOSE_WAIT.as_secs()),
@@ -412,4 +426,24 @@ pub enum Event {
         partitions: Vec<i32>,
         reply: oneshot::Sender<()>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poll_ended;
+
+    #[test]
+    fn a_poll_loop_that_ends_unstopped_or_panics_is_told_to_the_task_and_a_stopped_one_is_not() {
+        let ended = poll_ended(Ok(()), false).expect("an unstopped end is told");
+        assert!(ended.contains("did not take an event"), "{ended}");
+        assert_eq!(poll_ended(Ok(()), true), None, "stopped, or nobody waits");
+        let panicked: std::thread::Result<()> = std::panic::catch_unwind(|| panic!("fetch went wrong"));
+        assert_eq!(poll_ended(panicked, false).as_deref(), Some("fetch went wrong"));
+        let panicked: std::thread::Result<()> = std::panic::catch_unwind(|| panic!("{}", String::from("owned")));
+        assert_eq!(
+            poll_ended(panicked, true).as_deref(),
+            Some("owned"),
+            "a panic is told even when stopped"
+        );
+    }
 }

@@ -177,7 +177,25 @@ impl Event for OffsetFenced<'_> {
         tracing::warn!(target: INGEST, topic = %self.topic, error = %self.error, "offset fenced: batch dropped, rejoining the group");
         let labels = Metrics::table(self.table);
         metrics().batches_fenced.get_or_create(&labels).inc();
-        metrics().failing.get_or_create(&labels).set(0);
+    }
+}
+
+/// Write failures of lanes that hold no partition now ended with them (a
+/// rebalance moved their partitions away, or the consumer ended): the next
+/// owner's writes report their own. `still_failing`: the table fails for
+/// another reason (another lane, its Kafka access).
+#[derive(Debug)]
+pub struct LaneFailuresEnded<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+    pub still_failing: bool,
+}
+
+impl Event for LaneFailuresEnded<'_> {
+    fn emit(&self) {
+        tracing::info!(target: INGEST, topic = %self.topic, still_failing = self.still_failing, "write failures of lanes that hold no partition now ended");
+        let still = i64::from(self.still_failing);
+        metrics().failing.get_or_create(&Metrics::table(self.table)).set(still);
     }
 }
 
@@ -254,7 +272,7 @@ pub struct TableStopped<'a> {
 
 impl Event for TableStopped<'_> {
     fn emit(&self) {
-        tracing::error!(target: INGEST, topic = %self.topic, reason = %self.reason, "table stopped: a stored offset does not fit the log");
+        tracing::error!(target: INGEST, event = "table_stopped", topic = %self.topic, reason = %self.reason, "table stopped: its stored offsets do not fit the log");
         metrics()
             .table_stopped
             .get_or_create(&Metrics::table(self.table))
@@ -284,6 +302,78 @@ impl Event for OffsetMoved<'_> {
             "stored offset outside the log moved as KAFKA_ON_OFFSET_OUT_OF_RANGE asks"
         );
         metrics().offsets_moved.get_or_create(&Metrics::table(self.table)).inc();
+    }
+}
+
+/// Other consumer groups ingest tables this instance ingests, into the same
+/// DWH: another deployment (or a changed `KAFKA_GROUP_ID`) whose offsets and
+/// fence are its own, so both write every record. A warning with
+/// `event = "other_groups"` at the start and whenever the set changes; an
+/// info line when none is left. `status` shows them too.
+#[derive(Debug)]
+pub struct OtherGroupsIngest<'a> {
+    pub group: &'a str,
+    /// Each other group, with the tables of ours it reads: `group (t1, t2)`.
+    pub others: &'a [String],
+}
+
+impl Event for OtherGroupsIngest<'_> {
+    fn emit(&self) {
+        if self.others.is_empty() {
+            tracing::info!(target: INGEST, event = "other_groups", group = %self.group, "no other group ingests these tables now");
+            return;
+        }
+        tracing::warn!(
+            target: INGEST,
+            event = "other_groups",
+            group = %self.group,
+            others = %self.others.join("; "),
+            "other consumer groups ingest the same tables into this DWH: each writes every record (a second \
+             deployment, or KAFKA_GROUP_ID changed without moving the offsets with replay)"
+        );
+    }
+}
+
+/// A move of a stored offset left a gap in what the DWH holds of a partition:
+/// records never written (lost to retention, or skipped at the operator's ask)
+/// or an offset moved back (the log behind it). Logged at error with
+/// `event = "offset_gap"`; the records lost count in
+/// `dwh_helper_records_lost_total{table,partition,cause}`; the gap is a row of
+/// `dwh_offset_gaps`, written with the move.
+#[derive(Debug)]
+pub struct OffsetGapNoted<'a> {
+    pub table: Table,
+    pub topic: &'a str,
+    pub partition: i32,
+    /// The stored next offset before the move, and where reading goes on.
+    pub from: i64,
+    pub to: i64,
+    /// Records never written (0 for a move back).
+    pub records: i64,
+    /// `retention`, `skipped` or `log behind`.
+    pub cause: &'a str,
+}
+
+impl Event for OffsetGapNoted<'_> {
+    fn emit(&self) {
+        let g = self;
+        tracing::error!(
+            target: INGEST,
+            event = "offset_gap",
+            topic = %g.topic,
+            partition = g.partition,
+            from = g.from,
+            to = g.to,
+            records = g.records,
+            cause = g.cause,
+            "records of a partition will never be in the DWH, or an offset moved back; kept in dwh_offset_gaps"
+        );
+        if g.records > 0 {
+            let m = metrics();
+            let mut labels = m.partition(self.table, g.partition);
+            labels.push(("cause", g.cause.to_owned()));
+            m.records_lost.get_or_create(&labels).inc_by(g.records as u64);
+        }
     }
 }
 

@@ -279,6 +279,7 @@ impl Event for PartitionsMoved<'_> {
 /// The task did not say within `waited` where newly assigned partitions start
 /// (it awaits a stalled write or the DWH): they are assigned paused, so that the
 /// member stays in its group, and start once it answers ([`AssignmentStarted`]).
+/// Counted in `dwh_helper_assignments_deferred_total{table}`.
 #[derive(Debug)]
 pub struct AssignmentDeferred<'a> {
     pub consumer: Consumer<'a>,
@@ -290,6 +291,10 @@ impl Event for AssignmentDeferred<'_> {
     fn emit(&self) {
         let Consumer { topic, role, .. } = self.consumer;
         let (partitions, wait_ms) = (self.partitions, self.waited.as_millis() as u64);
+        metrics()
+            .assignments_deferred
+            .get_or_create(&Metrics::table(self.consumer.table))
+            .inc();
         tracing::warn!(
             target: KAFKA,
             event = "assignment_deferred",

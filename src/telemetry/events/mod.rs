@@ -14,10 +14,10 @@ pub use archive::{ArchiveObjectKept, ArchiveStored, ArchiveUploadFailed};
 pub use dwh::MigrationsAhead;
 pub use http::HttpRequestServed;
 pub use ingest::{
-    BatchAborted, BatchCommitted, BufferLevel, ConsumerEnded, FetchPaused, IngestStarted, MemberUnrecorded,
-    OffsetFenced, OffsetMoved, PartitionStarted, Rebalanced, RecordRejected, RecordSkipped, RecordsConsumed,
-    RejectsRequeued, RequeueRefused, ShutdownForced, StallCleared, StoredOffsetsUnreadable, TableStalled,
-    TableStateSeen, TableStopped, WriteFailed, WritesRecovered, TABLE_STATES,
+    BatchAborted, BatchCommitted, BufferLevel, ConsumerEnded, FetchPaused, IngestStarted, LaneFailuresEnded,
+    MemberUnrecorded, OffsetFenced, OffsetGapNoted, OffsetMoved, OtherGroupsIngest, PartitionStarted, Rebalanced,
+    RecordRejected, RecordSkipped, RecordsConsumed, RejectsRequeued, RequeueRefused, ShutdownForced, StallCleared,
+    StoredOffsetsUnreadable, TableStalled, TableStateSeen, TableStopped, WriteFailed, WritesRecovered, TABLE_STATES,
 };
 pub use kafka::{
     AssignmentDeferred, AssignmentStarted, ClientLog, Consumer, ConsumerRestart, FetchOutOfRange, FetchSwitched,
