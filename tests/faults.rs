@@ -946,14 +946,20 @@ async fn a_table_stalled_past_the_poll_interval_keeps_its_member_and_stops_no_ot
         (dwh.count_rows("events_part").await.ok()? == landed).then_some(())
     })
     .await;
-    // This test's database only: other tests wait on locks of their own. Each
-    // lane's one write (the table's two partitions, one per lane) has waited
-    // for over twice max.poll.interval.ms, and no other.
+    // This test's database only: other tests wait on locks of their own. A
+    // write has waited for over twice max.poll.interval.ms, and no lane has
+    // more than its one write waiting (the table's two partitions, one per
+    // lane; the second lane's may have started later, after its partition
+    // came back from the newcomer).
     let waiting =
         format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{name}' AND wait_event_type = 'Lock'");
     let long = format!("{waiting} AND now() - query_start > interval '14 seconds'");
-    assert_eq!(count(&url, &long).await, 2, "still stalled, on each lane's one write");
-    assert_eq!(count(&url, &waiting).await, 2, "no other write waits");
+    assert!(
+        count(&url, &long).await >= 1,
+        "still stalled, past twice max.poll.interval.ms"
+    );
+    let writes = count(&url, &waiting).await;
+    assert!((1..=2).contains(&writes), "one write per lane at most: {writes}");
     let during = ingest.status.counters();
     assert!(
         during.pauses > before.pauses,

@@ -784,8 +784,8 @@ async fn replays_rejects_and_announcements_are_kept_on_both_backends() {
 /// offset; an adoption moves the topic's offsets to the new log and drops the
 /// rows of the old one, in the replay's transaction.
 #[tokio::test]
-async fn offsets_keep_their_log_a_batch_of_another_log_is_fenced_and_an_adoption_drops_the_old_rows() {
-    use dwh_helper::store::{Batch, OffsetAdvance, PlannedOffset, StoreError, TopicIdentity};
+async fn offsets_and_rejects_keep_their_log_a_batch_of_another_log_is_fenced_and_an_adoption_drops_the_old_rows() {
+    use dwh_helper::store::{Batch, OffsetAdvance, PlannedOffset, RejectedRecord, StoreError, TopicIdentity};
     let log = |id: &str| TopicIdentity {
         topic_id: id.into(),
         cluster_id: Some("cluster-a".into()),
@@ -868,5 +868,46 @@ async fn offsets_keep_their_log_a_batch_of_another_log_is_fenced_and_an_adoption
             .expect("the new log's batch");
         let stale = dwh.write(batch(leak(vec![advance(0, 4, 7)]), Some(old))).await;
         assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{db:?}: {stale:?}");
+
+        // Rejects are kept per log: the new log's bad record at the offset of
+        // an old reject is a reject of its own; the same log's, once.
+        for (log, payload) in [(old, "old log's"), (new, "new log's"), (new, "new log's, again")] {
+            let reject = RejectedRecord {
+                table: TABLE,
+                topic: topic.into(),
+                partition: 0,
+                offset: 3,
+                key: None,
+                payload: payload.as_bytes().to_vec(),
+                reason: "record is not valid JSON".into(),
+                class: "invalid_json",
+            };
+            dwh.write(Batch {
+                table: TABLE,
+                rows: &[],
+                rejects: std::slice::from_ref(&reject),
+                offsets: &[],
+                origins: None,
+                gaps: &[],
+                identity: Some(log),
+            })
+            .await
+            .expect("a reject written");
+        }
+        let kept: Vec<(Option<String>, Vec<u8>)> = dwh
+            .rejects(TABLE, &dwh_helper::store::RejectFilter::default())
+            .await
+            .expect("rejects")
+            .into_iter()
+            .map(|r| (r.topic_id, r.payload))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                (Some("OLD-id".to_owned()), b"old log's".to_vec()),
+                (Some("NEW-id".to_owned()), b"new log's".to_vec())
+            ],
+            "{db:?}"
+        );
     }
 }

@@ -14,10 +14,11 @@ use super::error::Refusal;
 use super::{Batch, Budget, OffsetAdvance, OffsetGap, RejectedRecord, StoreError, TopicIdentity, WriteOutcome};
 use crate::catalogue::{ColumnType, Row, TableSpec, Value};
 
-/// Binds: table, topic, partition, offset, key, payload, reason.
+/// Binds: table, topic, partition, offset, key, payload, reason, topic id
+/// ('' where unknown: a reject is one per log, not one per offset).
 const INSERT_REJECT: &str = "INSERT INTO dwh_rejected_records \
-     (table_name, topic, partition, \"offset\", record_key, payload, reason) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+     (table_name, topic, partition, \"offset\", record_key, payload, reason, topic_id) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (topic, topic_id, partition, \"offset\") DO NOTHING";
 
 /// Binds: group, topic, partition, from, to, records, cause.
 const INSERT_GAP: &str = "INSERT INTO dwh_offset_gaps \
@@ -31,8 +32,13 @@ pub(super) const SELECT_OFFSET: &str =
 /// batch's transaction).
 #[async_trait::async_trait]
 pub(super) trait Bookkeeping: Database {
-    /// Keeps a rejected record (once: a record rejected again is left as it is).
-    async fn insert_reject(conn: &mut Self::Connection, reject: &RejectedRecord) -> Result<(), StoreError>;
+    /// Keeps a rejected record of the log `log` (once: a record of that log
+    /// rejected again is left as it is).
+    async fn insert_reject(
+        conn: &mut Self::Connection,
+        reject: &RejectedRecord,
+        log: Option<&TopicIdentity>,
+    ) -> Result<(), StoreError>;
 
     /// Keeps a gap of the offsets moved in this transaction.
     async fn insert_gap(conn: &mut Self::Connection, gap: &OffsetGap) -> Result<(), StoreError>;
@@ -55,7 +61,11 @@ where
     for<'q> i64: Encode<'q, DB> + Type<DB> + sqlx::Decode<'q, DB>,
     (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
 {
-    async fn insert_reject(conn: &mut DB::Connection, r: &RejectedRecord) -> Result<(), StoreError> {
+    async fn insert_reject(
+        conn: &mut DB::Connection,
+        r: &RejectedRecord,
+        log: Option<&TopicIdentity>,
+    ) -> Result<(), StoreError> {
         let reason = super::storable_text(&r.reason);
         sqlx::query::<DB>(INSERT_REJECT)
             .bind(r.table.name())
@@ -65,6 +75,7 @@ where
             .bind(r.key.as_deref())
             .bind(r.payload.as_slice())
             .bind(reason.as_ref())
+            .bind(log.map_or("", |l| l.topic_id.as_str()))
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -146,7 +157,7 @@ pub(super) async fn write_batch<DB: Bookkeeping, W: RowWriter<DB>>(
         DB::insert_gap(&mut tx, gap).await?;
     }
     for reject in batch.rejects {
-        DB::insert_reject(&mut tx, reject).await?;
+        DB::insert_reject(&mut tx, reject, batch.identity).await?;
     }
     if batch.origins.is_some() && !batch.rows.is_empty() {
         writer.hold_table(&mut tx).await?;
@@ -213,7 +224,7 @@ pub(super) async fn write_isolating<DB: Bookkeeping, W: RowWriter<DB>>(
                         let origin = origins.rows[part.start];
                         let reject = RejectedRecord::refused_row(batch.table, origins.topic, origin, row, &e);
                         budget.add(1);
-                        DB::insert_reject(conn, &reject).await?;
+                        DB::insert_reject(conn, &reject, batch.identity).await?;
                         outcome.refused.push(reject);
                     } else {
                         let middle = part.start + part.len() / 2;

@@ -192,7 +192,7 @@ fn upsert_offset<DB: Dialect>() -> String {
 fn select_rejects<DB: Dialect>(filter: &RejectFilter) -> String {
     let mut sql = String::from(
         "SELECT id, table_name, topic, partition, \"offset\", record_key, payload, reason, rejected_at, requeued_at, \
-         requeue_error FROM dwh_rejected_records WHERE table_name = $1",
+         requeue_error, topic_id FROM dwh_rejected_records WHERE table_name = $1",
     );
     sql.push_str(&format!(
         " AND ($2 IS NULL OR {}(lower(reason), lower($2)) > 0)",
@@ -221,6 +221,7 @@ type RejectRow = (
     DateTime<Utc>,
     Option<DateTime<Utc>>,
     Option<String>,
+    String,
 );
 
 type WindowRow = (
@@ -458,6 +459,7 @@ where
                 rejected_at: r.8,
                 requeued_at: r.9,
                 requeue_error: r.10,
+                topic_id: Some(r.11).filter(|id| !id.is_empty()),
             })
             .collect())
     }

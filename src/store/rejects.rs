@@ -45,6 +45,9 @@ pub struct StoredReject {
     pub requeued_at: Option<DateTime<Utc>>,
     /// Why the producer refused to send it again, if it did.
     pub requeue_error: Option<String>,
+    /// The topic id of the log it came from, when known: a topic created again
+    /// under the same name counts its offsets anew, and its rejects are its own.
+    pub topic_id: Option<String>,
 }
 
 impl Dwh {
