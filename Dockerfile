@@ -1,10 +1,16 @@
-# Build: docker build -t dwh-helper .
+# Build: docker build --build-arg DWH_HELPER_GIT_COMMIT=$(git rev-parse --short=12 HEAD) -t dwh-helper .
+# (without the argument `--version` and dwh_helper_build_info say "unknown": the
+# context holds no .git). `.ci/run` builds, with no Docker daemon, exactly what
+# the build stage's COPY lines take (scripts/docker-context.sh): keep every file
+# the build needs in them.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # librdkafka is built from source (rdkafka-sys): a C toolchain, make and OpenSSL headers.
 RUN apt-get update && apt-get install -y --no-install-recommends libssl-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
-COPY Cargo.toml Cargo.lock rustfmt.toml ./
+ARG DWH_HELPER_GIT_COMMIT=unknown
+ENV DWH_HELPER_GIT_COMMIT=${DWH_HELPER_GIT_COMMIT}
+COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
 COPY src ./src
 COPY migrations ./migrations
 RUN cargo build --release --locked && strip target/release/dwh-helper
