@@ -67,6 +67,101 @@ fn invalid_configuration_stops_with_exit_2_and_one_line() {
     assert!(!dir.path().join("dwh-helper.db").exists(), "nothing was started");
 }
 
+/// Issue 26: a typo in a variable's name used to leave the setting at its
+/// default in silence (`DWH_DATABSE_URL` started on the default SQLite file).
+#[test]
+fn an_unknown_variable_is_refused_with_the_one_it_meant_unless_allowed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let typo = [("DWH_DATABSE_URL", "postgres://dwh:hunter2@127.0.0.1:1/dwh")];
+    for subcommand in ["run", "migrate"] {
+        let out = run_to_end(dir.path(), &[subcommand], &typo);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "configuration error: DWH_DATABSE_URL: unknown variable DWH_DATABSE_URL; did you mean DWH_DATABASE_URL?"
+        );
+    }
+    assert!(
+        !dir.path().join("dwh-helper.db").exists(),
+        "nothing was started on the default database"
+    );
+    // Variables of others under the same prefixes pass: a Kubernetes Service
+    // named kafka, librdkafka's pass-through, a proxy.
+    let others = [
+        ("KAFKA_PORT", "tcp://10.0.0.7:9092"),
+        ("KAFKA_SERVICE_HOST", "10.0.0.7"),
+        ("KAFKA_LIBRDKAFKA_CLIENT_RACK", "eu-1a"),
+        ("HTTP_PROXY", "http://proxy:3128"),
+    ];
+    let out = run_to_end(dir.path(), &["migrate"], &others);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A shared environment lets unknown ones through, with a warning naming each.
+    let allowed = [typo[0], ("DWH_ALLOW_UNKNOWN_VARIABLES", "true"), ("LOG_FORMAT", "json")];
+    let out = run_to_end(dir.path(), &["migrate"], &allowed);
+    let logged = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{logged}");
+    let warned: Vec<serde_json::Value> = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "unknown_variable")
+        .collect();
+    assert_eq!(warned.len(), 1, "{logged}");
+    assert_eq!(warned[0]["variable"], "DWH_DATABSE_URL");
+    assert_eq!(warned[0]["level"], "WARN");
+    assert!(!logged.contains("hunter2"), "{logged}");
+}
+
+/// `config check`: every setting with its source, secrets redacted; exit 2
+/// on any error, 0 when valid.
+#[test]
+fn config_check_shows_each_source_redacts_secrets_and_fails_on_errors() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join(".env"),
+        "KAFKA_GROUP_ID=from-dotenv\nS3_SECRET_ACCESS_KEY=s3-secret-value\n",
+    )
+    .expect("write .env");
+    let vars = [
+        ("DWH_DATABASE_URL", "postgres://dwh:hunter2@db:5432/dwh"),
+        ("KAFKA_GROUP_ID", "from-the-environment"),
+    ];
+    let out = run_to_end(dir.path(), &["config", "check"], &vars);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}");
+    let line = |name: &str| {
+        shown
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} in {shown}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("DWH_DATABASE_URL"), "environment postgres://dwh:***@db:5432/dwh");
+    assert_eq!(line("KAFKA_GROUP_ID"), "environment from-the-environment");
+    assert_eq!(line("S3_SECRET_ACCESS_KEY"), ".env ***");
+    assert_eq!(line("DWH_POOL_SIZE"), "default -");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("s3-secret-value"),
+        "{shown}"
+    );
+
+    let out = run_to_end(
+        dir.path(),
+        &["config", "check"],
+        &[("DWH_DATABSE_URL", "x"), ("DWH_POOL_SIZE", "0")],
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{shown}");
+    assert!(
+        shown.contains("unknown: unknown variable DWH_DATABSE_URL; did you mean DWH_DATABASE_URL?"),
+        "{shown}"
+    );
+    assert!(shown.contains("\nerror: "), "{shown}");
+}
+
 #[test]
 fn a_dotenv_file_is_read_and_the_environment_wins() {
     let dir = tempfile::tempdir().expect("dir");
@@ -515,28 +610,12 @@ async fn produce_validates_before_publishing_to_kafka() {
 #[test]
 fn every_configuration_variable_is_documented() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let source = std::fs::read_to_string(root.join("src/config/mod.rs")).expect("config source");
     let example = std::fs::read_to_string(root.join(".env.example")).expect(".env.example");
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
-    let prefixes = ["DWH_", "KAFKA_", "S3_", "APPMETRICA_", "LOG_", "HTTP_", "METRICS_"];
-    let mut names: Vec<&str> = source
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .filter(|s| prefixes.iter().any(|p| s.starts_with(p)))
-        .filter(|s| {
-            s.len() > 5
-                && s.chars()
-                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit())
-        })
-        .filter(|s| !s.ends_with('_'))
-        // librdkafka pass-through names are examples of one documented prefix.
-        .filter(|s| !s.starts_with("KAFKA_LIBRDKAFKA_"))
-        .collect();
-    names.sort();
-    names.dedup();
+    // The names every setting reads, from the settings' own definitions.
+    let names = dwh_helper::config::known_variables();
     assert!(names.len() >= 25, "found the variables: {names:?}");
-    for name in names {
+    for name in &names {
         assert!(example.contains(&format!("{name}=")), ".env.example lacks {name}");
         let short = name
             .rsplit_once('_')

@@ -6,6 +6,7 @@
 mod appmetrica;
 mod archive;
 mod bench;
+mod config;
 mod demo;
 mod dev_broker;
 mod produce;
@@ -60,12 +61,18 @@ enum Command {
     DevBroker(dev_broker::DevBrokerArgs),
     /// Measure throughput in a scratch database (release build: cargo run --release -- bench)
     Bench(bench::BenchArgs),
+    /// The configuration: check prints the effective one, each value's source, secrets redacted
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 /// Parses arguments and configuration, then runs the command.
 pub fn main() -> ExitCode {
     crate::alloc::tune();
     let cli = Cli::parse();
+    if let Command::Config(config::ConfigCommand::Check) = cli.command {
+        return config::check();
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -91,8 +98,17 @@ pub fn main() -> ExitCode {
             }
         }
     };
+    for unknown in &config.unknown_variables {
+        tracing::warn!(
+            event = "unknown_variable",
+            variable = %unknown.variable,
+            "{}; let through by DWH_ALLOW_UNKNOWN_VARIABLES",
+            unknown.problem
+        );
+    }
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Config(_) => unreachable!("config check runs before the configuration is read"),
             Command::Status(args) => return status::status(config, args).await,
             Command::Run(args) => run::run(config, args).await,
             Command::Migrate => migrate(&config).await,

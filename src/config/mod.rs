@@ -3,13 +3,17 @@
 //! Guarantees: the environment is read once; each block is read as strings with
 //! `envy`, then validated by pure functions into typed values, so an invalid value
 //! is reported as one line naming the variable (`DWH_MAX_ROWS_PER_INSERT: expected
-//! a positive integer, got "abc"`) before any client is built. Unknown variables are
-//! ignored. Secrets are held in [`Secret`] and never printed.
+//! a positive integer, got "abc"`) before any client is built. A variable under
+//! one of the service's prefixes that no setting reads is refused, with the
+//! setting it most likely meant (`DWH_ALLOW_UNKNOWN_VARIABLES=true` turns that
+//! into a warning, for environments shared with other programs). Secrets are
+//! held in [`Secret`] and never printed.
 
 mod appmetrica;
 mod dwh;
 mod http;
 mod kafka;
+mod known;
 mod parse;
 mod s3;
 mod secret;
@@ -48,6 +52,37 @@ impl ConfigError {
     }
 }
 
+/// The prefixes of the service's variables.
+pub const PREFIXES: [&str; 7] = ["DWH_", "KAFKA_", "S3_", "APPMETRICA_", "LOG_", "HTTP_", "METRICS_"];
+
+/// `true`: an unknown variable under [`PREFIXES`] is a warning, not an error.
+pub const ALLOW_UNKNOWN_VARIABLES: &str = "DWH_ALLOW_UNKNOWN_VARIABLES";
+
+/// Every variable a setting reads (librdkafka's pass-through aside).
+pub fn known_variables() -> std::collections::BTreeSet<String> {
+    let blocks: [(&str, &[&str]); 7] = [
+        ("DWH_", known::fields::<dwh::RawDwh>()),
+        ("KAFKA_", known::fields::<kafka::RawKafka>()),
+        ("S3_", known::fields::<s3::RawS3>()),
+        ("APPMETRICA_", known::fields::<appmetrica::RawAppMetrica>()),
+        ("LOG_", known::fields::<RawLog>()),
+        ("HTTP_", known::fields::<http::RawHttp>()),
+        ("METRICS_", known::fields::<RawMetrics>()),
+    ];
+    let mut all: std::collections::BTreeSet<String> = blocks
+        .iter()
+        .flat_map(|(prefix, fields)| known::names(prefix, fields))
+        .collect();
+    all.insert(ALLOW_UNKNOWN_VARIABLES.to_owned());
+    all
+}
+
+/// The variables among `names` that no setting reads, each as the error that
+/// names it and the setting it most likely meant.
+pub fn unknown_variables<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<ConfigError> {
+    known::unknown(names, &PREFIXES, &known_variables())
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -58,6 +93,9 @@ pub struct Config {
     pub log: LogConfig,
     pub http: HttpConfig,
     pub metrics: MetricsConfig,
+    /// Unknown variables let through by `DWH_ALLOW_UNKNOWN_VARIABLES`: warned
+    /// about once logging is up.
+    pub unknown_variables: Vec<ConfigError>,
 }
 
 /// `METRICS_`: what `/metrics` exposes.
@@ -114,8 +152,24 @@ impl Config {
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         // Empty values mean "unset", as most deployment tools write them.
         let vars: Vec<(String, String)> = vars.into_iter().filter(|(_, v)| !v.trim().is_empty()).collect();
+        let unknown = unknown_variables(vars.iter().map(|(k, _)| k.as_str()));
+        let allow = vars
+            .iter()
+            .find(|(k, _)| k == ALLOW_UNKNOWN_VARIABLES)
+            .map(|(_, v)| v.clone());
+        if !boolean(ALLOW_UNKNOWN_VARIABLES, allow, false)? {
+            if let Some(first) = unknown.first() {
+                let mut refused = first.clone();
+                if unknown.len() > 1 {
+                    let others: Vec<&str> = unknown[1..].iter().map(|e| e.variable.as_str()).collect();
+                    refused.problem = format!("{} (and {} more: {})", first.problem, others.len(), others.join(", "));
+                }
+                return Err(refused);
+            }
+        }
         let read = |prefix: &'static str| vars.clone().into_iter().filter(move |(k, _)| k.starts_with(prefix));
         Ok(Config {
+            unknown_variables: unknown,
             dwh: dwh(block("DWH_", read("DWH_"))?)?,
             kafka: kafka(block("KAFKA_", read("KAFKA_"))?, read(LIBRDKAFKA_PREFIX))?,
             s3: s3(block("S3_", read("S3_"))?)?,
