@@ -699,3 +699,141 @@ fn api_memory_bench_reports_answers_and_peak_memory_per_phase() {
         );
     }
 }
+
+/// A CA (`ca.pem`, `ca.key`) and a server certificate for 127.0.0.1 and
+/// localhost signed by it (`server.crt`, `server.key`), made with openssl in
+/// `dir`; `prefix` names the CA's files.
+fn make_ca_and_server(dir: &Path, ca: &str) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (ca_key, ca_pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-subj",
+        &format!("/CN=dwh-helper test {ca}"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    if ca != "ca" {
+        return;
+    }
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extensions");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.crt",
+        "-extfile",
+        "server.ext",
+    ]);
+}
+
+/// The `error:` lines a failed command printed (one, when an error is told
+/// once), and whether its message names `words`.
+fn error_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Issue 26: managed PostgreSQL that enforces TLS could not be reached (sqlx
+/// was built without TLS), and the error printed its cause four times, twice
+/// over. Here a server that takes TLS connections only (pg_hba refuses clear
+/// text), with a certificate of a CA the test makes.
+#[test]
+fn postgres_over_tls_verify_full_connects_and_a_wrong_ca_or_a_server_without_tls_fails_in_one_line() {
+    let certs = tempfile::tempdir().expect("dir");
+    make_ca_and_server(certs.path(), "ca");
+    make_ca_and_server(certs.path(), "other-ca");
+    let cluster = common::PgCluster::start_tls(&certs.path().join("server.crt"), &certs.path().join("server.key"));
+    let dir = tempfile::tempdir().expect("dir");
+    let url = |query: &str| format!("postgres://postgres@127.0.0.1:{}/postgres?{query}", cluster.port);
+    let ca = certs.path().join("ca.pem").display().to_string();
+
+    // The certificate checked against the CA, and its name against the host.
+    let verified = url(&format!("sslmode=verify-full&sslrootcert={ca}"));
+    let out = run_to_end(dir.path(), &["migrate"], &[("DWH_DATABASE_URL", &verified)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Clear text is refused by this server: the connection above was TLS.
+    let clear = url("sslmode=disable");
+    let out = run_to_end(dir.path(), &["migrate"], &[("DWH_DATABASE_URL", &clear)]);
+    let errors = error_lines(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(errors.len() == 1 && errors[0].contains("no encryption"), "{errors:?}");
+
+    // A certificate of a CA not trusted: one line naming the TLS failure.
+    let other = certs.path().join("other-ca.pem").display().to_string();
+    let wrong = url(&format!("sslmode=verify-full&sslrootcert={other}"));
+    let out = run_to_end(dir.path(), &["migrate"], &[("DWH_DATABASE_URL", &wrong)]);
+    let errors = error_lines(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(errors.len(), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        errors[0].contains("invalid peer certificate: UnknownIssuer"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        errors[0].matches("UnknownIssuer").count(),
+        1,
+        "the cause told once: {errors:?}"
+    );
+
+    // TLS required of the suite's server, which has none: one line.
+    let plain = common::pg_admin_url();
+    let sep = if plain.contains('?') { '&' } else { '?' };
+    let required = format!("{plain}{sep}sslmode=require");
+    let out = run_to_end(dir.path(), &["migrate"], &[("DWH_DATABASE_URL", &required)]);
+    let errors = error_lines(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(errors.len(), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(errors[0].contains("TLS"), "{errors:?}");
+}

@@ -106,6 +106,7 @@ pub fn main() -> ExitCode {
             unknown.problem
         );
     }
+    let config_json = config.log.format == crate::config::LogFormat::Json;
     let result = runtime.block_on(async {
         match cli.command {
             Command::Config(_) => unreachable!("config check runs before the configuration is read"),
@@ -131,11 +132,35 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // One line: a JSON log's error event for the log pipeline, the
+            // plain line for a person.
+            let told = told_once(&e);
+            if config_json {
+                tracing::error!("{told}");
+            } else {
+                eprintln!("error: {told}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each told once: many errors (sqlx's,
+/// thiserror's `{0}` with `#[source]`) put their cause in their own message
+/// and give it as their source too, so the plain chain repeats it.
+fn told_once(error: &anyhow::Error) -> String {
+    let mut told = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if told.contains(&text) {
+            continue;
+        }
+        if !told.is_empty() {
+            told.push_str(": ");
+        }
+        told.push_str(&text);
+    }
+    told
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {
@@ -144,4 +169,26 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     tracing::info!(database = %config.dwh.database_url, "migrations applied");
     println!("migrations applied to {}", config.dwh.database_url);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("migration failed: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error communicating with database: {0}")]
+    struct Inner(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_in_its_parents_message_is_told_once() {
+        let e = anyhow::Error::new(Outer(Inner(std::io::Error::other("invalid peer certificate"))));
+        assert_eq!(
+            super::told_once(&e),
+            "migration failed: error communicating with database: invalid peer certificate"
+        );
+        let e = anyhow::Error::new(std::io::Error::other("refused")).context("cannot connect");
+        assert_eq!(super::told_once(&e), "cannot connect: refused");
+    }
 }

@@ -6,8 +6,10 @@ use super::chunk::Oversized;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refuses work for now: retry later.
+    // The cause is in the message, not also a `source`: a chain printed with
+    // `{:#}` then names it once.
     #[error("database unreachable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     /// The offset row did not start where the batch did: another consumer owns the
     /// partition now. Nothing of the batch was written.
     #[error(
@@ -37,7 +39,7 @@ pub enum StoreError {
     /// The database refused the data of a row: a value it cannot store or a
     /// constraint it violates. Retrying the same rows fails the same way.
     #[error("the database refused the data: {0}")]
-    Refused(#[source] sqlx::Error),
+    Refused(sqlx::Error),
     /// The database refuses the rows of a batch for a reason of the table's, not
     /// of the rows': a column added NOT NULL without a default, or every row of
     /// the batch refused for the one same reason (a new constraint, a column's
@@ -52,7 +54,7 @@ pub enum StoreError {
     /// database, a timeout, a schema out of step with this release. Nothing in the
     /// data is wrong; the same batch may land once the cause is fixed.
     #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
 }
 
 impl StoreError {

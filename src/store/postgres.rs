@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value as Json};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::{ConnectOptions as _, Connection, PgConnection, PgPool, Postgres, Row as _};
 
 use super::backend::{self, Bookkeeping as _, RowWriter};
@@ -28,9 +28,48 @@ use super::{pgbinary, sql, Batch, OffsetAdvance, ReadPage, ReadQuery, StoreError
 use crate::catalogue::{ColumnType, Row, Table, TableSpec, Value};
 use crate::config::DwhConfig;
 
+/// The TLS mode of a URL that names none: `verify-full` for a host reached
+/// over the network (libpq's default, `prefer`, would fall back to clear
+/// text, credentials included, and check no certificate), libpq's `prefer`
+/// for the loopback and a Unix socket. `None`: the URL says (`sslmode`).
+fn default_ssl_mode(url: &str) -> Option<PgSslMode> {
+    let parsed = url::Url::parse(url).ok()?;
+    if parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("sslmode") || k.eq_ignore_ascii_case("ssl-mode"))
+    {
+        return None;
+    }
+    let socket = parsed
+        .query_pairs()
+        .any(|(k, v)| k.eq_ignore_ascii_case("host") && v.starts_with('/'));
+    let local = match parsed.host() {
+        None => true,
+        // A `postgres:` URL's host is opaque to the url crate: an address comes
+        // as text.
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            name.is_empty()
+                || name.eq_ignore_ascii_case("localhost")
+                || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+    };
+    Some(if local || socket {
+        PgSslMode::Prefer
+    } else {
+        PgSslMode::VerifyFull
+    })
+}
+
 pub fn pool(config: &DwhConfig) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(config.database_url.expose())
-        .map_err(StoreError::Database)?
+    let url = config.database_url.expose();
+    let mut options = PgConnectOptions::from_str(url).map_err(StoreError::Database)?;
+    if let Some(mode) = default_ssl_mode(url) {
+        options = options.ssl_mode(mode);
+    }
+    let options = options
         .application_name("dwh-helper")
         // Timestamps travel as UTC whatever the server's default zone. No statement
         // runs for ever: a lock held by someone else or a stuck query fails, and the
@@ -452,6 +491,26 @@ fn other_value(row: &PgRow, ty: ColumnType, name: &str) -> Result<Option<Value>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remote_host_is_verified_by_default_and_the_loopback_is_not_forced() {
+        let mode = |url: &str| default_ssl_mode(url).map(|m| format!("{m:?}"));
+        assert_eq!(
+            mode("postgres://u:p@db.example.com:5432/dwh").as_deref(),
+            Some("VerifyFull")
+        );
+        assert_eq!(mode("postgres://u@10.0.0.5/dwh").as_deref(), Some("VerifyFull"));
+        assert_eq!(mode("postgres://u@127.0.0.1:5432/dwh").as_deref(), Some("Prefer"));
+        assert_eq!(mode("postgres://u@localhost/dwh").as_deref(), Some("Prefer"));
+        assert_eq!(mode("postgres://u@[::1]/dwh").as_deref(), Some("Prefer"));
+        assert_eq!(
+            mode("postgres:///dwh?host=/var/run/postgresql").as_deref(),
+            Some("Prefer")
+        );
+        // What the URL says wins, whatever the host.
+        assert_eq!(mode("postgres://u@db.example.com/dwh?sslmode=require"), None);
+        assert_eq!(mode("postgres://u@db.example.com/dwh?sslmode=disable"), None);
+    }
     use crate::catalogue::{decode_json, Table};
 
     #[test]

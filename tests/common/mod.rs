@@ -638,10 +638,22 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bindir: std::path::PathBuf,
     pub port: u16,
+    /// Server settings beyond the port and socket (TLS).
+    extra: String,
 }
 
 impl PgCluster {
     pub fn start() -> PgCluster {
+        Self::start_with(None)
+    }
+
+    /// A cluster that takes TLS connections only, with the server certificate
+    /// and key given (PEM): clear-text connections are refused by pg_hba.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> PgCluster {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> PgCluster {
         let bindir = pg_bindir();
         let dir = tempfile::tempdir().expect("temp dir");
         let as_postgres = is_root();
@@ -652,11 +664,32 @@ impl PgCluster {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let cluster = PgCluster { dir, bindir, port };
+        let mut cluster = PgCluster {
+            dir,
+            bindir,
+            port,
+            extra: String::new(),
+        };
         cluster.pg(
             "initdb",
             &["-D", &cluster.data(), "-U", "postgres", "-A", "trust", "--no-sync"],
         );
+        if let Some((cert, key)) = tls {
+            let data = std::path::PathBuf::from(cluster.data());
+            std::fs::copy(cert, data.join("server.crt")).expect("server certificate");
+            std::fs::copy(key, data.join("server.key")).expect("server key");
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .expect("pg_hba.conf");
+            // The server refuses a key others can read; it runs as postgres.
+            run(std::process::Command::new("chmod").args(["600", &data.join("server.key").display().to_string()]));
+            if is_root() {
+                run(std::process::Command::new("chown").args(["-R", "postgres", &cluster.data()]));
+            }
+            cluster.extra = "-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".to_owned();
+        }
         cluster.up();
         cluster
     }
@@ -671,9 +704,10 @@ impl PgCluster {
 
     pub fn up(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.extra
         );
         let log = self.dir.path().join("server.log").display().to_string();
         self.pg(
