@@ -109,8 +109,10 @@ pub fn topic_ids<C: ClientContext>(
     let mut pointers: Vec<*const std::ffi::c_char> = names.iter().map(|n| n.as_ptr()).collect();
     let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     let rk = client.native_ptr();
+    // Any metadata answer names the brokers and the controller: ask for one
+    // topic's, not the whole cluster's.
     let brokers = client
-        .fetch_metadata(None, timeout)
+        .fetch_metadata(topics.first().map(String::as_str), timeout)
         .map_err(|e| format!("cannot read the cluster's metadata: {e}"))?;
     // SAFETY: `rk` is live while `client` is borrowed; the call reads metadata
     // the fetch above brought.
