@@ -7,6 +7,7 @@
 #   - confluent-kafka (PyPI), a third-party producer for the compression test;
 #   - Chromium (Debian's package), to render the /docs page in a test;
 #   - schemathesis (PyPI), to fuzz the API from its OpenAPI document in a test;
+#   - prometheus-client (PyPI), whose two parsers read /metrics in a test;
 #   - a throwaway PostgreSQL cluster in a temporary directory (initdb + pg_ctl of the
 #     installed PostgreSQL, on a free port), unless DWH_TEST_DATABASE_URL points at a
 #     running server already;
@@ -114,6 +115,13 @@ fi
 if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("confluent-kafka"))' 2>/dev/null)" != 2.16.1 ]; then
   echo "scripts/test.sh: installing confluent-kafka (a third-party Kafka producer) with pip"
   python3 -m pip install --quiet --disable-pip-version-check 'confluent-kafka==2.16.1' >/dev/null
+fi
+
+# prometheus-client: the Prometheus text and OpenMetrics parsers a test reads
+# /metrics with.
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("prometheus-client"))' 2>/dev/null)" != 0.23.1 ]; then
+  echo "scripts/test.sh: installing prometheus-client (the metrics parsers) with pip"
+  python3 -m pip install --quiet --disable-pip-version-check 'prometheus-client==0.23.1' >/dev/null
 fi
 
 # Apache Kafka: the broker every Kafka test runs against.

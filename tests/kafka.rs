@@ -952,3 +952,98 @@ async fn a_deferred_assignment_of_a_fresh_group_waits_for_its_start_without_rest
     );
     assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
 }
+
+/// Parses `body` with the Python Prometheus client's two parsers: the
+/// Prometheus text format's and the OpenMetrics one's (strict: `# EOF`,
+/// counter samples with `_total`). Returns how many metric families each read,
+/// or the parser's complaint.
+fn parsed_by_both(body: &str) -> Result<(usize, usize), String> {
+    use std::io::Write as _;
+    let script = "import sys\n\
+        from prometheus_client.parser import text_string_to_metric_families as text\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as om\n\
+        body = sys.stdin.read()\n\
+        print(len(list(text(body))), len(list(om(body))))\n";
+    let mut python = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (scripts/test.sh installs prometheus-client)");
+    python
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("written");
+    let out = python.wait_with_output().expect("python3 ends");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let counts = String::from_utf8_lossy(&out.stdout);
+    let mut counts = counts.split_whitespace().map(|n| n.parse::<usize>().expect("a count"));
+    Ok((counts.next().expect("text's"), counts.next().expect("OpenMetrics'")))
+}
+
+/// Issue 26: an ingest-only instance had no HTTP at all, and where the API
+/// ran with a token its probes and `/metrics` needed the token too. The
+/// operations listener serves the probes and the metrics without a token, and
+/// nothing else; `/metrics` says it is OpenMetrics, and both the Prometheus
+/// text parser and the OpenMetrics parser read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operations_listener_serves_probes_and_metrics_without_the_token_and_nothing_else() {
+    let table = Table::UserLocations;
+    let (_broker, prefix, url, mut env, config) = user_locations_only().await;
+    let port = free_port();
+    set_env(&mut env, "HTTP_OPS_BIND", &format!("127.0.0.1:{port}"));
+    publish(&config, &topic(&prefix, table), &keyed(table, locations(30))).await;
+    // Ingest only: no API listener; the token is set, as in production.
+    let child = Child::run(&env, "ingest");
+    wait_for(Duration::from_secs(60), "the records to land", || async {
+        (pg_count(&url, "SELECT count(*) FROM user_locations").await? == 30).then_some(())
+    })
+    .await;
+    let ops = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(format!("{ops}{path}")).send();
+    assert_eq!(get("/health/live").await.expect("live").status(), 200);
+    let ready = wait_for(Duration::from_secs(30), "readiness", || async {
+        let response = get("/health/ready").await.ok()?;
+        (response.status() == 200).then_some(response)
+    })
+    .await;
+    assert_eq!(ready.status(), 200);
+    let metrics = get("/metrics").await.expect("metrics");
+    assert_eq!(metrics.status(), 200);
+    assert_eq!(
+        metrics.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let body = metrics.text().await.expect("a body");
+    assert!(
+        body.contains("dwh_helper_rows_inserted_total{table=\"user_locations\"} 30"),
+        "{body}"
+    );
+    let (text, openmetrics) = parsed_by_both(&body).unwrap_or_else(|e| panic!("a parser refused /metrics: {e}"));
+    assert!(
+        text >= 20 && openmetrics >= 20,
+        "families read: {text} and {openmetrics}"
+    );
+    // Nothing else is served there, with or without the token.
+    let (_, token) = env
+        .iter()
+        .find(|(k, _)| k == "HTTP_API_TOKEN")
+        .cloned()
+        .expect("a token");
+    for path in ["/status", "/dwh/user_locations", "/openapi.json", "/s3/list"] {
+        let response = client
+            .get(format!("{ops}{path}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    assert!(child.terminate(Duration::from_secs(30)).expect("stops").success());
+}

@@ -133,6 +133,19 @@ async fn serve_roles(
         let s3 = crate::s3::S3::new(&config.s3);
         tasks.spawn(async move { Ok(crate::archive::run(&config, s3, shutdown).await?) });
     }
+    if let Some(ops) = config.http.ops_bind {
+        let listener = TcpListener::bind(ops)
+            .await
+            .with_context(|| format!("cannot listen on HTTP_OPS_BIND {ops}"))?;
+        tracing::info!(address = %ops, "operations listener (health, metrics) listening");
+        let mut state = AppState::new(dwh.clone(), &config);
+        if roles.contains(&Role::Ingest) {
+            state.ingest = Some(status.clone());
+        }
+        let app = http::ops_router(state);
+        let (shutdown, limits) = (shutdown.clone(), config.http.clone());
+        tasks.spawn(async move { Ok(http::serve(listener, app, shutdown, limits).await?) });
+    }
     if roles.contains(&Role::Api) {
         let listener = TcpListener::bind(config.http.bind)
             .await

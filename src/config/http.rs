@@ -12,6 +12,10 @@ use super::{ConfigError, Secret};
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub bind: SocketAddr,
+    /// The operations listener (`HTTP_OPS_BIND`): `/health/live`,
+    /// `/health/ready` and `/metrics` with no token, nothing else; served
+    /// whatever the roles.
+    pub ops_bind: Option<SocketAddr>,
     pub api_token: Option<Secret>,
     pub max_body_bytes: usize,
     /// `POST /dwh/{table}`: the body (decompressed), the records, and how many such
@@ -32,6 +36,7 @@ pub struct HttpConfig {
 #[derive(Default, Deserialize)]
 pub(super) struct RawHttp {
     bind: Option<String>,
+    ops_bind: Option<String>,
     api_token: Option<String>,
     max_body_bytes: Option<String>,
     tables_max_body_bytes: Option<String>,
@@ -60,8 +65,24 @@ pub(super) fn http(raw: RawHttp) -> Result<HttpConfig, ConfigError> {
         .filter(|t| !t.is_empty())
         .map(|t| Secret::new(t.to_owned()));
     check_exposure(bind, api_token.as_ref())?;
+    let ops_bind = match raw.ops_bind.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+            ConfigError::new(
+                "HTTP_OPS_BIND",
+                format!("expected an address like 0.0.0.0:9000, got \"{text}\""),
+            )
+        })?),
+    };
+    if ops_bind == Some(bind) {
+        return Err(ConfigError::new(
+            "HTTP_OPS_BIND",
+            format!("{bind} is HTTP_BIND's address too; give the operations listener a port of its own"),
+        ));
+    }
     Ok(HttpConfig {
         bind,
+        ops_bind,
         api_token,
         max_body_bytes: size("HTTP_MAX_BODY_BYTES", raw.max_body_bytes, 64 * MIB, 1024)?,
         tables_max_body_bytes: size("HTTP_TABLES_MAX_BODY_BYTES", raw.tables_max_body_bytes, 16 * MIB, 1024)?,

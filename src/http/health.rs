@@ -25,7 +25,7 @@ pub struct Health {
 /// The process answers (no token needed).
 #[utoipa::path(get, path = "/health/live", tag = "operations",
     responses((status = 200, description = "Alive", body = Health)))]
-async fn live() -> Json<Health> {
+pub(super) async fn live() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
@@ -39,7 +39,7 @@ async fn live() -> Json<Health> {
         (status = 200, description = "Ready", body = Health),
         (status = 503, description = "Not ready: \"database unavailable\" or \"tables failing: …\" (each with its kind: DWH writes, stopped, stalled, kafka authentication, kafka tls, kafka authorization, kafka unreadable records)", body = ErrorBody),
     ))]
-async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+pub(super) async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if let Some(ingest) = state.ingest.as_ref() {
         if let (Some(brief), Some(cause)) = (ingest.failing_brief(), ingest.failing()) {
             tracing::debug!(cause = %cause, "not ready: tables failing");

@@ -109,6 +109,26 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     router.with_state(state)
 }
 
+/// The operations listener's routes (`HTTP_OPS_BIND`): `/health/live`,
+/// `/health/ready` and `/metrics`, with no token (kubelet probes and
+/// Prometheus scrapes carry none), and nothing else: the data stays behind
+/// the API's token on its own listener.
+pub fn ops_router(state: AppState) -> Router {
+    use axum::routing::get;
+    Router::new()
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route(
+            "/metrics",
+            get(observe::scrape).layer(tower_http::compression::CompressionLayer::new().gzip(true)),
+        )
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(auth::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(axum::middleware::from_fn(observe::track))
+        .with_state(state)
+}
+
 /// Serves the API on `listener` until `shutdown` is cancelled, then finishes the
 /// requests in flight. At most `max_connections` are served at once (more wait in
 /// the listen backlog), and one that has not sent a whole request head within

@@ -1,4 +1,4 @@
-//! `GET /metrics` (Prometheus text), `GET /status` (the report of
+//! `GET /metrics` (OpenMetrics text), `GET /status` (the report of
 //! [`crate::status::report`] as JSON), and the middleware that measures every request.
 
 use std::time::Instant;
@@ -24,19 +24,20 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(status).layer(tower_http::compression::CompressionLayer::new().gzip(true)))
 }
 
-/// The Prometheus text exposition (README "Monitoring" lists the metrics).
+/// What the body of `/metrics` is: OpenMetrics 1.0 text (`# EOF`, counters
+/// named without `_total`, their samples with it), which Prometheus reads by
+/// this content type.
+pub(super) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metrics, in the OpenMetrics text format (README "Monitoring" lists them).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses(
-        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 200, description = "OpenMetrics 1.0 text", content_type = "application/openmetrics-text", body = String),
         Unauthorized,
     ),
     security(("bearer" = [])))]
-async fn scrape() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics().encode(),
-    )
-        .into_response()
+pub(super) async fn scrape() -> Response {
+    ([(header::CONTENT_TYPE, OPENMETRICS)], metrics().encode()).into_response()
 }
 
 /// The report; 503 when the verdict is `failing`, so a probe can act on the code.
