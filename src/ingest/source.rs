@@ -90,13 +90,11 @@ impl Source {
     /// The topic's identity (its id and its cluster's), when the broker gives
     /// one. A failed query is counted and logged, and gives `None`. Blocking.
     fn identity(&self) -> Option<TopicIdentity> {
-        let client = self.consumer.client();
-        let ids = crate::kafka::topic_ids(client, std::slice::from_ref(&self.topic), BROKER_QUERY_TIMEOUT);
-        match ids {
-            Ok(mut ids) => ids.remove(&self.topic).map(|topic_id| TopicIdentity {
-                topic_id,
-                cluster_id: client.fetch_cluster_id(BROKER_QUERY_TIMEOUT),
-            }),
+        let topics = std::slice::from_ref(&self.topic);
+        match crate::kafka::identities(self.consumer.client(), topics, BROKER_QUERY_TIMEOUT) {
+            Ok((mut ids, cluster_id)) => ids
+                .remove(&self.topic)
+                .map(|topic_id| TopicIdentity { topic_id, cluster_id }),
             Err(e) => {
                 let what = "cannot read the topic's id; its offsets are checked against the watermarks alone";
                 self.error("describe", what, &e, true);

@@ -185,6 +185,22 @@ pub fn topic_ids<C: ClientContext>(
     }
 }
 
+/// The topic ids of [`topic_ids`], and the cluster's id when the broker gives
+/// one: what a topic's offsets count in. Blocking.
+pub fn identities<C: ClientContext>(
+    client: &Client<C>,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<(HashMap<String, String>, Option<String>), String> {
+    let ids = topic_ids(client, topics, timeout)?;
+    let cluster = if ids.is_empty() {
+        None
+    } else {
+        client.fetch_cluster_id(timeout)
+    };
+    Ok((ids, cluster))
+}
+
 /// librdkafka prints a topic id in standard base64; Kafka (`Uuid.toString`,
 /// `kafka-topics --describe`) in the URL-safe alphabet without padding.
 fn kafka_base64(standard: &str) -> String {

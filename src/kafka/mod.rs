@@ -20,7 +20,7 @@ use crate::catalogue::Table;
 use crate::config::KafkaConfig;
 
 pub use devbroker::DevBroker;
-pub use ffi::topic_ids;
+pub use ffi::identities;
 pub use publish::{PublishError, Publisher, Settled};
 
 /// What can go wrong setting up a Kafka client.

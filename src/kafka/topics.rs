@@ -170,8 +170,7 @@ impl Metadata {
     /// The topic id (KIP-516) of each of `topics` that exists and has one, and
     /// the cluster's id (when the broker gives one). Blocking; two requests.
     pub fn identities(&self, topics: &[String]) -> Result<(HashMap<String, String>, Option<String>), String> {
-        let ids = super::ffi::topic_ids(self.client.client(), topics, METADATA_TIMEOUT)?;
-        Ok((ids, self.client.client().fetch_cluster_id(METADATA_TIMEOUT)))
+        super::ffi::identities(self.client.client(), topics, METADATA_TIMEOUT)
     }
 
     /// For each of `partitions` of `topic`, the broker's answer to "the first

@@ -39,6 +39,9 @@ pub struct BrokerView {
     /// Each topic's id (KIP-516), read with the offsets by time; a topic
     /// without one, or a failed query, is missing (no check).
     pub topic_ids: HashMap<String, String>,
+    /// Why the topic ids could not be read, if they could not: the offsets are
+    /// then checked against the watermarks alone, and the report says so.
+    pub topic_ids_error: Option<String>,
 }
 
 /// Whether [`read_broker`] also asks the broker for its offsets by time, which
@@ -71,8 +74,12 @@ pub fn read_broker(config: &Config, archive_group: Option<&str>, stalls: Stalls)
         ..BrokerView::default()
     };
     if stalls == Stalls::Read {
-        // A failed query leaves the offsets to the watermarks' check alone.
-        view.topic_ids = metadata.identities(&names).map(|(ids, _)| ids).unwrap_or_default();
+        // A failed query leaves the offsets to the watermarks' check alone,
+        // and the report says so.
+        match metadata.identities(&names) {
+            Ok((ids, _)) => view.topic_ids = ids,
+            Err(e) => view.topic_ids_error = Some(e),
+        }
     }
     let window = chrono::Duration::from_std(kafka.stall_after).unwrap_or(chrono::Duration::MAX);
     let since = (Utc::now() - window).timestamp_millis();
@@ -228,6 +235,9 @@ pub struct Report {
     pub dwh_error: Option<String>,
     /// Why the broker could not be asked, if it could not.
     pub kafka_error: Option<String>,
+    /// Why the topics' ids could not be read, if they could not: whether the
+    /// stored offsets count in the topic now on the broker was not checked.
+    pub topic_ids_error: Option<String>,
     pub tables: Vec<TableReport>,
     pub archive: Option<ArchiveReport>,
     pub appmetrica: Option<AppMetricaReport>,
@@ -410,6 +420,7 @@ fn assemble(
         group: config.kafka.group_id.clone(),
         dwh_error,
         kafka_error,
+        topic_ids_error: broker_view.topic_ids_error.clone(),
         tables,
         archive,
         appmetrica: dwh_view.appmetrica,
@@ -496,6 +507,13 @@ impl Report {
         }
         if let Some(e) = &self.kafka_error {
             let _ = writeln!(out, "Kafka: {e}");
+        }
+        if let Some(e) = &self.topic_ids_error {
+            let _ = writeln!(
+                out,
+                "note: the topics' ids could not be read ({e}): whether the stored offsets count in the topics \
+                 now on the broker was not checked, only their watermarks"
+            );
         }
         let _ = writeln!(
             out,
@@ -630,6 +648,26 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_ids_that_could_not_be_read_are_said_and_fail_nothing() {
+        let config = Config::from_vars(Vec::new()).expect("defaults");
+        let broker = BrokerView {
+            topic_ids_error: Some("DescribeTopics failed: timed out".into()),
+            ..BrokerView::default()
+        };
+        let report = assemble(&config, Ok(DwhView::default()), Ok(broker), None, None);
+        assert_eq!(
+            report.topic_ids_error.as_deref(),
+            Some("DescribeTopics failed: timed out")
+        );
+        assert_ne!(report.verdict.state, State::Failing, "{:?}", report.verdict);
+        let text = report.render();
+        assert!(
+            text.contains("note: the topics' ids could not be read (DescribeTopics failed: timed out)"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn lag_counts_from_the_stored_offset_or_the_first_record_held() {
